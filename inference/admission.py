@@ -1,0 +1,51 @@
+"""Admission control: at most N upstream calls at once, a bounded FIFO queue, and 429 past it."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from twisted.internet.defer import DeferredSemaphore
+
+from .errors import Overloaded
+
+RETRY_AFTER_SECS = 1
+
+
+class Admission:
+    """Lets ``limit`` requests reach the upstream at once (0: no limit) and queues up to ``max_queue`` more.
+
+    A queued request whose client leaves is cancelled, which takes it out of the queue (DeferredSemaphore
+    removes a cancelled waiter), so abandoned requests never hold a place.
+    """
+
+    def __init__(self, limit: int, max_queue: int) -> None:
+        self._semaphore = DeferredSemaphore(limit) if limit else None
+        self._max_queue = max_queue
+
+    @property
+    def queued(self) -> int:
+        return len(self._semaphore.waiting) if self._semaphore else 0
+
+    @property
+    def active(self) -> int:
+        if self._semaphore is None:
+            return 0
+        return self._semaphore.limit - self._semaphore.tokens
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one upstream slot for the ``async with`` block, or raise :class:`Overloaded`."""
+        semaphore = self._semaphore
+        if semaphore is None:
+            yield
+            return
+        if semaphore.tokens == 0 and len(semaphore.waiting) >= self._max_queue:
+            raise Overloaded(f"The gateway is at capacity ({semaphore.limit} requests running, "
+                             f"{len(semaphore.waiting)} waiting). Retry shortly.",
+                             headers={"Retry-After": str(RETRY_AFTER_SECS)})
+        await semaphore.acquire()
+        try:
+            yield
+        finally:
+            semaphore.release()

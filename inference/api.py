@@ -1,0 +1,169 @@
+"""The HTTP API (Klein routes). Thin on purpose: parse, resolve, call the provider, answer."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed as RouteMethodNotAllowed
+from werkzeug.exceptions import NotFound as RouteNotFoundError
+
+from . import __version__
+from .admission import Admission
+from .catalog import ModelCatalog
+from .config import Config
+from .errors import (AuthenticationFailed, GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound,
+                     UpstreamTimeout)
+from .providers import Provider
+from .schema import parse_chat_request
+
+log = Logger()
+
+JSON = b"application/json"
+
+
+def write_json(request: IRequest, payload: Any, status: int = 200) -> bytes:
+    """Set the status and content type and return the encoded body (Klein writes it and finishes)."""
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", JSON)
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class Gateway:
+    """The application: one per process, holding the provider and everything a request needs."""
+
+    app = Klein()
+
+    def __init__(self, config: Config, provider: Provider, reactor: Any) -> None:
+        self.config = config
+        self.provider = provider
+        self.reactor = reactor
+        inference = config.inference
+        self.catalog = ModelCatalog(provider, reactor, inference.models_cache_secs, inference.allowed_models,
+                                    inference.default_model)
+        self.admission = Admission(inference.max_concurrent_requests, inference.max_queue)
+        self._api_keys = [key.encode("utf-8") for key in config.server.api_keys]
+
+    # -- OpenAI API ----------------------------------------------------------------------------------------------
+
+    @app.route("/v1/chat/completions", methods=["POST"])
+    async def chat_completions(self, request: IRequest) -> bytes:
+        self._authorize(request)
+        chat = parse_chat_request(self._body(request), self.config.inference.defaults)
+        chat.body["model"] = await self.catalog.resolve(chat.model)
+        if chat.stream:
+            raise GatewayError("stream: true is not supported yet; send stream: false", status=400,
+                               type="invalid_request_error", code="unsupported_parameter", param="stream")
+        async with self.admission.slot():
+            answer = await self.provider.chat(chat.body)
+        return write_json(request, answer)
+
+    @app.route("/v1/models", methods=["GET"])
+    async def list_models(self, request: IRequest) -> bytes:
+        self._authorize(request)
+        return write_json(request, {"object": "list", "data": await self.catalog.models()})
+
+    @app.route("/v1/models/<path:model_id>", methods=["GET"])
+    async def get_model(self, request: IRequest, model_id: str) -> bytes:
+        self._authorize(request)
+        return write_json(request, await self.catalog.get(model_id))
+
+    # -- health --------------------------------------------------------------------------------------------------
+
+    @app.route("/health", methods=["GET"])
+    async def health(self, request: IRequest) -> bytes:
+        upstream = await self._probe_upstream()
+        http = self.config.inference.http
+        payload = {
+            "status": "healthy" if upstream["reachable"] else "unhealthy",
+            "version": __version__,
+            "provider": self.provider.name,
+            "base_url": self.provider.base_url,
+            "http_config": {
+                "timeout_secs": http.timeout_secs,
+                "connect_timeout_secs": http.connect_timeout_secs,
+                "keep_alive_secs": http.keep_alive_secs,
+                "max_idle_connections": http.max_idle_connections,
+            },
+            "upstream": upstream,
+        }
+        return write_json(request, payload, 200 if upstream["reachable"] else 503)
+
+    @app.route("/health/live", methods=["GET"])
+    def live(self, request: IRequest) -> bytes:
+        return write_json(request, {"status": "ok"})
+
+    @app.route("/health/ready", methods=["GET"])
+    async def ready(self, request: IRequest) -> bytes:
+        upstream = await self._probe_upstream()
+        if upstream["reachable"]:
+            return write_json(request, {"status": "ready"})
+        return write_json(request, {"status": "not ready", "error": upstream["error"]}, 503)
+
+    async def _probe_upstream(self) -> dict[str, Any]:
+        """Ask the upstream for its models, waiting no longer than a connect would (a probe must be quick)."""
+        timeout = self.config.inference.http.connect_timeout_secs
+        try:
+            models = await self.provider.list_models(timeout=timeout)
+        except UpstreamTimeout:
+            return {"reachable": False, "error": f"upstream did not answer within {timeout:g}s", "models": []}
+        except GatewayError as e:
+            return {"reachable": False, "error": e.message, "models": []}
+        return {"reachable": True, "error": None, "models": [m["id"] for m in models]}
+
+    # -- errors --------------------------------------------------------------------------------------------------
+
+    @app.handle_errors(GatewayError)
+    def gateway_error(self, request: IRequest, failure: Failure) -> bytes:
+        error: GatewayError = failure.value
+        for name, value in error.headers.items():
+            request.setHeader(name, value)
+        return write_json(request, error.body(), error.status)
+
+    @app.handle_errors(RouteNotFoundError)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        path = request.path.decode("utf-8", "replace")
+        return self.gateway_error(request, Failure(RouteNotFound(f"No route {path}. See GET /v1/models, "
+                                                                 "POST /v1/chat/completions, GET /health.")))
+
+    @app.handle_errors(RouteMethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = sorted(failure.value.valid_methods or [])
+        error = MethodNotAllowed(f"Method {request.method.decode()} is not allowed on "
+                                 f"{request.path.decode('utf-8', 'replace')}; use {', '.join(allowed)}",
+                                 headers={"Allow": ", ".join(allowed)})
+        return self.gateway_error(request, Failure(error))
+
+    @app.handle_errors(Exception)
+    def unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        log.failure("unexpected error answering {method} {path}", failure,
+                    method=request.method.decode(), path=request.path.decode("utf-8", "replace"))
+        return self.gateway_error(request, Failure(GatewayError("internal gateway error; see the gateway log")))
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+
+    def _authorize(self, request: IRequest) -> None:
+        if not self._api_keys:
+            return
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        # Compare with every key, always, so the time taken says nothing about which key came close.
+        matched = False
+        for key in self._api_keys:
+            matched |= hmac.compare_digest(token, key)
+        if scheme.lower() != b"bearer" or not matched:
+            raise AuthenticationFailed("Missing or invalid API key. Send 'Authorization: Bearer <key>' "
+                                       "with a key from server.api_keys.")
+
+    def _body(self, request: IRequest) -> bytes:
+        if getattr(request, "body_too_large", False):
+            limit = self.config.server.max_body_bytes
+            raise RequestTooLarge(f"Request body is larger than the limit of {limit} bytes "
+                                  "(server.max_body_bytes)")
+        return request.content.read()

@@ -1,0 +1,106 @@
+"""The models the gateway serves, cached from the upstream, and how a requested name becomes a model id."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.internet.defer import Deferred
+
+from .errors import AmbiguousModel, ModelNotFound
+from .providers import Provider
+
+
+class ModelCatalog:
+    """The upstream's model list, cached ``ttl`` seconds and filtered by ``allowed`` (empty: everything)."""
+
+    def __init__(self, provider: Provider, clock: Any, ttl: float, allowed: list[str], default_model: str) -> None:
+        self._provider = provider
+        self._clock = clock
+        self._ttl = ttl
+        self._allowed = set(allowed)
+        self._default = default_model
+        self._upstream: Optional[list[dict[str, Any]]] = None
+        self._fetched_at = 0.0
+        self._fetching: Optional[Deferred[list[dict[str, Any]]]] = None
+        self._waiters: list[Deferred[list[dict[str, Any]]]] = []
+
+    async def models(self, refresh: bool = False) -> list[dict[str, Any]]:
+        """The models clients may use, as OpenAI model objects."""
+        return [m for m in await self._upstream_models(refresh) if self._is_allowed(m["id"])]
+
+    async def resolve(self, requested: Optional[str]) -> str:
+        """Turn a requested name (``None``: the default) into a served model id, or raise a 400/404."""
+        name = requested or self._default
+        fresh = self._upstream is None or self._expired()
+        upstream = await self._upstream_models()
+        found = self._match(name, upstream)
+        if found is None and not fresh:  # a model loaded since the last fetch is found on a miss
+            upstream = await self._upstream_models(refresh=True)
+            found = self._match(name, upstream)
+        if found is not None:
+            return found
+        served = [m["id"] for m in upstream if self._is_allowed(m["id"])]
+        if requested is None and len(served) == 1:
+            return served[0]  # no model asked for, and only one can answer: LM Studio's own habit
+        raise self._not_found(name, upstream)
+
+    async def get(self, model_id: str) -> dict[str, Any]:
+        """The model object served under exactly ``model_id`` (``GET /v1/models/{id}``), or a 404."""
+        for refresh in (False, True):
+            upstream = await self._upstream_models(refresh)
+            for model in upstream:
+                if model["id"] == model_id and self._is_allowed(model_id):
+                    return model
+        raise self._not_found(model_id, upstream)
+
+    def _not_found(self, name: str, upstream: list[dict[str, Any]]) -> ModelNotFound:
+        served = [m["id"] for m in upstream if self._is_allowed(m["id"])]
+        available = ", ".join(served) or "none (is a model loaded?)"
+        if any(m["id"] == name for m in upstream):
+            return ModelNotFound(f"The model '{name}' is not allowed on this gateway. Available models: "
+                                 f"{available}", param="model")
+        return ModelNotFound(f"The model '{name}' does not exist or is not loaded. Available models: {available}",
+                             param="model")
+
+    def _match(self, name: str, upstream: list[dict[str, Any]]) -> Optional[str]:
+        ids = [m["id"] for m in upstream if self._is_allowed(m["id"])]
+        if name in ids:
+            return name
+        lowered = name.lower()
+        for candidates in ([i for i in ids if i.lower() == lowered], [i for i in ids if lowered in i.lower()]):
+            if len(candidates) == 1:
+                return candidates[0]
+            if candidates:
+                raise AmbiguousModel(f"The model name '{name}' matches several models: {', '.join(candidates)}. "
+                                     "Use the full id.", param="model")
+        return None
+
+    def _is_allowed(self, model_id: str) -> bool:
+        return not self._allowed or model_id in self._allowed
+
+    def _expired(self) -> bool:
+        return self._clock.seconds() - self._fetched_at >= self._ttl
+
+    async def _upstream_models(self, refresh: bool = False) -> list[dict[str, Any]]:
+        if self._upstream is not None and not refresh and not self._expired():
+            return self._upstream
+        # One fetch serves every request that needs it; a waiter that is cancelled (its client left)
+        # stops waiting without cancelling the fetch the others share.
+        waiter: Deferred[list[dict[str, Any]]] = Deferred(lambda d: self._waiters.remove(d))
+        self._waiters.append(waiter)
+        if self._fetching is None:
+            self._fetching = Deferred.fromCoroutine(self._provider.list_models())
+            self._fetching.addBoth(self._fetched)
+        return await waiter
+
+    def _fetched(self, result: Any) -> None:
+        self._fetching = None
+        waiters, self._waiters = self._waiters, []
+        if isinstance(result, list):
+            self._upstream = result
+            self._fetched_at = self._clock.seconds()
+            for waiter in waiters:
+                waiter.callback(result)
+        else:
+            for waiter in waiters:
+                waiter.errback(result)

@@ -1,0 +1,375 @@
+"""Configuration: typed dataclasses loaded from YAML, then ``INFERENCE_*`` environment variables.
+
+Every value is checked once, at start, so that a typo or an out-of-range number stops the daemon with one
+line naming the key, the value and what is allowed, instead of surfacing as a strange failure later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+from urllib.parse import urlsplit
+
+import yaml
+
+ENV_PREFIX = "INFERENCE_"
+OPENAI_BASE_URL = "https://api.openai.com"
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong; ``str()`` is the one line shown to the operator."""
+
+
+# -- constraints -------------------------------------------------------------------------------------------------
+
+Check = Callable[[Any], Optional[str]]  # returns what is allowed when the value is wrong, else None
+
+
+def _range(low: Optional[float] = None, high: Optional[float] = None, *, above: bool = False) -> Check:
+    def check(value: Any) -> Optional[str]:
+        too_low = low is not None and (value <= low if above else value < low)
+        too_high = high is not None and value > high
+        if too_low or too_high:
+            if low is not None and high is not None:
+                return f"a number from {low:g} to {high:g}"
+            return f"a number {'>' if above else '>='} {low:g}" if low is not None else f"a number <= {high:g}"
+        return None
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    return lambda value: None if value in choices else "one of " + ", ".join(choices)
+
+
+def _http_url(value: Any) -> Optional[str]:
+    parts = urlsplit(value)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        return None
+    return "an http:// or https:// URL with a host, e.g. http://localhost:1234"
+
+
+def _url_path(value: Any) -> Optional[str]:
+    return None if value.startswith("/") else "a path starting with /"
+
+
+def _non_empty(value: Any) -> Optional[str]:
+    return None if value else "a non-empty value"
+
+
+def _opt(check: Check, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"check": check}, **kwargs)
+    return field(default=default, metadata={"check": check}, **kwargs)
+
+
+# -- schema ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = _opt(_non_empty, "127.0.0.1")
+    port: int = _opt(_range(0, 65535), 3000)
+    api_keys: list[str] = _opt(None, [])
+    max_body_bytes: int = _opt(_range(1), 10 * 1024 * 1024)
+    cors_origins: list[str] = _opt(None, [])
+    shutdown_timeout_secs: float = _opt(_range(0), 30.0)
+
+
+@dataclass(frozen=True)
+class DefaultsConfig:
+    max_tokens: int = _opt(_range(1), 100)
+    temperature: float = _opt(_range(0, 2), 0.7)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    timeout_secs: float = _opt(_range(0, above=True), 60.0)
+    connect_timeout_secs: float = _opt(_range(0, above=True), 10.0)
+    keep_alive_secs: float = _opt(_range(0), 30.0)
+    max_idle_connections: int = _opt(_range(0), 10)
+    max_retries: int = _opt(_range(0, 10), 2)
+
+
+@dataclass(frozen=True)
+class MockConfig:
+    models: list[str] = _opt(_non_empty, ["mock-model"])
+    latency_secs: float = _opt(_range(0), 0.0)
+    token_delay_secs: float = _opt(_range(0), 0.0)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    provider: str = _opt(_one_of("lmstudio", "openai", "mock"), "lmstudio")
+    base_url: str = _opt(_http_url, "http://localhost:1234")
+    default_model: str = _opt(_non_empty, "local-model")
+    allowed_models: list[str] = _opt(None, [])
+    api_key: Optional[str] = _opt(None, None)
+    defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
+    models_cache_secs: float = _opt(_range(0), 10.0)
+    max_concurrent_requests: int = _opt(_range(0), 0)
+    max_queue: int = _opt(_range(0), 64)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    mock: MockConfig = field(default_factory=MockConfig)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = _opt(None, True)
+    path: str = _opt(_url_path, "/metrics")
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    enabled: bool = _opt(None, True)
+    exporter: str = _opt(_one_of("otlp", "console", "none"), "otlp")
+    endpoint: Optional[str] = _opt(None, None)
+    protocol: str = _opt(_one_of("grpc", "http/protobuf"), "grpc")
+    sample_ratio: float = _opt(_range(0, 1), 1.0)
+    capture_content: bool = _opt(None, False)
+
+
+@dataclass(frozen=True)
+class ObservabilityConfig:
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = _opt(_one_of("debug", "info", "warn", "warning", "error", "critical"), "info")
+    format: str = _opt(_one_of("text", "json"), "text")
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# -- loading -----------------------------------------------------------------------------------------------------
+
+
+def load(path: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) -> Config:
+    """Build the configuration: defaults, then the YAML file at ``path``, then ``INFERENCE_*`` variables."""
+    environ = os.environ if environ is None else environ
+    tree: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        tree = _read_yaml(path)
+        sources = {key: f"in {path}" for key in _leaf_paths(tree)}
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX):
+            keys = resolve_env_name(name)
+            _put(tree, keys, value, name)
+            sources[".".join(keys)] = f"from {name}"
+    config = _build(Config, tree, (), sources)
+    if config.inference.provider == "openai":
+        config = dataclasses.replace(config, inference=_openai_settings(config.inference, sources, environ))
+    return config
+
+
+def _openai_settings(inference: "InferenceConfig", sources: Mapping[str, str],
+                     environ: Mapping[str, str]) -> "InferenceConfig":
+    """The openai provider talks to api.openai.com unless told otherwise, with a key from OPENAI_API_KEY."""
+    changes: dict[str, Any] = {}
+    if "inference.base_url" not in sources:
+        changes["base_url"] = OPENAI_BASE_URL
+    if not inference.api_key and environ.get("OPENAI_API_KEY"):
+        changes["api_key"] = environ["OPENAI_API_KEY"]
+    inference = dataclasses.replace(inference, **changes)
+    if not inference.api_key and urlsplit(inference.base_url).hostname == "api.openai.com":
+        raise ConfigError("inference.api_key is not set: provider openai needs an API key "
+                          "(inference.api_key, INFERENCE_INFERENCE_API_KEY or OPENAI_API_KEY)")
+    return inference
+
+
+def resolve_env_name(name: str) -> tuple[str, ...]:
+    """Map ``INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS`` to ``("inference", "http", "timeout_secs")``.
+
+    Key names contain underscores, so the name is matched against the schema rather than split blindly;
+    ``__`` may be used as an unambiguous separator.
+    """
+    rest = name[len(ENV_PREFIX):].lower()
+    if "__" in rest:
+        keys = tuple(rest.split("__"))
+        if _schema_type(keys) is not None:
+            return keys
+        matches: list[tuple[str, ...]] = []
+    else:
+        matches = _match_env(Config, rest)
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ConfigError(f"environment variable {name} is ambiguous: it could set " + " or ".join(
+            ".".join(m) for m in matches))
+    known = [ENV_PREFIX + "_".join(p).upper() for p in _all_leaf_paths(Config)]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"unknown environment variable {name}: no such setting{hint}")
+
+
+def env_name(keys: tuple[str, ...]) -> str:
+    """The environment variable that sets the key path ``keys``."""
+    return ENV_PREFIX + "_".join(keys).upper()
+
+
+def _match_env(cls: type, rest: str) -> list[tuple[str, ...]]:
+    found: list[tuple[str, ...]] = []
+    for f in dataclasses.fields(cls):
+        kind = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(kind):
+            if rest.startswith(f.name + "_"):
+                found += [(f.name, *sub) for sub in _match_env(kind, rest[len(f.name) + 1:])]
+        elif rest == f.name:
+            found.append((f.name,))
+    return found
+
+
+def _all_leaf_paths(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for f in dataclasses.fields(cls):
+        kind = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(kind):
+            out += _all_leaf_paths(kind, prefix + (f.name,))
+        else:
+            out.append(prefix + (f.name,))
+    return out
+
+
+def _schema_type(keys: tuple[str, ...]) -> Optional[Any]:
+    cls: Any = Config
+    for key in keys:
+        if not dataclasses.is_dataclass(cls) or key not in _field_types(cls):
+            return None
+        cls = _field_types(cls)[key]
+    return None if dataclasses.is_dataclass(cls) else cls
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def _leaf_paths(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        out += _leaf_paths(value, dotted + ".") if isinstance(value, dict) else [dotted]
+    return out
+
+
+def _put(tree: dict[str, Any], keys: tuple[str, ...], value: str, origin: str) -> None:
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys)}: {origin} sets a key inside {key}, which is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _build(cls: type, data: Any, path: tuple[str, ...], sources: Mapping[str, str]) -> Any:
+    dotted = ".".join(path) or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{dotted} must be a section (a mapping of keys), not {data!r}")
+    types = _field_types(cls)
+    for key in data:
+        if key not in types:
+            allowed = ", ".join(types)
+            where = ".".join(path + (str(key),))
+            raise ConfigError(f"unknown config key {where} {sources.get(where, '')}".rstrip()
+                              + f": allowed keys here are {allowed}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        kind = types[f.name]
+        keys = path + (f.name,)
+        if dataclasses.is_dataclass(kind):
+            values[f.name] = _build(kind, data[f.name], keys, sources)
+        else:
+            values[f.name] = _value(kind, f.metadata.get("check"), data[f.name], keys, sources)
+    return cls(**values)
+
+
+def _value(kind: Any, check: Optional[Check], raw: Any, keys: tuple[str, ...], sources: Mapping[str, str]) -> Any:
+    dotted = ".".join(keys)
+    origin = sources.get(dotted, "")
+
+    shown = "<redacted>" if "api_key" in dotted else repr(raw)  # never echo a secret
+
+    def fail(allowed: str) -> ConfigError:
+        return ConfigError(f"{dotted} = {shown} {origin}".rstrip() + f": expected {allowed}")
+
+    value = _coerce(kind, raw, fail)
+    if check is not None:
+        problem = check(value)
+        if problem is not None:
+            raise fail(problem)
+    return value
+
+
+def _coerce(kind: Any, raw: Any, fail: Callable[[str], ConfigError]) -> Any:
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "null", "none")):
+            return None
+        (kind,) = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in _BOOLS:
+            return _BOOLS[raw.strip().lower()]
+        raise fail("true or false")
+    if kind in (int, float):
+        if isinstance(raw, bool):
+            raise fail("a whole number" if kind is int else "a number")
+        try:
+            number = float(raw) if isinstance(raw, str) else raw
+            if not isinstance(number, (int, float)) or number != number:
+                raise ValueError
+            if kind is int:
+                if float(number) != int(number):
+                    raise ValueError
+                return int(number)
+            return float(number)
+        except (TypeError, ValueError, OverflowError):
+            raise fail("a whole number" if kind is int else "a number") from None
+    if kind is str:
+        if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
+            return str(raw)
+        raise fail("a string")
+    if typing.get_origin(kind) is list:
+        if isinstance(raw, str):
+            raw = [item.strip() for item in raw.split(",") if item.strip()]
+        if raw is None:
+            return []
+        if isinstance(raw, list) and all(isinstance(item, str) and item for item in raw):
+            return list(raw)
+        raise fail("a list of strings (comma-separated in an environment variable)")
+    raise AssertionError(f"unsupported config type {kind!r}")
+
+
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}

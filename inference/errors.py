@@ -1,0 +1,127 @@
+"""Every failure the gateway reports, as one hierarchy mapped to an HTTP status and OpenAI's error shape.
+
+Code anywhere raises a :class:`GatewayError`; the HTTP layer alone turns it into a response, so the table in
+DESIGN.md lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+
+class GatewayError(Exception):
+    """A failure the client is told about: ``status`` plus ``{"error": {message, type, param, code}}``."""
+
+    status = 500
+    type = "api_error"
+    code: Optional[str] = "internal_error"
+
+    def __init__(self, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
+                 status: Optional[int] = None, type: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.body()).encode("utf-8")
+
+
+class InvalidRequest(GatewayError):
+    status, type, code = 400, "invalid_request_error", "invalid_parameter"
+
+
+class InvalidJSON(InvalidRequest):
+    code = "invalid_json"
+
+
+class AmbiguousModel(InvalidRequest):
+    code = "ambiguous_model"
+
+
+class AuthenticationFailed(GatewayError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class ModelNotFound(GatewayError):
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class RouteNotFound(GatewayError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class RequestTooLarge(GatewayError):
+    status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class Overloaded(GatewayError):
+    status, type, code = 429, "rate_limit_error", "overloaded"
+
+
+class UpstreamClientError(GatewayError):
+    """The upstream refused the request (4xx): its status is kept, its error normalised."""
+
+    type = "invalid_request_error"
+    code = None
+
+
+class UpstreamError(GatewayError):
+    """The upstream failed (5xx) or answered something that is not a valid response."""
+
+    status, type, code = 500, "api_error", "upstream_error"
+
+
+class UpstreamUnreachable(GatewayError):
+    status, type, code = 502, "api_error", "upstream_unreachable"
+
+
+class UpstreamTimeout(GatewayError):
+    status, type, code = 504, "timeout_error", "upstream_timeout"
+
+
+def from_upstream(status: int, body: bytes) -> GatewayError:
+    """Normalise an upstream error answer, whose ``error`` may be a string or an object (LM Studio sends both)."""
+    message, kind, code, param = _parse_error_body(body)
+    if message is None:
+        text = body.decode("utf-8", "replace").strip()[:500]
+        message = text or f"upstream answered HTTP {status}"
+    if 400 <= status < 500:
+        if code is None and status == 404 and "model" in message.lower():
+            code = "model_not_found"
+        return UpstreamClientError(message, status=status, type=kind or "invalid_request_error",
+                                   code=code, param=param)
+    return UpstreamError(f"upstream error (HTTP {status}): {message}")
+
+
+def _parse_error_body(body: bytes) -> tuple[Optional[str], Optional[str], Optional[str], Optional[str]]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None, None, None, None
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, str):
+        return error, None, None, None
+    if isinstance(error, dict):
+        def text(key: str) -> Optional[str]:
+            value = error.get(key)
+            return str(value) if value is not None else None
+        return text("message") or json.dumps(error), text("type"), text("code"), text("param")
+    if isinstance(data, dict) and isinstance(data.get("message"), str):
+        return data["message"], None, None, None
+    return None, None, None, None

@@ -1,0 +1,53 @@
+"""A provider for any server that speaks OpenAI's HTTP API (LM Studio, OpenAI, llama.cpp, vLLM ...)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from ..config import InferenceConfig
+from ..errors import UpstreamError, from_upstream
+from .base import Provider
+from .upstream import Answer, UpstreamClient
+
+
+class OpenAICompatibleProvider(Provider):
+    name = "openai-compatible"
+
+    def __init__(self, reactor: Any, config: InferenceConfig, headers: Optional[dict[str, str]] = None) -> None:
+        self.client = UpstreamClient(reactor, config.base_url, config.http, headers)
+        self.base_url = self.client.base_url
+
+    async def list_models(self, timeout: Optional[float] = None) -> list[dict[str, Any]]:
+        answer = await self.client.request("GET", "/v1/models", timeout=timeout)
+        data = _json_answer(answer)
+        models = data.get("data")
+        if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
+                                                   for m in models):
+            raise UpstreamError("upstream model list is not an OpenAI list of models")
+        return models
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        answer = await self.client.request("POST", "/v1/chat/completions", json.dumps(self.prepare(body)).encode())
+        data = _json_answer(answer)
+        if not isinstance(data.get("choices"), list):
+            raise UpstreamError("upstream answer has no 'choices'")
+        return data
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _json_answer(answer: Answer) -> dict[str, Any]:
+    """Decode a JSON answer, turning error statuses and errors hidden in a 200 into gateway errors."""
+    if answer.status >= 400:
+        raise from_upstream(answer.status, answer.body)
+    try:
+        data = json.loads(answer.body)
+    except ValueError:
+        raise UpstreamError(f"upstream answered HTTP {answer.status} with a body that is not JSON") from None
+    if not isinstance(data, dict):
+        raise UpstreamError("upstream answered JSON that is not an object")
+    if data.get("error") is not None:  # LM Studio reports some failures inside a 200
+        raise from_upstream(500, answer.body)
+    return data

@@ -1,0 +1,207 @@
+"""The HTTP client every network provider shares: one connection pool, a total deadline, safe retries.
+
+treq's own ``timeout=`` stops at the response headers and cancelling ``treq.content()`` leaves the socket
+open (see TWISTED-NOTES.md), so the body is read by a protocol of ours that can abort the connection, and one
+timer covers the whole exchange: connect, retries, headers and body.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from treq.client import HTTPClient
+from twisted.internet import error as neterror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import _newclient
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from ..config import HttpConfig
+from ..errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+
+log = Logger()
+
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+"""A non-streaming answer larger than this is refused rather than buffered (a broken upstream must not OOM us)."""
+
+# Failures that happen before the upstream could have seen a whole request: retrying them cannot run a
+# generation twice. A connection that dies after the request went out (ResponseNeverReceived) is not here.
+_NOT_SENT = (neterror.ConnectError, neterror.DNSLookupError, _newclient.RequestNotSent,
+             _newclient.RequestTransmissionFailed)
+
+
+@dataclass
+class Answer:
+    """A complete upstream answer."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+def normalise_base_url(base_url: str) -> str:
+    """``http://host:1234``, ``http://host:1234/`` and ``http://host:1234/v1/`` all mean the same server."""
+    url = base_url.rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    return url
+
+
+class UpstreamClient:
+    """Talks HTTP to one upstream over a pool sized and timed by the ``http:`` config."""
+
+    def __init__(self, reactor: Any, base_url: str, http: HttpConfig,
+                 headers: Optional[dict[str, str]] = None) -> None:
+        self._reactor: IReactorTime = reactor
+        self._http = http
+        self.base_url = normalise_base_url(base_url)
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = http.max_idle_connections
+        self.pool.cachedConnectionTimeout = http.keep_alive_secs
+        self.pool.retryAutomatically = False  # our own retry rule applies, and to POST as well
+        self.agent = Agent(reactor, connectTimeout=http.connect_timeout_secs, pool=self.pool)
+        self._treq = HTTPClient(self.agent)
+        self._headers = {"Accept": "application/json", **(headers or {})}
+
+    def request(self, method: str, path: str, body: Optional[bytes] = None,
+                timeout: Optional[float] = None) -> "Deferred[Answer]":
+        """Send one request and read the whole answer, within ``timeout`` (default ``http.timeout_secs``).
+
+        Fails with :class:`UpstreamUnreachable`, :class:`UpstreamTimeout` or :class:`UpstreamError`;
+        cancelling the returned Deferred (the client went away) aborts the upstream connection.
+        """
+        exchange = _Exchange()
+        inner = Deferred.fromCoroutine(self._exchange(exchange, method, self.base_url + path, body))
+        deadline = timeout if timeout is not None else self._http.timeout_secs
+
+        def expire() -> None:
+            exchange.stopped = "timeout"
+            inner.cancel()
+
+        timer = self._reactor.callLater(deadline, expire)
+
+        def cancel(_: Deferred) -> None:
+            exchange.stopped = "cancelled"
+            inner.cancel()
+
+        outer: Deferred[Answer] = Deferred(cancel)
+
+        def settle(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if outer.called:
+                return
+            if isinstance(result, Failure):
+                outer.errback(_translate(result, exchange.stopped, deadline, self.base_url))
+            else:
+                outer.callback(result)
+
+        inner.addBoth(settle)
+        return outer
+
+    async def _exchange(self, exchange: "_Exchange", method: str, url: str, body: Optional[bytes]) -> Answer:
+        headers = dict(self._headers)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        attempt = 0
+        while True:
+            try:
+                response = await self._treq.request(method, url, data=body, headers=headers,
+                                                    allow_redirects=False, unbuffered=True)
+                break
+            except _NOT_SENT as e:
+                if exchange.stopped or attempt >= self._http.max_retries:
+                    raise
+                delay = min(0.1 * 2 ** attempt, 2.0)
+                attempt += 1
+                log.warn("upstream {url} failed before the request was sent ({error}); retry {attempt} of "
+                         "{retries} in {delay:.1f}s", url=url, error=_describe(e), attempt=attempt,
+                         retries=self._http.max_retries, delay=delay)
+                await deferLater(self._reactor, delay, lambda: None)
+        return Answer(response.code, response.headers, await read_body(response))
+
+    def close(self) -> "Deferred[None]":
+        """Close idle pooled connections (on shutdown, so no keep-alive socket outlives the service)."""
+        return self.pool.closeCachedConnections()
+
+
+class _Exchange:
+    stopped: Optional[str] = None  # "timeout" or "cancelled" once the exchange was stopped from outside
+
+
+def read_body(response: IResponse, limit: int = MAX_RESPONSE_BYTES) -> "Deferred[bytes]":
+    """Collect a response body; cancelling the Deferred closes the connection (``treq.content`` does not)."""
+    collector = _BodyCollector(limit)
+    response.deliverBody(collector)
+    return collector.done
+
+
+class _BodyCollector(Protocol):
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._overflow = False
+        self.done: Deferred[bytes] = Deferred(self._cancel)
+
+    def _cancel(self, _: Deferred) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._overflow:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._overflow = True
+            self._parts.clear()
+            self.transport.stopProducing()
+            return
+        self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.done.called:
+            return
+        if self._overflow:
+            self.done.errback(UpstreamError(f"upstream answer is larger than {self._limit} bytes"))
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._parts))
+        else:
+            self.done.errback(reason)
+
+
+def _translate(failure: Failure, stopped: Optional[str], deadline: float, base_url: str) -> Any:
+    """Map what Twisted raised to the error table (DESIGN.md)."""
+    if stopped == "timeout":
+        return UpstreamTimeout(f"upstream did not answer within {deadline:g}s ({base_url})")
+    if stopped == "cancelled":
+        return failure if failure.check(CancelledError) else Failure(CancelledError())
+    if failure.check(GatewayError):
+        return failure
+    if failure.check(neterror.TimeoutError):
+        return UpstreamUnreachable(f"could not connect to upstream at {base_url}: connect timed out")
+    if failure.check(*_NOT_SENT):
+        return UpstreamUnreachable(f"could not connect to upstream at {base_url}: {_describe(failure.value)}")
+    if failure.check(_newclient.ResponseFailed, _newclient.ParseError):
+        return UpstreamError(f"upstream at {base_url} closed the connection before a complete answer "
+                             f"({_describe(failure.value)})")
+    return failure
+
+
+def _describe(error: BaseException) -> str:
+    """One readable line for Twisted's nested connection errors."""
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(_describe(r.value) for r in reasons)
+    if isinstance(error, neterror.ConnectionRefusedError):
+        return "connection refused"
+    text = str(error).strip().rstrip(".")
+    return text or type(error).__name__

@@ -1,0 +1,172 @@
+"""Validate a chat completion request, keep what providers understand, and apply the configured defaults.
+
+Only the fields whose meaning we know are checked; anything else (LM Studio and llama.cpp extensions, tools,
+future OpenAI fields) passes through untouched, because a gateway that drops a field silently changes a
+generation without telling anyone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from .config import DefaultsConfig
+from .errors import InvalidJSON, InvalidRequest
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+@dataclass
+class ChatRequest:
+    """A validated request: the model the client asked for (``None``: the default) and the upstream body."""
+
+    model: Optional[str]
+    stream: bool
+    body: dict[str, Any]
+
+
+def _number(low: Optional[float] = None, high: Optional[float] = None, *, above: bool = False,
+            integer: bool = False) -> Callable[[str, Any], None]:
+    kind = "an integer" if integer else "a number"
+
+    def check(name: str, value: Any) -> None:
+        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type:
+            raise InvalidRequest(f"'{name}' must be {kind}, got {_show(value)}", param=name)
+        if value != value or (low is not None and (value <= low if above else value < low)) or (
+                high is not None and value > high):
+            if low is not None and high is not None:
+                allowed = f"between {low:g} and {high:g}"
+            else:
+                allowed = f"{'>' if above else '>='} {low:g}"
+            raise InvalidRequest(f"'{name}' must be {kind} {allowed}, got {_show(value)}", param=name)
+
+    return check
+
+
+def _of_type(kind: type, label: str) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise InvalidRequest(f"'{name}' must be {label}, got {_show(value)}", param=name)
+
+    return check
+
+
+def _stop(name: str, value: Any) -> None:
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) for s in value):
+        return
+    raise InvalidRequest(f"'{name}' must be a string or a list of at most 4 strings", param=name)
+
+
+def _one_of(*choices: int) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if isinstance(value, bool) or value not in choices:
+            allowed = ", ".join(str(c) for c in choices)
+            raise InvalidRequest(f"'{name}' must be one of {allowed}, got {_show(value)}", param=name)
+
+    return check
+
+
+def _response_format(name: str, value: Any) -> None:
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise InvalidRequest(f"'{name}' must be an object with a 'type' "
+                             "(text, json_object or json_schema)", param=name)
+
+
+# Checked when present; every other field is passed through as it is.
+CHECKS: dict[str, Callable[[str, Any], None]] = {
+    "model": _of_type(str, "a string"),
+    "stream": _of_type(bool, "true or false"),
+    "temperature": _number(0, 2),
+    "top_p": _number(0, 1),
+    "presence_penalty": _number(-2, 2),
+    "frequency_penalty": _number(-2, 2),
+    "max_tokens": _number(1, integer=True),
+    "max_completion_tokens": _number(1, integer=True),
+    "n": _number(1, integer=True),
+    "seed": _number(integer=True),
+    "stop": _stop,
+    "stream_options": _of_type(dict, "an object"),
+    "response_format": _response_format,
+    "tools": _of_type(list, "a list"),
+    "logit_bias": _of_type(dict, "an object"),
+    "user": _of_type(str, "a string"),
+    "logprobs": _of_type(bool, "true or false"),
+    "top_logprobs": _number(0, 20, integer=True),
+    # LM Studio / llama.cpp extensions with known ranges
+    "top_k": _number(-1, integer=True),
+    "min_p": _number(0, 1),
+    "repeat_penalty": _number(0, above=True),
+    "mirostat_mode": _one_of(0, 1, 2),
+    "mirostat_tau": _number(0),
+    "mirostat_eta": _number(0),
+    "cache_prompt": _of_type(bool, "true or false"),
+    "ttl": _number(1, integer=True),
+    "draft_model": _of_type(str, "a string"),
+}
+
+
+def parse_chat_request(raw: bytes, defaults: DefaultsConfig) -> ChatRequest:
+    """Parse and validate a ``POST /v1/chat/completions`` body; raise :class:`InvalidRequest` on bad input."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidJSON(f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise InvalidJSON("request body must be a JSON object")
+
+    extensions = body.pop("extensions", None)
+    if extensions is not None:
+        if not isinstance(extensions, dict):
+            raise InvalidRequest("'extensions' must be an object", param="extensions")
+        for key, value in extensions.items():
+            if key in body:
+                raise InvalidRequest(f"'{key}' is given both at the top level and in 'extensions'",
+                                     param=f"extensions.{key}")
+            body[key] = value
+
+    _check_messages(body.get("messages"))
+    for key, value in body.items():
+        check = CHECKS.get(key)
+        if check is not None and value is not None:
+            check(key, value)
+
+    model = body.get("model")
+    if model is not None and not model.strip():
+        raise InvalidRequest("'model' must not be empty", param="model")
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = defaults.max_tokens
+    if body.get("temperature") is None:
+        body["temperature"] = defaults.temperature
+    return ChatRequest(model=model, stream=bool(body.get("stream")), body=body)
+
+
+def _check_messages(messages: Any) -> None:
+    if messages is None:
+        raise InvalidRequest("'messages' is required", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list of messages", param="messages")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"'{where}' must be an object with 'role' and 'content'", param=where)
+        role = message.get("role")
+        if role not in ROLES:
+            raise InvalidRequest(f"'{where}.role' must be one of {', '.join(ROLES)}, got {_show(role)}",
+                                 param=f"{where}.role")
+        content = message.get("content")
+        if content is None:
+            if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+                continue
+            raise InvalidRequest(f"'{where}.content' is required", param=f"{where}.content")
+        if not isinstance(content, (str, list)):
+            raise InvalidRequest(f"'{where}.content' must be a string or a list of content parts",
+                                 param=f"{where}.content")
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or value == value else "NaN"
+    return text if len(text) <= 40 else text[:37] + "..."

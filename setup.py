@@ -1,0 +1,23 @@
+from setuptools import setup
+
+setup(
+    name="inference",
+    version="0.1.0",
+    description="OpenAI-compatible gateway for LM Studio, OpenAI and a built-in mock, on Twisted",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["inference", "inference.providers", "twisted.plugins"],
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "treq>=24.9",
+        "klein>=24.8",
+        "pyyaml>=6",
+        "opentelemetry-sdk>=1.27",
+        "opentelemetry-exporter-otlp>=1.27",
+        "prometheus-client>=0.20",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "openai>=1.40"],
+    },
+)
