@@ -1,0 +1,124 @@
+"""Shared fixtures: a fake LM Studio and gateways on real loopback sockets, plus a small HTTP client."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from inference.config import load
+from inference.service import GatewaySite, build_site
+
+from .fakes.lmstudio import FakeLMStudio
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Any
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def error(self) -> dict[str, Any]:
+        """The ``error`` object of an OpenAI-shaped error answer (asserting the shape on the way)."""
+        payload = self.json()
+        assert set(payload) == {"error"}, payload
+        assert set(payload["error"]) == {"message", "type", "param", "code"}, payload
+        return payload["error"]
+
+    def header(self, name: str) -> Optional[str]:
+        values = self.headers.getRawHeaders(name)
+        return values[0] if values else None
+
+
+async def call(method: str, url: str, body: Any = None, *, raw: Optional[bytes] = None,
+               headers: Optional[dict[str, str]] = None) -> Reply:
+    """One HTTP request over a fresh connection, returning the whole answer."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    client = treq.client.HTTPClient(Agent(reactor, pool=pool))
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    response = await client.request(method, url, data=data, headers=headers or {})
+    content = await treq.content(response)
+    return Reply(response.code, response.headers, content)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Let the reactor run until ``predicate()`` holds (for state that has no event of its own)."""
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        assert reactor.seconds() < deadline, "condition not reached in time"
+        await deferLater(reactor, 0.005, lambda: None)
+
+
+@dataclass
+class RunningGateway:
+    site: GatewaySite
+    port: Any
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port.getHost().port}"
+
+    async def post_chat(self, body: Any, headers: Optional[dict[str, str]] = None) -> Reply:
+        return await call("POST", self.url + "/v1/chat/completions", body, headers=headers)
+
+
+@pytest.fixture
+def fake() -> Any:
+    server = FakeLMStudio()
+    server.listen()
+    yield server
+    pytest_twisted.blockon(server.stop())
+
+
+@pytest.fixture
+def start_gateway() -> Callable[..., RunningGateway]:
+    """Start a gateway on port 0 from ``INFERENCE_*`` settings (and an optional YAML file)."""
+    running: list[RunningGateway] = []
+
+    def start(env: Optional[dict[str, str]] = None, config_path: Optional[str] = None) -> RunningGateway:
+        site = build_site(load(config_path, env or {}), reactor)
+        gateway = RunningGateway(site, reactor.listenTCP(0, site, interface="127.0.0.1"))
+        running.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in running:
+        pytest_twisted.blockon(DeferredList([
+            gateway.port.stopListening(),
+            Deferred.fromCoroutine(gateway.site.gateway.provider.close()),
+        ]))
+
+
+@pytest.fixture
+def lmstudio(fake: FakeLMStudio, start_gateway: Callable[..., RunningGateway]) -> RunningGateway:
+    """A gateway in front of the fake LM Studio with default settings and short deadlines."""
+    return start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                          "INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS": "2"})
+
+
+@pytest.fixture(autouse=True)
+def no_logged_failures() -> Any:
+    """Fail a test whose run logged an unhandled error (pytest-twisted does not, unlike trial)."""
+    failures: list[Any] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield failures
+    globalLogPublisher.removeObserver(observe)
+    assert not failures, [str(e.get("log_failure") or e) for e in failures]

@@ -1,0 +1,200 @@
+"""A fake LM Studio server (twisted.web) that tests can tell how to misbehave.
+
+It speaks the parts of LM Studio's OpenAI-compatible API the gateway uses, records what it receives, and
+exposes Deferreds for the moments tests wait on (a request arrived, a connection was closed), so tests
+synchronise on events rather than on sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.protocols.policies import WrappingFactory
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class Behaviour:
+    """How the next answers look. ``mode`` is one of:
+
+    normal, error_string, error_object, error_in_200, invalid_json, not_json_object, hang (never answers),
+    stall_body (headers and half a body, then nothing), drop (closes the connection without answering).
+    """
+
+    mode: str = "normal"
+    status: int = 500
+    message: str = "something went wrong"
+    code: Optional[str] = None
+    extra_message_fields: dict[str, Any] = field(default_factory=dict)
+
+
+class FakeLMStudio(Resource):
+    isLeaf = True
+
+    def __init__(self, models: Optional[list[str]] = None) -> None:
+        super().__init__()
+        self.models = list(models or ["qwen2.5-7b-instruct", "llama-3.2-3b-instruct"])
+        self.chat = Behaviour()
+        self.listing = Behaviour()
+        self.require_key: Optional[str] = None
+        self.received: list[Received] = []
+        self.pending: list[http.Request] = []  # requests held open by hang / stall_body
+        self._arrivals: list[Deferred[Received]] = []
+        self._closed: list[Deferred[None]] = []
+        self.site = Site(self)
+        self.connections = _ConnectionTracker(self.site)
+        self.url = ""
+
+    # -- what tests wait on --------------------------------------------------------------------------------------
+
+    def next_arrival(self) -> "Deferred[Received]":
+        """Fires when the next request reaches the fake."""
+        d: Deferred[Received] = Deferred()
+        self._arrivals.append(d)
+        return d
+
+    def next_close(self) -> "Deferred[None]":
+        """Fires when a held (hanging) request sees its connection closed by the gateway."""
+        d: Deferred[None] = Deferred()
+        self._closed.append(d)
+        return d
+
+    # -- twisted.web ---------------------------------------------------------------------------------------------
+
+    def render(self, request: http.Request) -> Any:
+        raw = request.content.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw
+        headers = {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
+        got = Received(request.method.decode(), request.path.decode(), headers, body)
+        self.received.append(got)
+        arrivals, self._arrivals = self._arrivals, []
+        for d in arrivals:
+            d.callback(got)
+        if self.require_key and headers.get("authorization") != f"Bearer {self.require_key}":
+            return self._json(request, 401, {"error": {"message": "Incorrect API key provided",
+                                                       "type": "invalid_request_error",
+                                                       "code": "invalid_api_key"}})
+        if got.path == "/v1/models" and got.method == "GET":
+            return self._answer(request, self.listing,
+                                {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "organization_owner"}
+                                                            for m in self.models]})
+        if got.path == "/v1/chat/completions" and got.method == "POST":
+            return self._answer(request, self.chat, self._completion(body))
+        return self._json(request, 404, {"error": f"Unexpected endpoint or method. ({got.method} {got.path})"})
+
+    def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        text = f"echo: {body['messages'][-1]['content']}"
+        return {
+            "id": "chatcmpl-fake123", "object": "chat.completion", "created": 1700000000,
+            "model": body["model"], "system_fingerprint": body["model"],
+            "choices": [{"index": 0, "logprobs": None, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text, **self.chat.extra_message_fields}}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
+            "stats": {}, "runtime": "llama.cpp",
+        }
+
+    def _answer(self, request: http.Request, behaviour: Behaviour, normal: dict[str, Any]) -> Any:
+        mode = behaviour.mode
+        if mode == "normal":
+            return self._json(request, 200, normal)
+        if mode == "error_string":
+            return self._json(request, behaviour.status, {"error": behaviour.message})
+        if mode == "error_object":
+            error = {"message": behaviour.message, "type": "invalid_request_error", "param": None,
+                     "code": behaviour.code}
+            return self._json(request, behaviour.status, {"error": error})
+        if mode == "error_in_200":
+            return self._json(request, 200, {"error": behaviour.message})
+        if mode == "invalid_json":
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"choices": [ this is not json'
+        if mode == "not_json_object":
+            return self._json(request, 200, ["a", "list"])
+        if mode == "drop":
+            request.channel.transport.abortConnection()
+            return NOT_DONE_YET
+        if mode in ("hang", "stall_body"):
+            self.pending.append(request)
+            request.notifyFinish().addBoth(self._held_closed, request)
+            if mode == "stall_body":
+                request.setHeader(b"content-type", b"application/json")
+                request.write(b'{"id": "chatcmpl-stall", "choices": [')
+            return NOT_DONE_YET
+        raise AssertionError(f"unknown mode {mode}")
+
+    def _held_closed(self, _: Any, request: http.Request) -> None:
+        if request in self.pending:
+            self.pending.remove(request)
+        closed, self._closed = self._closed, []
+        for d in closed:
+            d.callback(None)
+
+    @staticmethod
+    def _json(request: http.Request, status: int, payload: Any) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(payload).encode()
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    def listen(self, port: int = 0) -> Any:
+        self.port = reactor.listenTCP(port, self.connections, interface="127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+        return self.port
+
+    def stop(self) -> Deferred:
+        """Stop listening and drop every open connection (held requests included)."""
+        d = self.port.stopListening()
+        return DeferredList([d, self.connections.close_all()])
+
+
+class _ConnectionTracker(WrappingFactory):
+    """Wraps the site to count the server-side connections that are open (pooling and aborts show here)."""
+
+    def __init__(self, site: Site) -> None:
+        super().__init__(site)
+        self.total = 0
+        self._changes: list[Deferred[None]] = []
+
+    @property
+    def open(self) -> list[Any]:
+        return list(self.protocols)
+
+    def registerProtocol(self, p: Any) -> None:
+        self.total += 1
+        super().registerProtocol(p)
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        changes, self._changes = self._changes, []
+        for d in changes:
+            d.callback(None)
+
+    async def wait_open(self, count: int) -> None:
+        """Wait until at most ``count`` connections are open."""
+        while len(self.protocols) > count:
+            d: Deferred[None] = Deferred()
+            self._changes.append(d)
+            await d
+
+    def close_all(self) -> Deferred:
+        for proto in list(self.protocols):
+            proto.transport.abortConnection()
+        return Deferred.fromCoroutine(self.wait_open(0))

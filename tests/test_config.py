@@ -1,0 +1,137 @@
+"""Config: defaults, YAML, environment precedence, name resolution and the one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from inference.config import ConfigError, load, resolve_env_name
+
+
+@pytest.fixture
+def yaml_file(tmp_path):
+    def write(text: str) -> str:
+        path = tmp_path / "inference.yaml"
+        path.write_text(text)
+        return str(path)
+    return write
+
+
+def test_defaults_match_the_design():
+    config = load(None, {})
+    http = config.inference.http
+    assert (http.timeout_secs, http.connect_timeout_secs, http.keep_alive_secs, http.max_idle_connections,
+            http.max_retries) == (60, 10, 30, 10, 2)
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 3000)
+    assert config.inference.provider == "lmstudio"
+    assert config.inference.base_url == "http://localhost:1234"
+    assert (config.inference.defaults.max_tokens, config.inference.defaults.temperature) == (100, 0.7)
+
+
+def test_environment_overrides_file_which_overrides_defaults(yaml_file):
+    path = yaml_file("server: {port: 4000, host: 0.0.0.0}\ninference:\n  http: {timeout_secs: 5}\n")
+    config = load(path, {"INFERENCE_SERVER_PORT": "4001"})
+    assert config.server.port == 4001            # env beats file
+    assert config.server.host == "0.0.0.0"        # file beats default
+    assert config.inference.http.timeout_secs == 5
+    assert config.inference.http.connect_timeout_secs == 10  # default kept
+
+
+@pytest.mark.parametrize("name, keys", [
+    ("INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS", ("inference", "http", "timeout_secs")),
+    ("INFERENCE_INFERENCE_BASE_URL", ("inference", "base_url")),
+    ("INFERENCE_SERVER_PORT", ("server", "port")),
+    ("INFERENCE_INFERENCE_HTTP_MAX_IDLE_CONNECTIONS", ("inference", "http", "max_idle_connections")),
+    ("INFERENCE_OBSERVABILITY_TRACING_SAMPLE_RATIO", ("observability", "tracing", "sample_ratio")),
+    ("INFERENCE_INFERENCE__HTTP__TIMEOUT_SECS", ("inference", "http", "timeout_secs")),
+])
+def test_env_names_resolve_against_the_schema(name, keys):
+    assert resolve_env_name(name) == keys
+
+
+def test_env_values_are_typed():
+    config = load(None, {
+        "INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS": "2.5",
+        "INFERENCE_INFERENCE_ALLOWED_MODELS": "a, b,c",
+        "INFERENCE_OBSERVABILITY_METRICS_ENABLED": "false",
+        "INFERENCE_SERVER_API_KEYS": "k1,k2",
+        "INFERENCE_INFERENCE_API_KEY": "",
+    })
+    assert config.inference.http.timeout_secs == 2.5
+    assert config.inference.allowed_models == ["a", "b", "c"]
+    assert config.observability.metrics.enabled is False
+    assert config.server.api_keys == ["k1", "k2"]
+    assert config.inference.api_key is None
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS": "abc"},
+     "inference.http.timeout_secs = 'abc' from INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS: expected a number"),
+    ({"INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS": "0"}, "expected a number > 0"),
+    ({"INFERENCE_SERVER_PORT": "70000"}, "server.port = '70000' from INFERENCE_SERVER_PORT: expected a number "
+                                         "from 0 to 65535"),
+    ({"INFERENCE_SERVER_PORT": "3.5"}, "expected a whole number"),
+    ({"INFERENCE_INFERENCE_PROVIDER": "ollama"}, "expected one of lmstudio, openai, mock"),
+    ({"INFERENCE_INFERENCE_BASE_URL": "localhost:1234"}, "expected an http:// or https:// URL"),
+    ({"INFERENCE_INFERENCE_DEFAULTS_TEMPERATURE": "3"}, "expected a number from 0 to 2"),
+    ({"INFERENCE_INFERENCE_HTTP_MAX_IDLE_CONNECTIONS": "-1"}, "expected a number >= 0"),
+    ({"INFERENCE_OBSERVABILITY_METRICS_ENABLED": "maybe"}, "expected true or false"),
+    ({"INFERENCE_LOGGING_FORMAT": "xml"}, "expected one of text, json"),
+    ({"INFERENCE_OBSERVABILITY_METRICS_PATH": "metrics"}, "expected a path starting with /"),
+    ({"INFERENCE_INFERENCE_HTTP_TIMEOUT": "5"},
+     "unknown environment variable INFERENCE_INFERENCE_HTTP_TIMEOUT: no such setting; did you mean "
+     "INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS?"),
+    ({"INFERENCE_SERVER__NOPE": "1"}, "unknown environment variable INFERENCE_SERVER__NOPE"),
+])
+def test_bad_environment_values_fail_with_one_clear_line(env, expected):
+    with pytest.raises(ConfigError) as info:
+        load(None, env)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("server: {prot: 3000}\n", "unknown config key server.prot in "),
+    ("inference: {http: {timeout_secs: -1}}\n", "inference.http.timeout_secs = -1 in "),
+    ("inference: {http: 5}\n", "inference.http must be a section"),
+    ("inference: {allowed_models: [1, 2]}\n", "expected a list of strings"),
+    ("server: [1, 2\n", "is not valid YAML at line"),
+    ("- just\n- a list\n", "must hold a mapping of sections"),
+    ("inference: {max_queue: true}\n", "expected a whole number"),
+])
+def test_bad_file_values_fail_with_one_clear_line(yaml_file, text, expected):
+    with pytest.raises(ConfigError) as info:
+        load(yaml_file(text), {})
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_key_error_lists_the_allowed_keys(yaml_file):
+    with pytest.raises(ConfigError, match="allowed keys here are host, port, api_keys"):
+        load(yaml_file("server: {prot: 3000}\n"), {})
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load(str(tmp_path / "missing.yaml"), {})
+
+
+def test_empty_file_means_defaults(yaml_file):
+    assert load(yaml_file(""), {}) == load(None, {})
+
+
+def test_openai_provider_uses_openai_and_the_standard_key_variable():
+    config = load(None, {"INFERENCE_INFERENCE_PROVIDER": "openai", "OPENAI_API_KEY": "sk-test"})
+    assert config.inference.base_url == "https://api.openai.com"
+    assert config.inference.api_key == "sk-test"
+
+
+def test_openai_provider_without_a_key_fails_without_echoing_secrets():
+    with pytest.raises(ConfigError, match="provider openai needs an API key"):
+        load(None, {"INFERENCE_INFERENCE_PROVIDER": "openai"})
+
+
+def test_secret_values_are_not_echoed_in_errors(yaml_file):
+    with pytest.raises(ConfigError) as info:
+        load(yaml_file("inference: {api_key: [sk-secret-value]}\n"), {})
+    assert "sk-secret-value" not in str(info.value)
