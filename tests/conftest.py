@@ -12,6 +12,8 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -60,6 +62,30 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     while not predicate():
         assert reactor.seconds() < deadline, "condition not reached in time"
         await deferLater(reactor, 0.005, lambda: None)
+
+
+class RawClient(Protocol):
+    """A bare TCP client, for what HTTP libraries hide: half-sent requests, hang-ups, exact bytes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+async def raw_connect(port: int) -> RawClient:
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    return await connectProtocol(endpoint, RawClient())
+
+
+def raw_post(path: str, body: bytes) -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
 
 
 @dataclass

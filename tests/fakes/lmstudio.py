@@ -139,6 +139,13 @@ class FakeLMStudio(Resource):
             return NOT_DONE_YET
         raise AssertionError(f"unknown mode {mode}")
 
+    def release(self) -> None:
+        """Answer every held request normally (the ones waiting in ``hang`` mode)."""
+        for request in list(self.pending):
+            self.pending.remove(request)
+            request.write(self._json(request, 200, self._completion(json.loads(request.content.getvalue()))))
+            request.finish()
+
     def _held_closed(self, _: Any, request: http.Request) -> None:
         if request in self.pending:
             self.pending.remove(request)

@@ -1,0 +1,73 @@
+"""Model resolution: exact id, unique substring, default, and the upstream list's cache."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("requested, resolved", [
+    ("qwen2.5-7b-instruct", "qwen2.5-7b-instruct"),   # exact
+    ("QWEN2.5-7B-INSTRUCT", "qwen2.5-7b-instruct"),   # case-insensitive
+    ("llama", "llama-3.2-3b-instruct"),               # unique substring
+    ("Qwen", "qwen2.5-7b-instruct"),
+])
+@pytest_twisted.ensureDeferred
+async def test_requested_names_resolve_to_served_ids(fake, lmstudio, requested, resolved):
+    reply = await lmstudio.post_chat({"model": requested, "messages": USER})
+    assert reply.status == 200
+    assert fake.received[-1].body["model"] == resolved
+
+
+@pytest_twisted.ensureDeferred
+async def test_exact_id_wins_over_substring_matches(fake, lmstudio):
+    fake.models = ["qwen3", "qwen3-coder", "qwen3-vl"]
+    reply = await lmstudio.post_chat({"model": "qwen3", "messages": USER})
+    assert reply.status == 200 and fake.received[-1].body["model"] == "qwen3"
+
+
+@pytest_twisted.ensureDeferred
+async def test_omitted_model_uses_default_model(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_INFERENCE_DEFAULT_MODEL": "llama-3.2"})
+    reply = await gateway.post_chat({"messages": USER})
+    assert reply.status == 200 and fake.received[-1].body["model"] == "llama-3.2-3b-instruct"
+
+
+@pytest_twisted.ensureDeferred
+async def test_omitted_model_with_one_served_model_uses_it(fake, lmstudio):
+    fake.models = ["only-model"]
+    reply = await lmstudio.post_chat({"messages": USER})
+    assert reply.status == 200 and fake.received[-1].body["model"] == "only-model"
+
+
+@pytest_twisted.ensureDeferred
+async def test_omitted_model_with_several_and_no_default_match_is_404(fake, lmstudio):
+    reply = await lmstudio.post_chat({"messages": USER})
+    assert reply.status == 404
+    assert "'local-model'" in reply.error["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_model_list_is_cached_and_refreshed_on_a_miss(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_INFERENCE_MODELS_CACHE_SECS": "3600"})
+    for _ in range(3):
+        assert (await gateway.post_chat({"model": "qwen", "messages": USER})).status == 200
+    assert [r.path for r in fake.received].count("/v1/models") == 1
+    fake.models.append("mistral-7b")  # a model loaded in LM Studio after the first fetch
+    reply = await gateway.post_chat({"model": "mistral-7b", "messages": USER})
+    assert reply.status == 200 and fake.received[-1].body["model"] == "mistral-7b"
+    assert [r.path for r in fake.received].count("/v1/models") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_model_list_failure_is_reported_not_cached(fake, lmstudio):
+    fake.listing.mode, fake.listing.status = "error_string", 500
+    reply = await lmstudio.post_chat({"model": "qwen", "messages": USER})
+    assert reply.status == 500 and reply.error["code"] == "upstream_error"
+    fake.listing.mode = "normal"
+    assert (await lmstudio.post_chat({"model": "qwen", "messages": USER})).status == 200

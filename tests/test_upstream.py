@@ -1,0 +1,167 @@
+"""The upstream client: pool settings, deadlines, retries, cancellation, and health."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.logger import globalLogPublisher
+
+from .conftest import call, raw_connect, raw_post, until
+
+MODEL = "qwen2.5-7b-instruct"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_keeps_at_most_max_idle_connections_and_reuses_them(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_INFERENCE_HTTP_MAX_IDLE_CONNECTIONS": "2"})
+    assert (await gateway.post_chat(CHAT)).status == 200
+    fake.chat.mode = "hang"
+    replies = [Deferred.fromCoroutine(gateway.post_chat(CHAT)) for _ in range(5)]
+    await until(lambda: len(fake.pending) == 5)
+    assert len(fake.connections.open) == 5  # concurrency is not capped by the idle limit
+    fake.chat.mode = "normal"
+    fake.release()
+    assert [r.status for r in await gatherResults(replies)] == [200] * 5
+    await fake.connections.wait_open(2)
+    assert len(fake.connections.open) == 2
+    before = fake.connections.total
+    for _ in range(3):
+        assert (await gateway.post_chat(CHAT)).status == 200
+    assert fake.connections.total == before  # sequential requests reuse the idle connections
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_connections_close_after_keep_alive(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_INFERENCE_HTTP_KEEP_ALIVE_SECS": "0.2"})
+    assert (await gateway.post_chat(CHAT)).status == 200
+    idle_since = reactor.seconds()
+    assert len(fake.connections.open) == 1
+    await fake.connections.wait_open(0)
+    assert reactor.seconds() - idle_since >= 0.15
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_timeout_is_applied(start_gateway):
+    # A listening socket whose accept queue is full drops new SYNs: connecting hangs until our timeout.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(server.getsockname())
+        fillers.append(filler)
+    try:
+        gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": "http://127.0.0.1:%d" % server.getsockname()[1],
+                                 "INFERENCE_INFERENCE_HTTP_CONNECT_TIMEOUT_SECS": "0.3",
+                                 "INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "0"})
+        started = reactor.seconds()
+        reply = await call("GET", gateway.url + "/v1/models")
+        assert reply.status == 502 and reply.error["code"] == "upstream_unreachable"
+        assert "connect timed out" in reply.error["message"]
+        assert 0.25 <= reactor.seconds() - started < 5
+    finally:
+        for s in fillers + [server]:
+            s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_connections_are_retried_with_backoff(fake, start_gateway):
+    """The upstream comes back while the gateway backs off: the request succeeds on a retry."""
+    port_number = fake.port.getHost().port
+    await fake.stop()
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url, "INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "2"})
+    retries = []
+
+    def on_retry(event):
+        if "retry" in event.get("log_format", "") and not retries:
+            retries.append(event)
+            fake.listen(port_number)  # LM Studio is back before the next attempt
+
+    globalLogPublisher.addObserver(on_retry)
+    try:
+        reply = await gateway.post_chat(CHAT)
+    finally:
+        globalLogPublisher.removeObserver(on_retry)
+    assert reply.status == 200
+    assert retries and retries[0]["attempt"] == 1 and "connection refused" in retries[0]["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_retries_give_up_after_max_retries(fake, start_gateway):
+    url = fake.url
+    await fake.stop()
+    fake.listen()
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": url, "INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "2"})
+    attempts = []
+    observer = lambda event: attempts.append(event) if "retry" in event.get("log_format", "") else None
+    globalLogPublisher.addObserver(observer)
+    try:
+        reply = await call("GET", gateway.url + "/v1/models")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert reply.status == 502
+    assert [e["attempt"] for e in attempts] == [1, 2]
+    assert [e["delay"] for e in attempts] == [0.1, 0.2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_disconnect_aborts_the_upstream_request(fake, lmstudio):
+    assert (await lmstudio.post_chat(CHAT)).status == 200
+    fake.chat.mode = "hang"
+    arrived, closed = fake.next_arrival(), fake.next_close()
+    client = await raw_connect(lmstudio.port.getHost().port)
+    client.transport.write(raw_post("/v1/chat/completions", json.dumps(CHAT).encode()))
+    await arrived
+    started = reactor.seconds()
+    client.transport.loseConnection()
+    await closed
+    assert reactor.seconds() - started < 1
+    fake.chat.mode = "normal"
+    assert (await lmstudio.post_chat(CHAT)).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_reports_config_upstream_and_models(fake, lmstudio):
+    reply = await call("GET", lmstudio.url + "/health")
+    assert reply.status == 200
+    health = reply.json()
+    assert health["status"] == "healthy" and health["provider"] == "lmstudio"
+    assert health["base_url"] == fake.url
+    assert health["http_config"] == {"timeout_secs": 2.0, "connect_timeout_secs": 10.0,
+                                     "keep_alive_secs": 30.0, "max_idle_connections": 10}
+    assert health["upstream"] == {"reachable": True, "error": None, "models": fake.models}
+    assert (await call("GET", lmstudio.url + "/health/ready")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_is_503_when_the_upstream_is_down(fake, lmstudio):
+    port_number = fake.port.getHost().port
+    await fake.stop()
+    reply = await call("GET", lmstudio.url + "/health")
+    assert reply.status == 503
+    health = reply.json()
+    assert health["status"] == "unhealthy" and health["upstream"]["reachable"] is False
+    assert "connection refused" in health["upstream"]["error"]
+    assert set(health["http_config"]) == {"timeout_secs", "connect_timeout_secs", "keep_alive_secs",
+                                          "max_idle_connections"}
+    ready = await call("GET", lmstudio.url + "/health/ready")
+    assert ready.status == 503 and ready.json()["status"] == "not ready"
+    assert (await call("GET", lmstudio.url + "/health/live")).status == 200
+    fake.listen(port_number)
+    assert (await call("GET", lmstudio.url + "/health/ready")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_requests_share_one_model_list_fetch(fake, lmstudio):
+    replies = await DeferredList([Deferred.fromCoroutine(lmstudio.post_chat(CHAT)) for _ in range(10)])
+    assert [ok and r.status for ok, r in replies] == [200] * 10
+    assert [r.path for r in fake.received].count("/v1/models") == 1
