@@ -20,6 +20,7 @@ from .config import Config
 from .errors import (AuthenticationFailed, GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound,
                      UpstreamTimeout)
 from .providers import Provider
+from .relay import StreamRelay
 from .schema import parse_chat_request
 
 log = Logger()
@@ -56,10 +57,11 @@ class Gateway:
         self._authorize(request)
         chat = parse_chat_request(self._body(request), self.config.inference.defaults)
         chat.body["model"] = await self.catalog.resolve(chat.model)
-        if chat.stream:
-            raise GatewayError("stream: true is not supported yet; send stream: false", status=400,
-                               type="invalid_request_error", code="unsupported_parameter", param="stream")
         async with self.admission.slot():
+            if chat.stream:
+                stream = await self.provider.open_stream(chat.body)
+                await StreamRelay(request, stream, self.reactor).run()
+                return b""
             answer = await self.provider.chat(chat.body)
         return write_json(request, answer)
 

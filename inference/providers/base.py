@@ -3,15 +3,46 @@
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+
+class EventConsumer(Protocol):
+    def event(self, payload: bytes) -> None:
+        """One SSE ``data`` payload (an OpenAI chunk's JSON bytes, or ``[DONE]``)."""
+
+
+@implementer(IPushProducer)
+class ChatStream(abc.ABC):
+    """A completion arriving as events, and the push producer a client connection throttles.
+
+    ``begin`` starts delivery to a consumer and returns a Deferred that fires when the server's stream ends
+    (or fails; cancelling it stops the stream). ``pauseProducing``/``resumeProducing`` hold the server back
+    while the client is slow, and ``stopProducing`` abandons the stream.
+    """
+
+    @abc.abstractmethod
+    def begin(self, consumer: EventConsumer) -> "Deferred[None]":
+        """Deliver events to ``consumer`` until the stream ends."""
+
+    @abc.abstractmethod
+    def pauseProducing(self) -> None: ...
+
+    @abc.abstractmethod
+    def resumeProducing(self) -> None: ...
+
+    @abc.abstractmethod
+    def stopProducing(self) -> None: ...
 
 
 class Provider(abc.ABC):
     """A model server: lists models and answers chat completions.
 
     Bodies are OpenAI-shaped dicts in and out; a provider absorbs its server's quirks so that nothing above
-    it needs to know which server answered. Streaming joins this interface as ``open_stream`` (issue 3) and
-    shares ``prepare``, so a body is shaped the same way whether it is streamed or not.
+    it needs to know which server answered. ``prepare`` shapes a body the same way for both kinds of call.
     """
 
     name: str = "provider"
@@ -24,6 +55,10 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """One non-streaming chat completion; raise a :class:`~inference.errors.GatewayError` on failure."""
+
+    @abc.abstractmethod
+    async def open_stream(self, body: dict[str, Any]) -> "ChatStream":
+        """Start a streaming completion; return once the server accepted it (errors before that are raised)."""
 
     def prepare(self, body: dict[str, Any]) -> dict[str, Any]:
         """Shape a validated request body for this server (hook for quirks); the default sends it as is."""

@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 from ..config import InferenceConfig
 from ..errors import UpstreamError, from_upstream
-from .base import Provider
-from .upstream import Answer, UpstreamClient
+from .base import ChatStream, Provider
+from .upstream import Answer, UpstreamClient, UpstreamEventStream
 
 
 class OpenAICompatibleProvider(Provider):
@@ -17,6 +17,8 @@ class OpenAICompatibleProvider(Provider):
     def __init__(self, reactor: Any, config: InferenceConfig, headers: Optional[dict[str, str]] = None) -> None:
         self.client = UpstreamClient(reactor, config.base_url, config.http, headers)
         self.base_url = self.client.base_url
+        self._reactor = reactor
+        self._idle_timeout = config.http.timeout_secs
 
     async def list_models(self, timeout: Optional[float] = None) -> list[dict[str, Any]]:
         answer = await self.client.request("GET", "/v1/models", timeout=timeout)
@@ -33,6 +35,18 @@ class OpenAICompatibleProvider(Provider):
         if not isinstance(data.get("choices"), list):
             raise UpstreamError("upstream answer has no 'choices'")
         return data
+
+    async def open_stream(self, body: dict[str, Any]) -> ChatStream:
+        body = self.prepare(body)
+        # Usage is asked for always: the client's last chunk then carries it, and metrics count real tokens.
+        options = body.get("stream_options")
+        payload = {**body, "stream": True,
+                   "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
+        response = await self.client.open("POST", "/v1/chat/completions", json.dumps(payload).encode())
+        if isinstance(response, Answer):  # an error, or JSON where a stream was due (LM Studio's error in a 200)
+            _json_answer(response)
+            raise UpstreamError("upstream answered a streaming request with JSON instead of an event stream")
+        return UpstreamEventStream(response, self._reactor, self._idle_timeout)
 
     async def close(self) -> None:
         await self.client.close()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from typing import Any, Optional
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 
 from ..config import MockConfig
-from .base import Provider
+from ..sse import DONE
+from .base import ChatStream, EventConsumer, Provider
 
 
 def words_of(content: Any) -> list[str]:
@@ -50,7 +53,6 @@ class MockProvider(Provider):
         delay = self._config.latency_secs + self._config.token_delay_secs * len(words)
         if delay:
             await deferLater(self._reactor, delay, lambda: None)
-        prompt_tokens = sum(len(words_of(m.get("content"))) for m in body["messages"])
         return {
             "id": f"chatcmpl-mock-{next(self._ids)}",
             "object": "chat.completion",
@@ -58,6 +60,71 @@ class MockProvider(Provider):
             "model": body["model"],
             "choices": [{"index": 0, "finish_reason": finish_reason,
                          "message": {"role": "assistant", "content": " ".join(words)}}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
-                      "total_tokens": prompt_tokens + len(words)},
+            "usage": _usage(body, words),
         }
+
+    async def open_stream(self, body: dict[str, Any]) -> ChatStream:
+        words, finish_reason = reply_words(body)
+        head = {"id": f"chatcmpl-mock-{next(self._ids)}", "object": "chat.completion.chunk",
+                "created": int(self._reactor.seconds()), "model": body["model"]}
+
+        def chunk(delta: dict[str, Any], finish: Optional[str] = None) -> bytes:
+            return json.dumps({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}).encode()
+
+        events = [chunk({"role": "assistant", "content": ""})]
+        events += [chunk({"content": word if i == 0 else " " + word}) for i, word in enumerate(words)]
+        events += [chunk({}, finish_reason), json.dumps({**head, "choices": [], "usage": _usage(body, words)}).encode(),
+                   DONE]
+        return MockEventStream(self._reactor, events, self._config.latency_secs, self._config.token_delay_secs)
+
+
+def _usage(body: dict[str, Any], words: list[str]) -> dict[str, int]:
+    prompt_tokens = sum(len(words_of(m.get("content"))) for m in body["messages"])
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+            "total_tokens": prompt_tokens + len(words)}
+
+
+class MockEventStream(ChatStream):
+    """Plays prepared events: the first after ``latency``, each content word ``token_delay`` after the last."""
+
+    def __init__(self, reactor: Any, events: list[bytes], latency: float, token_delay: float) -> None:
+        self._reactor = reactor
+        self._events = events
+        self._next = 0
+        self._latency = latency
+        self._token_delay = token_delay
+        self._paused = False
+        self._timer: Any = None
+        self._consumer: Optional[EventConsumer] = None
+        self.done: Deferred[None] = Deferred(lambda _: self.stopProducing())
+
+    def begin(self, consumer: EventConsumer) -> "Deferred[None]":
+        self._consumer = consumer
+        self._timer = self._reactor.callLater(self._latency, self._play)
+        return self.done
+
+    def _play(self) -> None:
+        self._timer = None
+        while not self._paused and not self.done.called and self._next < len(self._events):
+            self._consumer.event(self._events[self._next])
+            self._next += 1
+            if self._token_delay and 1 < self._next < len(self._events) - 2:  # between content words
+                self._timer = self._reactor.callLater(self._token_delay, self._play)
+                return
+        if self._next == len(self._events) and not self.done.called:
+            self.done.callback(None)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._timer is None and not self.done.called:
+            self._timer = self._reactor.callLater(0, self._play)
+
+    def stopProducing(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if not self.done.called:
+            self.done.errback(CancelledError())

@@ -8,7 +8,7 @@ timer covers the whole exchange: connect, retries, headers and body.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 from treq.client import HTTPClient
 from twisted.internet import error as neterror
@@ -25,6 +25,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from ..config import HttpConfig
+from ..sse import SSEParser
+from .base import ChatStream, EventConsumer
 from ..errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 
 log = Logger()
@@ -70,6 +72,7 @@ class UpstreamClient:
         self.agent = Agent(reactor, connectTimeout=http.connect_timeout_secs, pool=self.pool)
         self._treq = HTTPClient(self.agent)
         self._headers = {"Accept": "application/json", **(headers or {})}
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
 
     def request(self, method: str, path: str, body: Optional[bytes] = None,
                 timeout: Optional[float] = None) -> "Deferred[Answer]":
@@ -78,21 +81,46 @@ class UpstreamClient:
         Fails with :class:`UpstreamUnreachable`, :class:`UpstreamTimeout` or :class:`UpstreamError`;
         cancelling the returned Deferred (the client went away) aborts the upstream connection.
         """
-        exchange = _Exchange()
-        inner = Deferred.fromCoroutine(self._exchange(exchange, method, self.base_url + path, body))
+        async def exchange(state: _Exchange) -> Answer:
+            response = await self._send(state, method, path, body)
+            return Answer(response.code, response.headers, await read_body(response))
+
+        return self._within(timeout, exchange)
+
+    def open(self, method: str, path: str, body: Optional[bytes] = None,
+             timeout: Optional[float] = None) -> "Deferred[Union[IResponse, Answer]]":
+        """Send one request expecting an event stream; return once its headers arrived, body unread.
+
+        The deadline covers connecting and the headers; the stream's reader sets its own. Anything that is
+        not a stream (an error status, or JSON, as LM Studio sends for some failures) is read whole within
+        the deadline and returned as an :class:`Answer`.
+        """
+        async def exchange(state: _Exchange) -> Union[IResponse, Answer]:
+            response = await self._send(state, method, path, body)
+            content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+            if response.code >= 300 or b"json" in content_type:
+                return Answer(response.code, response.headers, await read_body(response))
+            return response
+
+        return self._within(timeout, exchange)
+
+    def _within(self, timeout: Optional[float], exchange: Callable[["_Exchange"], Any]) -> Deferred:
+        """Run ``exchange`` under one deadline; cancelling the result aborts it without a retry."""
+        state = _Exchange()
+        inner = Deferred.fromCoroutine(exchange(state))
         deadline = timeout if timeout is not None else self._http.timeout_secs
 
         def expire() -> None:
-            exchange.stopped = "timeout"
+            state.stopped = "timeout"
             inner.cancel()
 
         timer = self._reactor.callLater(deadline, expire)
 
         def cancel(_: Deferred) -> None:
-            exchange.stopped = "cancelled"
+            state.stopped = "cancelled"
             inner.cancel()
 
-        outer: Deferred[Answer] = Deferred(cancel)
+        outer: Deferred[Any] = Deferred(cancel)
 
         def settle(result: Any) -> None:
             if timer.active():
@@ -100,25 +128,23 @@ class UpstreamClient:
             if outer.called:
                 return
             if isinstance(result, Failure):
-                outer.errback(_translate(result, exchange.stopped, deadline, self.base_url))
+                outer.errback(_translate(result, state.stopped, deadline, self.base_url))
             else:
                 outer.callback(result)
 
         inner.addBoth(settle)
         return outer
 
-    async def _exchange(self, exchange: "_Exchange", method: str, url: str, body: Optional[bytes]) -> Answer:
-        headers = dict(self._headers)
-        if body is not None:
-            headers["Content-Type"] = "application/json"
+    async def _send(self, state: "_Exchange", method: str, path: str, body: Optional[bytes]) -> IResponse:
+        url = self.base_url + path
+        headers = self._json_headers if body is not None else self._headers
         attempt = 0
         while True:
             try:
-                response = await self._treq.request(method, url, data=body, headers=headers,
-                                                    allow_redirects=False, unbuffered=True)
-                break
+                return await self._treq.request(method, url, data=body, headers=headers,
+                                                allow_redirects=False, unbuffered=True)
             except _NOT_SENT as e:
-                if exchange.stopped or attempt >= self._http.max_retries:
+                if state.stopped or attempt >= self._http.max_retries:
                     raise
                 delay = min(0.1 * 2 ** attempt, 2.0)
                 attempt += 1
@@ -126,7 +152,6 @@ class UpstreamClient:
                          "{retries} in {delay:.1f}s", url=url, error=_describe(e), attempt=attempt,
                          retries=self._http.max_retries, delay=delay)
                 await deferLater(self._reactor, delay, lambda: None)
-        return Answer(response.code, response.headers, await read_body(response))
 
     def close(self) -> "Deferred[None]":
         """Close idle pooled connections (on shutdown, so no keep-alive socket outlives the service)."""
@@ -205,3 +230,103 @@ def _describe(error: BaseException) -> str:
         return "connection refused"
     text = str(error).strip().rstrip(".")
     return text or type(error).__name__
+
+
+class UpstreamEventStream(Protocol, ChatStream):
+    """Reads an upstream SSE body as it arrives and hands each event on, with flow control and an idle limit.
+
+    ``idle_timeout`` is how long the upstream may stay silent while we are not holding it back; a stream may
+    run longer than that in total, since a long generation is not a stalled one.
+    """
+
+    def __init__(self, response: IResponse, reactor: Any, idle_timeout: float) -> None:
+        self._response = response
+        self._reactor = reactor
+        self._idle_timeout = idle_timeout
+        self._parser = SSEParser()
+        self._timer: Any = None
+        self._paused = False
+        self._failure: Optional[GatewayError] = None
+        self._consumer: Optional[EventConsumer] = None
+        self.done: Deferred[None] = Deferred(lambda _: self.stopProducing())
+
+    def begin(self, consumer: EventConsumer) -> "Deferred[None]":
+        self._consumer = consumer
+        self._arm()
+        self._response.deliverBody(self)
+        return self.done
+
+    def fail(self, error: GatewayError) -> None:
+        """End the stream with ``error`` (the relay found the events unusable): the upstream is aborted."""
+        if self._failure is None:
+            self._failure = error
+        self.stopProducing()
+
+    # -- IPushProducer, driven by the client connection ---------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._arm()
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._disarm()
+        if self.transport is not None:
+            self.transport.stopProducing()
+        elif not self.done.called:  # not connected to the body yet: nothing to abort, just end
+            self.done.errback(CancelledError())
+
+    # -- body protocol -------------------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._failure is not None:
+            return
+        if not self._paused:
+            self._arm()
+        try:
+            events = self._parser.feed(data)
+        except ValueError as e:
+            self.fail(UpstreamError(f"upstream stream is malformed: {e}"))
+            return
+        for payload in events:
+            if self._failure is not None:
+                break
+            self._consumer.event(payload)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._disarm()
+        if self.done.called:
+            return
+        if self._failure is not None:
+            self.done.errback(self._failure)
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            for payload in self._parser.close():
+                self._consumer.event(payload)
+            if self._failure is not None:
+                self.done.errback(self._failure)
+            else:
+                self.done.callback(None)
+        else:
+            self.done.errback(UpstreamError(f"upstream connection was lost mid-stream ({_describe(reason.value)})"))
+
+    def _arm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle_timeout)
+        else:
+            self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _idle(self) -> None:
+        self._timer = None
+        self.fail(UpstreamTimeout(f"upstream sent nothing for {self._idle_timeout:g}s mid-stream"))

@@ -1,0 +1,126 @@
+"""Relay one completion stream to one client as SSE, with flow control, cancellation and clean failure.
+
+The stream is registered on the request as its push producer: when the client's socket backs up, Twisted
+pauses it and the upstream read stops, so a stream holds at most about one socket buffer (64 KiB) of unsent
+events plus one upstream read (up to 64 KiB) and one partial event. A client that disconnects cancels the
+handler (Klein), which stops the stream and so aborts the upstream request.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from twisted.internet.defer import CancelledError
+from twisted.web.iweb import IRequest
+
+from .errors import GatewayError, UpstreamError, from_upstream
+from .providers.base import ChatStream
+from .sse import DONE, DONE_EVENT, encode, error_event
+
+
+@dataclass
+class StreamStats:
+    """What one stream measured, for logs and metrics."""
+
+    started: float
+    first_token_at: Optional[float] = None
+    content_chunks: int = 0
+    usage: Optional[dict[str, Any]] = None
+    finish_reasons: tuple[str, ...] = ()
+    error: Optional[GatewayError] = None
+    client_gone: bool = False
+
+    @property
+    def completion_tokens(self) -> int:
+        """The upstream's count when it sent usage, else one per content chunk (llama.cpp style servers)."""
+        if self.usage and isinstance(self.usage.get("completion_tokens"), int):
+            return self.usage["completion_tokens"]
+        return self.content_chunks
+
+
+class StreamRelay:
+    """Writes ``stream``'s events to ``request`` until the stream ends, fails, or the client leaves."""
+
+    def __init__(self, request: IRequest, stream: ChatStream, clock: Any) -> None:
+        self._request = request
+        self._stream = stream
+        self._clock = clock
+        self._upstream_done = False
+        self.stats = StreamStats(started=clock.seconds())
+
+    async def run(self) -> StreamStats:
+        """Relay the whole stream; never raises once the 200 is out, except to report the client gone."""
+        request = self._request
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        request.registerProducer(self._stream, True)
+        try:
+            await self._stream.begin(self)
+            if not (self._upstream_done or self.stats.finish_reasons):
+                raise UpstreamError("upstream ended the stream without finishing it (for LM Studio and "
+                                    "llama.cpp this often means the prompt does not fit the context)")
+        except CancelledError:
+            if self.stats.error is None:  # Klein cancelled us: the client went away
+                self.stats.client_gone = True
+                raise
+        except GatewayError as e:
+            self.stats.error = self.stats.error or e
+        except Exception as e:  # a transport error the stream did not translate
+            self.stats.error = self.stats.error or UpstreamError(f"upstream stream failed: {e}")
+        finally:
+            if request.channel is not None and request.producer is not None:
+                request.unregisterProducer()
+        if request.channel is None:
+            self.stats.client_gone = True
+            return self.stats
+        if self.stats.error is not None:
+            request.write(error_event(self.stats.error))
+        request.write(DONE_EVENT)
+        return self.stats
+
+    def event(self, payload: bytes) -> None:
+        """One upstream event: looked at for what metrics need, then relayed as the very same bytes."""
+        if self._upstream_done or self.stats.error is not None:
+            return
+        if payload == DONE:
+            self._upstream_done = True
+            return
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            return self._fail(UpstreamError("upstream sent an event that is not JSON"))
+        if not isinstance(chunk, dict):
+            return self._fail(UpstreamError("upstream sent an event that is not a JSON object"))
+        if chunk.get("error") is not None:
+            return self._fail(from_upstream(500, payload))
+        self._observe(chunk)
+        if self._request.channel is not None:
+            self._request.write(encode(payload))
+
+    def _observe(self, chunk: dict[str, Any]) -> None:
+        stats = self.stats
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta") or {}
+            if delta.get("content") or delta.get("reasoning") or delta.get("reasoning_content") \
+                    or delta.get("tool_calls"):
+                if stats.first_token_at is None:
+                    stats.first_token_at = self._clock.seconds()
+                stats.content_chunks += 1
+            if choice.get("finish_reason"):
+                stats.finish_reasons += (choice["finish_reason"],)
+        if isinstance(chunk.get("usage"), dict):
+            stats.usage = chunk["usage"]
+
+    def _fail(self, error: GatewayError) -> None:
+        self.stats.error = error
+        fail = getattr(self._stream, "fail", None)
+        if fail is not None:
+            fail(error)
+        else:
+            self._stream.stopProducing()
