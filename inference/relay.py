@@ -119,8 +119,4 @@ class StreamRelay:
 
     def _fail(self, error: GatewayError) -> None:
         self.stats.error = error
-        fail = getattr(self._stream, "fail", None)
-        if fail is not None:
-            fail(error)
-        else:
-            self._stream.stopProducing()
+        self._stream.fail(error)

@@ -68,11 +68,26 @@ class RawClient(Protocol):
     """A bare TCP client, for what HTTP libraries hide: half-sent requests, hang-ups, exact bytes."""
 
     def __init__(self) -> None:
-        self.data = b""
+        self.data = bytearray()
         self.lost: Deferred[None] = Deferred()
+        self._waiting: list[tuple[bytes, Deferred[None]]] = []
 
     def dataReceived(self, data: bytes) -> None:
+        start = len(self.data)
         self.data += data
+        for marker, d in list(self._waiting):
+            if marker in self.data[max(0, start - len(marker)):]:  # only the new bytes: streams are long
+                self._waiting.remove((marker, d))
+                d.callback(None)
+
+    def received(self, marker: bytes) -> "Deferred[None]":
+        """Fires once ``marker`` is among the bytes received."""
+        d: Deferred[None] = Deferred()
+        if marker in self.data:
+            d.callback(None)
+        else:
+            self._waiting.append((marker, d))
+        return d
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost.callback(None)
@@ -86,6 +101,14 @@ async def raw_connect(port: int) -> RawClient:
 def raw_post(path: str, body: bytes) -> bytes:
     return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+
+
+def sse_payloads(body: bytes) -> list[bytes]:
+    """The ``data`` payloads of an SSE body, checking the framing on the way."""
+    assert body.endswith(b"\n\n"), body[-200:]
+    events = body[:-2].split(b"\n\n")
+    assert all(e.startswith(b"data: ") and b"\n" not in e for e in events), events
+    return [e[len(b"data: "):] for e in events]
 
 
 @dataclass

@@ -21,12 +21,17 @@ class ChatStream(abc.ABC):
 
     ``begin`` starts delivery to a consumer and returns a Deferred that fires when the server's stream ends
     (or fails; cancelling it stops the stream). ``pauseProducing``/``resumeProducing`` hold the server back
-    while the client is slow, and ``stopProducing`` abandons the stream.
+    while the client is slow, ``stopProducing`` abandons the stream (the client left) and ``fail`` ends it
+    with an error (the relay found the events unusable).
     """
 
     @abc.abstractmethod
     def begin(self, consumer: EventConsumer) -> "Deferred[None]":
         """Deliver events to ``consumer`` until the stream ends."""
+
+    @abc.abstractmethod
+    def fail(self, error: Exception) -> None:
+        """Stop the stream and make ``begin``'s Deferred fail with ``error``."""
 
     @abc.abstractmethod
     def pauseProducing(self) -> None: ...

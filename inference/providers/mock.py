@@ -7,10 +7,11 @@ import json
 import time
 from typing import Any, Optional
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from ..config import MockConfig
+from ..errors import GatewayError
 from ..sse import DONE
 from .base import ChatStream, EventConsumer, Provider
 
@@ -123,8 +124,13 @@ class MockEventStream(ChatStream):
             self._timer = self._reactor.callLater(0, self._play)
 
     def stopProducing(self) -> None:
+        # The client is gone: stop playing. ``done`` is left to the canceller (Klein cancels the handler).
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._next = len(self._events)
+
+    def fail(self, error: GatewayError) -> None:
+        self.stopProducing()
         if not self.done.called:
-            self.done.errback(CancelledError())
+            self.done.errback(error)

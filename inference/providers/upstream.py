@@ -246,7 +246,7 @@ class UpstreamEventStream(Protocol, ChatStream):
         self._parser = SSEParser()
         self._timer: Any = None
         self._paused = False
-        self._failure: Optional[GatewayError] = None
+        self._failure: Optional[Exception] = None
         self._consumer: Optional[EventConsumer] = None
         self.done: Deferred[None] = Deferred(lambda _: self.stopProducing())
 
@@ -256,11 +256,13 @@ class UpstreamEventStream(Protocol, ChatStream):
         self._response.deliverBody(self)
         return self.done
 
-    def fail(self, error: GatewayError) -> None:
-        """End the stream with ``error`` (the relay found the events unusable): the upstream is aborted."""
+    def fail(self, error: Exception) -> None:
+        """End the stream with ``error``: the upstream connection is closed, then ``done`` fails with it."""
         if self._failure is None:
             self._failure = error
         self.stopProducing()
+        if self.transport is None and not self.done.called:
+            self.done.errback(error)
 
     # -- IPushProducer, driven by the client connection ---------------------------------------------------------
 
@@ -280,8 +282,6 @@ class UpstreamEventStream(Protocol, ChatStream):
         self._disarm()
         if self.transport is not None:
             self.transport.stopProducing()
-        elif not self.done.called:  # not connected to the body yet: nothing to abort, just end
-            self.done.errback(CancelledError())
 
     # -- body protocol -------------------------------------------------------------------------------------------
 

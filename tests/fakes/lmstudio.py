@@ -13,7 +13,9 @@ from typing import Any, Optional
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IPushProducer
 from twisted.protocols.policies import WrappingFactory
+from zope.interface import implementer
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -33,13 +35,21 @@ class Behaviour:
 
     normal, error_string, error_object, error_in_200, invalid_json, not_json_object, hang (never answers),
     stall_body (headers and half a body, then nothing), drop (closes the connection without answering).
+
+    ``stream`` shapes a 200 stream (``stream: true`` with mode normal): normal, no_usage (ignores
+    include_usage), no_done (ends without ``[DONE]``), empty (no events at all), die (two words, then the
+    connection is cut), stall (two words, then silence), garbage (two words, then a broken event),
+    error_event (two words, then an ``error`` event), flood (large events for ``flood_bytes``, obeying flow
+    control), comments (SSE comments and CRLF line ends between events).
     """
 
     mode: str = "normal"
+    stream: str = "normal"
     status: int = 500
     message: str = "something went wrong"
     code: Optional[str] = None
     extra_message_fields: dict[str, Any] = field(default_factory=dict)
+    flood_bytes: int = 0
 
 
 class FakeLMStudio(Resource):
@@ -96,6 +106,8 @@ class FakeLMStudio(Resource):
                                 {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "organization_owner"}
                                                             for m in self.models]})
         if got.path == "/v1/chat/completions" and got.method == "POST":
+            if self.chat.mode == "normal" and isinstance(body, dict) and body.get("stream"):
+                return self._stream(request, body)
             return self._answer(request, self.chat, self._completion(body))
         return self._json(request, 404, {"error": f"Unexpected endpoint or method. ({got.method} {got.path})"})
 
@@ -138,6 +150,50 @@ class FakeLMStudio(Resource):
                 request.write(b'{"id": "chatcmpl-stall", "choices": [')
             return NOT_DONE_YET
         raise AssertionError(f"unknown mode {mode}")
+
+    def _stream(self, request: http.Request, body: dict[str, Any]) -> Any:
+        mode = self.chat.stream
+        request.setHeader(b"content-type", b"text/event-stream")
+        head = {"id": "chatcmpl-fakestream", "object": "chat.completion.chunk", "created": 1700000000,
+                "model": body["model"]}
+
+        def event(choices: list[Any], **extra: Any) -> bytes:
+            return b"data: " + json.dumps({**head, "choices": choices, **extra}).encode() + b"\n\n"
+
+        def delta(content: str, **more: Any) -> bytes:
+            return event([{"index": 0, "delta": {"content": content, **more}, "finish_reason": None}])
+
+        words = f"echo: {body['messages'][-1]['content']}".split(" ")
+        pieces = [event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
+        pieces += [delta(w if i == 0 else " " + w, reasoning="") for i, w in enumerate(words)]
+        if mode in ("die", "stall", "garbage", "error_event"):
+            request.write(b"".join(pieces[:3]))
+            if mode == "die":  # the process dies: what was sent arrives, then the connection closes
+                request.channel.transport.loseConnection()
+            elif mode == "garbage":
+                request.write(b'data: {"choices": [{"delta": {"content": "x"\n\n')
+            elif mode == "error_event":
+                request.write(b'data: {"error": {"message": "model crashed", "type": "server_error"}}\n\n')
+            self.pending.append(request)
+            request.notifyFinish().addBoth(self._held_closed, request)
+            return NOT_DONE_YET
+        if mode == "flood":
+            Flood(request, self).start(delta("x" * 4000), self.chat.flood_bytes,
+                                       event([], usage={"prompt_tokens": 1, "completion_tokens": 1,
+                                                        "total_tokens": 2}) + b"data: [DONE]\n\n")
+            return NOT_DONE_YET
+        if mode == "empty":
+            return b""
+        pieces.append(event([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+        wants_usage = (body.get("stream_options") or {}).get("include_usage")
+        if wants_usage and mode != "no_usage":
+            pieces.append(event([], usage={"prompt_tokens": 12, "completion_tokens": len(words),
+                                           "total_tokens": 12 + len(words)}))
+        if mode != "no_done":
+            pieces.append(b"data: [DONE]\n\n")
+        if mode == "comments":
+            pieces = [b": keep-alive\r\n" + p.replace(b"\n", b"\r\n") for p in pieces]
+        return b"".join(pieces)
 
     def release(self) -> None:
         """Answer every held request normally (the ones waiting in ``hang`` mode)."""
@@ -205,3 +261,52 @@ class _ConnectionTracker(WrappingFactory):
         for proto in list(self.protocols):
             proto.transport.abortConnection()
         return Deferred.fromCoroutine(self.wait_open(0))
+
+
+@implementer(IPushProducer)
+class Flood:
+    """Writes one event over and over, as fast as the gateway takes it, then ends the stream."""
+
+    def __init__(self, request: http.Request, fake: FakeLMStudio) -> None:
+        self.request = request
+        self.written = 0
+        self.paused = False
+        self.finished = False
+        self._pause_waiters: list[Deferred[None]] = []
+        fake.flood = self
+
+    def start(self, chunk: bytes, total: int, tail: bytes) -> None:
+        self._chunk, self._total, self._tail = chunk, total, tail
+        self.request.registerProducer(self, True)
+        self._pump()
+
+    def next_pause(self) -> "Deferred[None]":
+        d: Deferred[None] = Deferred()
+        if self.paused:
+            d.callback(None)
+        else:
+            self._pause_waiters.append(d)
+        return d
+
+    def _pump(self) -> None:
+        while not self.paused and not self.finished and self.written < self._total:
+            self.request.write(self._chunk)
+            self.written += len(self._chunk)
+        if self.written >= self._total and not self.finished:
+            self.finished = True
+            self.request.write(self._tail)
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        waiters, self._pause_waiters = self._pause_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        reactor.callLater(0, self._pump)
+
+    def stopProducing(self) -> None:
+        self.finished = True
