@@ -168,5 +168,5 @@ def _check_messages(messages: Any) -> None:
 
 
 def _show(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, float) or value == value else "NaN"
+    text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
