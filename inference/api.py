@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any
+from typing import Any, Optional
 
 from klein import Klein
 from twisted.logger import Logger
@@ -53,7 +53,7 @@ class Gateway:
     # -- OpenAI API ----------------------------------------------------------------------------------------------
 
     @app.route("/v1/chat/completions", methods=["POST"])
-    async def chat_completions(self, request: IRequest) -> bytes:
+    async def chat_completions(self, request: IRequest) -> Optional[bytes]:
         self._authorize(request)
         chat = parse_chat_request(self._body(request), self.config.inference.defaults)
         chat.body["model"] = await self.catalog.resolve(chat.model)
@@ -61,7 +61,7 @@ class Gateway:
             if chat.stream:
                 stream = await self.provider.open_stream(chat.body)
                 await StreamRelay(request, stream, self.reactor).run()
-                return b""
+                return None  # the relay wrote everything; Klein finishes the response
             answer = await self.provider.chat(chat.body)
         return write_json(request, answer)
 

@@ -219,6 +219,8 @@ async def test_slow_client_pauses_the_upstream_and_memory_stays_flat(fake, lmstu
     assert fake.flood.paused and fake.flood.written == written, (written, fake.flood.written)
     assert written < total / 4, written  # held back by socket buffers, not by our memory
     assert rss_kib() - rss_before < 24 * 1024
+    print(f"upstream paused after {written / 2**20:.1f} MiB of {total / 2**20:.0f} MiB offered; "
+          f"test process RSS +{(rss_kib() - rss_before) / 1024:.1f} MiB")
     client.transport.resumeProducing()  # the client reads again: everything arrives, in order
     await client.received(b"data: [DONE]")
     assert client.data.count(b'"xxxx') == total // len(fake.flood._chunk) + (total % len(fake.flood._chunk) > 0)
