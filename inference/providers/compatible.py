@@ -39,9 +39,8 @@ class OpenAICompatibleProvider(Provider):
     async def open_stream(self, body: dict[str, Any]) -> ChatStream:
         body = self.prepare(body)
         # Usage is asked for always: the client's last chunk then carries it, and metrics count real tokens.
-        options = body.get("stream_options")
-        payload = {**body, "stream": True,
-                   "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
+        payload = {**body, "stream": True,  # stream_options is a dict when present (schema checked it)
+                   "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
         response = await self.client.open("POST", "/v1/chat/completions", json.dumps(payload).encode())
         if isinstance(response, Answer):  # an error, or JSON where a stream was due (LM Studio's error in a 200)
             _json_answer(response)

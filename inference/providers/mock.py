@@ -11,7 +11,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from ..config import MockConfig
-from ..errors import GatewayError
 from ..sse import DONE
 from .base import ChatStream, EventConsumer, Provider
 
@@ -130,7 +129,7 @@ class MockEventStream(ChatStream):
         self._timer = None
         self._next = len(self._events)
 
-    def fail(self, error: GatewayError) -> None:
+    def fail(self, error: Exception) -> None:
         self.stopProducing()
         if not self.done.called:
             self.done.errback(error)

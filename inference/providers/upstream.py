@@ -25,9 +25,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from ..config import HttpConfig
+from ..errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from ..sse import SSEParser
 from .base import ChatStream, EventConsumer
-from ..errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 
 log = Logger()
 
