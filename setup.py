@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["inference", "inference.providers", "twisted.plugins"],
+    packages=["inference", "inference.providers", "inference.telemetry", "twisted.plugins"],
     install_requires=[
         "twisted[tls]>=24.7",
         "treq>=24.9",

@@ -22,30 +22,32 @@ class Admission:
     def __init__(self, limit: int, max_queue: int) -> None:
         self._semaphore = DeferredSemaphore(limit) if limit else None
         self._max_queue = max_queue
+        self._active = 0
 
     @property
     def queued(self) -> int:
+        """Requests waiting for a slot."""
         return len(self._semaphore.waiting) if self._semaphore else 0
 
     @property
     def active(self) -> int:
-        if self._semaphore is None:
-            return 0
-        return self._semaphore.limit - self._semaphore.tokens
+        """Requests holding a slot (with no limit, every request between admission and its end)."""
+        return self._active
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold one upstream slot for the ``async with`` block, or raise :class:`Overloaded`."""
         semaphore = self._semaphore
-        if semaphore is None:
-            yield
-            return
-        if semaphore.tokens == 0 and len(semaphore.waiting) >= self._max_queue:
-            raise Overloaded(f"The gateway is at capacity ({semaphore.limit} requests running, "
-                             f"{len(semaphore.waiting)} waiting). Retry shortly.",
-                             headers={"Retry-After": str(RETRY_AFTER_SECS)})
-        await semaphore.acquire()
+        if semaphore is not None:
+            if semaphore.tokens == 0 and len(semaphore.waiting) >= self._max_queue:
+                raise Overloaded(f"The gateway is at capacity ({semaphore.limit} requests running, "
+                                 f"{len(semaphore.waiting)} waiting). Retry shortly.",
+                                 headers={"Retry-After": str(RETRY_AFTER_SECS)})
+            await semaphore.acquire()
+        self._active += 1
         try:
             yield
         finally:
-            semaphore.release()
+            self._active -= 1
+            if semaphore is not None:
+                semaphore.release()

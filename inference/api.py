@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hmac
 import json
+from time import perf_counter
 from typing import Any, Optional
 
 from klein import Klein
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -22,10 +24,24 @@ from .errors import (AuthenticationFailed, GatewayError, MethodNotAllowed, Reque
 from .providers import Provider
 from .relay import StreamRelay
 from .schema import parse_chat_request
+from .telemetry import Telemetry
 
 log = Logger()
 
 JSON = b"application/json"
+
+_ROUTES = {path.encode(): path for path in
+           ("/v1/chat/completions", "/v1/models", "/health", "/health/live", "/health/ready")}
+
+
+def route_of(path: bytes) -> str:
+    """The route a path is served by, as a metric label: a fixed set, whatever clients send."""
+    route = _ROUTES.get(path)
+    if route is not None:
+        return route
+    if path.startswith(b"/v1/models/"):
+        return "/v1/models/{model}"
+    return "other"
 
 
 def write_json(request: IRequest, payload: Any, status: int = 200) -> bytes:
@@ -40,15 +56,22 @@ class Gateway:
 
     app = Klein()
 
-    def __init__(self, config: Config, provider: Provider, reactor: Any) -> None:
+    def __init__(self, config: Config, provider: Provider, reactor: Any, telemetry: Telemetry) -> None:
         self.config = config
         self.provider = provider
         self.reactor = reactor
+        self.telemetry = telemetry
         inference = config.inference
         self.catalog = ModelCatalog(provider, reactor, inference.models_cache_secs, inference.allowed_models,
                                     inference.default_model)
         self.admission = Admission(inference.max_concurrent_requests, inference.max_queue)
+        telemetry.metrics.track_load(lambda: self.admission.active, lambda: self.admission.queued)
         self._api_keys = [key.encode("utf-8") for key in config.server.api_keys]
+
+    async def close(self) -> None:
+        """Release upstream connections and flush telemetry (at shutdown)."""
+        await self.provider.close()
+        await self.telemetry.close()
 
     # -- OpenAI API ----------------------------------------------------------------------------------------------
 
@@ -57,12 +80,29 @@ class Gateway:
         self._authorize(request)
         chat = parse_chat_request(self._body(request), self.config.inference.defaults)
         chat.body["model"] = await self.catalog.resolve(chat.model)
+        arrived = perf_counter()
         async with self.admission.slot():
-            if chat.stream:
-                stream = await self.provider.open_stream(chat.body)
-                await StreamRelay(request, stream, self.reactor).run()
-                return None  # the relay wrote everything; Klein finishes the response
-            answer = await self.provider.chat(chat.body)
+            call = self.telemetry.chat_call(request, chat.body, chat.stream, queued=perf_counter() - arrived)
+            try:
+                if chat.stream:
+                    stream = await self.provider.open_stream(chat.body, call.headers)
+                    relay = StreamRelay(request, stream, call.capture_content)
+                    try:
+                        await relay.run()
+                    finally:
+                        call.streamed(relay.stats)
+                    return None  # the relay wrote everything; Klein finishes the response
+                answer = await self.provider.chat(chat.body, call.headers)
+            except CancelledError:  # the client went away (Klein cancelled the handler)
+                call.abandoned()
+                raise
+            except GatewayError as e:
+                call.failed(e)
+                raise
+            except Exception:
+                call.failed(GatewayError("internal gateway error"))
+                raise
+        call.answered(answer)
         return write_json(request, answer)
 
     @app.route("/v1/models", methods=["GET"])
@@ -79,7 +119,7 @@ class Gateway:
 
     @app.route("/health", methods=["GET"])
     async def health(self, request: IRequest) -> bytes:
-        upstream = await self._probe_upstream()
+        upstream = await self.probe_upstream()
         http = self.config.inference.http
         payload = {
             "status": "healthy" if upstream["reachable"] else "unhealthy",
@@ -93,6 +133,7 @@ class Gateway:
                 "max_idle_connections": http.max_idle_connections,
             },
             "upstream": upstream,
+            "observability": self.telemetry.describe(),
         }
         return write_json(request, payload, 200 if upstream["reachable"] else 503)
 
@@ -102,20 +143,26 @@ class Gateway:
 
     @app.route("/health/ready", methods=["GET"])
     async def ready(self, request: IRequest) -> bytes:
-        upstream = await self._probe_upstream()
+        upstream = await self.probe_upstream()
         if upstream["reachable"]:
             return write_json(request, {"status": "ready"})
         return write_json(request, {"status": "not ready", "error": upstream["error"]}, 503)
 
-    async def _probe_upstream(self) -> dict[str, Any]:
-        """Ask the upstream for its models, waiting no longer than a connect would (a probe must be quick)."""
+    async def probe_upstream(self) -> dict[str, Any]:
+        """Ask the upstream for its models, waiting no longer than a connect would (a probe must be quick).
+
+        The answer also sets ``inference_upstream_up``.
+        """
         timeout = self.config.inference.http.connect_timeout_secs
         try:
             models = await self.provider.list_models(timeout=timeout)
         except UpstreamTimeout:
+            self.telemetry.set_upstream_up(False)
             return {"reachable": False, "error": f"upstream did not answer within {timeout:g}s", "models": []}
         except GatewayError as e:
+            self.telemetry.set_upstream_up(False)
             return {"reachable": False, "error": e.message, "models": []}
+        self.telemetry.set_upstream_up(True)
         return {"reachable": True, "error": None, "models": [m["id"] for m in models]}
 
     # -- errors --------------------------------------------------------------------------------------------------
@@ -123,6 +170,7 @@ class Gateway:
     @app.handle_errors(GatewayError)
     def gateway_error(self, request: IRequest, failure: Failure) -> bytes:
         error: GatewayError = failure.value
+        request.error_code = error.code
         for name, value in error.headers.items():
             request.setHeader(name, value)
         return write_json(request, error.body(), error.status)

@@ -128,7 +128,7 @@ class TracingConfig:
     enabled: bool = _opt(None, True)
     exporter: str = _opt(_one_of("otlp", "console", "none"), "otlp")
     endpoint: Optional[str] = _opt(None, None)
-    protocol: str = _opt(_one_of("grpc", "http/protobuf"), "grpc")
+    protocol: Optional[str] = _opt(_one_of("grpc", "http/protobuf"), None)  # None: OTEL_* variables, else grpc
     sample_ratio: float = _opt(_range(0, 1), 1.0)
     capture_content: bool = _opt(None, False)
 
@@ -325,7 +325,7 @@ def _value(kind: Any, check: Optional[Check], raw: Any, keys: tuple[str, ...], s
         return ConfigError(f"{dotted} = {shown} {origin}".rstrip() + f": expected {allowed}")
 
     value = _coerce(kind, raw, fail)
-    if check is not None:
+    if check is not None and value is not None:
         problem = check(value)
         if problem is not None:
             raise fail(problem)

@@ -16,10 +16,12 @@ class GatewayError(Exception):
     status = 500
     type = "api_error"
     code: Optional[str] = "internal_error"
+    kind: Optional[str] = None
+    """How the upstream failed, for ``inference_upstream_errors_total``; None when the upstream is not to blame."""
 
     def __init__(self, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
                  status: Optional[int] = None, type: Optional[str] = None,
-                 headers: Optional[dict[str, str]] = None) -> None:
+                 headers: Optional[dict[str, str]] = None, kind: Optional[str] = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -29,6 +31,8 @@ class GatewayError(Exception):
             self.status = status
         if type is not None:
             self.type = type
+        if kind is not None:
+            self.kind = kind
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
@@ -79,34 +83,38 @@ class UpstreamClientError(GatewayError):
 
     type = "invalid_request_error"
     code = None
+    kind = "rejected"
 
 
 class UpstreamError(GatewayError):
     """The upstream failed (5xx) or answered something that is not a valid response."""
 
     status, type, code = 500, "api_error", "upstream_error"
+    kind = "bad_response"
 
 
 class UpstreamUnreachable(GatewayError):
     status, type, code = 502, "api_error", "upstream_unreachable"
+    kind = "unreachable"
 
 
 class UpstreamTimeout(GatewayError):
     status, type, code = 504, "timeout_error", "upstream_timeout"
+    kind = "timeout"
 
 
 def from_upstream(status: int, body: bytes) -> GatewayError:
     """Normalise an upstream error answer, whose ``error`` may be a string or an object (LM Studio sends both)."""
-    message, kind, code, param = _parse_error_body(body)
+    message, error_type, code, param = _parse_error_body(body)
     if message is None:
         text = body.decode("utf-8", "replace").strip()[:500]
         message = text or f"upstream answered HTTP {status}"
     if 400 <= status < 500:
         if code is None and status == 404 and "model" in message.lower():
             code = "model_not_found"
-        return UpstreamClientError(message, status=status, type=kind or "invalid_request_error",
+        return UpstreamClientError(message, status=status, type=error_type or "invalid_request_error",
                                    code=code, param=param)
-    return UpstreamError(f"upstream error (HTTP {status}): {message}")
+    return UpstreamError(f"upstream error (HTTP {status}): {message}", kind="server_error")
 
 
 def _parse_error_body(body: bytes) -> tuple[Optional[str], Optional[str], Optional[str], Optional[str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, Optional
 
 from twisted.internet.defer import CancelledError
@@ -22,13 +23,15 @@ from .sse import DONE, DONE_EVENT, encode, error_event
 
 @dataclass
 class StreamStats:
-    """What one stream measured, for logs and metrics."""
+    """What one stream measured, for logs, metrics and spans (times are ``perf_counter`` readings)."""
 
-    started: float
     first_token_at: Optional[float] = None
     content_chunks: int = 0
     usage: Optional[dict[str, Any]] = None
     finish_reasons: tuple[str, ...] = ()
+    response_id: Optional[str] = None
+    response_model: Optional[str] = None
+    text: Optional[list[str]] = None  # the generated text, kept only when the operator captures content
     error: Optional[GatewayError] = None
     client_gone: bool = False
 
@@ -43,12 +46,11 @@ class StreamStats:
 class StreamRelay:
     """Writes ``stream``'s events to ``request`` until the stream ends, fails, or the client leaves."""
 
-    def __init__(self, request: IRequest, stream: ChatStream, clock: Any) -> None:
+    def __init__(self, request: IRequest, stream: ChatStream, capture_content: bool = False) -> None:
         self._request = request
         self._stream = stream
-        self._clock = clock
         self._upstream_done = False
-        self.stats = StreamStats(started=clock.seconds())
+        self.stats = StreamStats(text=[] if capture_content else None)
 
     async def run(self) -> StreamStats:
         """Relay the whole stream; never raises once the 200 is out, except to report the client gone."""
@@ -62,7 +64,8 @@ class StreamRelay:
             await self._stream.begin(self)
             if not (self._upstream_done or self.stats.finish_reasons):
                 raise UpstreamError("upstream ended the stream without finishing it (for LM Studio and "
-                                    "llama.cpp this often means the prompt does not fit the context)")
+                                    "llama.cpp this often means the prompt does not fit the context)",
+                                    kind="interrupted")
         except CancelledError:
             if self.stats.error is None:  # Klein cancelled us: the client went away
                 self.stats.client_gone = True
@@ -103,6 +106,8 @@ class StreamRelay:
 
     def _observe(self, chunk: dict[str, Any]) -> None:
         stats = self.stats
+        if stats.response_id is None:
+            stats.response_id, stats.response_model = chunk.get("id"), chunk.get("model")
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
@@ -110,8 +115,10 @@ class StreamRelay:
             if delta.get("content") or delta.get("reasoning") or delta.get("reasoning_content") \
                     or delta.get("tool_calls"):
                 if stats.first_token_at is None:
-                    stats.first_token_at = self._clock.seconds()
+                    stats.first_token_at = perf_counter()
                 stats.content_chunks += 1
+                if stats.text is not None and isinstance(delta.get("content"), str):
+                    stats.text.append(delta["content"])
             if choice.get("finish_reason"):
                 stats.finish_reasons += (choice["finish_reason"],)
         if isinstance(chunk.get("usage"), dict):

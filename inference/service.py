@@ -2,31 +2,52 @@
 
 from __future__ import annotations
 
+import os
 from io import BytesIO
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from twisted.application import service, strports
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from . import __version__
-from .api import Gateway
+from .api import Gateway, route_of, write_json
 from .config import Config, ServerConfig
+from .errors import MethodNotAllowed
 from .providers import make_provider
+from .telemetry import Metrics, RequestState, Telemetry
 
 log = Logger()
 
 
-class GatewayRequest(Request):
-    """A request whose body is kept in memory and stops growing at ``max_body_bytes``.
+class GatewayRequest(RequestState, Request):
+    """A request whose body is kept in memory and stops growing at ``max_body_bytes``, and that is measured.
 
     twisted.web spools bodies over 100 kB to a temporary file (blocking disk I/O on the reactor) and has no
-    size limit; here an oversized body is dropped as it arrives and the handler answers 413.
+    size limit; here an oversized body is dropped as it arrives and the handler answers 413. Every request is
+    timed and traced from here, so errors Klein answers itself (404, 405) are counted like the rest.
     """
 
     body_too_large = False
+
+    def process(self) -> None:
+        site = self.channel.site
+        site.telemetry.request_started(self, site.route_of(self.path))
+        super().process()
+
+    def finish(self) -> None:
+        super().finish()
+        self.site.telemetry.request_ended(self, self.code)
+
+    def connectionLost(self, reason: Failure) -> None:
+        site = self.channel.site if self.channel is not None else None
+        super().connectionLost(reason)
+        if site is not None and not self.finished and self.started:
+            site.telemetry.request_ended(self, None)
 
     def gotLength(self, length: Optional[int]) -> None:
         self.content = BytesIO()
@@ -43,18 +64,55 @@ class GatewayRequest(Request):
         self.content.write(data)
 
 
+class MetricsResource(Resource):
+    """``GET /metrics``: the Prometheus exposition, rendered on the spot (a few hundred series, well under 1 ms)."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render(self, request: Any) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"Allow", b"GET, HEAD")
+            error = MethodNotAllowed(f"Method {request.method.decode('latin-1')} is not allowed on "
+                                     f"{request.path.decode('latin-1')}; use GET")
+            return write_json(request, error.body(), error.status)
+        body, content_type = self._metrics.render((request.getHeader(b"accept") or b"").decode("latin-1"))
+        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
+        return body
+
+
 class GatewaySite(Site):
     requestFactory = GatewayRequest
 
     def __init__(self, gateway: Gateway) -> None:
         super().__init__(gateway.app.resource())
         self.gateway = gateway
+        self.telemetry = gateway.telemetry
         self.max_body_bytes = gateway.config.server.max_body_bytes
+        self._metrics_path = gateway.telemetry.metrics_path
+        self._metrics = MetricsResource(gateway.telemetry.metrics)
+
+    def route_of(self, path: bytes) -> str:
+        return self.telemetry.metrics_route if path == self._metrics_path else route_of(path)
+
+    def getResourceFor(self, request: Any) -> Any:
+        if request.path == self._metrics_path:
+            return self._metrics
+        return super().getResourceFor(request)
 
 
-def build_site(config: Config, reactor: Any) -> GatewaySite:
-    """The web site for ``config``; its ``gateway.provider`` must be closed when done (``close_site``)."""
-    return GatewaySite(Gateway(config, make_provider(reactor, config.inference), reactor))
+def build_site(config: Config, reactor: Any, environ: Optional[Mapping[str, str]] = None) -> GatewaySite:
+    """The web site for ``config``; ``site.gateway.close()`` releases what it holds when done.
+
+    ``environ`` supplies the standard ``OTEL_*`` variables (the process environment by default).
+    """
+    provider = make_provider(reactor, config.inference)
+    telemetry = Telemetry(config.observability, provider.name, provider.base_url,
+                          os.environ if environ is None else environ, reactor)
+    return GatewaySite(Gateway(config, provider, reactor, telemetry))
 
 
 def default_endpoint(server: ServerConfig) -> str:
@@ -62,7 +120,7 @@ def default_endpoint(server: ServerConfig) -> str:
 
 
 class _ProviderService(service.Service):
-    """Closes the provider's connections when the daemon stops."""
+    """Logs the start, and closes upstream connections and flushes spans when the daemon stops."""
 
     def __init__(self, site: GatewaySite, endpoint: str) -> None:
         self._site = site
@@ -74,10 +132,23 @@ class _ProviderService(service.Service):
         log.info("inference {version} serving provider {provider} ({upstream}) on {endpoint}",
                  version=__version__, provider=gateway.provider.name, upstream=gateway.provider.base_url,
                  endpoint=self._endpoint)
+        self._probe = Deferred.fromCoroutine(gateway.probe_upstream())
+        self._probe.addCallback(self._report_upstream).addErrback(lambda failure: failure.trap(CancelledError))
+
+    def _report_upstream(self, upstream: dict[str, Any]) -> None:
+        """Say at once whether the upstream answers, rather than at the first failed request."""
+        base_url = self._site.gateway.provider.base_url
+        if upstream["reachable"]:
+            log.info("upstream {upstream} answers, serving {models}", upstream=base_url,
+                     models=", ".join(upstream["models"]) or "no models yet")
+        else:
+            log.warn("upstream {upstream} does not answer yet ({error}); chat requests fail with 502 until it "
+                     "does", upstream=base_url, error=upstream["error"])
 
     def stopService(self) -> Any:
         super().stopService()
-        return Deferred.fromCoroutine(self._site.gateway.provider.close())
+        self._probe.cancel()
+        return Deferred.fromCoroutine(self._site.gateway.close())
 
 
 def make_service(config: Config, listen: Optional[str] = None, reactor: Any = None) -> service.MultiService:

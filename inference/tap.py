@@ -31,7 +31,10 @@ def makeService(options: Options) -> service.IService:
     listen: Optional[str] = options["listen"]
     if listen is not None:
         _check_endpoint(listen)
-    return make_service(config, listen)
+    try:
+        return make_service(config, listen)
+    except ConfigError as e:  # settings only checkable with the environment (OTEL_* variables)
+        _die(f"inference: config error: {e}")
 
 
 def _check_endpoint(description: str) -> None:

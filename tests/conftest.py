@@ -138,7 +138,9 @@ def start_gateway() -> Callable[..., RunningGateway]:
     running: list[RunningGateway] = []
 
     def start(env: Optional[dict[str, str]] = None, config_path: Optional[str] = None) -> RunningGateway:
-        site = build_site(load(config_path, env or {}), reactor)
+        # Spans are made but not exported unless a test asks for an exporter.
+        env = {"INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "none", **(env or {})}
+        site = build_site(load(config_path, env), reactor, environ=env)
         gateway = RunningGateway(site, reactor.listenTCP(0, site, interface="127.0.0.1"))
         running.append(gateway)
         return gateway
@@ -147,7 +149,7 @@ def start_gateway() -> Callable[..., RunningGateway]:
     for gateway in running:
         pytest_twisted.blockon(DeferredList([
             gateway.port.stopListening(),
-            Deferred.fromCoroutine(gateway.site.gateway.provider.close()),
+            Deferred.fromCoroutine(gateway.site.gateway.close()),
         ]))
 
 

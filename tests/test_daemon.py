@@ -56,7 +56,9 @@ class Daemon(ProcessProtocol):
 def spawn(args: list[str], env: dict[str, str], cwd: str) -> tuple[Daemon, Any]:
     daemon = Daemon()
     # A clean environment and a directory outside the repo: the plugin must come from the installed package.
-    child_env = {"PATH": os.environ.get("PATH", ""), "HOME": cwd, **env}
+    # Spans are not exported unless a test points them somewhere.
+    child_env = {"PATH": os.environ.get("PATH", ""), "HOME": cwd,
+                 "INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "none", **env}
     transport = reactor.spawnProcess(daemon, TWISTD, [TWISTD, "-n", "--pidfile=", "inference", *args],
                                      env=child_env, path=cwd)
     return daemon, transport

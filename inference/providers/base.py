@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -58,11 +58,14 @@ class Provider(abc.ABC):
         """The models the server serves now, as OpenAI model objects (each with an ``id``)."""
 
     @abc.abstractmethod
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        """One non-streaming chat completion; raise a :class:`~inference.errors.GatewayError` on failure."""
+    async def chat(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> dict[str, Any]:
+        """One non-streaming chat completion; raise a :class:`~inference.errors.GatewayError` on failure.
+
+        ``headers`` are sent with the upstream request (the trace context that continues the client's trace).
+        """
 
     @abc.abstractmethod
-    async def open_stream(self, body: dict[str, Any]) -> "ChatStream":
+    async def open_stream(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> "ChatStream":
         """Start a streaming completion; return once the server accepted it (errors before that are raised)."""
 
     def prepare(self, body: dict[str, Any]) -> dict[str, Any]:

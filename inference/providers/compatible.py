@@ -29,19 +29,21 @@ class OpenAICompatibleProvider(Provider):
             raise UpstreamError("upstream model list is not an OpenAI list of models")
         return models
 
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        answer = await self.client.request("POST", "/v1/chat/completions", json.dumps(self.prepare(body)).encode())
+    async def chat(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> dict[str, Any]:
+        answer = await self.client.request("POST", "/v1/chat/completions", json.dumps(self.prepare(body)).encode(),
+                                           headers=headers)
         data = _json_answer(answer)
         if not isinstance(data.get("choices"), list):
             raise UpstreamError("upstream answer has no 'choices'")
         return data
 
-    async def open_stream(self, body: dict[str, Any]) -> ChatStream:
+    async def open_stream(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> ChatStream:
         body = self.prepare(body)
         # Usage is asked for always: the client's last chunk then carries it, and metrics count real tokens.
         payload = {**body, "stream": True,  # stream_options is a dict when present (schema checked it)
                    "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-        response = await self.client.open("POST", "/v1/chat/completions", json.dumps(payload).encode())
+        response = await self.client.open("POST", "/v1/chat/completions", json.dumps(payload).encode(),
+                                          headers=headers)
         if isinstance(response, Answer):  # an error, or JSON where a stream was due (LM Studio's error in a 200)
             _json_answer(response)
             raise UpstreamError("upstream answered a streaming request with JSON instead of an event stream")

@@ -48,7 +48,7 @@ class MockProvider(Provider):
         return [{"id": m, "object": "model", "created": self._created, "owned_by": "mock"}
                 for m in self._config.models]
 
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def chat(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> dict[str, Any]:
         words, finish_reason = reply_words(body)
         delay = self._config.latency_secs + self._config.token_delay_secs * len(words)
         if delay:
@@ -63,7 +63,7 @@ class MockProvider(Provider):
             "usage": _usage(body, words),
         }
 
-    async def open_stream(self, body: dict[str, Any]) -> ChatStream:
+    async def open_stream(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> ChatStream:
         words, finish_reason = reply_words(body)
         head = {"id": f"chatcmpl-mock-{next(self._ids)}", "object": "chat.completion.chunk",
                 "created": int(self._reactor.seconds()), "model": body["model"]}

@@ -74,21 +74,21 @@ class UpstreamClient:
         self._headers = {"Accept": "application/json", **(headers or {})}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
 
-    def request(self, method: str, path: str, body: Optional[bytes] = None,
-                timeout: Optional[float] = None) -> "Deferred[Answer]":
+    def request(self, method: str, path: str, body: Optional[bytes] = None, timeout: Optional[float] = None,
+                headers: Optional[dict[str, str]] = None) -> "Deferred[Answer]":
         """Send one request and read the whole answer, within ``timeout`` (default ``http.timeout_secs``).
 
         Fails with :class:`UpstreamUnreachable`, :class:`UpstreamTimeout` or :class:`UpstreamError`;
         cancelling the returned Deferred (the client went away) aborts the upstream connection.
         """
         async def exchange(state: _Exchange) -> Answer:
-            response = await self._send(state, method, path, body)
+            response = await self._send(state, method, path, body, headers)
             return Answer(response.code, response.headers, await read_body(response))
 
         return self._within(timeout, exchange)
 
-    def open(self, method: str, path: str, body: Optional[bytes] = None,
-             timeout: Optional[float] = None) -> "Deferred[Union[IResponse, Answer]]":
+    def open(self, method: str, path: str, body: Optional[bytes] = None, timeout: Optional[float] = None,
+             headers: Optional[dict[str, str]] = None) -> "Deferred[Union[IResponse, Answer]]":
         """Send one request expecting an event stream; return once its headers arrived, body unread.
 
         The deadline covers connecting and the headers; the stream's reader sets its own. Anything that is
@@ -96,7 +96,7 @@ class UpstreamClient:
         the deadline and returned as an :class:`Answer`.
         """
         async def exchange(state: _Exchange) -> Union[IResponse, Answer]:
-            response = await self._send(state, method, path, body)
+            response = await self._send(state, method, path, body, headers)
             content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
             if response.code >= 300 or b"json" in content_type:
                 return Answer(response.code, response.headers, await read_body(response))
@@ -135,9 +135,12 @@ class UpstreamClient:
         inner.addBoth(settle)
         return outer
 
-    async def _send(self, state: "_Exchange", method: str, path: str, body: Optional[bytes]) -> IResponse:
+    async def _send(self, state: "_Exchange", method: str, path: str, body: Optional[bytes],
+                    extra_headers: Optional[dict[str, str]]) -> IResponse:
         url = self.base_url + path
         headers = self._json_headers if body is not None else self._headers
+        if extra_headers:
+            headers = {**headers, **extra_headers}
         attempt = 0
         while True:
             try:
@@ -217,7 +220,7 @@ def _translate(failure: Failure, stopped: Optional[str], deadline: float, base_u
         return UpstreamUnreachable(f"could not connect to upstream at {base_url}: {_describe(failure.value)}")
     if failure.check(_newclient.ResponseFailed, _newclient.ParseError):
         return UpstreamError(f"upstream at {base_url} closed the connection before a complete answer "
-                             f"({_describe(failure.value)})")
+                             f"({_describe(failure.value)})", kind="interrupted")
     return failure
 
 
@@ -314,7 +317,8 @@ class UpstreamEventStream(Protocol, ChatStream):
             else:
                 self.done.callback(None)
         else:
-            self.done.errback(UpstreamError(f"upstream connection was lost mid-stream ({_describe(reason.value)})"))
+            self.done.errback(UpstreamError(f"upstream connection was lost mid-stream ({_describe(reason.value)})",
+                                            kind="interrupted"))
 
     def _arm(self) -> None:
         if self._timer is not None and self._timer.active():

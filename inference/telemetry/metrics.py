@@ -1,0 +1,100 @@
+"""The Prometheus instruments of DESIGN.md's table, on a registry each gateway owns (no global state).
+
+Labels stay low-cardinality on purpose: ``model`` is only ever a model id the catalog resolved, HTTP methods
+outside the standard set are folded into ``_OTHER`` and unknown paths into one route.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.exposition import choose_encoder
+
+from .. import __version__
+
+# ``*_created`` series would double the series count for a timestamp no dashboard or alert here uses.
+disable_created_metrics()
+
+# OpenTelemetry's GenAI semantic-convention buckets (gen_ai.client.operation.duration), plus 5 minutes.
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92, 300.0)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                30.0, 60.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+TOKENS_PER_SECOND_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
+
+
+class Metrics:
+    """Every ``inference_*`` metric, registered on ``self.registry``."""
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.http_requests = Counter(
+            "inference_http_requests", "HTTP requests answered, by route and status code",
+            ["method", "route", "code"], registry=registry)
+        self.http_duration = Histogram(
+            "inference_http_request_duration_seconds", "Time from a request's arrival to its last byte",
+            ["method", "route", "code"], buckets=HTTP_BUCKETS, registry=registry)
+        self.request_duration = Histogram(
+            "inference_request_duration_seconds", "Chat completions: time from arrival to the end of the answer",
+            ["provider", "model", "stream", "outcome"], buckets=DURATION_BUCKETS, registry=registry)
+        self.time_to_first_token = Histogram(
+            "inference_time_to_first_token_seconds", "Streams: time from arrival to the first generated token",
+            ["provider", "model"], buckets=TTFT_BUCKETS, registry=registry)
+        self.time_per_output_token = Histogram(
+            "inference_time_per_output_token_seconds", "Time per generated token (after the first, for streams)",
+            ["provider", "model"], buckets=TPOT_BUCKETS, registry=registry)
+        self.tokens_per_second = Histogram(
+            "inference_output_tokens_per_second", "Generation speed of one completion",
+            ["provider", "model"], buckets=TOKENS_PER_SECOND_BUCKETS, registry=registry)
+        self.tokens = Counter(
+            "inference_tokens", "Tokens the upstream reported, by type (input or output)",
+            ["provider", "model", "type"], registry=registry)
+        self.in_flight = Gauge(
+            "inference_requests_in_flight", "Chat completions being served by the upstream now",
+            ["provider"], registry=registry)
+        self.queue_length = Gauge(
+            "inference_queue_length", "Chat completions waiting for an upstream slot",
+            ["provider"], registry=registry)
+        self.upstream_errors = Counter(
+            "inference_upstream_errors", "Upstream failures by kind (unreachable, timeout, rejected, "
+            "server_error, bad_response, interrupted)", ["provider", "kind"], registry=registry)
+        self.client_disconnects = Counter(
+            "inference_client_disconnects", "Chat completions whose client left before the answer ended",
+            ["provider"], registry=registry)
+        self.overhead = Histogram(
+            "inference_gateway_overhead_seconds", "Time the gateway itself spent on a request: arrival to "
+            "upstream call, and upstream answer to the client", ["route"], buckets=OVERHEAD_BUCKETS,
+            registry=registry)
+        self.upstream_up = Gauge(
+            "inference_upstream_up", "1 when the upstream answered its last probe or call, 0 when unreachable",
+            ["provider"], registry=registry)
+        self.build_info = Gauge("inference_build_info", "Always 1; the version is the label", ["version"],
+                                registry=registry)
+        self.build_info.labels(__version__).set(1)
+        # Children that never change labels are bound once, off the per-request path.
+        self.client_disconnects_child = self.client_disconnects.labels(provider)
+        self.upstream_up_child = self.upstream_up.labels(provider)
+
+    def track_load(self, in_flight: Callable[[], int], queued: Callable[[], int]) -> None:
+        """Read the gauges of load from the admission control at scrape time (nothing to do per request)."""
+        self.in_flight.labels(self.provider).set_function(in_flight)
+        self.queue_length.labels(self.provider).set_function(queued)
+
+    def set_upstream_up(self, up: bool) -> None:
+        self.upstream_up_child.set(1 if up else 0)
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """The exposition for an ``Accept`` header: OpenMetrics (with exemplars) when asked, else text 0.0.4."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+def method_label(method: str) -> str:
+    """A client can send any method name; the label keeps the standard ones only (OTel's ``_OTHER`` rule)."""
+    return method if method in KNOWN_METHODS else "_OTHER"

@@ -1,0 +1,284 @@
+"""What the gateway records per HTTP request and per upstream chat call, as metrics and spans at once.
+
+Timings come from ``time.perf_counter`` (monotonic). The per-event path of a stream records nothing here: the
+relay counts chunks and notes the first token, and everything is observed once, when the call ends.
+"""
+
+from __future__ import annotations
+
+import json
+from time import perf_counter
+from typing import Any, Mapping, Optional
+from urllib.parse import urlsplit
+
+from opentelemetry.trace import Span, Status, StatusCode
+from twisted.internet.defer import Deferred
+
+from ..config import ObservabilityConfig
+from ..errors import GatewayError
+from .metrics import Metrics, method_label
+from .tracing import Tracing
+
+# Request parameters recorded on the CLIENT span, as GenAI semantic-convention attributes.
+_REQUEST_ATTRIBUTES = {"max_tokens": "gen_ai.request.max_tokens", "temperature": "gen_ai.request.temperature",
+                       "top_p": "gen_ai.request.top_p", "top_k": "gen_ai.request.top_k",
+                       "frequency_penalty": "gen_ai.request.frequency_penalty",
+                       "presence_penalty": "gen_ai.request.presence_penalty", "seed": "gen_ai.request.seed",
+                       "n": "gen_ai.request.choice.count"}
+
+
+class RequestState:
+    """Telemetry state a request carries (mixed into the site's request class)."""
+
+    started: float = 0.0
+    route: str = "other"
+    span: Optional[Span] = None
+    recorded: bool = False
+    error_code: Optional[str] = None  # the error the client was told about (a status or an SSE error event)
+    stream_failed: bool = False
+    overhead_before: float = 0.0  # gateway time from arrival to the upstream call
+    answered_at: Optional[float] = None  # when the upstream's answer was complete
+
+
+class Telemetry:
+    """Metrics and tracing for one gateway."""
+
+    def __init__(self, config: ObservabilityConfig, provider_name: str, base_url: str,
+                 environ: Mapping[str, str], reactor: Any) -> None:
+        self.metrics = Metrics(provider_name)
+        self.tracing = Tracing(config.tracing, environ, reactor)
+        self.provider = provider_name
+        self.metrics_path: Optional[bytes] = config.metrics.path.encode() if config.metrics.enabled else None
+        self.metrics_route = config.metrics.path
+        self._config = config
+        # Probes and scrapes every few seconds would bury the traces that matter.
+        self._untraced = {self.metrics_route, "/health/live", "/health/ready"}
+        upstream = urlsplit(base_url)
+        self.server_attributes: dict[str, Any] = {}
+        if upstream.scheme in ("http", "https") and upstream.hostname:
+            self.server_attributes = {"server.address": upstream.hostname,
+                                       "server.port": upstream.port or (443 if upstream.scheme == "https" else 80)}
+
+    # -- HTTP requests -------------------------------------------------------------------------------------------
+
+    def request_started(self, request: Any, route: str) -> None:
+        request.started = perf_counter()
+        request.route = route
+        if self.tracing.tracer is None or route in self._untraced:
+            return
+        method = request.method.decode("latin-1")
+        host = request.getHost()
+        attributes = {"http.request.method": method_label(method), "url.path": request.path.decode("latin-1"),
+                      "url.scheme": "https" if request.isSecure() else "http",
+                      "server.address": getattr(host, "host", ""), "server.port": getattr(host, "port", 0),
+                      "network.protocol.version": request.clientproto.decode("latin-1").partition("/")[2]}
+        client = request.getClientAddress()
+        if getattr(client, "host", None):
+            attributes["client.address"] = client.host
+        agent = request.getHeader(b"user-agent")
+        if agent:
+            attributes["user_agent.original"] = agent.decode("latin-1")
+        name = method_label(method)
+        if route != "other":
+            attributes["http.route"] = route
+            name += " " + route
+        request.span = self.tracing.start_server_span(name, request.requestHeaders, attributes)
+
+    def request_ended(self, request: Any, code: Optional[int]) -> None:
+        """The response's last byte is out (``code``), or the client left first (``code`` None: logged as 499)."""
+        if request.recorded:
+            return
+        request.recorded = True
+        now = perf_counter()
+        metrics = self.metrics
+        method = method_label(request.method.decode("latin-1"))
+        label = str(code) if code is not None else "499"
+        span = request.span
+        exemplar = self.tracing.exemplar(span)
+        metrics.http_requests.labels(method, request.route, label).inc()
+        metrics.http_duration.labels(method, request.route, label).observe(now - request.started, exemplar)
+        if request.answered_at is not None and code is not None:
+            metrics.overhead.labels(request.route).observe(request.overhead_before + now - request.answered_at,
+                                                           exemplar)
+        if span is None:
+            return
+        if code is not None:
+            span.set_attribute("http.response.status_code", code)
+        if (code is not None and code >= 500) or request.stream_failed:
+            span.set_attribute("error.type", request.error_code or label)
+            span.set_status(Status(StatusCode.ERROR))
+        elif code is None:
+            span.add_event("client_disconnected")
+        span.end()
+
+    # -- upstream chat calls -------------------------------------------------------------------------------------
+
+    def chat_call(self, request: Any, body: dict[str, Any], stream: bool, queued: float) -> "ChatCall":
+        """Start recording an upstream chat call; ``queued`` is how long it waited for an admission slot."""
+        return ChatCall(self, request, body, stream, queued)
+
+    def set_upstream_up(self, up: bool) -> None:
+        self.metrics.set_upstream_up(up)
+
+    def describe(self) -> dict[str, Any]:
+        metrics = self._config.metrics
+        return {"metrics": {"enabled": metrics.enabled, "path": metrics.path if metrics.enabled else None},
+                "tracing": self.tracing.describe()}
+
+    def close(self) -> "Deferred[Any]":
+        return self.tracing.shutdown()
+
+
+class ChatCall:
+    """One upstream chat completion, from the call out to its end, whichever way it ends (once)."""
+
+    def __init__(self, telemetry: Telemetry, request: Any, body: dict[str, Any], stream: bool,
+                 queued: float) -> None:
+        self.started = perf_counter()
+        self._telemetry = telemetry
+        self._request = request
+        self._body = body
+        self._model = body["model"]
+        self._stream = stream
+        self._ended = False
+        request.overhead_before = self.started - request.started - queued
+        tracing = telemetry.tracing
+        self.capture_content = tracing.capture_content
+        self.span: Optional[Span] = None
+        self.headers: dict[str, str] = {}
+        if tracing.tracer is not None:
+            self.span = tracing.start_client_span(f"chat {self._model}", request.span, self._span_attributes())
+            self.headers = tracing.trace_headers(self.span)
+
+    def _span_attributes(self) -> dict[str, Any]:
+        body = self._body
+        attributes: dict[str, Any] = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": self._telemetry.provider,
+                                      "gen_ai.request.model": self._model, "gen_ai.request.stream": self._stream,
+                                      **self._telemetry.server_attributes}
+        for key, name in _REQUEST_ATTRIBUTES.items():
+            value = body.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                attributes[name] = value
+        stop = body.get("stop")
+        if stop:
+            attributes["gen_ai.request.stop_sequences"] = [stop] if isinstance(stop, str) else \
+                [s for s in stop if isinstance(s, str)]
+        if self.capture_content:
+            attributes["gen_ai.input.messages"] = json.dumps(body.get("messages"), ensure_ascii=False)
+        return attributes
+
+    # -- endings -------------------------------------------------------------------------------------------------
+
+    def answered(self, answer: dict[str, Any]) -> None:
+        """A non-streaming answer arrived whole."""
+        choices = [c for c in answer.get("choices") or () if isinstance(c, dict)]
+        text = None
+        if self.capture_content:
+            text = [(c.get("message") or {}).get("content") for c in choices]
+        self._end("success", usage=answer.get("usage"), response_id=answer.get("id"),
+                  response_model=answer.get("model"),
+                  finish_reasons=tuple(c["finish_reason"] for c in choices if isinstance(c.get("finish_reason"), str)),
+                  output=text)
+
+    def streamed(self, stats: Any) -> None:
+        """A stream ended: completed, failed (an error event was sent) or abandoned by the client."""
+        if stats.client_gone:
+            return self.abandoned()
+        if stats.error is not None:
+            self._request.stream_failed = True
+            self._request.error_code = stats.error.code
+        self._end("error" if stats.error is not None else "success", usage=stats.usage,
+                  response_id=stats.response_id, response_model=stats.response_model,
+                  finish_reasons=stats.finish_reasons, first_token_at=stats.first_token_at,
+                  chunks=stats.content_chunks, error=stats.error,
+                  output=["".join(stats.text)] if stats.text is not None else None)
+
+    def failed(self, error: GatewayError) -> None:
+        self._request.error_code = error.code
+        self._end("error", error=error)
+
+    def abandoned(self) -> None:
+        """The client left before the answer ended (the upstream call was cancelled)."""
+        if not self._ended:
+            self._telemetry.metrics.client_disconnects_child.inc()
+        self._end("disconnected")
+
+    def _end(self, outcome: str, *, usage: Optional[dict[str, Any]] = None, response_id: Any = None,
+             response_model: Any = None, finish_reasons: tuple[str, ...] = (), first_token_at: Optional[float] = None,
+             chunks: int = 0, error: Optional[GatewayError] = None, output: Optional[list[Any]] = None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        ended = perf_counter()
+        request = self._request
+        request.answered_at = ended
+        telemetry = self._telemetry
+        metrics = telemetry.metrics
+        provider, model = telemetry.provider, self._model
+        exemplar = telemetry.tracing.exemplar(request.span)
+        metrics.request_duration.labels(provider, model, "true" if self._stream else "false", outcome).observe(
+            ended - request.started, exemplar)
+
+        input_tokens = _count(usage, "prompt_tokens")
+        output_tokens = _count(usage, "completion_tokens")
+        if input_tokens is not None:
+            metrics.tokens.labels(provider, model, "input").inc(input_tokens)
+        if output_tokens is not None:
+            metrics.tokens.labels(provider, model, "output").inc(output_tokens)
+
+        generated = output_tokens if output_tokens is not None else chunks
+        if first_token_at is not None:
+            metrics.time_to_first_token.labels(provider, model).observe(first_token_at - request.started, exemplar)
+            self._observe_speed(generated - 1, ended - first_token_at, exemplar)  # decoding after the first token
+        elif not self._stream and outcome == "success":
+            self._observe_speed(generated, ended - self.started, exemplar)
+
+        if error is not None and error.kind is not None:
+            metrics.upstream_errors.labels(provider, error.kind).inc()
+        if error is not None and error.kind == "unreachable":
+            metrics.set_upstream_up(False)
+        elif outcome == "success" or (error is not None and error.kind in ("rejected", "server_error")):
+            metrics.set_upstream_up(True)
+
+        span = self.span
+        if span is None:
+            return
+        attributes: dict[str, Any] = {}
+        if isinstance(response_id, str):
+            attributes["gen_ai.response.id"] = response_id
+        if isinstance(response_model, str):
+            attributes["gen_ai.response.model"] = response_model
+        if finish_reasons:
+            attributes["gen_ai.response.finish_reasons"] = list(finish_reasons)
+        if input_tokens is not None:
+            attributes["gen_ai.usage.input_tokens"] = input_tokens
+        if output_tokens is not None:
+            attributes["gen_ai.usage.output_tokens"] = output_tokens
+        if first_token_at is not None:
+            attributes["gen_ai.response.time_to_first_chunk"] = first_token_at - self.started
+            start_time = getattr(span, "start_time", None)
+            if start_time is not None:
+                span.add_event("first_token", timestamp=start_time + int((first_token_at - self.started) * 1e9))
+        if output is not None:
+            attributes["gen_ai.output.messages"] = json.dumps(
+                [{"role": "assistant", "content": content} for content in output], ensure_ascii=False)
+        if outcome == "disconnected":
+            attributes["error.type"] = "cancelled"
+            span.set_status(Status(StatusCode.ERROR, "the client disconnected"))
+        elif error is not None:
+            attributes["error.type"] = error.code or type(error).__name__
+            span.set_status(Status(StatusCode.ERROR, error.message))
+        span.set_attributes(attributes)
+        span.end()
+
+    def _observe_speed(self, tokens: int, seconds: float, exemplar: Optional[dict[str, str]]) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        metrics, labels = self._telemetry.metrics, (self._telemetry.provider, self._model)
+        metrics.time_per_output_token.labels(*labels).observe(seconds / tokens, exemplar)
+        metrics.tokens_per_second.labels(*labels).observe(tokens / seconds, exemplar)
+
+
+def _count(usage: Any, key: str) -> Optional[int]:
+    value = usage.get(key) if isinstance(usage, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

@@ -1,0 +1,282 @@
+"""OpenTelemetry tracing: a tracer provider per gateway, OTLP export off the reactor, W3C propagation.
+
+Spans are passed around explicitly (on the request, on the upstream call), never through the "current" span:
+Twisted runs protocol callbacks and timers in the reactor's root context, so contextvars cannot be trusted
+across them (TWISTED-NOTES.md, section e). Export runs in the batch processor's own thread, so a slow or absent
+collector never holds the reactor; its failures are reported once, not once per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Mapping, Optional, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (BatchSpanProcessor, ConsoleSpanExporter, SpanExporter,
+                                            SpanExportResult)
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Span, SpanKind, Tracer, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+
+from .. import __version__
+from ..config import ConfigError, TracingConfig
+
+log = Logger()
+
+PROTOCOLS = ("grpc", "http/protobuf")
+DEFAULT_ENDPOINTS = {"grpc": "http://localhost:4317", "http/protobuf": "http://localhost:4318"}
+
+
+class _HeaderGetter(Getter[Headers]):
+    """Reads W3C trace headers straight from twisted.web's ``Headers``."""
+
+    def get(self, carrier: Headers, key: str) -> Optional[list[str]]:
+        values = carrier.getRawHeaders(key)
+        return [v.decode("latin-1") for v in values] if values else None
+
+    def keys(self, carrier: Headers) -> list[str]:
+        return [name.decode("latin-1") for name, _ in carrier.getAllRawHeaders()]
+
+
+_HEADERS = _HeaderGetter()
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+class ExportStatus:
+    """How export is going, for ``/health``; the exporter thread writes it, the reactor reads it."""
+
+    def __init__(self) -> None:
+        self.ok: Optional[bool] = None  # None until the first batch was sent
+        self.exported_spans = 0
+        self.failed_spans = 0
+        self.last_error: Optional[str] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "exported_spans": self.exported_spans, "failed_spans": self.failed_spans,
+                "last_error": self.last_error}
+
+
+class _LastMessage(logging.Handler):
+    """Keeps the OTLP exporter's last complaint instead of printing one per retry (the exporter's own logs)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.local = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.local.message = record.getMessage()
+
+    def take(self) -> Optional[str]:
+        message = getattr(self.local, "message", None)
+        self.local.message = None
+        return message
+
+
+_EXPORTER_MESSAGES = _LastMessage()
+_exporter_logger = logging.getLogger("opentelemetry.exporter.otlp")
+_exporter_logger.addHandler(_EXPORTER_MESSAGES)
+_exporter_logger.propagate = False
+
+
+class ReportingExporter(SpanExporter):
+    """Wraps an exporter: logs one line when export starts failing and one when it recovers."""
+
+    def __init__(self, inner: SpanExporter, destination: str, status: ExportStatus,
+                 report: Callable[..., None]) -> None:
+        self._inner = inner
+        self._destination = destination
+        self._status = status
+        self._report = report
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        _EXPORTER_MESSAGES.take()
+        try:
+            result = self._inner.export(spans)
+            error = _EXPORTER_MESSAGES.take()
+        except Exception as e:  # an exporter must not kill the batch thread
+            result, error = SpanExportResult.FAILURE, str(e) or type(e).__name__
+        status = self._status
+        if result is SpanExportResult.SUCCESS:
+            status.exported_spans += len(spans)
+            if status.ok is False:
+                self._report("info", "trace export to {destination} works again", destination=self._destination)
+            status.ok = True
+        else:
+            status.failed_spans += len(spans)
+            status.last_error = error or "export failed"
+            if status.ok is not False:
+                self._report("warn", "trace export to {destination} is failing ({error}); spans are dropped "
+                             "until the collector answers, requests are not affected",
+                             destination=self._destination, error=status.last_error)
+            status.ok = False
+        return result
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+def resolve_destination(config: TracingConfig, environ: Mapping[str, str]) -> tuple[str, str]:
+    """The OTLP protocol and URL: the gateway's config first, then the standard ``OTEL_*`` variables."""
+    protocol = (config.protocol or environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"observability.tracing.protocol: {protocol!r} is not supported; allowed: "
+                          f"{', '.join(PROTOCOLS)}")
+    signal_endpoint = None if config.endpoint else environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if signal_endpoint:  # the signal's own URL is used exactly as given (OTel's rule)
+        return protocol, _with_scheme(signal_endpoint)
+    endpoint = _with_scheme(config.endpoint or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                            or DEFAULT_ENDPOINTS[protocol])
+    if protocol == "http/protobuf" and not endpoint.rstrip("/").endswith("/v1/traces"):
+        endpoint = endpoint.rstrip("/") + "/v1/traces"
+    return protocol, endpoint
+
+
+def _with_scheme(endpoint: str) -> str:
+    return endpoint if "://" in endpoint else "http://" + endpoint
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
+def _otlp_exporter(protocol: str, endpoint: str) -> SpanExporter:
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+        return GrpcExporter(endpoint=endpoint)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+    return HttpExporter(endpoint=endpoint)
+
+
+class Tracing:
+    """Spans for one gateway; with tracing off every method is a cheap no-op returning None."""
+
+    def __init__(self, config: TracingConfig, environ: Mapping[str, str], reactor: Any) -> None:
+        self.config = config
+        self._reactor = reactor
+        self.status = ExportStatus()
+        self.protocol: Optional[str] = None
+        self.endpoint: Optional[str] = None
+        self.enabled = config.enabled and environ.get("OTEL_SDK_DISABLED", "").lower() != "true"
+        self.capture_content = self.enabled and config.capture_content
+        self.tracer: Optional[Tracer] = None
+        self.provider: Optional[TracerProvider] = None
+        self._exporter: Optional[SpanExporter] = None
+        if not self.enabled:
+            return
+        resource = Resource.create({"service.name": environ.get("OTEL_SERVICE_NAME") or "inference",
+                                    "service.version": __version__})
+        self.provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
+        self._exporter = self._make_exporter(environ)
+        if self._exporter is not None:
+            self.provider.add_span_processor(BatchSpanProcessor(self._exporter))
+        self.tracer = self.provider.get_tracer("inference", __version__)
+
+    def _make_exporter(self, environ: Mapping[str, str]) -> Optional[SpanExporter]:
+        kind = self.config.exporter
+        if kind == "none":
+            return None
+        if kind == "console":
+            self.endpoint = "stdout"
+            return ReportingExporter(ConsoleSpanExporter(), "stdout", self.status, self._report)
+        self.protocol, endpoint = resolve_destination(self.config, environ)
+        self.endpoint = _without_credentials(endpoint)
+        return ReportingExporter(_otlp_exporter(self.protocol, endpoint), self.endpoint, self.status, self._report)
+
+    def _report(self, level: str, format: str, **fields: Any) -> None:
+        """Log from the exporter thread by handing the event to the reactor thread."""
+        self._reactor.callFromThread(getattr(log, level), format, **fields)
+
+    # -- spans ---------------------------------------------------------------------------------------------------
+
+    def start_server_span(self, name: str, headers: Headers, attributes: dict[str, Any]) -> Optional[Span]:
+        """A SERVER span continuing the caller's ``traceparent`` when it sent one."""
+        if self.tracer is None:
+            return None
+        context = _PROPAGATOR.extract(headers, getter=_HEADERS) if headers.hasHeader(b"traceparent") else None
+        return self.tracer.start_span(name, context=context, kind=SpanKind.SERVER, attributes=attributes)
+
+    def start_client_span(self, name: str, parent: Optional[Span], attributes: dict[str, Any]) -> Optional[Span]:
+        if self.tracer is None:
+            return None
+        context = set_span_in_context(parent) if parent is not None else Context()
+        return self.tracer.start_span(name, context=context, kind=SpanKind.CLIENT, attributes=attributes)
+
+    @staticmethod
+    def trace_headers(span: Optional[Span]) -> dict[str, str]:
+        """The ``traceparent`` that makes the upstream's work part of this trace."""
+        headers: dict[str, str] = {}
+        if span is not None:
+            _PROPAGATOR.inject(headers, context=set_span_in_context(span))
+        return headers
+
+    @staticmethod
+    def exemplar(span: Optional[Span]) -> Optional[dict[str, str]]:
+        """A ``trace_id`` exemplar for a histogram, when the span is sampled (else there is no trace to see)."""
+        if span is None:
+            return None
+        context = span.get_span_context()
+        return {"trace_id": format(context.trace_id, "032x")} if context.trace_flags.sampled else None
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """Where traces go and whether they get there, for ``/health``."""
+        if not self.enabled:
+            return {"enabled": False}
+        return {"enabled": True, "exporter": self.config.exporter, "protocol": self.protocol,
+                "endpoint": self.endpoint, "sample_ratio": self.config.sample_ratio,
+                "capture_content": self.capture_content, "export": self.status.as_dict()}
+
+    def flush(self) -> "Deferred[Any]":
+        """Export what is queued now, in a thread (the batch processor's flush blocks)."""
+        provider = self.provider
+        if provider is None:
+            return succeed(None)
+        return self._in_thread(lambda: provider.force_flush(5000))
+
+    def shutdown(self, timeout: float = 3.0) -> "Deferred[Any]":
+        """Flush and stop the exporter, giving an unreachable collector ``timeout`` seconds, not its full retries."""
+        provider, exporter = self.provider, self._exporter
+        self.provider = self.tracer = self._exporter = None
+        if provider is None:
+            return succeed(None)
+
+        def stop() -> None:
+            flushing = threading.Thread(target=provider.shutdown, name="inference-trace-shutdown", daemon=True)
+            flushing.start()
+            flushing.join(timeout)
+            if flushing.is_alive() and exporter is not None:
+                exporter.shutdown()  # ends the exporter's retry wait at once
+                flushing.join(1.0)
+
+        return self._in_thread(stop)
+
+    def _in_thread(self, work: Callable[[], Any]) -> "Deferred[Any]":
+        """Run blocking SDK work in a daemon thread of its own: the reactor's pool would make stop wait for it."""
+        done: Deferred[Any] = Deferred()
+
+        def run() -> None:
+            try:
+                result = work()
+            except Exception as e:
+                self._reactor.callFromThread(log.warn, "tracing shutdown failed: {error}", error=e)
+                result = None
+            self._reactor.callFromThread(done.callback, result)
+
+        threading.Thread(target=run, name="inference-trace-flush", daemon=True).start()
+        return done
