@@ -17,6 +17,9 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from prometheus_client.openmetrics import parser as openmetrics_parser
+from prometheus_client.parser import text_string_to_metric_families
+
 from inference.config import load
 from inference.service import GatewaySite, build_site
 
@@ -111,6 +114,39 @@ def sse_payloads(body: bytes) -> list[bytes]:
     return [e[len(b"data: "):] for e in events]
 
 
+class Scrape:
+    """One ``/metrics`` answer, parsed: look samples up by name and labels."""
+
+    def __init__(self, text: str, content_type: str) -> None:
+        self.text = text
+        self.content_type = content_type
+        if content_type.startswith("application/openmetrics-text"):
+            families = openmetrics_parser.text_string_to_metric_families(text)
+        else:
+            families = text_string_to_metric_families(text)
+        self.samples = [sample for family in families for sample in family.samples]
+
+    def value(self, name: str, **labels: str) -> Optional[float]:
+        """The sample with exactly these labels (besides ``le`` for buckets), or None when absent."""
+        found = [s.value for s in self.samples if s.name == name and s.labels == labels]
+        assert len(found) <= 1, (name, labels, found)
+        return found[0] if found else None
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of every sample of ``name`` whose labels include ``labels``."""
+        return sum(s.value for s in self.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def label_values(self, name: str, label: str) -> set[str]:
+        return {s.labels[label] for s in self.samples if s.name == name and label in s.labels}
+
+
+async def scrape(url: str, accept: Optional[str] = None, path: str = "/metrics") -> Scrape:
+    reply = await call("GET", url + path, headers={"Accept": accept} if accept else None)
+    assert reply.status == 200, reply.body
+    return Scrape(reply.body.decode(), reply.header("content-type") or "")
+
+
 @dataclass
 class RunningGateway:
     site: GatewaySite
@@ -122,6 +158,9 @@ class RunningGateway:
 
     async def post_chat(self, body: Any, headers: Optional[dict[str, str]] = None) -> Reply:
         return await call("POST", self.url + "/v1/chat/completions", body, headers=headers)
+
+    async def metrics(self, accept: Optional[str] = None) -> Scrape:
+        return await scrape(self.url, accept)
 
 
 @pytest.fixture

@@ -112,6 +112,8 @@ async def test_twistd_inference_reads_a_config_file_and_reaches_lmstudio(tmp_pat
     ([], {"INFERENCE_SERVER_PROT": "3000"}, "unknown environment variable INFERENCE_SERVER_PROT"),
     (["--config", "missing.yaml"], {}, "cannot read config file missing.yaml"),
     (["--listen", "carrier-pigeon:7"], {}, "--listen 'carrier-pigeon:7' is not a Twisted endpoint"),
+    ([], {"INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+     "config error: OTEL_EXPORTER_OTLP_PROTOCOL = 'http/json': expected one of grpc, http/protobuf"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_bad_config_stops_the_daemon_with_one_line(tmp_path, args, env, message):

@@ -39,7 +39,7 @@ class _HeaderGetter(Getter[Headers]):
     """Reads W3C trace headers straight from twisted.web's ``Headers``."""
 
     def get(self, carrier: Headers, key: str) -> Optional[list[str]]:
-        values = carrier.getRawHeaders(key)
+        values = carrier.getRawHeaders(key.encode("latin-1"))
         return [v.decode("latin-1") for v in values] if values else None
 
     def keys(self, carrier: Headers) -> list[str]:
@@ -128,11 +128,13 @@ class ReportingExporter(SpanExporter):
 
 def resolve_destination(config: TracingConfig, environ: Mapping[str, str]) -> tuple[str, str]:
     """The OTLP protocol and URL: the gateway's config first, then the standard ``OTEL_*`` variables."""
-    protocol = (config.protocol or environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"observability.tracing.protocol: {protocol!r} is not supported; allowed: "
-                          f"{', '.join(PROTOCOLS)}")
+    protocol = config.protocol or "grpc"
+    for variable in ("OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"):
+        if not config.protocol and environ.get(variable):
+            protocol = environ[variable]
+            if protocol not in PROTOCOLS:
+                raise ConfigError(f"{variable} = {protocol!r}: expected one of {', '.join(PROTOCOLS)} "
+                                  "(or set observability.tracing.protocol)")
     signal_endpoint = None if config.endpoint else environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if signal_endpoint:  # the signal's own URL is used exactly as given (OTel's rule)
         return protocol, _with_scheme(signal_endpoint)
@@ -154,12 +156,17 @@ def _without_credentials(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
 
 
-def _otlp_exporter(protocol: str, endpoint: str) -> SpanExporter:
+def _otlp_exporter(protocol: str, endpoint: str, environ: Mapping[str, str]) -> SpanExporter:
+    timeout = environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or environ.get("OTEL_EXPORTER_OTLP_TIMEOUT") or "10"
+    try:
+        seconds = float(timeout)
+    except ValueError:
+        raise ConfigError(f"OTEL_EXPORTER_OTLP_TIMEOUT = {timeout!r}: expected a number of seconds") from None
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-        return GrpcExporter(endpoint=endpoint)
+        return GrpcExporter(endpoint=endpoint, timeout=seconds)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-    return HttpExporter(endpoint=endpoint)
+    return HttpExporter(endpoint=endpoint, timeout=seconds)
 
 
 class Tracing:
@@ -195,7 +202,7 @@ class Tracing:
             return ReportingExporter(ConsoleSpanExporter(), "stdout", self.status, self._report)
         self.protocol, endpoint = resolve_destination(self.config, environ)
         self.endpoint = _without_credentials(endpoint)
-        return ReportingExporter(_otlp_exporter(self.protocol, endpoint), self.endpoint, self.status, self._report)
+        return ReportingExporter(_otlp_exporter(self.protocol, endpoint, environ), self.endpoint, self.status, self._report)
 
     def _report(self, level: str, format: str, **fields: Any) -> None:
         """Log from the exporter thread by handing the event to the reactor thread."""
@@ -249,12 +256,17 @@ class Tracing:
             return succeed(None)
         return self._in_thread(lambda: provider.force_flush(5000))
 
-    def shutdown(self, timeout: float = 3.0) -> "Deferred[Any]":
-        """Flush and stop the exporter, giving an unreachable collector ``timeout`` seconds, not its full retries."""
+    def shutdown(self) -> "Deferred[Any]":
+        """Flush and stop the exporter without waiting out the exporter's retries (10 s and more).
+
+        A collector that took the last batch gets 3 s for the final one; one never reached yet gets 1 s, and
+        one known to be failing a moment: stopping must not hang on a collector that is down.
+        """
         provider, exporter = self.provider, self._exporter
         self.provider = self.tracer = self._exporter = None
         if provider is None:
             return succeed(None)
+        timeout = {True: 3.0, None: 1.0, False: 0.2}[self.status.ok]
 
         def stop() -> None:
             flushing = threading.Thread(target=provider.shutdown, name="inference-trace-shutdown", daemon=True)

@@ -1,0 +1,274 @@
+"""Prometheus metrics at /metrics: values after known requests, labels, exemplars, load gauges."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+
+from .conftest import call, raw_connect, raw_post, until
+
+MODEL = "qwen2.5-7b-instruct"
+CHAT = "/v1/chat/completions"
+LOAD_METRICS = ("inference_requests_in_flight", "inference_queue_length")
+
+
+def chat(text: str = "hello there", **extra):
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_non_streaming_chat_is_counted_timed_and_its_tokens_equal_the_usage(fake, lmstudio):
+    reply = await lmstudio.post_chat(chat())
+    usage = reply.json()["usage"]
+    m = await lmstudio.metrics()
+    assert m.value("inference_http_requests_total", method="POST", route=CHAT, code="200") == 1
+    assert m.value("inference_http_request_duration_seconds_count", method="POST", route=CHAT, code="200") == 1
+    labels = {"provider": "lmstudio", "model": MODEL}
+    assert m.value("inference_request_duration_seconds_count", **labels, stream="false", outcome="success") == 1
+    assert m.value("inference_tokens_total", **labels, type="input") == usage["prompt_tokens"]
+    assert m.value("inference_tokens_total", **labels, type="output") == usage["completion_tokens"]
+    assert m.value("inference_time_to_first_token_seconds_count", **labels) is None  # not invented
+    assert m.value("inference_time_per_output_token_seconds_count", **labels) == 1
+    assert m.value("inference_output_tokens_per_second_count", **labels) == 1
+    overhead = m.value("inference_gateway_overhead_seconds_sum", route=CHAT)
+    duration = m.value("inference_request_duration_seconds_sum", **labels, stream="false", outcome="success")
+    assert m.value("inference_gateway_overhead_seconds_count", route=CHAT) == 1
+    assert 0 < overhead < duration
+    assert m.value("inference_requests_in_flight", provider="lmstudio") == 0
+    assert m.value("inference_upstream_up", provider="lmstudio") == 1
+    assert m.value("inference_build_info", version="0.1.0") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_observes_time_to_first_token_and_counts_its_usage(fake, lmstudio):
+    reply = await lmstudio.post_chat(chat("one two three four", stream=True))
+    usage = json.loads(reply.body.split(b"data: ")[-2])["usage"]
+    m = await lmstudio.metrics()
+    labels = {"provider": "lmstudio", "model": MODEL}
+    assert m.value("inference_request_duration_seconds_count", **labels, stream="true", outcome="success") == 1
+    assert m.value("inference_time_to_first_token_seconds_count", **labels) == 1
+    ttft = m.value("inference_time_to_first_token_seconds_sum", **labels)
+    duration = m.value("inference_request_duration_seconds_sum", **labels, stream="true", outcome="success")
+    assert 0 < ttft <= duration
+    assert m.value("inference_tokens_total", **labels, type="input") == usage["prompt_tokens"] == 12
+    assert m.value("inference_tokens_total", **labels, type="output") == usage["completion_tokens"] == 5
+    assert m.value("inference_time_per_output_token_seconds_count", **labels) == 1
+    assert m.value("inference_output_tokens_per_second_count", **labels) == 1
+    assert m.value("inference_http_requests_total", method="POST", route=CHAT, code="200") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_mock_is_measured_the_same_way(start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_PROVIDER": "mock",
+                             "INFERENCE_INFERENCE_MOCK_TOKEN_DELAY_SECS": "0.01"})
+    await gateway.post_chat({"messages": [{"role": "user", "content": "a b c d"}], "stream": True})
+    m = await gateway.metrics()
+    labels = {"provider": "mock", "model": "mock-model"}
+    assert m.value("inference_tokens_total", **labels, type="output") == 6  # "You said: a b c d"
+    tpot = m.value("inference_time_per_output_token_seconds_sum", **labels)
+    assert 0.005 < tpot < 0.5  # five gaps of 10 ms between six words
+
+
+@pytest.mark.parametrize("setup, code, kind", [
+    (lambda fake: setattr(fake.chat, "mode", "error_string") or setattr(fake.chat, "status", 500), "500",
+     "server_error"),
+    (lambda fake: setattr(fake.chat, "mode", "error_in_200"), "500", "server_error"),
+    (lambda fake: setattr(fake.chat, "mode", "error_object") or setattr(fake.chat, "status", 400), "400",
+     "rejected"),
+    (lambda fake: setattr(fake.chat, "mode", "invalid_json"), "500", "bad_response"),
+    (lambda fake: setattr(fake.chat, "mode", "drop"), "500", "interrupted"),
+])
+@pytest_twisted.ensureDeferred
+async def test_upstream_errors_are_counted_by_kind(fake, lmstudio, setup, code, kind):
+    setup(fake)
+    reply = await lmstudio.post_chat(chat())
+    assert str(reply.status) == code
+    m = await lmstudio.metrics()
+    assert m.value("inference_upstream_errors_total", provider="lmstudio", kind=kind) == 1
+    assert m.total("inference_upstream_errors_total") == 1
+    assert m.value("inference_http_requests_total", method="POST", route=CHAT, code=code) == 1
+    assert m.value("inference_request_duration_seconds_count", provider="lmstudio", model=MODEL, stream="false",
+                   outcome="error") == 1
+
+
+@pytest.mark.parametrize("stream_mode, kind", [("die", "interrupted"), ("garbage", "bad_response"),
+                                               ("error_event", "server_error")])
+@pytest_twisted.ensureDeferred
+async def test_a_stream_that_fails_after_the_200_counts_as_an_error(fake, lmstudio, stream_mode, kind):
+    fake.chat.stream = stream_mode
+    reply = await lmstudio.post_chat(chat(stream=True))
+    assert reply.status == 200 and b'"error"' in reply.body
+    m = await lmstudio.metrics()
+    assert m.value("inference_upstream_errors_total", provider="lmstudio", kind=kind) == 1
+    assert m.value("inference_request_duration_seconds_count", provider="lmstudio", model=MODEL, stream="true",
+                   outcome="error") == 1
+    assert m.value("inference_time_to_first_token_seconds_count", provider="lmstudio", model=MODEL) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_timeout_is_counted(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS": "0.3"})
+    await gateway.post_chat(chat())
+    fake.chat.mode = "hang"
+    assert (await gateway.post_chat(chat())).status == 504
+    m = await gateway.metrics()
+    assert m.value("inference_upstream_errors_total", provider="lmstudio", kind="timeout") == 1
+    assert m.value("inference_upstream_up", provider="lmstudio") == 1  # slow is not down
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_upstream_is_counted_and_marked_down(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "0"})
+    await gateway.post_chat(chat())
+    await fake.stop()
+    assert (await gateway.post_chat(chat())).status == 502
+    m = await gateway.metrics()
+    assert m.value("inference_upstream_errors_total", provider="lmstudio", kind="unreachable") == 1
+    assert m.value("inference_upstream_up", provider="lmstudio") == 0
+    fake.listen()  # for the fixture's teardown
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_mid_stream_is_counted_and_in_flight_returns_to_zero(fake, lmstudio):
+    fake.chat.stream = "stall"
+    closed = fake.next_close()
+    client = await raw_connect(lmstudio.port.getHost().port)
+    client.transport.write(raw_post(CHAT, json.dumps(chat(stream=True)).encode()))
+    await client.received(b'" hello"')
+    during = await lmstudio.metrics()
+    assert during.value("inference_requests_in_flight", provider="lmstudio") == 1
+    client.transport.loseConnection()
+    await closed
+    m = await lmstudio.metrics()
+    assert m.value("inference_client_disconnects_total", provider="lmstudio") == 1
+    assert m.value("inference_requests_in_flight", provider="lmstudio") == 0
+    assert m.value("inference_http_requests_total", method="POST", route=CHAT, code="499") == 1
+    assert m.value("inference_request_duration_seconds_count", provider="lmstudio", model=MODEL, stream="true",
+                   outcome="disconnected") == 1
+    assert m.total("inference_upstream_errors_total") == 0  # the upstream did nothing wrong
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_a_non_streaming_call_is_counted(fake, lmstudio):
+    await lmstudio.post_chat(chat())
+    fake.chat.mode = "hang"
+    arrived, closed = fake.next_arrival(), fake.next_close()
+    client = await raw_connect(lmstudio.port.getHost().port)
+    client.transport.write(raw_post(CHAT, json.dumps(chat()).encode()))
+    await arrived
+    client.transport.loseConnection()
+    await closed
+    m = await lmstudio.metrics()
+    assert m.value("inference_client_disconnects_total", provider="lmstudio") == 1
+    assert m.value("inference_requests_in_flight", provider="lmstudio") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_length_and_in_flight_follow_the_admission_control(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "1"})
+    await gateway.post_chat(chat())
+    fake.chat.mode = "hang"
+    arrived = fake.next_arrival()
+    first = Deferred.fromCoroutine(gateway.post_chat(chat()))
+    await arrived
+    second = Deferred.fromCoroutine(gateway.post_chat(chat()))
+    await until(lambda: gateway.site.gateway.admission.queued == 1)
+    m = await gateway.metrics()
+    assert m.value("inference_requests_in_flight", provider="lmstudio") == 1
+    assert m.value("inference_queue_length", provider="lmstudio") == 1
+    fake.chat.mode = "normal"
+    fake.release()
+    assert (await first).status == 200 and (await second).status == 200
+    m = await gateway.metrics()
+    assert [m.value(name, provider="lmstudio") for name in LOAD_METRICS] == [0, 0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_labels_stay_bounded_whatever_clients_send(fake, lmstudio):
+    await lmstudio.post_chat(chat(model="QWEN2.5-7B-INSTRUCT"))  # resolved case-insensitively
+    await lmstudio.post_chat(chat(model="no-such-model-1"))
+    await lmstudio.post_chat(chat(model="no-such-model-2"))
+    await call("GET", lmstudio.url + "/some/random/path")
+    await call("BREW", lmstudio.url + "/v1/models")
+    await call("GET", lmstudio.url + "/v1/models/" + MODEL)
+    m = await lmstudio.metrics()
+    assert m.label_values("inference_request_duration_seconds_count", "model") == {MODEL}
+    assert m.label_values("inference_http_requests_total", "route") == {
+        CHAT, "other", "/v1/models", "/v1/models/{model}"}
+    assert m.label_values("inference_http_requests_total", "method") == {"POST", "GET", "_OTHER"}
+    assert m.value("inference_http_requests_total", method="POST", route=CHAT, code="404") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_openmetrics_on_request_with_trace_id_exemplars(fake, lmstudio):
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    await lmstudio.post_chat(chat(stream=True), headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    plain = await lmstudio.metrics()
+    assert plain.content_type.startswith("text/plain; version=0.0.4")
+    assert "trace_id" not in plain.text
+    om = await lmstudio.metrics(accept="application/openmetrics-text; version=1.0.0")
+    assert om.content_type.startswith("application/openmetrics-text")
+    assert om.text.endswith("# EOF\n")
+    ttft = [s for s in om.samples if s.name == "inference_time_to_first_token_seconds_bucket" and s.exemplar]
+    assert ttft and all(s.exemplar.labels == {"trace_id": trace_id} for s in ttft)
+    duration = [s for s in om.samples if s.name == "inference_request_duration_seconds_bucket" and s.exemplar]
+    assert duration and duration[0].exemplar.labels == {"trace_id": trace_id}
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_exemplars_when_tracing_is_off(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_OBSERVABILITY_TRACING_ENABLED": "false"})
+    await gateway.post_chat(chat(stream=True))
+    om = await gateway.metrics(accept="application/openmetrics-text; version=1.0.0")
+    assert om.value("inference_time_to_first_token_seconds_count", provider="lmstudio", model=MODEL) == 1
+    assert not [s for s in om.samples if s.exemplar]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_metrics_path_is_configurable_and_metrics_can_be_turned_off(fake, start_gateway):
+    moved = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                           "INFERENCE_OBSERVABILITY_METRICS_PATH": "/internal/prometheus"})
+    await moved.post_chat(chat())
+    assert (await call("GET", moved.url + "/metrics")).status == 404
+    reply = await call("GET", moved.url + "/internal/prometheus")
+    assert reply.status == 200 and b"inference_http_requests_total" in reply.body
+    assert (await call("POST", moved.url + "/internal/prometheus")).error["code"] == "method_not_allowed"
+    off = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                         "INFERENCE_OBSERVABILITY_METRICS_ENABLED": "false"})
+    assert (await call("GET", off.url + "/metrics")).status == 404
+    health = (await call("GET", off.url + "/health")).json()
+    assert health["observability"]["metrics"] == {"enabled": False, "path": None}
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_up_follows_the_health_probe(fake, start_gateway):
+    lmstudio = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                              "INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "0"})
+    assert (await call("GET", lmstudio.url + "/health")).status == 200
+    assert (await lmstudio.metrics()).value("inference_upstream_up", provider="lmstudio") == 1
+    await fake.stop()
+    assert (await call("GET", lmstudio.url + "/health/ready")).status == 503
+    assert (await lmstudio.metrics()).value("inference_upstream_up", provider="lmstudio") == 0
+    fake.listen()
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_reports_metrics_and_tracing(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "otlp",
+                             "INFERENCE_OBSERVABILITY_TRACING_PROTOCOL": "http/protobuf",
+                             "INFERENCE_OBSERVABILITY_TRACING_ENDPOINT": "http://user:secret@collector.example:4318"})
+    health = (await call("GET", gateway.url + "/health")).json()
+    observability = health["observability"]
+    assert observability["metrics"] == {"enabled": True, "path": "/metrics"}
+    tracing = observability["tracing"]
+    assert tracing["enabled"] is True and tracing["exporter"] == "otlp" and tracing["protocol"] == "http/protobuf"
+    assert tracing["endpoint"] == "http://collector.example:4318/v1/traces"  # credentials never shown
+    assert tracing["export"]["ok"] is None  # nothing sent yet

@@ -1,0 +1,334 @@
+"""OpenTelemetry traces, exported over OTLP to a real receiver: names, kinds, parentage, attributes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.logger import globalLogPublisher
+
+from .conftest import call, raw_connect, raw_post
+from .fakes.collector import Collector
+from .test_daemon import TWISTD, spawn, stop
+
+MODEL = "qwen2.5-7b-instruct"
+SERVER_SPAN = "POST /v1/chat/completions"
+CLIENT_SPAN = f"chat {MODEL}"
+
+
+def chat(text: str = "hello there", **extra):
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}
+
+
+@pytest.fixture
+def collector() -> Any:
+    receiver = Collector()
+    receiver.start()
+    yield receiver
+    pytest_twisted.blockon(receiver.stop())
+
+
+@pytest.fixture
+def traced(fake, start_gateway, collector):
+    """A gateway in front of the fake LM Studio, exporting spans over OTLP gRPC to the test collector."""
+    def start(**settings: str):
+        env = {"INFERENCE_INFERENCE_BASE_URL": fake.url,
+               "INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "otlp",
+               "INFERENCE_OBSERVABILITY_TRACING_ENDPOINT": collector.grpc_endpoint}
+        env.update({"INFERENCE_" + key.upper(): value for key, value in settings.items()})
+        return start_gateway(env)
+    return start
+
+
+async def spans_of(gateway, collector, count: int) -> list:
+    """Flush the gateway's spans and wait until ``count`` chat spans (server + client) arrived."""
+    await gateway.site.gateway.telemetry.tracing.flush()
+    return await collector.wait_for(lambda spans: len(spans) >= count)
+
+
+def pair(collector: Collector) -> tuple:
+    (server,) = collector.named(SERVER_SPAN)
+    (client,) = collector.named(CLIENT_SPAN)
+    return server, client
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chat_is_a_server_span_with_a_client_span_child(fake, traced, collector):
+    gateway = traced()
+    reply = await gateway.post_chat(chat(), headers={"User-Agent": "pytest-agent"})
+    assert reply.status == 200
+    await spans_of(gateway, collector, 2)
+    server, client = pair(collector)
+    assert server.kind == "SERVER" and client.kind == "CLIENT"
+    assert client.trace_id == server.trace_id and client.parent_span_id == server.span_id
+    assert server.parent_span_id == ""  # no traceparent came in: a new trace
+    assert server.resource["service.name"] == "inference" and server.resource["service.version"] == "0.1.0"
+    port = gateway.port.getHost().port
+    assert server.attributes == {
+        "http.request.method": "POST", "http.route": "/v1/chat/completions", "url.path": "/v1/chat/completions",
+        "url.scheme": "http", "server.address": "127.0.0.1", "server.port": port, "client.address": "127.0.0.1",
+        "network.protocol.version": "1.1", "user_agent.original": "pytest-agent", "http.response.status_code": 200}
+    assert server.status == "UNSET"
+    fake_port = int(fake.url.rsplit(":", 1)[1])
+    assert client.attributes == {
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "lmstudio", "gen_ai.request.model": MODEL,
+        "gen_ai.request.stream": False, "gen_ai.request.max_tokens": 100, "gen_ai.request.temperature": 0.7,
+        "server.address": "127.0.0.1", "server.port": fake_port,
+        "gen_ai.response.id": "chatcmpl-fake123", "gen_ai.response.model": MODEL,
+        "gen_ai.response.finish_reasons": ["stop"], "gen_ai.usage.input_tokens": 12,
+        "gen_ai.usage.output_tokens": 3}
+    assert client.event("first_token") is None  # a non-streaming answer has no first token to time
+    assert server.start <= client.start <= client.end <= server.end
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_upstream_request_carries_the_client_span_as_traceparent(fake, traced, collector):
+    gateway = traced()
+    await gateway.post_chat(chat())
+    await spans_of(gateway, collector, 2)
+    _, client = pair(collector)
+    sent = [r for r in fake.received if r.path == "/v1/chat/completions"][-1]
+    version, trace_id, parent_id, flags = sent.headers["traceparent"].split("-")
+    assert (version, trace_id, parent_id) == ("00", client.trace_id, client.span_id)
+    assert int(flags, 16) & 1  # sampled
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_incoming_traceparent_is_continued(fake, traced, collector):
+    gateway = traced()
+    trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    await gateway.post_chat(chat(stream=True), headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+    await spans_of(gateway, collector, 2)
+    server, client = pair(collector)
+    assert server.trace_id == client.trace_id == trace_id
+    assert server.parent_span_id == parent
+    sent = [r for r in fake.received if r.path == "/v1/chat/completions"][-1]
+    assert sent.headers["traceparent"].startswith(f"00-{trace_id}-{client.span_id}-")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_has_a_first_token_event_and_time_to_first_chunk(fake, traced, collector):
+    gateway = traced()
+    reply = await gateway.post_chat(chat("one two three", stream=True, top_p=0.9, stop=["\n\n"], seed=7))
+    assert reply.status == 200
+    await spans_of(gateway, collector, 2)
+    server, client = pair(collector)
+    first = client.event("first_token")
+    assert first is not None and client.start < first.time <= client.end
+    ttfc = client.attributes["gen_ai.response.time_to_first_chunk"]
+    assert 0 < ttfc <= (client.end - client.start) / 1e9
+    assert abs((first.time - client.start) / 1e9 - ttfc) < 1e-3  # the event sits at the measured moment
+    assert client.attributes["gen_ai.request.stream"] is True
+    assert client.attributes["gen_ai.request.top_p"] == 0.9
+    assert client.attributes["gen_ai.request.seed"] == 7
+    assert client.attributes["gen_ai.request.stop_sequences"] == ["\n\n"]
+    assert client.attributes["gen_ai.response.id"] == "chatcmpl-fakestream"
+    assert client.attributes["gen_ai.usage.output_tokens"] == 4
+    assert client.attributes["gen_ai.response.finish_reasons"] == ["stop"]
+    assert server.attributes["http.response.status_code"] == 200 and server.status == "UNSET"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_failure_marks_both_spans_as_errors(fake, traced, collector):
+    gateway = traced()
+    fake.chat.mode, fake.chat.status = "error_string", 503
+    assert (await gateway.post_chat(chat())).status == 500
+    await spans_of(gateway, collector, 2)
+    server, client = pair(collector)
+    assert client.status == "ERROR" and "HTTP 503" in client.status_message
+    assert client.attributes["error.type"] == "upstream_error"
+    assert server.status == "ERROR" and server.attributes["error.type"] == "upstream_error"
+    assert server.attributes["http.response.status_code"] == 500
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_failing_after_the_200_is_an_error_span(fake, traced, collector):
+    gateway = traced()
+    fake.chat.stream = "die"
+    reply = await gateway.post_chat(chat(stream=True))
+    assert reply.status == 200
+    await spans_of(gateway, collector, 2)
+    server, client = pair(collector)
+    assert client.status == "ERROR" and client.attributes["error.type"] == "upstream_error"
+    assert client.event("first_token") is not None  # two words arrived before the upstream died
+    assert server.attributes["http.response.status_code"] == 200
+    assert server.status == "ERROR" and server.attributes["error.type"] == "upstream_error"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_error_is_not_a_server_error(fake, traced, collector):
+    gateway = traced()
+    assert (await gateway.post_chat({"messages": "nope"})).status == 400
+    await call("GET", gateway.url + "/v1/models")
+    await spans_of(gateway, collector, 2)
+    (server,) = collector.named(SERVER_SPAN)
+    assert server.status == "UNSET" and server.attributes["http.response.status_code"] == 400
+    assert not [s for s in collector.spans if s.kind == "CLIENT"]  # nothing reached the upstream
+    assert collector.named("GET /v1/models")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_ends_both_spans(fake, traced, collector):
+    gateway = traced()
+    fake.chat.stream = "stall"
+    closed = fake.next_close()
+    client = await raw_connect(gateway.port.getHost().port)
+    client.transport.write(raw_post("/v1/chat/completions", json.dumps(chat(stream=True)).encode()))
+    await client.received(b'" hello"')
+    client.transport.loseConnection()
+    await closed
+    await spans_of(gateway, collector, 2)
+    server, upstream = pair(collector)
+    assert upstream.status == "ERROR" and upstream.attributes["error.type"] == "cancelled"
+    assert server.event("client_disconnected") is not None
+    assert "http.response.status_code" not in server.attributes
+
+
+@pytest_twisted.ensureDeferred
+async def test_probes_and_scrapes_are_not_traced(fake, traced, collector):
+    gateway = traced()
+    await call("GET", gateway.url + "/health/live")
+    await call("GET", gateway.url + "/health/ready")
+    await call("GET", gateway.url + "/metrics")
+    await call("GET", gateway.url + "/health")
+    await spans_of(gateway, collector, 1)
+    assert [s.name for s in collector.spans if s.kind == "SERVER"] == ["GET /health"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_content_is_recorded_only_when_the_operator_opts_in(fake, traced, collector):
+    quiet = traced()
+    await quiet.post_chat(chat("my secret prompt"))
+    await quiet.post_chat(chat("my secret prompt", stream=True))
+    await spans_of(quiet, collector, 4)
+    assert "secret" not in repr([s.attributes for s in collector.spans])
+    collector.spans.clear()
+
+    loud = traced(observability_tracing_capture_content="true")
+    await loud.post_chat(chat("tell me"))
+    await loud.post_chat(chat("stream me", stream=True))
+    await spans_of(loud, collector, 4)
+    plain, streamed = collector.named(CLIENT_SPAN)
+    assert json.loads(plain.attributes["gen_ai.input.messages"]) == [{"role": "user", "content": "tell me"}]
+    assert json.loads(plain.attributes["gen_ai.output.messages"]) == [
+        {"role": "assistant", "content": "echo: tell me"}]
+    assert json.loads(streamed.attributes["gen_ai.output.messages"]) == [
+        {"role": "assistant", "content": "echo: stream me"}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_keys_never_reach_a_span(fake, traced, collector):
+    fake.require_key = "upstream-key-123"
+    gateway = traced(server_api_keys="client-key-456", inference_provider="openai",
+                     inference_api_key="upstream-key-123")
+    fake.models = ["gpt-4o-mini"]
+    reply = await gateway.post_chat({**chat(), "model": "gpt-4o-mini"},
+                                    headers={"Authorization": "Bearer client-key-456"})
+    assert reply.status == 200
+    assert (await gateway.post_chat(chat(), headers={"Authorization": "Bearer wrong-key-789"})).status == 401
+    await spans_of(gateway, collector, 3)
+    everything = repr([(s.attributes, s.events, s.status_message, s.resource) for s in collector.spans])
+    for secret in ("client-key-456", "upstream-key-123", "wrong-key-789", "Bearer"):
+        assert secret not in everything
+
+
+@pytest_twisted.ensureDeferred
+async def test_spans_go_over_http_protobuf_too(fake, start_gateway, collector):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "otlp",
+                             "INFERENCE_OBSERVABILITY_TRACING_PROTOCOL": "http/protobuf",
+                             "INFERENCE_OBSERVABILITY_TRACING_ENDPOINT": collector.http_endpoint})
+    await gateway.post_chat(chat())
+    await spans_of(gateway, collector, 2)
+    server, client = pair(collector)
+    assert client.parent_span_id == server.span_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_standard_otel_variables_choose_the_collector(fake, start_gateway, collector):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "otlp",
+                             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                             "OTEL_EXPORTER_OTLP_ENDPOINT": collector.http_endpoint,
+                             "OTEL_SERVICE_NAME": "my-gateway"})
+    await gateway.post_chat(chat())
+    await spans_of(gateway, collector, 2)
+    assert {s.resource["service.name"] for s in collector.spans} == {"my-gateway"}
+    tracing = (await call("GET", gateway.url + "/health")).json()["observability"]["tracing"]
+    assert tracing["endpoint"] == collector.http_endpoint + "/v1/traces"
+    assert tracing["export"]["ok"] is True and tracing["export"]["exported_spans"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_sampling_follows_the_ratio_and_the_callers_decision(fake, traced, collector):
+    gateway = traced(observability_tracing_sample_ratio="0")
+    await gateway.post_chat(chat())
+    sent = [r for r in fake.received if r.path == "/v1/chat/completions"][-1]
+    assert not int(sent.headers["traceparent"][-2:], 16) & 1  # not sampled, yet the trace still propagates
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    await gateway.post_chat(chat(), headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"})
+    await spans_of(gateway, collector, 2)
+    assert {s.trace_id for s in collector.spans} == {trace_id}  # the caller sampled this one
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_collector_that_is_down_costs_one_log_line_and_nothing_else(fake, start_gateway, collector):
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        port = int(collector.http_endpoint.rsplit(":", 1)[1])
+        await collector.stop_http()  # the collector is down
+        gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                                 "INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "otlp",
+                                 "INFERENCE_OBSERVABILITY_TRACING_PROTOCOL": "http/protobuf",
+                                 "OTEL_EXPORTER_OTLP_TIMEOUT": "0.5",
+                                 "INFERENCE_OBSERVABILITY_TRACING_ENDPOINT": collector.http_endpoint})
+        tracing = gateway.site.gateway.telemetry.tracing
+        for _ in range(3):
+            assert (await gateway.post_chat(chat())).status == 200
+            await tracing.flush()
+        health = (await call("GET", gateway.url + "/health")).json()["observability"]["tracing"]["export"]
+        assert health["ok"] is False and health["failed_spans"] == 6 and health["last_error"]
+        failing = [e for e in events if "is failing" in e.get("log_format", "")]
+        assert len(failing) == 1
+        assert collector.http_endpoint in failing[0]["destination"]
+
+        collector.listen_http(port)  # the collector is back
+        assert (await gateway.post_chat(chat())).status == 200
+        await tracing.flush()
+        await collector.wait_for(lambda spans: len(spans) >= 2)
+        assert [e for e in events if "works again" in e.get("log_format", "")]
+        health = (await call("GET", gateway.url + "/health")).json()["observability"]["tracing"]["export"]
+        assert health["ok"] is True
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+
+@pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
+@pytest_twisted.ensureDeferred
+async def test_twistd_with_an_otlp_endpoint_exports_complete_traces(tmp_path, fake, collector):
+    daemon, transport = spawn(["--listen", "tcp:0:interface=127.0.0.1"],
+                              {"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                               "INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "otlp",
+                               "OTEL_EXPORTER_OTLP_ENDPOINT": collector.grpc_endpoint}, str(tmp_path))
+    try:
+        url = f"http://127.0.0.1:{await daemon.port()}/v1/chat/completions"
+        assert (await call("POST", url, chat("stream this", stream=True))).status == 200
+        fake.chat.mode = "error_string"
+        assert (await call("POST", url, chat("fail this"))).status == 500
+    finally:
+        assert await stop(daemon, transport)  # stopping flushes the spans not yet exported
+    spans = await collector.wait_for(lambda spans: len(spans) >= 4)
+    traces = {}
+    for span in spans:
+        traces.setdefault(span.trace_id, []).append(span)
+    assert len(traces) == 2
+    for trace in traces.values():
+        server, client = sorted(trace, key=lambda s: s.kind != "SERVER")
+        assert (server.name, server.kind, client.name, client.kind) == (SERVER_SPAN, "SERVER", CLIENT_SPAN, "CLIENT")
+        assert client.parent_span_id == server.span_id
+    streamed, failed = sorted(traces.values(), key=lambda t: any(s.status == "ERROR" for s in t))
+    assert [s.event("first_token") is not None for s in streamed if s.kind == "CLIENT"] == [True]
+    assert {s.status for s in failed} == {"ERROR"}
