@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from time import perf_counter
 from typing import AsyncIterator
 
 from twisted.internet.defer import DeferredSemaphore
@@ -35,18 +36,27 @@ class Admission:
         return self._active
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one upstream slot for the ``async with`` block, or raise :class:`Overloaded`."""
+    async def slot(self) -> AsyncIterator[float]:
+        """Hold one upstream slot for the ``async with`` block, or raise :class:`Overloaded`.
+
+        The block gets the seconds the request waited in the queue.
+        """
         semaphore = self._semaphore
+        waited = 0.0
         if semaphore is not None:
             if semaphore.tokens == 0 and len(semaphore.waiting) >= self._max_queue:
                 raise Overloaded(f"The gateway is at capacity ({semaphore.limit} requests running, "
                                  f"{len(semaphore.waiting)} waiting). Retry shortly.",
                                  headers={"Retry-After": str(RETRY_AFTER_SECS)})
-            await semaphore.acquire()
+            if semaphore.tokens == 0:
+                queued_at = perf_counter()
+                await semaphore.acquire()
+                waited = perf_counter() - queued_at
+            else:
+                await semaphore.acquire()
         self._active += 1
         try:
-            yield
+            yield waited
         finally:
             self._active -= 1
             if semaphore is not None:

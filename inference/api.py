@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import hmac
 import json
-from time import perf_counter
 from typing import Any, Optional
 
 from klein import Klein
-from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -80,29 +78,14 @@ class Gateway:
         self._authorize(request)
         chat = parse_chat_request(self._body(request), self.config.inference.defaults)
         chat.body["model"] = await self.catalog.resolve(chat.model)
-        arrived = perf_counter()
-        async with self.admission.slot():
-            call = self.telemetry.chat_call(request, chat.body, chat.stream, queued=perf_counter() - arrived)
-            try:
+        async with self.admission.slot() as queued:
+            with self.telemetry.chat_call(request, chat.body, chat.stream, queued) as call:
                 if chat.stream:
                     stream = await self.provider.open_stream(chat.body, call.headers)
-                    relay = StreamRelay(request, stream, call.capture_content)
-                    try:
-                        await relay.run()
-                    finally:
-                        call.streamed(relay.stats)
+                    call.streamed(await StreamRelay(request, stream, call.capture_content).run())
                     return None  # the relay wrote everything; Klein finishes the response
                 answer = await self.provider.chat(chat.body, call.headers)
-            except CancelledError:  # the client went away (Klein cancelled the handler)
-                call.abandoned()
-                raise
-            except GatewayError as e:
-                call.failed(e)
-                raise
-            except Exception:
-                call.failed(GatewayError("internal gateway error"))
-                raise
-        call.answered(answer)
+                call.answered(answer)
         return write_json(request, answer)
 
     @app.route("/v1/models", methods=["GET"])

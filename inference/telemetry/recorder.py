@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit
 
 from opentelemetry.trace import Span, Status, StatusCode
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 
 from ..config import ObservabilityConfig
 from ..errors import GatewayError
@@ -168,6 +168,20 @@ class ChatCall:
         return attributes
 
     # -- endings -------------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> "ChatCall":
+        return self
+
+    def __exit__(self, kind: Optional[type], error: Optional[BaseException], traceback: Any) -> None:
+        """Whatever escapes the call ends it: a cancel (the client left), a gateway error, or a bug."""
+        if error is None:
+            return
+        if isinstance(error, CancelledError):
+            self.abandoned()
+        elif isinstance(error, GatewayError):
+            self.failed(error)
+        else:
+            self.failed(GatewayError("internal gateway error"))
 
     def answered(self, answer: dict[str, Any]) -> None:
         """A non-streaming answer arrived whole."""
