@@ -64,15 +64,17 @@ class ExportStatus:
                 "last_error": self.last_error}
 
 
-class _LastMessage(logging.Handler):
-    """Keeps the OTLP exporter's last complaint instead of printing one per retry (the exporter's own logs)."""
+class _FirstMessage(logging.Handler):
+    """Keeps the OTLP exporter's first complaint of an export (the cause; later ones are about its retries)
+    instead of letting it print one line per retry."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.local = threading.local()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.local.message = record.getMessage()
+        if getattr(self.local, "message", None) is None:
+            self.local.message = record.getMessage()
 
     def take(self) -> Optional[str]:
         message = getattr(self.local, "message", None)
@@ -80,7 +82,7 @@ class _LastMessage(logging.Handler):
         return message
 
 
-_EXPORTER_MESSAGES = _LastMessage()
+_EXPORTER_MESSAGES = _FirstMessage()
 _exporter_logger = logging.getLogger("opentelemetry.exporter.otlp")
 _exporter_logger.addHandler(_EXPORTER_MESSAGES)
 _exporter_logger.propagate = False
@@ -286,7 +288,7 @@ class Tracing:
             try:
                 result = work()
             except Exception as e:
-                self._reactor.callFromThread(log.warn, "tracing shutdown failed: {error}", error=e)
+                self._reactor.callFromThread(log.warn, "tracing: flushing spans failed: {error}", error=e)
                 result = None
             self._reactor.callFromThread(done.callback, result)
 
