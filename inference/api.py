@@ -17,6 +17,7 @@ from . import __version__
 from .admission import Admission
 from .catalog import ModelCatalog
 from .config import Config
+from .drain import InFlight
 from .errors import (AuthenticationFailed, GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound,
                      UpstreamTimeout)
 from .providers import Provider
@@ -63,6 +64,7 @@ class Gateway:
         self.catalog = ModelCatalog(provider, reactor, inference.models_cache_secs, inference.allowed_models,
                                     inference.default_model)
         self.admission = Admission(inference.max_concurrent_requests, inference.max_queue)
+        self.inflight = InFlight(reactor)
         telemetry.metrics.track_load(lambda: self.admission.active, lambda: self.admission.queued)
         self._api_keys = [key.encode("utf-8") for key in config.server.api_keys]
 
@@ -77,16 +79,19 @@ class Gateway:
     async def chat_completions(self, request: IRequest) -> Optional[bytes]:
         self._authorize(request)
         chat = parse_chat_request(self._body(request), self.config.inference.defaults)
-        chat.body["model"] = await self.catalog.resolve(chat.model)
-        async with self.admission.slot() as queued:
-            with self.telemetry.chat_call(request, chat.body, chat.stream, queued) as call:
-                if chat.stream:
-                    stream = await self.provider.open_stream(chat.body, call.headers)
-                    call.streamed(await StreamRelay(request, stream, call.capture_content).run())
+        with self.inflight.track() as job:
+            chat.body["model"] = await job.run(self.catalog.resolve(chat.model))
+            async with self.admission.slot() as queued:
+                with self.telemetry.chat_call(request, chat.body, chat.stream, queued) as call:
+                    if not chat.stream:
+                        answer = await job.run(self.provider.chat(chat.body, call.headers))
+                        call.answered(answer)
+                        return write_json(request, answer)
+                    stream = await job.run(self.provider.open_stream(chat.body, call.headers))
+                    relay = StreamRelay(request, stream, call.capture_content)
+                    job.on_interrupt(relay.interrupt)
+                    call.streamed(await relay.run())
                     return None  # the relay wrote everything; Klein finishes the response
-                answer = await self.provider.chat(chat.body, call.headers)
-                call.answered(answer)
-        return write_json(request, answer)
 
     @app.route("/v1/models", methods=["GET"])
     async def list_models(self, request: IRequest) -> bytes:
@@ -126,6 +131,8 @@ class Gateway:
 
     @app.route("/health/ready", methods=["GET"])
     async def ready(self, request: IRequest) -> bytes:
+        if self.inflight.draining:  # a load balancer should send nothing more here
+            return write_json(request, {"status": "not ready", "error": "shutting down"}, 503)
         upstream = await self.probe_upstream()
         if upstream["reachable"]:
             return write_json(request, {"status": "ready"})

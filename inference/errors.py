@@ -78,6 +78,10 @@ class Overloaded(GatewayError):
     status, type, code = 429, "rate_limit_error", "overloaded"
 
 
+class ShuttingDown(GatewayError):
+    status, type, code = 503, "api_error", "shutting_down"
+
+
 class UpstreamClientError(GatewayError):
     """The upstream refused the request (4xx): its status is kept, its error normalised."""
 

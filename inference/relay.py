@@ -124,6 +124,11 @@ class StreamRelay:
         if isinstance(chunk.get("usage"), dict):
             stats.usage = chunk["usage"]
 
+    def interrupt(self, error: GatewayError) -> None:
+        """End the stream now with ``error`` (the daemon is stopping): between two events, never inside one."""
+        if not self._upstream_done and self.stats.error is None:
+            self._fail(error)
+
     def _fail(self, error: GatewayError) -> None:
         self.stats.error = error
         self._stream.fail(error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from io import BytesIO
 from typing import Any, Mapping, Optional
 
@@ -119,12 +120,19 @@ def default_endpoint(server: ServerConfig) -> str:
     return f"tcp:port={server.port}:interface={quoteStringArgument(server.host)}"
 
 
-class _ProviderService(service.Service):
-    """Logs the start, and closes upstream connections and flushes spans when the daemon stops."""
+class GatewayService(service.Service):
+    """The daemon's life: say what it serves, and on SIGTERM drain the requests in flight, then release all.
 
-    def __init__(self, site: GatewaySite, endpoint: str) -> None:
+    SIGTERM is handled here rather than by twistd, which would re-raise the signal and end the process by it:
+    a stop that let every request finish is a success, and exits 0.
+    """
+
+    def __init__(self, site: GatewaySite, endpoint: str, reactor: Any, handle_sigterm: bool = True) -> None:
         self._site = site
         self._endpoint = endpoint
+        self._reactor = reactor
+        self._handle_sigterm = handle_sigterm
+        self._stopping = False
 
     def startService(self) -> None:
         super().startService()
@@ -134,6 +142,9 @@ class _ProviderService(service.Service):
                  endpoint=self._endpoint)
         self._probe = Deferred.fromCoroutine(gateway.probe_upstream())
         self._probe.addCallback(self._report_upstream).addErrback(lambda failure: failure.trap(CancelledError))
+        if self._handle_sigterm:  # once running: the reactor installs its own handlers as it starts
+            self._reactor.callWhenRunning(signal.signal, signal.SIGTERM,
+                                          lambda number, frame: self._reactor.callFromThread(self._sigterm))
 
     def _report_upstream(self, upstream: dict[str, Any]) -> None:
         """Say at once whether the upstream answers, rather than at the first failed request."""
@@ -145,10 +156,33 @@ class _ProviderService(service.Service):
             log.warn("upstream {upstream} does not answer yet ({error}); chat requests fail with 502 until it "
                      "does", upstream=base_url, error=upstream["error"])
 
-    def stopService(self) -> Any:
+    def _sigterm(self) -> None:
+        if self._stopping:
+            log.info("SIGTERM again: already stopping")
+            return
+        self._stopping = True
+        log.info("SIGTERM: stopping")
+        self._reactor.stop()
+
+    def stopService(self) -> "Deferred[None]":
         super().stopService()
         self._probe.cancel()
-        return Deferred.fromCoroutine(self._site.gateway.close())
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        gateway = self._site.gateway
+        grace = gateway.config.server.shutdown_timeout_secs
+        running = len(gateway.inflight)
+        if running:
+            log.info("no longer accepting; letting {count} request(s) finish, for up to {grace:g}s",
+                     count=running, grace=grace)
+        interrupted = await gateway.inflight.drain(grace)
+        if interrupted:
+            log.warn("{count} request(s) still running after {grace:g}s were ended with an error",
+                     count=interrupted, grace=grace)
+        elif running:
+            log.info("all requests finished")
+        await gateway.close()
 
 
 def make_service(config: Config, listen: Optional[str] = None, reactor: Any = None) -> service.MultiService:
@@ -159,7 +193,8 @@ def make_service(config: Config, listen: Optional[str] = None, reactor: Any = No
     site = build_site(config, reactor)
     endpoint = listen or default_endpoint(config.server)
     top = service.MultiService()
-    _ProviderService(site, endpoint).setServiceParent(top)
+    GatewayService(site, endpoint, reactor).setServiceParent(top)
+    # Added last, stopped first: the port closes before the drain starts.
     strports.service(endpoint, site).setServiceParent(top)
     return top
 

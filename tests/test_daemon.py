@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -12,10 +13,11 @@ from typing import Any, Optional
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 
-from .conftest import call
+from .conftest import call, raw_connect, raw_post, scrape, sse_payloads
 
 TWISTD = shutil.which("twistd", path=os.path.dirname(sys.executable))
 pytestmark = pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
@@ -30,12 +32,24 @@ class Daemon(ProcessProtocol):
         self.listening: Deferred[Optional[int]] = Deferred()
         self.ended: Deferred[Optional[int]] = Deferred()
         self.signal: Optional[int] = None
+        self._said: list[tuple[bytes, Deferred[None]]] = []
 
     def outReceived(self, data: bytes) -> None:
         self.out += data
         found = re.search(rb"GatewaySite starting on (\d+)", self.out)
         if found and not self.listening.called:
             self.listening.callback(int(found.group(1)))
+        for marker, d in list(self._said):
+            if marker in self.out:
+                self._said.remove((marker, d))
+                d.callback(None)
+
+    def said(self, marker: bytes) -> "Deferred[None]":
+        """Fires once the daemon has logged ``marker``."""
+        d: Deferred[None] = Deferred()
+        self._said.append((marker, d))
+        self.outReceived(b"")
+        return d
 
     def errReceived(self, data: bytes) -> None:
         self.err += data
@@ -65,14 +79,14 @@ def spawn(args: list[str], env: dict[str, str], cwd: str) -> tuple[Daemon, Any]:
 
 
 async def stop(daemon: Daemon, transport: Any) -> bool:
-    """SIGTERM the daemon; True when it shut down cleanly (twistd re-raises SIGTERM to exit by it).
+    """SIGTERM the daemon; True when it shut down cleanly: exit status 0.
 
     Call it once the daemon has answered a request: before its reactor runs, SIGTERM just kills it.
     """
     if not daemon.ended.called:
         transport.signalProcess(signal.SIGTERM)
     code = await daemon.ended
-    return code == 0 or (code is None and daemon.signal == signal.SIGTERM and b"Server Shut Down" in daemon.out)
+    return code == 0 and b"Server Shut Down" in daemon.out
 
 
 @pytest_twisted.ensureDeferred
@@ -141,3 +155,71 @@ async def test_port_from_environment(tmp_path):
         assert (await call("GET", f"http://127.0.0.1:{port}/health/live")).status == 200
     finally:
         assert await stop(daemon, transport)
+
+
+def dechunk(raw: bytes) -> bytes:
+    """The body of a raw HTTP/1.1 chunked response."""
+    body, rest = b"", raw.split(b"\r\n\r\n", 1)[1]
+    while rest:
+        size, rest = rest.split(b"\r\n", 1)
+        if int(size, 16) == 0:
+            break
+        body, rest = body + rest[:int(size, 16)], rest[int(size, 16) + 2:]
+    return body
+
+
+def mock_daemon(tmp_path, **settings: str) -> tuple[Daemon, Any]:
+    env = {"INFERENCE_INFERENCE_PROVIDER": "mock", **{"INFERENCE_" + k.upper(): v for k, v in settings.items()}}
+    return spawn(["--listen", "tcp:0:interface=127.0.0.1"], env, str(tmp_path))
+
+
+def words(count: int) -> str:
+    return " ".join(f"w{i}" for i in range(count))
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_lets_a_running_stream_finish_then_exits_0(tmp_path):
+    daemon, transport = mock_daemon(tmp_path, inference_mock_token_delay_secs="0.05")
+    port = await daemon.port()
+    client = await raw_connect(port)
+    client.transport.write(raw_post("/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": words(12)}], "stream": True}).encode()))
+    await client.received(b'"You"')
+    transport.signalProcess(signal.SIGTERM)
+    await daemon.said(b"no longer accepting")
+    with pytest.raises(error.ConnectionRefusedError):  # the port is closed while the stream goes on
+        await raw_connect(port)
+    await client.lost
+    assert await daemon.ended == 0
+    body = bytes(client.data)
+    assert body.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # every event, then the chunked end
+    assert b" w11" in body and b'"error"' not in body
+    assert b"all requests finished" in daemon.out
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_ends_requests_that_outlive_the_timeout_with_an_error(tmp_path):
+    daemon, transport = mock_daemon(tmp_path, inference_mock_token_delay_secs="0.2",
+                                    server_shutdown_timeout_secs="0.3")
+    port = await daemon.port()
+    streaming = await raw_connect(port)
+    streaming.transport.write(raw_post("/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": words(30)}], "stream": True}).encode()))
+    await streaming.received(b'"You"')
+    waiting = await raw_connect(port)
+    waiting.transport.write(raw_post("/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": words(30)}]}).encode()))
+    metrics = f"http://127.0.0.1:{port}"
+    while (await scrape(metrics)).value("inference_requests_in_flight", provider="mock") != 2:
+        pass  # both requests are being served (each scrape is a round trip to the daemon)
+    transport.signalProcess(signal.SIGTERM)
+    await streaming.lost
+    await waiting.lost
+    assert await daemon.ended == 0
+    events = sse_payloads(dechunk(bytes(streaming.data)))
+    assert events[-1] == b"[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "shutting_down" and "shutdown_timeout_secs" in error["message"]
+    assert all(json.loads(e).get("choices") is not None for e in events[:-2])  # whole events before it
+    assert b"HTTP/1.1 503" in bytes(waiting.data) and b"shutting_down" in bytes(waiting.data)
+    assert b"2 request(s) still running after 0.3s were ended with an error" in daemon.out
