@@ -181,8 +181,9 @@ class Gateway:
 
     @app.handle_errors(Exception)
     def unexpected(self, request: IRequest, failure: Failure) -> bytes:
-        log.failure("unexpected error answering {method} {path}", failure,
-                    method=request.method.decode(), path=request.path.decode("utf-8", "replace"))
+        log.failure("unexpected error answering {method} {path}", failure, method=request.method.decode(),
+                    path=request.path.decode("utf-8", "replace"), request_id=getattr(request, "request_id", None),
+                    trace_id=getattr(request, "trace_id", None))
         return self.gateway_error(request, Failure(GatewayError("internal gateway error; see the gateway log")))
 
     # -- helpers -------------------------------------------------------------------------------------------------

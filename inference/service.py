@@ -10,7 +10,8 @@ from typing import Any, Mapping, Optional
 from twisted.application import service, strports
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import quoteStringArgument
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -19,6 +20,7 @@ from . import __version__
 from .api import Gateway, route_of, write_json
 from .config import Config, ServerConfig
 from .errors import MethodNotAllowed
+from .logs import CURRENT_IDS, log_access, make_observer, request_id_for
 from .providers import make_provider
 from .telemetry import Metrics, RequestState, Telemetry
 
@@ -35,20 +37,34 @@ class GatewayRequest(RequestState, Request):
 
     body_too_large = False
 
+    request_id = ""
+
     def process(self) -> None:
         site = self.channel.site
+        self.request_id = request_id_for(self.getHeader(b"x-request-id"))
+        self.setHeader(b"X-Request-ID", self.request_id)
         site.telemetry.request_started(self, site.route_of(self.path))
-        super().process()
+        # The handler's coroutine copies this context, so what it logs carries the request's ids.
+        ids = CURRENT_IDS.set((self.request_id, self.trace_id))
+        try:
+            super().process()
+        finally:
+            CURRENT_IDS.reset(ids)
 
     def finish(self) -> None:
         super().finish()
-        self.site.telemetry.request_ended(self, self.code)
+        self._ended(self.code)
 
     def connectionLost(self, reason: Failure) -> None:
-        site = self.channel.site if self.channel is not None else None
         super().connectionLost(reason)
-        if site is not None and not self.finished and self.started:
-            site.telemetry.request_ended(self, None)
+        if not self.finished and self.started:
+            self._ended(None)
+
+    def _ended(self, status: Optional[int]) -> None:
+        if self.recorded:
+            return
+        self.site.telemetry.request_ended(self, status)
+        log_access(self, status)
 
     def gotLength(self, length: Optional[int]) -> None:
         self.content = BytesIO()
@@ -87,6 +103,7 @@ class MetricsResource(Resource):
 
 class GatewaySite(Site):
     requestFactory = GatewayRequest
+    noisy = False  # no "Starting factory" lines: the service logs what it serves
 
     def __init__(self, gateway: Gateway) -> None:
         super().__init__(gateway.app.resource())
@@ -95,6 +112,9 @@ class GatewaySite(Site):
         self.max_body_bytes = gateway.config.server.max_body_bytes
         self._metrics_path = gateway.telemetry.metrics_path
         self._metrics = MetricsResource(gateway.telemetry.metrics)
+
+    def log(self, request: Any) -> None:
+        """Twisted's combined-format access log is replaced by ``log_access`` (one line with model, TTFT, tokens)."""
 
     def route_of(self, path: bytes) -> str:
         return self.telemetry.metrics_route if path == self._metrics_path else route_of(path)
@@ -185,6 +205,20 @@ class GatewayService(service.Service):
         await gateway.close()
 
 
+class _Daemon(service.MultiService):
+    """The top service. It hands twistd the log observer the config asks for: twistd looks for an
+    ``ILogObserver`` on the application before falling back to its own (``--logger`` still wins)."""
+
+    def __init__(self, observer: ILogObserver) -> None:
+        super().__init__()
+        self._observer = observer
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self._observer)
+        return super().setServiceParent(parent)
+
+
 def make_service(config: Config, listen: Optional[str] = None, reactor: Any = None) -> service.MultiService:
     """The whole daemon as a Twisted service: listen on ``listen`` (an endpoint string) or the config's."""
     if reactor is None:
@@ -192,7 +226,7 @@ def make_service(config: Config, listen: Optional[str] = None, reactor: Any = No
         reactor = default_reactor
     site = build_site(config, reactor)
     endpoint = listen or default_endpoint(config.server)
-    top = service.MultiService()
+    top = _Daemon(make_observer(config.logging))
     GatewayService(site, endpoint, reactor).setServiceParent(top)
     # Added last, stopped first: the port closes before the drain starts.
     strports.service(endpoint, site).setServiceParent(top)

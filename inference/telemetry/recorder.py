@@ -38,6 +38,20 @@ class RequestState:
     stream_failed: bool = False
     overhead_before: float = 0.0  # gateway time from arrival to the upstream call
     answered_at: Optional[float] = None  # when the upstream's answer was complete
+    duration: float = 0.0  # arrival to the last byte (or to the client leaving)
+    # What the chat call measured, for the access log.
+    model: Optional[str] = None
+    time_to_first_token: Optional[float] = None
+    input_tokens: Optional[int] = None
+    output_tokens: Optional[int] = None
+
+    @property
+    def trace_id(self) -> Optional[str]:
+        span = self.span
+        if span is None:
+            return None
+        context = span.get_span_context()
+        return format(context.trace_id, "032x") if context.is_valid else None
 
 
 class Telemetry:
@@ -96,7 +110,8 @@ class Telemetry:
         span = request.span
         exemplar = self.tracing.exemplar(span)
         metrics.http_requests.labels(method, request.route, label).inc()
-        metrics.http_duration.labels(method, request.route, label).observe(now - request.started, exemplar)
+        request.duration = now - request.started
+        metrics.http_duration.labels(method, request.route, label).observe(request.duration, exemplar)
         if request.answered_at is not None and code is not None:
             metrics.overhead.labels(request.route).observe(request.overhead_before + now - request.answered_at,
                                                            exemplar)
@@ -235,6 +250,9 @@ class ChatCall:
 
         input_tokens = _count(usage, "prompt_tokens")
         output_tokens = _count(usage, "completion_tokens")
+        request.model, request.input_tokens, request.output_tokens = model, input_tokens, output_tokens
+        if first_token_at is not None:
+            request.time_to_first_token = first_token_at - request.started
         if input_tokens is not None:
             metrics.tokens.labels(provider, model, "input").inc(input_tokens)
         if output_tokens is not None:

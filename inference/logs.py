@@ -1,0 +1,129 @@
+"""Logging: one line per event on stdout (text or JSON), filtered by level, with the request's ids attached.
+
+The request id and trace id of the request being served live in a context variable, set while twisted.web
+dispatches the request: Klein's handler coroutine copies that context, so every event the handler (and the
+upstream client it awaits) logs carries the ids without passing them around. Events from protocol callbacks
+run in the reactor's root context and simply have none.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import uuid
+from contextvars import ContextVar
+from datetime import datetime, timezone
+from typing import IO, Any, Optional
+
+from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, Logger,
+                            formatEvent)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .config import LoggingConfig
+
+access = Logger(namespace="inference.access")
+
+CURRENT_IDS: ContextVar[Optional[tuple[str, Optional[str]]]] = ContextVar("inference_request_ids", default=None)
+"""(request id, trace id) of the request whose code is running."""
+
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "warning": LogLevel.warn,
+           "error": LogLevel.error, "critical": LogLevel.critical}
+# Keys of legacy twisted.python.log events that are not fields worth a JSON key.
+_LEGACY_KEYS = {"format", "system", "time", "isError", "message", "why", "failure", "printed", "debug"}
+
+
+def request_id_for(header: Optional[bytes]) -> str:
+    """The client's ``X-Request-ID`` when it is a sane token, else a new one (a header must not inject lines)."""
+    if header:
+        text = header.decode("latin-1")
+        if _VALID_REQUEST_ID.fullmatch(text):
+            return text
+    return uuid.uuid4().hex
+
+
+def make_observer(config: LoggingConfig, out: IO[str] = sys.stdout) -> ILogObserver:
+    """An observer writing events at ``config.level`` and above to ``out``, in ``config.format``."""
+    writer = JSONLines(out) if config.format == "json" else TextLines(out)
+    return FilteringLogObserver(writer, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[config.level])])
+
+
+def _ids(event: dict[str, Any]) -> tuple[Optional[str], Optional[str]]:
+    if "request_id" in event:
+        return event["request_id"], event.get("trace_id")
+    current = CURRENT_IDS.get()
+    return current if current is not None else (None, None)
+
+
+def _timestamp(event: dict[str, Any]) -> str:
+    when = datetime.fromtimestamp(event.get("log_time") or 0, tz=timezone.utc)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _message(event: dict[str, Any]) -> str:
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        text += "\n" + failure.getTraceback()
+    return text
+
+
+@implementer(ILogObserver)
+class TextLines:
+    """``2026-11-24T08:00:00.000Z info [inference.access] message request_id=... trace_id=...``"""
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level") or LogLevel.info
+        request_id, trace_id = _ids(event)
+        line = f"{_timestamp(event)} {level.name} [{event.get('log_namespace', '-')}] {_message(event)}"
+        if request_id:
+            line += f" request_id={request_id}"
+        if trace_id:
+            line += f" trace_id={trace_id}"
+        self._out.write(line + "\n")
+        self._out.flush()
+
+
+@implementer(ILogObserver)
+class JSONLines:
+    """One JSON object per line: timestamp, level, logger, message, request_id, trace_id, and the event's fields."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level") or LogLevel.info
+        request_id, trace_id = _ids(event)
+        record: dict[str, Any] = {"timestamp": _timestamp(event), "level": level.name,
+                                  "logger": event.get("log_namespace", "-"), "message": _message(event)}
+        for key, value in event.items():
+            if key.startswith("log_") or key in _LEGACY_KEYS or key in record:
+                continue
+            if value is None or isinstance(value, (str, int, float, bool)):
+                record[key] = value
+        record["request_id"], record["trace_id"] = request_id, trace_id
+        self._out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._out.flush()
+
+
+def log_access(request: Any, status: Optional[int]) -> None:
+    """The access line of one request (``status`` None: the client left before the answer was complete)."""
+    fields: dict[str, Any] = {
+        "method": request.method.decode("latin-1"), "path": request.path.decode("latin-1")[:200],
+        "route": request.route, "status": status if status is not None else 499,
+        "duration_ms": round(request.duration * 1000, 2), "bytes": request.sentLength,
+        "client": getattr(request.getClientAddress(), "host", "-"),
+        "request_id": request.request_id, "trace_id": request.trace_id}
+    if request.model is None:
+        access.info('{client} "{method} {path}" {status} {bytes}B {duration_ms}ms', **fields)
+        return
+    ttft = request.time_to_first_token
+    fields.update(model=request.model, input_tokens=request.input_tokens, output_tokens=request.output_tokens,
+                  ttft_ms=round(ttft * 1000, 2) if ttft is not None else None)
+    access.info('{client} "{method} {path}" {status} {bytes}B {duration_ms}ms model={model} '
+                'ttft_ms={ttft_ms} tokens={input_tokens}/{output_tokens}', **fields)

@@ -1,0 +1,151 @@
+"""Logging: request ids, the access line, text and JSON output, levels, and no secrets or content."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.error import ConnectionRefusedError
+from twisted.logger import LogLevel, Logger, globalLogPublisher
+
+from inference.config import LoggingConfig
+from inference.logs import make_observer
+
+from .conftest import call, raw_connect, raw_post
+from .test_daemon import TWISTD, spawn
+
+MODEL = "qwen2.5-7b-instruct"
+
+
+@pytest.fixture
+def access_events() -> Any:
+    events: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace") == "inference.access":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_ids_are_echoed_or_generated(lmstudio):
+    given = await call("GET", lmstudio.url + "/v1/models", headers={"X-Request-ID": "client-chosen.id-42"})
+    assert given.header("x-request-id") == "client-chosen.id-42"
+    made = await call("GET", lmstudio.url + "/v1/models")
+    other = await call("GET", lmstudio.url + "/v1/models")
+    assert len(made.header("x-request-id")) == 32 and made.header("x-request-id") != other.header("x-request-id")
+    hostile = await call("GET", lmstudio.url + "/v1/models", headers={"X-Request-ID": "a b\tfake=line"})
+    assert hostile.header("x-request-id") != "a b\tfake=line"  # replaced, not logged as sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_access_line_per_request_with_model_ttft_tokens_and_bytes(fake, lmstudio, access_events):
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    reply = await lmstudio.post_chat({"model": MODEL, "stream": True,
+                                      "messages": [{"role": "user", "content": "a secret prompt"}]},
+                                     headers={"X-Request-ID": "req-1",
+                                              "traceparent": f"00-{trace_id}-b7ad6b7169203331-01"})
+    await call("GET", lmstudio.url + "/nowhere")
+    streamed, missing = access_events
+    assert streamed["request_id"] == "req-1" and streamed["trace_id"] == trace_id
+    assert (streamed["method"], streamed["route"], streamed["status"]) == ("POST", "/v1/chat/completions", 200)
+    assert streamed["model"] == MODEL and streamed["input_tokens"] == 12 and streamed["output_tokens"] == 4
+    assert 0 < streamed["ttft_ms"] <= streamed["duration_ms"]
+    assert streamed["bytes"] == len(reply.body)
+    assert (missing["route"], missing["status"], missing.get("model")) == ("other", 404, None)
+    assert "secret" not in repr(access_events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_is_logged_as_499(fake, lmstudio, access_events):
+    await call("GET", lmstudio.url + "/v1/models")  # the model list is cached: the chat goes straight upstream
+    fake.chat.mode = "hang"
+    arrived, closed = fake.next_arrival(), fake.next_close()
+    client = await raw_connect(lmstudio.port.getHost().port)
+    client.transport.write(raw_post("/v1/chat/completions", json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()))
+    await arrived
+    client.transport.loseConnection()
+    await closed
+    gone = access_events[-1]
+    assert gone["status"] == 499 and gone["model"] == MODEL and gone["output_tokens"] is None
+
+
+def emit(observer: Any, level: LogLevel, text: str, **fields: Any) -> None:
+    Logger(namespace="test", observer=observer).emit(level, text, **fields)
+
+
+def test_json_lines_are_one_object_each_and_filtered_by_level():
+    out = io.StringIO()
+    observer = make_observer(LoggingConfig(level="warn", format="json"), out)
+    emit(observer, LogLevel.info, "quiet {x}", x=1)
+    emit(observer, LogLevel.warn, "upstream {url} slow", url="http://h:1", request_id="r1", trace_id="t1")
+    emit(observer, LogLevel.error, "broken")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["level"] for line in lines] == ["warn", "error"]
+    first = lines[0]
+    assert first["message"] == "upstream http://h:1 slow" and first["url"] == "http://h:1"
+    assert (first["request_id"], first["trace_id"], first["logger"]) == ("r1", "t1", "test")
+    assert first["timestamp"].endswith("Z")
+
+
+def test_text_lines_name_the_level_logger_and_ids():
+    out = io.StringIO()
+    observer = make_observer(LoggingConfig(level="debug", format="text"), out)
+    emit(observer, LogLevel.debug, "detail {n}", n=3, request_id="r9")
+    (line,) = out.getvalue().splitlines()
+    assert line.endswith(" debug [test] detail 3 request_id=r9")
+
+
+@pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
+@pytest_twisted.ensureDeferred
+async def test_the_daemon_logs_json_lines_with_request_and_trace_ids(tmp_path, fake):
+    daemon, transport = spawn(["--listen", "tcp:0:interface=127.0.0.1"],
+                              {"INFERENCE_INFERENCE_BASE_URL": fake.url, "INFERENCE_LOGGING_FORMAT": "json",
+                               "INFERENCE_SERVER_API_KEYS": "key-that-must-not-leak"}, str(tmp_path))
+    url = f"http://127.0.0.1:{await daemon.port()}/v1/chat/completions"
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    reply = await call("POST", url, {"model": MODEL, "messages": [{"role": "user", "content": "private words"}]},
+                       headers={"Authorization": "Bearer key-that-must-not-leak",
+                                "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    assert reply.status == 200
+    transport.signalProcess(signal.SIGTERM)
+    assert await daemon.ended == 0
+    lines = [json.loads(line) for line in daemon.out.decode().splitlines()]  # every line is one JSON object
+    assert all({"timestamp", "level", "message", "request_id", "trace_id"} <= set(line) for line in lines)
+    (access,) = [line for line in lines if line["logger"] == "inference.access"]
+    assert access["request_id"] == reply.header("x-request-id") and access["trace_id"] == trace_id
+    assert access["status"] == 200 and access["model"] == MODEL and access["output_tokens"] == 3
+    text = daemon.out.decode()
+    assert "key-that-must-not-leak" not in text and "private words" not in text and "Bearer" not in text
+
+
+@pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
+@pytest_twisted.ensureDeferred
+async def test_the_log_level_comes_from_the_config(tmp_path):
+    import socket
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    daemon, transport = spawn([], {"INFERENCE_INFERENCE_PROVIDER": "mock", "INFERENCE_SERVER_PORT": str(port),
+                                   "INFERENCE_LOGGING_LEVEL": "warn"}, str(tmp_path))
+    url = f"http://127.0.0.1:{port}"
+    while True:  # no "starting on" line at level warn: wait for the port to answer
+        assert not daemon.ended.called, daemon.err
+        try:
+            reply = await call("GET", url + "/v1/models")
+            break
+        except ConnectionRefusedError:
+            continue
+    assert reply.status == 200
+    transport.signalProcess(signal.SIGTERM)
+    assert await daemon.ended == 0
+    assert daemon.out == b""  # nothing at warn or above happened
