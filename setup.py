@@ -17,6 +17,7 @@ setup(
         "opentelemetry-exporter-otlp>=1.27",
         "prometheus-client>=0.20",
     ],
+    entry_points={"console_scripts": ["inference = inference.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "openai>=1.40"],
     },

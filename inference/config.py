@@ -158,6 +158,13 @@ class Config:
 
 def load(path: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) -> Config:
     """Build the configuration: defaults, then the YAML file at ``path``, then ``INFERENCE_*`` variables."""
+    return load_with_sources(path, environ)[0]
+
+
+def load_with_sources(path: Optional[str] = None,
+                      environ: Optional[Mapping[str, str]] = None) -> tuple[Config, dict[str, str]]:
+    """:func:`load`, plus where each key set by the file or the environment came from (``in FILE``,
+    ``from VARIABLE``); keys missing from it have their defaults."""
     environ = os.environ if environ is None else environ
     tree: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -172,7 +179,17 @@ def load(path: Optional[str] = None, environ: Optional[Mapping[str, str]] = None
     config = _build(Config, tree, (), sources)
     if config.inference.provider == "openai":
         config = dataclasses.replace(config, inference=_openai_settings(config.inference, sources, environ))
-    return config
+    return config, sources
+
+
+def settings(config: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+    """Every leaf setting as (dotted key, value), in schema order."""
+    out: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        keys = prefix + (f.name,)
+        out += settings(value, keys) if dataclasses.is_dataclass(value) else [(".".join(keys), value)]
+    return out
 
 
 def _openai_settings(inference: "InferenceConfig", sources: Mapping[str, str],

@@ -1,0 +1,163 @@
+"""``inference``: the command line beside the daemon (``inference check``, ``inference --version``).
+
+``check`` answers "would the gateway serve, configured like this, here, now?" before anything is started: it
+loads the configuration exactly as the daemon does, says where each setting came from, asks the upstream for
+its models, resolves the models the configuration names and, with ``--probe``, runs a one-token completion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from time import perf_counter
+from typing import Any, Mapping, Optional, Sequence, TextIO
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import react
+
+from . import __version__
+from .config import ConfigError, load_with_sources, settings
+from .errors import GatewayError
+
+SECRET_KEYS = ("inference.api_key", "server.api_keys")
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+
+class Report:
+    """Lines of ``ok``/``warn``/``FAIL`` and the exit status they add up to."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.failed = False
+
+    def line(self, text: str = "") -> None:
+        print(text, file=self.out)
+
+    def ok(self, text: str) -> None:
+        self.line(f"ok    {text}")
+
+    def warn(self, text: str) -> None:
+        self.line(f"warn  {text}")
+
+    def fail(self, text: str) -> None:
+        self.failed = True
+        self.line(f"FAIL  {text}")
+
+
+def describe_settings(report: Report, config: Any, sources: Mapping[str, str], environ: Mapping[str, str]) -> None:
+    report.line("settings (key, value, where it came from; each has an INFERENCE_* variable, see the README):")
+    for key, value in settings(config):
+        source = sources.get(key) or "default"
+        if key == "inference.api_key" and source == "default" and value and environ.get("OPENAI_API_KEY"):
+            source = "from OPENAI_API_KEY"
+        shown = "<set>" if key in SECRET_KEYS and value else repr(value)
+        report.line(f"  {key:<42} {shown:<24} {source}")
+
+
+async def run_check(reactor: Any, config_path: Optional[str], probe: bool, environ: Mapping[str, str],
+                    out: TextIO) -> int:
+    """Everything ``inference check`` does; returns the exit status."""
+    from .service import build_site
+
+    report = Report(out)
+    try:
+        config, sources = load_with_sources(config_path, environ)
+        site = build_site(config, reactor, environ)
+    except ConfigError as e:
+        report.fail(f"config: {e}")
+        return EXIT_CONFIG
+    describe_settings(report, config, sources, environ)
+    report.line()
+    gateway = site.gateway
+    try:
+        check_port(report, config.server.host, config.server.port)
+        upstream = await gateway.probe_upstream()
+        name = f"{gateway.provider.name} at {gateway.provider.base_url}"
+        if not upstream["reachable"]:
+            report.fail(f"upstream {name} does not answer: {upstream['error']}")
+            return EXIT_FAIL
+        served = upstream["models"]
+        report.ok(f"upstream {name} answers, serving {len(served)} model(s): {', '.join(served) or 'none'}")
+        model = await check_models(report, gateway, served)
+        if probe and model is not None:
+            await probe_completion(report, gateway, model)
+    finally:
+        await gateway.close()
+    return EXIT_FAIL if report.failed else EXIT_OK
+
+
+def check_port(report: Report, host: str, port: int) -> None:
+    """Can the daemon listen where it is told to (something else already there is the usual reason not)?"""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        report.warn(f"cannot listen on {host}:{port} now ({e.strerror or e}); is a gateway already running there?")
+    else:
+        report.ok(f"{host}:{port} is free to listen on")
+
+
+async def check_models(report: Report, gateway: Any, served: list[str]) -> Optional[str]:
+    """Resolve ``default_model`` and check ``allowed_models``; the model a request naming none would get."""
+    inference = gateway.config.inference
+    allowed = inference.allowed_models
+    if allowed:
+        missing = [m for m in allowed if m not in served]
+        present = [m for m in allowed if m in served]
+        if not present:
+            report.fail(f"none of allowed_models ({', '.join(allowed)}) is served by the upstream")
+        elif missing:
+            report.warn(f"allowed_models not served now: {', '.join(missing)}")
+        else:
+            report.ok(f"allowed_models all served: {', '.join(allowed)}")
+    try:
+        model = await gateway.catalog.resolve(None)
+    except GatewayError as e:
+        report.fail(f"default_model {inference.default_model!r}: {e.message}")
+        return None
+    if model == inference.default_model:
+        report.ok(f"default_model {model!r} is served")
+    else:
+        report.ok(f"default_model {inference.default_model!r} resolves to {model!r}")
+    return model
+
+
+async def probe_completion(report: Report, gateway: Any, model: str) -> None:
+    body = {"model": model, "messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 1,
+            "temperature": 0}
+    started = perf_counter()
+    try:
+        answer = await gateway.provider.chat(body)
+    except GatewayError as e:
+        report.fail(f"test completion with {model!r} failed: {e.message}")
+        return
+    took = perf_counter() - started
+    usage = answer.get("usage") or {}
+    report.ok(f"test completion with {model!r} answered in {took:.2f}s "
+              f"({usage.get('completion_tokens', '?')} token(s))")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="inference", description="OpenAI-compatible gateway: tools beside the "
+                                     "daemon (run the daemon itself with `twistd inference`).")
+    parser.add_argument("--version", action="version", version=f"inference {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    check = commands.add_parser("check", help="check the configuration and the upstream; exit 0 when the gateway "
+                                "would serve")
+    check.add_argument("-c", "--config", help="YAML config file, as given to `twistd inference --config`")
+    check.add_argument("--probe", action="store_true", help="also run a one-token completion on the default model")
+    args = parser.parse_args(argv)
+    if args.command != "check":
+        parser.print_help()
+        raise SystemExit(EXIT_CONFIG)
+
+    def run(reactor: Any) -> "Deferred[None]":
+        async def checked() -> None:
+            status = await run_check(reactor, args.config, args.probe, os.environ, sys.stdout)
+            if status:
+                raise SystemExit(status)
+        return ensureDeferred(checked())
+
+    react(run)
