@@ -78,6 +78,7 @@ class ServerConfig:
     max_body_bytes: int = _opt(_range(1), 10 * 1024 * 1024)
     cors_origins: list[str] = _opt(None, [])
     shutdown_timeout_secs: float = _opt(_range(0), 30.0)
+    reuse_port: bool = _opt(None, False)  # several processes on one port (SO_REUSEPORT)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class InferenceConfig:
 class MetricsConfig:
     enabled: bool = _opt(None, True)
     path: str = _opt(_url_path, "/metrics")
+    port: Optional[int] = _opt(_range(0, 65535), None)  # None: on the main port; else a port of their own
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,11 @@ import signal
 from io import BytesIO
 from typing import Any, Mapping, Optional
 
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import quoteStringArgument
+from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
@@ -18,8 +20,9 @@ from twisted.web.server import Request, Site
 
 from . import __version__
 from .api import Gateway, route_of, write_json
-from .config import Config, ServerConfig
-from .errors import MethodNotAllowed
+from .config import Config
+from .listen import describe, server_endpoint
+from .errors import MethodNotAllowed, RouteNotFound
 from .logs import CURRENT_IDS, log_access, make_observer, request_id_for
 from .providers import make_provider
 from .telemetry import Metrics, RequestState, Telemetry
@@ -110,7 +113,10 @@ class GatewaySite(Site):
         self.gateway = gateway
         self.telemetry = gateway.telemetry
         self.max_body_bytes = gateway.config.server.max_body_bytes
-        self._metrics_path = gateway.telemetry.metrics_path
+        # Metrics with a port of their own are not served here (with several processes on this port, a scrape
+        # would reach any one of them).
+        own_port = gateway.config.observability.metrics.port is not None
+        self._metrics_path = None if own_port else gateway.telemetry.metrics_path
         self._metrics = MetricsResource(gateway.telemetry.metrics)
 
     def log(self, request: Any) -> None:
@@ -136,8 +142,43 @@ def build_site(config: Config, reactor: Any, environ: Optional[Mapping[str, str]
     return GatewaySite(Gateway(config, provider, reactor, telemetry))
 
 
-def default_endpoint(server: ServerConfig) -> str:
-    return f"tcp:port={server.port}:interface={quoteStringArgument(server.host)}"
+class MetricsSite(Site):
+    """Only the metrics path, on ``observability.metrics.port``: one scrape target per process."""
+
+    noisy = False
+
+    def __init__(self, metrics: Metrics, path: str) -> None:
+        super().__init__(_OnlyAt(path.encode(), MetricsResource(metrics)))
+
+
+class _OnlyAt(Resource):
+    isLeaf = True
+
+    def __init__(self, path: bytes, resource: Resource) -> None:
+        super().__init__()
+        self._path = path
+        self._resource = resource
+
+    def render(self, request: Any) -> bytes:
+        if request.path != self._path:
+            error = RouteNotFound(f"Only {self._path.decode()} is served on this port")
+            return write_json(request, error.body(), error.status)
+        return self._resource.render(request)
+
+
+class _Listener(StreamServerEndpointService):
+    """Like ``strports.service``: a port that cannot be opened stops the daemon at start, with one line."""
+
+    _raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or e.socketError
+            log.critical("cannot listen on {interface}:{port}: {reason}", interface=e.interface or "*",
+                         port=e.port, reason=reason)
+            raise SystemExit(1) from None
 
 
 class GatewayService(service.Service):
@@ -225,10 +266,15 @@ def make_service(config: Config, listen: Optional[str] = None, reactor: Any = No
         from twisted.internet import reactor as default_reactor
         reactor = default_reactor
     site = build_site(config, reactor)
-    endpoint = listen or default_endpoint(config.server)
+    server = config.server
+    where = listen or describe(server.host, server.port) + (" (shared: SO_REUSEPORT)" if server.reuse_port else "")
     top = _Daemon(make_observer(config.logging))
-    GatewayService(site, endpoint, reactor).setServiceParent(top)
+    GatewayService(site, where, reactor).setServiceParent(top)
+    metrics = config.observability.metrics
+    if metrics.enabled and metrics.port is not None:
+        _Listener(endpoints.serverFromString(reactor, describe(server.host, metrics.port)),
+                  MetricsSite(site.telemetry.metrics, metrics.path)).setServiceParent(top)
     # Added last, stopped first: the port closes before the drain starts.
-    strports.service(endpoint, site).setServiceParent(top)
+    _Listener(server_endpoint(reactor, server, listen), site).setServiceParent(top)
     return top
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -13,7 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -212,3 +214,39 @@ def no_logged_failures() -> Any:
     yield failures
     globalLogPublisher.removeObserver(observe)
     assert not failures, [str(e.get("log_failure") or e) for e in failures]
+
+
+def tool(name: str, package: str = "prometheus") -> str:
+    """The path of a command the test needs; skipped when missing, unless INFERENCE_REQUIRE_TOOLS=1 (CI)."""
+    path = shutil.which(name)
+    if path is None and os.environ.get("INFERENCE_REQUIRE_TOOLS") == "1":
+        pytest.fail(f"{name} is required (INFERENCE_REQUIRE_TOOLS=1) but not installed (Debian: {package})")
+    if path is None:
+        pytest.skip(f"{name} is not installed (Debian package {package})")
+    return path
+
+
+async def run_tool(cwd: Any, *command: str, stdin: bytes = b"") -> tuple[int, str]:
+    """Run a command in ``cwd`` without blocking the reactor: its exit code and its output (stdout + stderr)."""
+    collector = _Collect(stdin)
+    reactor.spawnProcess(collector, command[0], list(command), env=dict(os.environ), path=str(cwd))
+    return await collector.done
+
+
+class _Collect(ProcessProtocol):
+    def __init__(self, stdin: bytes) -> None:
+        self._stdin = stdin
+        self.output = b""
+        self.done: Deferred[tuple[int, str]] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._stdin)
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.done.callback((reason.value.exitCode or 0, self.output.decode()))

@@ -169,8 +169,10 @@ def dechunk(raw: bytes) -> bytes:
 
 
 def mock_daemon(tmp_path, **settings: str) -> tuple[Daemon, Any]:
+    """A daemon on the mock; on a port of its own choosing unless ``server_port`` is set."""
     env = {"INFERENCE_INFERENCE_PROVIDER": "mock", **{"INFERENCE_" + k.upper(): v for k, v in settings.items()}}
-    return spawn(["--listen", "tcp:0:interface=127.0.0.1"], env, str(tmp_path))
+    args = [] if "server_port" in settings else ["--listen", "tcp:0:interface=127.0.0.1"]
+    return spawn(args, env, str(tmp_path))
 
 
 def words(count: int) -> str:
@@ -223,3 +225,53 @@ async def test_sigterm_ends_requests_that_outlive_the_timeout_with_an_error(tmp_
     assert all(json.loads(e).get("choices") is not None for e in events[:-2])  # whole events before it
     assert b"HTTP/1.1 503" in bytes(waiting.data) and b"shutting_down" in bytes(waiting.data)
     assert b"2 request(s) still running after 0.3s were ended with an error" in daemon.out
+
+
+def free_port() -> int:
+    import socket
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_processes_share_one_port_and_both_serve(tmp_path):
+    port = free_port()
+    daemons = []
+    try:
+        for index in (1, 2):
+            daemon, transport = mock_daemon(tmp_path, server_port=str(port), server_reuse_port="true",
+                                            observability_metrics_port=str(free_port()))
+            daemons.append((daemon, transport))
+            assert await daemon.port() == port
+        metrics_ports = [int(re.search(rb"MetricsSite starting on (\d+)", d.out).group(1)) for d, _ in daemons]
+        served = [0, 0]
+        for _ in range(200):  # the kernel spreads new connections; stop once both processes answered
+            reply = await call("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": "hi"}]})
+            assert reply.status == 200
+            served = [(await scrape(f"http://127.0.0.1:{p}")).total("inference_http_requests_total")
+                      for p in metrics_ports]
+            if all(served):
+                break
+        assert all(served), served
+        assert (await call("GET", f"http://127.0.0.1:{port}/metrics")).status == 404  # only on the metrics ports
+    finally:
+        for daemon, transport in daemons:
+            assert await stop(daemon, transport)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_port_in_use_stops_the_daemon_with_one_line(tmp_path):
+    first, transport = mock_daemon(tmp_path)
+    port = await first.port()
+    try:
+        second, _ = mock_daemon(tmp_path, server_port=str(port))  # no reuse_port: the port is taken
+        assert await second.ended == 1
+        assert f"critical [inference.service] cannot listen on 127.0.0.1:{port}: Address already in use".encode() \
+            in second.out
+        assert b"Traceback" not in second.out + second.err
+    finally:
+        assert await stop(first, transport)

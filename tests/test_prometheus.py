@@ -9,64 +9,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import quote
 
-import pytest
 import pytest_twisted
 import yaml
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
-from twisted.internet.utils import getProcessOutputAndValue
 
-from .conftest import call, raw_connect, raw_post
+from .conftest import call, raw_connect, raw_post, run_tool, tool
 
 ASSETS = Path(__file__).resolve().parent.parent / "observability"
 MODEL = "qwen2.5-7b-instruct"
-
-
-def tool(name: str) -> Optional[str]:
-    path = shutil.which(name)
-    if path is None and os.environ.get("INFERENCE_REQUIRE_TOOLS") == "1":
-        pytest.fail(f"{name} is required (INFERENCE_REQUIRE_TOOLS=1) but not installed")
-    if path is None:
-        pytest.skip(f"{name} is not installed (Debian package prometheus)")
-    return path
-
-
-async def run(*command: str, stdin: Optional[bytes] = None) -> tuple[int, str]:
-    """Run a command without blocking the reactor; its exit code and its output (stdout + stderr)."""
-    if stdin is None:
-        out, err, code = await getProcessOutputAndValue(command[0], command[1:], env=os.environ, path=str(ASSETS))
-        return code, (out + err).decode()
-    collector = _Collect(stdin)
-    reactor.spawnProcess(collector, command[0], list(command), env=os.environ, path=str(ASSETS))
-    return await collector.done
-
-
-class _Collect(ProcessProtocol):
-    def __init__(self, stdin: bytes) -> None:
-        self._stdin = stdin
-        self.output = b""
-        self.done: Deferred[tuple[int, str]] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self._stdin)
-        self.transport.closeStdin()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Any) -> None:
-        self.done.callback((reason.value.exitCode or 0, self.output.decode()))
 
 
 async def mixed_traffic(fake, gateway) -> None:
@@ -95,18 +53,18 @@ async def test_promtool_accepts_the_real_metrics_output(fake, lmstudio):
     await mixed_traffic(fake, lmstudio)
     # promtool reads the text format; the OpenMetrics variant is parsed strictly in test_metrics.py.
     reply = await call("GET", lmstudio.url + "/metrics")
-    code, output = await run(promtool, "check", "metrics", stdin=reply.body)
+    code, output = await run_tool(ASSETS, promtool, "check", "metrics", stdin=reply.body)
     assert code == 0 and output.strip() == "", output  # no errors and no lint warnings
 
 
 @pytest_twisted.ensureDeferred
 async def test_alerting_rules_pass_promtool_and_their_unit_tests():
     promtool = tool("promtool")
-    code, output = await run(promtool, "check", "rules", "alerts.yml")
+    code, output = await run_tool(ASSETS, promtool, "check", "rules", "alerts.yml")
     assert code == 0 and "SUCCESS: 5 rules found" in output, output
-    code, output = await run(promtool, "test", "rules", "alerts_test.yml")
+    code, output = await run_tool(ASSETS, promtool, "test", "rules", "alerts_test.yml")
     assert code == 0 and "SUCCESS" in output, output
-    code, output = await run(promtool, "check", "config", "prometheus.yml")
+    code, output = await run_tool(ASSETS, promtool, "check", "config", "prometheus.yml")
     assert code == 0 and "is valid prometheus config file syntax" in output, output
 
 
