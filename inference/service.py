@@ -1,4 +1,4 @@
-"""Assemble the daemon: config -> provider -> Klein app -> Site -> listening service."""
+"""Assemble the daemon: config -> provider -> Klein app -> Site -> listening services, log observer, drain."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from twisted.web.server import Request, Site
 from . import __version__
 from .api import Gateway, route_of, write_json
 from .config import Config
-from .listen import describe, server_endpoint
 from .errors import MethodNotAllowed, RouteNotFound
+from .listen import describe, server_endpoint
 from .logs import CURRENT_IDS, log_access, make_observer, request_id_for
 from .providers import make_provider
 from .telemetry import Metrics, RequestState, Telemetry
@@ -39,7 +39,6 @@ class GatewayRequest(RequestState, Request):
     """
 
     body_too_large = False
-
     request_id = ""
 
     def process(self) -> None:
