@@ -18,8 +18,9 @@ from .admission import Admission
 from .catalog import ModelCatalog
 from .config import Config
 from .drain import InFlight
+from .monitor import UpstreamMonitor
 from .errors import (AuthenticationFailed, GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound,
-                     UpstreamTimeout)
+                     UpstreamTimeout, UpstreamUnreachable)
 from .providers import Provider
 from .relay import StreamRelay
 from .schema import parse_chat_request
@@ -65,11 +66,18 @@ class Gateway:
                                     inference.default_model)
         self.admission = Admission(inference.max_concurrent_requests, inference.max_queue)
         self.inflight = InFlight(reactor)
+        self.monitor = UpstreamMonitor(self.probe_upstream, reactor, inference.health_check_secs,
+                                       provider.base_url)
         telemetry.metrics.track_load(lambda: self.admission.active, lambda: self.admission.queued)
         self._api_keys = [key.encode("utf-8") for key in config.server.api_keys]
 
+    def start(self) -> None:
+        """Begin watching the upstream (the daemon calls it once it runs)."""
+        self.monitor.start()
+
     async def close(self) -> None:
         """Release upstream connections and flush telemetry (at shutdown)."""
+        self.monitor.stop()
         await self.provider.close()
         await self.telemetry.close()
 
@@ -79,6 +87,7 @@ class Gateway:
     async def chat_completions(self, request: IRequest) -> Optional[bytes]:
         self._authorize(request)
         chat = parse_chat_request(self._body(request), self.config.inference.defaults)
+        self.monitor.require_up()
         with self.inflight.track() as job:
             chat.body["model"] = await job.run(self.catalog.resolve(chat.model))
             async with self.admission.slot() as queued:
@@ -96,6 +105,7 @@ class Gateway:
     @app.route("/v1/models", methods=["GET"])
     async def list_models(self, request: IRequest) -> bytes:
         self._authorize(request)
+        self.monitor.require_up()
         return write_json(request, {"object": "list", "data": await self.catalog.models()})
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])
@@ -133,10 +143,14 @@ class Gateway:
     async def ready(self, request: IRequest) -> bytes:
         if self.inflight.draining:  # a load balancer should send nothing more here
             return write_json(request, {"status": "not ready", "error": "shutting down"}, 503)
-        upstream = await self.probe_upstream()
-        if upstream["reachable"]:
+        if self.monitor.enabled and self.monitor.up is not None:  # the background probe's answer: no upstream call
+            reachable, error = self.monitor.up, self.monitor.error
+        else:
+            upstream = await self.probe_upstream()
+            reachable, error = upstream["reachable"], upstream["error"]
+        if reachable:
             return write_json(request, {"status": "ready"})
-        return write_json(request, {"status": "not ready", "error": upstream["error"]}, 503)
+        return write_json(request, {"status": "not ready", "error": error}, 503)
 
     async def probe_upstream(self) -> dict[str, Any]:
         """Ask the upstream for its models, waiting no longer than a connect would (a probe must be quick).
@@ -161,6 +175,8 @@ class Gateway:
     def gateway_error(self, request: IRequest, failure: Failure) -> bytes:
         error: GatewayError = failure.value
         request.error_code = error.code
+        if isinstance(error, UpstreamUnreachable):
+            self.monitor.check_now()  # so the next requests fail fast, not after their own connect attempts
         for name, value in error.headers.items():
             request.setHeader(name, value)
         return write_json(request, error.body(), error.status)

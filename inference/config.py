@@ -114,6 +114,7 @@ class InferenceConfig:
     models_cache_secs: float = _opt(_range(0), 10.0)
     max_concurrent_requests: int = _opt(_range(0), 0)
     max_queue: int = _opt(_range(0), 64)
+    health_check_secs: float = _opt(_range(0), 10.0)  # 0: no background probe, no fail-fast
     http: HttpConfig = field(default_factory=HttpConfig)
     mock: MockConfig = field(default_factory=MockConfig)
 

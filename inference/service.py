@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -200,21 +200,10 @@ class GatewayService(service.Service):
         log.info("inference {version} serving provider {provider} ({upstream}) on {endpoint}",
                  version=__version__, provider=gateway.provider.name, upstream=gateway.provider.base_url,
                  endpoint=self._endpoint)
-        self._probe = Deferred.fromCoroutine(gateway.probe_upstream())
-        self._probe.addCallback(self._report_upstream).addErrback(lambda failure: failure.trap(CancelledError))
+        gateway.start()
         if self._handle_sigterm:  # once running: the reactor installs its own handlers as it starts
             self._reactor.callWhenRunning(signal.signal, signal.SIGTERM,
                                           lambda number, frame: self._reactor.callFromThread(self._sigterm))
-
-    def _report_upstream(self, upstream: dict[str, Any]) -> None:
-        """Say at once whether the upstream answers, rather than at the first failed request."""
-        base_url = self._site.gateway.provider.base_url
-        if upstream["reachable"]:
-            log.info("upstream {upstream} answers, serving {models}", upstream=base_url,
-                     models=", ".join(upstream["models"]) or "no models yet")
-        else:
-            log.warn("upstream {upstream} does not answer yet ({error}); chat requests fail with 502 until it "
-                     "does", upstream=base_url, error=upstream["error"])
 
     def _sigterm(self) -> None:
         if self._stopping:
@@ -226,7 +215,6 @@ class GatewayService(service.Service):
 
     def stopService(self) -> "Deferred[None]":
         super().stopService()
-        self._probe.cancel()
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:

@@ -179,9 +179,12 @@ def start_gateway() -> Callable[..., RunningGateway]:
     running: list[RunningGateway] = []
 
     def start(env: Optional[dict[str, str]] = None, config_path: Optional[str] = None) -> RunningGateway:
-        # Spans are made but not exported unless a test asks for an exporter.
-        env = {"INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "none", **(env or {})}
+        # Spans are made but not exported, and the upstream is not probed in the background (tests count what
+        # reaches the fake), unless a test asks.
+        env = {"INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "none", "INFERENCE_INFERENCE_HEALTH_CHECK_SECS": "0",
+               **(env or {})}
         site = build_site(load(config_path, env), reactor, environ=env)
+        site.gateway.start()
         gateway = RunningGateway(site, reactor.listenTCP(0, site, interface="127.0.0.1"))
         running.append(gateway)
         return gateway
