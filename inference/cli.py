@@ -94,7 +94,8 @@ def check_port(report: Report, host: str, port: int) -> None:
         with socket.create_server((host, port)):
             pass
     except OSError as e:
-        report.warn(f"cannot listen on {host}:{port} now ({e.strerror or e}); is a gateway already running there?")
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        report.warn(f"cannot listen on {host}:{port} now ({reason}); is a gateway already running there?")
     else:
         report.ok(f"{host}:{port} is free to listen on")
 

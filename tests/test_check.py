@@ -92,3 +92,20 @@ async def test_check_stops_on_bad_config_with_exit_2_and_hides_secrets(fake, tmp
 async def test_version():
     out, err, code = await getProcessOutputAndValue(INFERENCE, ["--version"])
     assert code == 0 and out.decode().strip() == "inference 0.1.0"
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_warns_when_the_port_is_taken(fake):
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        code, output = await check({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                                    "INFERENCE_INFERENCE_DEFAULT_MODEL": "qwen",
+                                    "INFERENCE_SERVER_PORT": str(taken.getsockname()[1])})
+    finally:
+        taken.close()
+    assert code == 0  # the gateway may be the one holding it
+    (warning,) = [line for line in verdicts(output) if line.startswith("warn")]
+    assert warning.endswith("(Address already in use); is a gateway already running there?")
