@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -217,6 +218,13 @@ def no_logged_failures() -> Any:
     yield failures
     globalLogPublisher.removeObserver(observe)
     assert not failures, [str(e.get("log_failure") or e) for e in failures]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a process that must be told its port before it starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def tool(name: str, package: str = "prometheus") -> str:

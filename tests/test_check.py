@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from typing import Optional
 
 import pytest
 import pytest_twisted

@@ -17,7 +17,7 @@ from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 
-from .conftest import call, raw_connect, raw_post, scrape, sse_payloads
+from .conftest import call, free_port, raw_connect, raw_post, scrape, sse_payloads
 
 TWISTD = shutil.which("twistd", path=os.path.dirname(sys.executable))
 pytestmark = pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
@@ -142,11 +142,7 @@ async def test_bad_config_stops_the_daemon_with_one_line(tmp_path, args, env, me
 
 @pytest_twisted.ensureDeferred
 async def test_port_from_environment(tmp_path):
-    import socket
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    free: Optional[int] = probe.getsockname()[1]
-    probe.close()
+    free = free_port()
     daemon, transport = spawn([], {"INFERENCE_INFERENCE_PROVIDER": "mock", "INFERENCE_SERVER_PORT": str(free)},
                               str(tmp_path))
     try:
@@ -225,15 +221,6 @@ async def test_sigterm_ends_requests_that_outlive_the_timeout_with_an_error(tmp_
     assert all(json.loads(e).get("choices") is not None for e in events[:-2])  # whole events before it
     assert b"HTTP/1.1 503" in bytes(waiting.data) and b"shutting_down" in bytes(waiting.data)
     assert b"2 request(s) still running after 0.3s were ended with an error" in daemon.out
-
-
-def free_port() -> int:
-    import socket
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
 
 
 @pytest_twisted.ensureDeferred

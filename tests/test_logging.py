@@ -15,7 +15,7 @@ from twisted.logger import LogLevel, Logger, globalLogPublisher
 from inference.config import LoggingConfig
 from inference.logs import make_observer
 
-from .conftest import call, raw_connect, raw_post
+from .conftest import call, free_port, raw_connect, raw_post
 from .test_daemon import TWISTD, spawn
 
 MODEL = "qwen2.5-7b-instruct"
@@ -130,11 +130,7 @@ async def test_the_daemon_logs_json_lines_with_request_and_trace_ids(tmp_path, f
 @pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
 @pytest_twisted.ensureDeferred
 async def test_the_log_level_comes_from_the_config(tmp_path):
-    import socket
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = free_port()
     daemon, transport = spawn([], {"INFERENCE_INFERENCE_PROVIDER": "mock", "INFERENCE_SERVER_PORT": str(port),
                                    "INFERENCE_LOGGING_LEVEL": "warn"}, str(tmp_path))
     url = f"http://127.0.0.1:{port}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -21,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 
-from .conftest import call, raw_connect, raw_post, run_tool, tool
+from .conftest import call, free_port, raw_connect, raw_post, run_tool, tool
 
 ASSETS = Path(__file__).resolve().parent.parent / "observability"
 MODEL = "qwen2.5-7b-instruct"
@@ -80,14 +79,6 @@ def test_the_collector_config_receives_otlp_and_exports_traces():
 def dashboard_queries() -> list[tuple[str, str]]:
     dashboard = json.loads((ASSETS / "grafana" / "inference-dashboard.json").read_text())
     return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
-
-
-def free_port() -> int:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
 
 
 class PrometheusServer(ProcessProtocol):
