@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
 from time import perf_counter
-from typing import AsyncIterator
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import DeferredSemaphore
 
@@ -13,16 +12,39 @@ from .errors import Overloaded
 RETRY_AFTER_SECS = 1
 
 
+class Slot:
+    """The right to call the upstream, held for a ``with`` block; ``waited`` is the seconds spent queued."""
+
+    def __init__(self, admission: "Admission", waited: float, queued: bool) -> None:
+        self.waited = waited
+        self.queued = queued  # whether it had to wait in the queue at all
+        self._admission: Optional[Admission] = admission
+
+    def __enter__(self) -> "Slot":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._admission is not None:
+            self._admission._release()
+            self._admission = None
+
+
 class Admission:
     """Lets ``limit`` requests reach the upstream at once (0: no limit) and queues up to ``max_queue`` more.
 
-    A queued request whose client leaves is cancelled, which takes it out of the queue (DeferredSemaphore
-    removes a cancelled waiter), so abandoned requests never hold a place.
+    A queued request that is cancelled (its client left, its deadline passed, the daemon is stopping) leaves
+    the queue: DeferredSemaphore removes a cancelled waiter, so abandoned requests never hold a place.
+    ``observe_wait`` gets every request's wait (0 when a slot was free), admitted or given up while queued.
     """
 
-    def __init__(self, limit: int, max_queue: int) -> None:
+    def __init__(self, limit: int, max_queue: int,
+                 observe_wait: Callable[[float], None] = lambda seconds: None) -> None:
         self._semaphore = DeferredSemaphore(limit) if limit else None
         self._max_queue = max_queue
+        self._observe_wait = observe_wait
         self._active = 0
 
     @property
@@ -35,29 +57,30 @@ class Admission:
         """Requests holding a slot (with no limit, every request between admission and its end)."""
         return self._active
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[float]:
-        """Hold one upstream slot for the ``async with`` block, or raise :class:`Overloaded`.
-
-        The block gets the seconds the request waited in the queue.
-        """
+    async def acquire(self) -> Slot:
+        """A slot, at once or after waiting in the queue; :class:`Overloaded` when the queue is full."""
         semaphore = self._semaphore
-        waited = 0.0
+        waited, queued = 0.0, False
         if semaphore is not None:
-            if semaphore.tokens == 0 and len(semaphore.waiting) >= self._max_queue:
-                raise Overloaded(f"The gateway is at capacity ({semaphore.limit} requests running, "
-                                 f"{len(semaphore.waiting)} waiting). Retry shortly.",
-                                 headers={"Retry-After": str(RETRY_AFTER_SECS)})
             if semaphore.tokens == 0:
-                queued_at = perf_counter()
-                await semaphore.acquire()
-                waited = perf_counter() - queued_at
+                if len(semaphore.waiting) >= self._max_queue:
+                    raise Overloaded(f"The gateway is at capacity ({semaphore.limit} requests running, "
+                                     f"{len(semaphore.waiting)} waiting). Retry shortly.",
+                                     headers={"Retry-After": str(RETRY_AFTER_SECS)})
+                queued, queued_at = True, perf_counter()
+                try:
+                    await semaphore.acquire()
+                finally:
+                    waited = perf_counter() - queued_at
+                    self._observe_wait(waited)
             else:
                 await semaphore.acquire()
+        if not queued:
+            self._observe_wait(0.0)
         self._active += 1
-        try:
-            yield waited
-        finally:
-            self._active -= 1
-            if semaphore is not None:
-                semaphore.release()
+        return Slot(self, waited, queued)
+
+    def _release(self) -> None:
+        self._active -= 1
+        if self._semaphore is not None:
+            self._semaphore.release()

@@ -64,7 +64,8 @@ class Gateway:
         inference = config.inference
         self.catalog = ModelCatalog(provider, reactor, inference.models_cache_secs, inference.allowed_models,
                                     inference.default_model)
-        self.admission = Admission(inference.max_concurrent_requests, inference.max_queue)
+        self.admission = Admission(inference.max_concurrent_requests, inference.max_queue,
+                                   telemetry.metrics.queue_wait_child.observe)
         self.inflight = InFlight(reactor)
         self.monitor = UpstreamMonitor(self.probe_upstream, reactor, inference.health_check_secs,
                                        provider.base_url)
@@ -90,8 +91,8 @@ class Gateway:
         self.monitor.require_up()
         with self.inflight.track() as job:
             chat.body["model"] = await job.run(self.catalog.resolve(chat.model))
-            async with self.admission.slot() as queued:
-                with self.telemetry.chat_call(request, chat.body, chat.stream, queued) as call:
+            with await job.run(self.admission.acquire()) as slot:
+                with self.telemetry.chat_call(request, chat.body, chat.stream, slot) as call:
                     if not chat.stream:
                         answer = await job.run(self.provider.chat(chat.body, call.headers))
                         call.answered(answer)

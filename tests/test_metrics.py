@@ -187,6 +187,10 @@ async def test_queue_length_and_in_flight_follow_the_admission_control(fake, sta
     assert (await first).status == 200 and (await second).status == 200
     m = await gateway.metrics()
     assert [m.value(name, provider="lmstudio") for name in LOAD_METRICS] == [0, 0]
+    # Every call's wait is observed: three found a free slot (0 s), the second of the pair waited for the first.
+    assert m.value("inference_queue_wait_seconds_count", provider="lmstudio") == 3
+    assert m.value("inference_queue_wait_seconds_bucket", provider="lmstudio", le="0.001") == 2
+    assert m.value("inference_queue_wait_seconds_sum", provider="lmstudio") > 0
 
 
 @pytest_twisted.ensureDeferred

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
 
-from .conftest import call, raw_connect, raw_post
+from .conftest import call, raw_connect, raw_post, until
 from .fakes.collector import Collector
 from .test_daemon import TWISTD, spawn, stop
 
@@ -128,6 +129,27 @@ async def test_a_stream_has_a_first_token_event_and_time_to_first_chunk(fake, tr
     assert client.attributes["gen_ai.usage.output_tokens"] == 4
     assert client.attributes["gen_ai.response.finish_reasons"] == ["stop"]
     assert server.attributes["http.response.status_code"] == 200 and server.status == "UNSET"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wait_for_an_upstream_slot_is_a_span_event(fake, traced, collector):
+    gateway = traced(inference_max_concurrent_requests="1")
+    fake.chat.mode = "hang"
+    arrived = fake.next_arrival()
+    first = Deferred.fromCoroutine(gateway.post_chat(chat("first")))
+    await arrived
+    second = Deferred.fromCoroutine(gateway.post_chat(chat("second")))
+    await until(lambda: gateway.site.gateway.admission.queued == 1)
+    fake.chat.mode = "normal"
+    fake.release()
+    assert (await first).status == 200 and (await second).status == 200
+    await spans_of(gateway, collector, 4)
+    servers = sorted(collector.named(SERVER_SPAN), key=lambda span: span.start)
+    assert [s.event("queued") is not None for s in servers] == [False, True]
+    queued, waited = servers[1].event("queued"), servers[1].attributes["inference.queue.wait_seconds"]
+    client = next(s for s in collector.named(CLIENT_SPAN) if s.parent_span_id == servers[1].span_id)
+    assert servers[1].start <= queued.time < client.start  # the wait sits before the upstream call
+    assert abs((client.start - queued.time) / 1e9 - waited) < 0.005
 
 
 @pytest_twisted.ensureDeferred

@@ -23,6 +23,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 TOKENS_PER_SECOND_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+QUEUE_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
@@ -61,6 +62,10 @@ class Metrics:
         self.queue_length = Gauge(
             "inference_queue_length", "Chat completions waiting for an upstream slot",
             ["provider"], registry=registry)
+        self.queue_wait = Histogram(
+            "inference_queue_wait_seconds", "Chat completions: time waited for an upstream slot (0 when one was "
+            "free), including requests given up while queued", ["provider"], buckets=QUEUE_WAIT_BUCKETS,
+            registry=registry)
         self.upstream_errors = Counter(
             "inference_upstream_errors", "Upstream failures by kind (unreachable, timeout, rejected, "
             "server_error, bad_response, interrupted)", ["provider", "kind"], registry=registry)
@@ -80,6 +85,7 @@ class Metrics:
         # Children that never change labels are bound once, off the per-request path.
         self.client_disconnects_child = self.client_disconnects.labels(provider)
         self.upstream_up_child = self.upstream_up.labels(provider)
+        self.queue_wait_child = self.queue_wait.labels(provider)
 
     def track_load(self, in_flight: Callable[[], int], queued: Callable[[], int]) -> None:
         """Read the gauges of load from the admission control at scrape time (nothing to do per request)."""

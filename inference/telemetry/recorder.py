@@ -7,7 +7,7 @@ relay counts chunks and notes the first token, and everything is observed once, 
 from __future__ import annotations
 
 import json
-from time import perf_counter
+from time import perf_counter, time_ns
 from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit
 
@@ -128,9 +128,13 @@ class Telemetry:
 
     # -- upstream chat calls -------------------------------------------------------------------------------------
 
-    def chat_call(self, request: Any, body: dict[str, Any], stream: bool, queued: float) -> "ChatCall":
-        """Start recording an upstream chat call; ``queued`` is how long it waited for an admission slot."""
-        return ChatCall(self, request, body, stream, queued)
+    def chat_call(self, request: Any, body: dict[str, Any], stream: bool, slot: Any) -> "ChatCall":
+        """Start recording an upstream chat call, made with the admission ``slot`` it waited for."""
+        if slot.queued and request.span is not None:
+            request.span.set_attribute("inference.queue.wait_seconds", slot.waited)
+            request.span.add_event("queued", {"inference.queue.wait_seconds": slot.waited},
+                                   timestamp=time_ns() - int(slot.waited * 1e9))
+        return ChatCall(self, request, body, stream, slot.waited)
 
     def set_upstream_up(self, up: bool) -> None:
         self.metrics.set_upstream_up(up)
