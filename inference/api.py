@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 from typing import Any, Optional
 
@@ -15,11 +14,12 @@ from werkzeug.exceptions import NotFound as RouteNotFoundError
 
 from . import __version__
 from .admission import Admission
+from .auth import ApiKeys
 from .catalog import ModelCatalog
 from .config import Config
 from .drain import InFlight
 from .monitor import UpstreamMonitor
-from .errors import (AuthenticationFailed, GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound,
+from .errors import (GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound,
                      UpstreamTimeout, UpstreamUnreachable)
 from .providers import Provider
 from .relay import StreamRelay
@@ -51,6 +51,14 @@ def write_json(request: IRequest, payload: Any, status: int = 200) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def write_error(request: IRequest, error: GatewayError) -> bytes:
+    """The error's status, headers and OpenAI-shaped body; the code is kept for the access log and spans."""
+    request.error_code = error.code
+    for name, value in error.headers.items():
+        request.setHeader(name, value)
+    return write_json(request, error.body(), error.status)
+
+
 class Gateway:
     """The application: one per process, holding the provider and everything a request needs."""
 
@@ -70,7 +78,8 @@ class Gateway:
         self.monitor = UpstreamMonitor(self.probe_upstream, reactor, inference.health_check_secs,
                                        provider.base_url)
         telemetry.metrics.track_load(lambda: self.admission.active, lambda: self.admission.queued)
-        self._api_keys = [key.encode("utf-8") for key in config.server.api_keys]
+        self.keys = ApiKeys(config.server.api_keys, config.server.api_keys_file)
+        self._protect_operator_routes = config.server.protect_metrics
 
     def start(self) -> None:
         """Begin watching the upstream (the daemon calls it once it runs)."""
@@ -118,6 +127,7 @@ class Gateway:
 
     @app.route("/health", methods=["GET"])
     async def health(self, request: IRequest) -> bytes:
+        self.authorize_operator(request)
         upstream = await self.probe_upstream()
         http = self.config.inference.http
         payload = {
@@ -138,10 +148,12 @@ class Gateway:
 
     @app.route("/health/live", methods=["GET"])
     def live(self, request: IRequest) -> bytes:
+        self.authorize_operator(request)
         return write_json(request, {"status": "ok"})
 
     @app.route("/health/ready", methods=["GET"])
     async def ready(self, request: IRequest) -> bytes:
+        self.authorize_operator(request)
         if self.inflight.draining:  # a load balancer should send nothing more here
             return write_json(request, {"status": "not ready", "error": "shutting down"}, 503)
         if self.monitor.enabled and self.monitor.up is not None:  # the background probe's answer: no upstream call
@@ -175,12 +187,9 @@ class Gateway:
     @app.handle_errors(GatewayError)
     def gateway_error(self, request: IRequest, failure: Failure) -> bytes:
         error: GatewayError = failure.value
-        request.error_code = error.code
         if isinstance(error, UpstreamUnreachable):
             self.monitor.check_now()  # so the next requests fail fast, not after their own connect attempts
-        for name, value in error.headers.items():
-            request.setHeader(name, value)
-        return write_json(request, error.body(), error.status)
+        return write_error(request, error)
 
     @app.handle_errors(RouteNotFoundError)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
@@ -206,18 +215,12 @@ class Gateway:
     # -- helpers -------------------------------------------------------------------------------------------------
 
     def _authorize(self, request: IRequest) -> None:
-        if not self._api_keys:
-            return
-        header = request.getHeader(b"authorization") or b""
-        scheme, _, token = header.partition(b" ")
-        token = token.strip()
-        # Compare with every key, always, so the time taken says nothing about which key came close.
-        matched = False
-        for key in self._api_keys:
-            matched |= hmac.compare_digest(token, key)
-        if scheme.lower() != b"bearer" or not matched:
-            raise AuthenticationFailed("Missing or invalid API key. Send 'Authorization: Bearer <key>' "
-                                       "with a key from server.api_keys.")
+        self.keys.check(request.getHeader(b"authorization"))
+
+    def authorize_operator(self, request: IRequest) -> None:
+        """Metrics and health need a key only when ``server.protect_metrics`` says so (probes stay simple)."""
+        if self._protect_operator_routes:
+            self.keys.check(request.getHeader(b"authorization"))
 
     def _body(self, request: IRequest) -> bytes:
         if getattr(request, "body_too_large", False):

@@ -72,6 +72,9 @@ async def run_check(reactor: Any, config_path: Optional[str], probe: bool, envir
     report.line()
     gateway = site.gateway
     try:
+        if gateway.keys.enabled:
+            guarded = "/v1/* and metrics/health" if config.server.protect_metrics else "/v1/*"
+            report.ok(f"{len(gateway.keys)} API key(s) required on {guarded}")
         check_port(report, config.server.host, config.server.port)
         upstream = await gateway.probe_upstream()
         name = f"{gateway.provider.name} at {gateway.provider.base_url}"

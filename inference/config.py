@@ -75,6 +75,8 @@ class ServerConfig:
     host: str = _opt(_non_empty, "127.0.0.1")
     port: int = _opt(_range(0, 65535), 3000)
     api_keys: list[str] = _opt(None, [])
+    api_keys_file: Optional[str] = _opt(_non_empty, None)  # one key per line; SIGHUP reads it again
+    protect_metrics: bool = _opt(None, False)  # /metrics and /health* need a key too
     max_body_bytes: int = _opt(_range(1), 10 * 1024 * 1024)
     cors_origins: list[str] = _opt(None, [])
     shutdown_timeout_secs: float = _opt(_range(0), 30.0)

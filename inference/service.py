@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 from io import BytesIO
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -19,9 +19,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from . import __version__
-from .api import Gateway, route_of, write_json
+from .api import Gateway, route_of, write_error
 from .config import Config
-from .errors import MethodNotAllowed, RouteNotFound
+from .errors import GatewayError, MethodNotAllowed, RouteNotFound
 from .listen import describe, server_endpoint
 from .logs import CURRENT_IDS, log_access, make_observer, request_id_for
 from .providers import make_provider
@@ -88,16 +88,20 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, authorize: Callable[[Any], None]) -> None:
         super().__init__()
         self._metrics = metrics
+        self._authorize = authorize  # raises AuthenticationFailed when server.protect_metrics wants a key
 
     def render(self, request: Any) -> bytes:
+        try:
+            self._authorize(request)
+        except GatewayError as error:
+            return write_error(request, error)
         if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"Allow", b"GET, HEAD")
-            error = MethodNotAllowed(f"Method {request.method.decode('latin-1')} is not allowed on "
-                                     f"{request.path.decode('latin-1')}; use GET")
-            return write_json(request, error.body(), error.status)
+            return write_error(request, MethodNotAllowed(f"Method {request.method.decode('latin-1')} is not "
+                                                         f"allowed on {request.path.decode('latin-1')}; use GET",
+                                                         headers={"Allow": "GET, HEAD"}))
         body, content_type = self._metrics.render((request.getHeader(b"accept") or b"").decode("latin-1"))
         request.setHeader(b"Content-Type", content_type.encode("latin-1"))
         return body
@@ -116,7 +120,7 @@ class GatewaySite(Site):
         # would reach any one of them).
         own_port = gateway.config.observability.metrics.port is not None
         self._metrics_path = None if own_port else gateway.telemetry.metrics_path
-        self._metrics = MetricsResource(gateway.telemetry.metrics)
+        self._metrics = MetricsResource(gateway.telemetry.metrics, gateway.authorize_operator)
 
     def log(self, request: Any) -> None:
         """Twisted's combined-format access log is replaced by ``log_access`` (one line with model, TTFT, tokens)."""
@@ -146,8 +150,8 @@ class MetricsSite(Site):
 
     noisy = False
 
-    def __init__(self, metrics: Metrics, path: str) -> None:
-        super().__init__(_OnlyAt(path.encode(), MetricsResource(metrics)))
+    def __init__(self, metrics: Metrics, path: str, authorize: Callable[[Any], None]) -> None:
+        super().__init__(_OnlyAt(path.encode(), MetricsResource(metrics, authorize)))
 
 
 class _OnlyAt(Resource):
@@ -160,8 +164,7 @@ class _OnlyAt(Resource):
 
     def render(self, request: Any) -> bytes:
         if request.path != self._path:
-            error = RouteNotFound(f"Only {self._path.decode()} is served on this port")
-            return write_json(request, error.body(), error.status)
+            return write_error(request, RouteNotFound(f"Only {self._path.decode()} is served on this port"))
         return self._resource.render(request)
 
 
@@ -181,7 +184,8 @@ class _Listener(StreamServerEndpointService):
 
 
 class GatewayService(service.Service):
-    """The daemon's life: say what it serves, and on SIGTERM drain the requests in flight, then release all.
+    """The daemon's life: say what it serves, on SIGHUP reload the API keys, and on SIGTERM drain the requests
+    in flight, then release all.
 
     SIGTERM is handled here rather than by twistd, which would re-raise the signal and end the process by it:
     a stop that let every request finish is a success, and exits 0.
@@ -204,6 +208,8 @@ class GatewayService(service.Service):
         if self._handle_sigterm:  # once running: the reactor installs its own handlers as it starts
             self._reactor.callWhenRunning(signal.signal, signal.SIGTERM,
                                           lambda number, frame: self._reactor.callFromThread(self._sigterm))
+            self._reactor.callWhenRunning(signal.signal, signal.SIGHUP,
+                                          lambda number, frame: self._reactor.callFromThread(gateway.keys.reload))
 
     def _sigterm(self) -> None:
         if self._stopping:
@@ -260,7 +266,8 @@ def make_service(config: Config, listen: Optional[str] = None, reactor: Any = No
     metrics = config.observability.metrics
     if metrics.enabled and metrics.port is not None:
         _Listener(endpoints.serverFromString(reactor, describe(server.host, metrics.port)),
-                  MetricsSite(site.telemetry.metrics, metrics.path)).setServiceParent(top)
+                  MetricsSite(site.telemetry.metrics, metrics.path, site.gateway.authorize_operator)
+                  ).setServiceParent(top)
     # Added last, stopped first: the port closes before the drain starts.
     _Listener(server_endpoint(reactor, server, listen), site).setServiceParent(top)
     return top

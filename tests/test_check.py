@@ -85,6 +85,7 @@ async def test_check_stops_on_bad_config_with_exit_2_and_hides_secrets(fake, tmp
     assert code == 0, output
     assert "top-secret-key" not in output
     assert f"server.api_keys                            <set>                    in {config}" in output
+    assert "ok    1 API key(s) required on /v1/*" in verdicts(output)
 
 
 @pytest_twisted.ensureDeferred
