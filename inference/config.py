@@ -57,6 +57,14 @@ def _url_path(value: Any) -> Optional[str]:
     return None if value.startswith("/") else "a path starting with /"
 
 
+def _origins(value: Any) -> Optional[str]:
+    for origin in value:
+        parts = urlsplit(origin.rstrip("/"))
+        if origin != "*" and not (parts.scheme in ("http", "https") and parts.hostname and not parts.path):
+            return f"origins like https://app.example.com or http://localhost:5173, or * for any (not {origin!r})"
+    return None
+
+
 def _non_empty(value: Any) -> Optional[str]:
     return None if value else "a non-empty value"
 
@@ -78,7 +86,7 @@ class ServerConfig:
     api_keys_file: Optional[str] = _opt(_non_empty, None)  # one key per line; SIGHUP reads it again
     protect_metrics: bool = _opt(None, False)  # /metrics and /health* need a key too
     max_body_bytes: int = _opt(_range(1), 10 * 1024 * 1024)
-    cors_origins: list[str] = _opt(None, [])
+    cors_origins: list[str] = _opt(_origins, [])  # browser origins allowed to call; empty: CORS off
     shutdown_timeout_secs: float = _opt(_range(0), 30.0)
     reuse_port: bool = _opt(None, False)  # several processes on one port (SO_REUSEPORT)
 

@@ -21,6 +21,7 @@ from twisted.web.server import Request, Site
 from . import __version__
 from .api import Gateway, route_of, write_error
 from .config import Config
+from .cors import Cors
 from .errors import GatewayError, MethodNotAllowed, RouteNotFound
 from .listen import describe, server_endpoint
 from .logs import CURRENT_IDS, log_access, make_observer, request_id_for
@@ -46,6 +47,10 @@ class GatewayRequest(RequestState, Request):
         self.request_id = request_id_for(self.getHeader(b"x-request-id"))
         self.setHeader(b"X-Request-ID", self.request_id)
         site.telemetry.request_started(self, site.route_of(self.path))
+        if site.cors is not None and site.cors.apply(self):
+            self.site = site
+            self.finish()  # a preflight, answered before routing
+            return
         # The handler's coroutine copies this context, so what it logs carries the request's ids.
         ids = CURRENT_IDS.set((self.request_id, self.trace_id))
         try:
@@ -116,6 +121,8 @@ class GatewaySite(Site):
         self.gateway = gateway
         self.telemetry = gateway.telemetry
         self.max_body_bytes = gateway.config.server.max_body_bytes
+        origins = gateway.config.server.cors_origins
+        self.cors = Cors(origins) if origins else None
         # Metrics with a port of their own are not served here (with several processes on this port, a scrape
         # would reach any one of them).
         own_port = gateway.config.observability.metrics.port is not None

@@ -101,3 +101,56 @@ async def test_a_separate_metrics_port_is_protected_too(tmp_path):
         assert (await call("GET", url, headers=bearer("k"))).status == 200
     finally:
         assert await stop(daemon, transport)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cors_is_off_unless_origins_are_listed(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url})
+    reply = await gateway.post_chat(FAKE_CHAT, headers={"Origin": "https://app.example.com"})
+    assert reply.status == 200 and reply.header("Access-Control-Allow-Origin") is None
+    preflight = await call("OPTIONS", gateway.url + "/v1/chat/completions", headers=PREFLIGHT)
+    assert preflight.status == 405 and preflight.header("Access-Control-Allow-Origin") is None
+
+
+PREFLIGHT = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_listed_origin_gets_its_preflight_and_its_answers_marked(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url, "INFERENCE_SERVER_API_KEYS": "k",
+                             "INFERENCE_SERVER_CORS_ORIGINS": "https://App.Example.com/,http://localhost:5173"})
+    preflight = await call("OPTIONS", gateway.url + "/v1/chat/completions", headers=PREFLIGHT)
+    assert preflight.status == 204 and preflight.body == b""  # no key needed: browsers never send one here
+    assert preflight.header("Access-Control-Allow-Origin") == "https://app.example.com"
+    assert preflight.header("Access-Control-Allow-Methods") == "GET, POST, OPTIONS"
+    assert preflight.header("Access-Control-Allow-Headers") == "authorization, content-type, x-stainless-os"
+    assert preflight.header("Vary") == "Origin" and int(preflight.header("Access-Control-Max-Age")) > 0
+
+    headers = {"Origin": "http://localhost:5173", **bearer("k")}
+    reply = await gateway.post_chat({**FAKE_CHAT, "stream": True}, headers=headers)
+    assert reply.status == 200 and reply.body.endswith(b"data: [DONE]\n\n")
+    assert reply.header("Access-Control-Allow-Origin") == "http://localhost:5173"
+    assert "X-Request-ID" in reply.header("Access-Control-Expose-Headers")
+    denied = await gateway.post_chat(FAKE_CHAT, headers={"Origin": "http://localhost:5173"})
+    assert denied.status == 401 and denied.header("Access-Control-Allow-Origin") == "http://localhost:5173"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unlisted_origin_is_told_which_setting_to_change(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_SERVER_CORS_ORIGINS": "https://app.example.com"})
+    evil = {**PREFLIGHT, "Origin": "https://evil.example.net"}
+    preflight = await call("OPTIONS", gateway.url + "/v1/chat/completions", headers=evil)
+    assert preflight.status == 403 and preflight.error["code"] == "origin_not_allowed"
+    assert "server.cors_origins" in preflight.error["message"]
+    assert preflight.header("Access-Control-Allow-Origin") is None
+    reply = await gateway.post_chat(FAKE_CHAT, headers={"Origin": "https://evil.example.net"})
+    assert reply.status == 200 and reply.header("Access-Control-Allow-Origin") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_any_origin_with_a_star(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url, "INFERENCE_SERVER_CORS_ORIGINS": "*"})
+    preflight = await call("OPTIONS", gateway.url + "/v1/models", headers={**PREFLIGHT, "Origin": "null"})
+    assert preflight.status == 204 and preflight.header("Access-Control-Allow-Origin") == "*"
