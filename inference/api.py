@@ -96,9 +96,10 @@ class Gateway:
     @app.route("/v1/chat/completions", methods=["POST"])
     async def chat_completions(self, request: IRequest) -> Optional[bytes]:
         self._authorize(request)
-        chat = parse_chat_request(self._body(request), self.config.inference.defaults)
+        server = self.config.server
+        chat = parse_chat_request(self._body(request), self.config.inference.defaults, server.max_messages)
         self.monitor.require_up()
-        with self.inflight.track() as job:
+        with self.inflight.track(server.request_timeout_secs) as job:
             chat.body["model"] = await job.run(self.catalog.resolve(chat.model))
             with await job.run(self.admission.acquire()) as slot:
                 with self.telemetry.chat_call(request, chat.body, chat.stream, slot) as call:
@@ -107,6 +108,7 @@ class Gateway:
                         call.answered(answer)
                         return write_json(request, answer)
                     stream = await job.run(self.provider.open_stream(chat.body, call.headers))
+                    job.clear_deadline()
                     relay = StreamRelay(request, stream, call.capture_content)
                     job.on_interrupt(relay.interrupt)
                     call.streamed(await relay.run())

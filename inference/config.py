@@ -86,6 +86,12 @@ class ServerConfig:
     api_keys_file: Optional[str] = _opt(_non_empty, None)  # one key per line; SIGHUP reads it again
     protect_metrics: bool = _opt(None, False)  # /metrics and /health* need a key too
     max_body_bytes: int = _opt(_range(1), 10 * 1024 * 1024)
+    max_header_bytes: int = _opt(_range(1024), 16 * 1024)  # request line and headers together
+    max_url_bytes: int = _opt(_range(64), 8 * 1024)
+    max_messages: int = _opt(_range(1), 1000)
+    request_timeout_secs: float = _opt(_range(0, above=True), 300.0)  # to the answer (a stream: to its start)
+    read_timeout_secs: float = _opt(_range(0, above=True), 30.0)  # to receive a whole request, from its 1st byte
+    idle_timeout_secs: float = _opt(_range(0, above=True), 75.0)  # keep-alive connection with no request
     cors_origins: list[str] = _opt(_origins, [])  # browser origins allowed to call; empty: CORS off
     shutdown_timeout_secs: float = _opt(_range(0), 30.0)
     reuse_port: bool = _opt(None, False)  # several processes on one port (SO_REUSEPORT)

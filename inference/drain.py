@@ -12,7 +12,7 @@ from typing import Any, Callable, Coroutine, Iterator, Optional, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
 
-from .errors import GatewayError, ShuttingDown
+from .errors import GatewayError, RequestTimeout, ShuttingDown
 
 T = TypeVar("T")
 
@@ -21,12 +21,20 @@ INTERRUPT_GRACE_SECS = 5.0
 
 
 class Job:
-    """One request that a shutdown may have to interrupt."""
+    """One request that a shutdown, or its own deadline, may have to interrupt."""
 
     def __init__(self) -> None:
         self._interrupted: Optional[GatewayError] = None
         self._pending: Optional[Deferred[Any]] = None
         self._on_interrupt: Optional[Callable[[GatewayError], None]] = None
+        self._deadline: Optional[Any] = None
+
+    def clear_deadline(self) -> None:
+        """The answer has started (a stream): from here on, the stream's own silence timeout applies."""
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
 
     async def run(self, work: Coroutine[Any, Any, T]) -> T:
         """Await ``work``; if the job is interrupted meanwhile, ``work`` is cancelled and the reason raised."""
@@ -70,16 +78,24 @@ class InFlight:
         return len(self._jobs)
 
     @contextmanager
-    def track(self) -> Iterator[Job]:
-        """Hold a job for the ``with`` block; refuses new work once draining has begun."""
+    def track(self, deadline: float = 0) -> Iterator[Job]:
+        """Hold a job for the ``with`` block; refuses new work once draining has begun.
+
+        After ``deadline`` seconds (0: none) the job is interrupted with a 504 :class:`RequestTimeout`, wherever
+        it is: resolving the model, queued for a slot, or waiting for the upstream.
+        """
         if self.draining:
             raise ShuttingDown("The gateway is shutting down; retry on another instance or in a moment.",
                                headers={"Connection": "close", "Retry-After": "1"})
         job = Job()
+        if deadline:
+            error = RequestTimeout(f"No answer within {deadline:g}s (server.request_timeout_secs)")
+            job._deadline = self._clock.callLater(deadline, job.interrupt, error)
         self._jobs.add(job)
         try:
             yield job
         finally:
+            job.clear_deadline()
             self._jobs.discard(job)
             if not self._jobs:
                 idle, self._idle = self._idle, []

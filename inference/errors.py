@@ -74,12 +74,36 @@ class RequestTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 
 
+class BadHTTPRequest(GatewayError):
+    """The bytes received are not a valid HTTP/1.1 request (answered by the connection, before routing)."""
+
+    status, type, code = 400, "invalid_request_error", "bad_request"
+
+
+class RequestReadTimeout(GatewayError):
+    status, type, code = 408, "invalid_request_error", "request_read_timeout"
+
+
+class URLTooLong(GatewayError):
+    status, type, code = 414, "invalid_request_error", "url_too_long"
+
+
+class HeadersTooLarge(GatewayError):
+    status, type, code = 431, "invalid_request_error", "headers_too_large"
+
+
 class Overloaded(GatewayError):
     status, type, code = 429, "rate_limit_error", "overloaded"
 
 
 class ShuttingDown(GatewayError):
     status, type, code = 503, "api_error", "shutting_down"
+
+
+class RequestTimeout(GatewayError):
+    """The gateway's own deadline for an answer (``server.request_timeout_secs``) passed: queue wait included."""
+
+    status, type, code = 504, "timeout_error", "request_timeout"
 
 
 class UpstreamClientError(GatewayError):

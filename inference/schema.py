@@ -109,12 +109,17 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
 }
 
 
-def parse_chat_request(raw: bytes, defaults: DefaultsConfig) -> ChatRequest:
-    """Parse and validate a ``POST /v1/chat/completions`` body; raise :class:`InvalidRequest` on bad input."""
+def parse_chat_request(raw: bytes, defaults: DefaultsConfig, max_messages: int = 0) -> ChatRequest:
+    """Parse and validate a ``POST /v1/chat/completions`` body; raise :class:`InvalidRequest` on bad input.
+
+    ``max_messages`` (0: any number) bounds the conversation a single request may carry.
+    """
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidJSON(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidJSON("request body is nested too deeply to be a chat request") from None
     if not isinstance(body, dict):
         raise InvalidJSON("request body must be a JSON object")
 
@@ -128,7 +133,7 @@ def parse_chat_request(raw: bytes, defaults: DefaultsConfig) -> ChatRequest:
                                      param=f"extensions.{key}")
             body[key] = value
 
-    _check_messages(body.get("messages"))
+    _check_messages(body.get("messages"), max_messages)
     for key, value in body.items():
         check = CHECKS.get(key)
         if check is not None and value is not None:
@@ -144,11 +149,14 @@ def parse_chat_request(raw: bytes, defaults: DefaultsConfig) -> ChatRequest:
     return ChatRequest(model=model, stream=bool(body.get("stream")), body=body)
 
 
-def _check_messages(messages: Any) -> None:
+def _check_messages(messages: Any, limit: int) -> None:
     if messages is None:
         raise InvalidRequest("'messages' is required", param="messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty list of messages", param="messages")
+    if limit and len(messages) > limit:
+        raise InvalidRequest(f"'messages' holds {len(messages)} messages; the gateway accepts at most {limit} "
+                             "(server.max_messages)", param="messages")
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -168,5 +176,8 @@ def _check_messages(messages: Any) -> None:
 
 
 def _show(value: Any) -> str:
-    text = json.dumps(value)
+    try:
+        text = json.dumps(value)
+    except (ValueError, RecursionError):
+        return "a deeply nested value"
     return text if len(text) <= 40 else text[:37] + "..."

@@ -20,6 +20,7 @@ from twisted.web.server import Request, Site
 
 from . import __version__
 from .api import Gateway, route_of, write_error
+from .channel import GatewayChannel
 from .config import Config
 from .cors import Cors
 from .errors import GatewayError, MethodNotAllowed, RouteNotFound
@@ -114,10 +115,11 @@ class MetricsResource(Resource):
 
 class GatewaySite(Site):
     requestFactory = GatewayRequest
+    protocol = GatewayChannel  # plain HTTP/1.1 (no TLS, so no HTTP/2 negotiation) with the server's limits
     noisy = False  # no "Starting factory" lines: the service logs what it serves
 
     def __init__(self, gateway: Gateway) -> None:
-        super().__init__(gateway.app.resource())
+        super().__init__(gateway.app.resource(), timeout=gateway.config.server.idle_timeout_secs)
         self.gateway = gateway
         self.telemetry = gateway.telemetry
         self.max_body_bytes = gateway.config.server.max_body_bytes

@@ -98,6 +98,11 @@ class Telemetry:
             name += " " + route
         request.span = self.tracing.start_server_span(name, request.requestHeaders, attributes)
 
+    def refused(self, method: Optional[bytes], route: str, status: int) -> None:
+        """A request the connection answered itself, before routing (malformed, oversized, too slow)."""
+        label = method_label(method.decode("latin-1")) if method else "_OTHER"
+        self.metrics.http_requests.labels(label, route, str(status)).inc()
+
     def request_ended(self, request: Any, code: Optional[int]) -> None:
         """The response's last byte is out (``code``), or the client left first (``code`` None: logged as 499)."""
         if request.recorded:

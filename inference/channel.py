@@ -1,0 +1,114 @@
+"""The HTTP connection: twisted.web's ``HTTPChannel`` with the gateway's limits, and errors a client can read.
+
+twisted.web answers a bad request with a bare ``400 Bad Request`` (or just hangs up when a line is too long)
+and lets a client take as long as it likes to send a request, one byte at a time, as long as the bytes keep
+coming. Here the request line, the headers and the time to receive a whole request are bounded by
+``server.max_url_bytes``, ``server.max_header_bytes`` and ``server.read_timeout_secs``, and each refusal is
+an OpenAI-shaped JSON error with the right status (414, 431, 408, 400). A slow client never reaches the
+handler, so it never holds an upstream slot.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel, RESPONSES
+
+from .errors import BadHTTPRequest, GatewayError, HeadersTooLarge, RequestReadTimeout, URLTooLong
+
+log = Logger()
+
+
+class GatewayChannel(HTTPChannel):
+    """One client connection. ``site`` (set by the site) carries ``config.server``."""
+
+    site: Any
+    _read_timer: Optional[Any] = None
+    _refused = False
+
+    def connectionMade(self) -> None:
+        server = self.site.gateway.config.server
+        self.max_url_bytes = server.max_url_bytes
+        self.read_timeout = server.read_timeout_secs
+        self.totalHeadersSize = server.max_header_bytes
+        # A single line longer than this never gets a newline in time; the checks below name the limit.
+        self.MAX_LENGTH = max(server.max_header_bytes, server.max_url_bytes + 32)
+        super().connectionMade()
+
+    # -- the time to receive a request ---------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._read_timer is None and not self._handlingRequest and not self._refused:
+            self._read_timer = self.callLater(self.read_timeout, self._read_timed_out)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._stop_read_timer()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._stop_read_timer()
+        super().connectionLost(reason)
+
+    def _stop_read_timer(self) -> None:
+        if self._read_timer is not None:
+            if self._read_timer.active():
+                self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        self.refuse(RequestReadTimeout(f"The request was not received in full within {self.read_timeout:g}s "
+                                       "(server.read_timeout_secs)"))
+
+    # -- sizes -----------------------------------------------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refused:
+            return
+        if self._receivedHeaderSize == 0:  # the request line
+            parts = line.split(b" ")
+            if len(parts) == 3 and len(parts[1]) > self.max_url_bytes:
+                self._command, self._path = parts[0], parts[1]  # what was asked, for the metrics
+                return self.refuse(self._url_too_long())
+        elif self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            return self.refuse(self._headers_too_large())
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse(self._url_too_long() if self._receivedHeaderSize == 0 else self._headers_too_large())
+
+    def _url_too_long(self) -> GatewayError:
+        return URLTooLong(f"The URL is longer than {self.max_url_bytes} bytes (server.max_url_bytes)")
+
+    def _headers_too_large(self) -> GatewayError:
+        return HeadersTooLarge(f"The request line and headers are larger than {self.totalHeadersSize} bytes "
+                               "(server.max_header_bytes)")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """twisted.web's answer to a malformed request (bad request line, header, length or encoding)."""
+        self.refuse(BadHTTPRequest("Malformed HTTP request: check the request line, the headers and the "
+                                   "Content-Length or Transfer-Encoding"))
+
+    # -- refusing ----------------------------------------------------------------------------------------------------
+
+    def refuse(self, error: GatewayError) -> None:
+        """Answer ``error`` and close the connection (the request, if any, never reaches a handler)."""
+        if self._refused:
+            return
+        self._refused = True
+        self._stop_read_timer()
+        self.setTimeout(None)
+        body = error.to_bytes()
+        reason = RESPONSES.get(error.status, b"Error")
+        head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n" \
+            % (error.status, reason, len(body))
+        self.transport.write(head + b"\r\n" + body)
+        method, path = getattr(self, "_command", None), getattr(self, "_path", None)
+        route = self.site.route_of(path.partition(b"?")[0]) if path else "other"
+        self.site.telemetry.refused(method, route, error.status)
+        peer = self.transport.getPeer()
+        log.info("refused a request from {client}: {status} {message}", client=getattr(peer, "host", "-"),
+                 status=error.status, message=error.message)
+        self.loseConnection()
