@@ -19,6 +19,8 @@ setup(
     ],
     entry_points={"console_scripts": ["inference = inference.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "openai>=1.40"],
+        # hypothesis: property tests of request validation and SSE parsing; schemathesis: fuzzes the running
+        # gateway against its own /openapi.json (no 5xx, answers as documented).
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "openai>=1.40", "hypothesis>=6.100", "schemathesis>=4.0"],
     },
 )

@@ -19,6 +19,7 @@ from .catalog import ModelCatalog
 from .config import Config
 from .drain import InFlight
 from .monitor import UpstreamMonitor
+from .openapi import openapi_bytes
 from .errors import (GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound,
                      UpstreamTimeout, UpstreamUnreachable)
 from .providers import Provider
@@ -31,7 +32,7 @@ log = Logger()
 JSON = b"application/json"
 
 _ROUTES = {path.encode(): path for path in
-           ("/v1/chat/completions", "/v1/models", "/health", "/health/live", "/health/ready")}
+           ("/v1/chat/completions", "/v1/models", "/health", "/health/live", "/health/ready", "/openapi.json")}
 
 
 def route_of(path: bytes) -> str:
@@ -80,6 +81,7 @@ class Gateway:
         telemetry.metrics.track_load(lambda: self.admission.active, lambda: self.admission.queued)
         self.keys = ApiKeys(config.server.api_keys, config.server.api_keys_file)
         self._protect_operator_routes = config.server.protect_metrics
+        self._openapi = openapi_bytes(config)
 
     def start(self) -> None:
         """Begin watching the upstream (the daemon calls it once it runs)."""
@@ -124,6 +126,11 @@ class Gateway:
     async def get_model(self, request: IRequest, model_id: str) -> bytes:
         self._authorize(request)
         return write_json(request, await self.catalog.get(model_id))
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", JSON)
+        return self._openapi
 
     # -- health --------------------------------------------------------------------------------------------------
 

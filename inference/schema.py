@@ -26,11 +26,16 @@ class ChatRequest:
     body: dict[str, Any]
 
 
+Check = Callable[[str, Any], Any]  # returns the value to send on (an integer given as 3.0 becomes 3)
+
+
 def _number(low: Optional[float] = None, high: Optional[float] = None, *, above: bool = False,
-            integer: bool = False) -> Callable[[str, Any], None]:
+            integer: bool = False) -> Check:
     kind = "an integer" if integer else "a number"
 
-    def check(name: str, value: Any) -> None:
+    def check(name: str, value: Any) -> Any:
+        if integer and isinstance(value, float) and value.is_integer():
+            value = int(value)  # JSON has one number type: 3.0 is the integer 3 (as JSON Schema says)
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok_type:
             raise InvalidRequest(f"'{name}' must be {kind}, got {_show(value)}", param=name)
@@ -41,43 +46,47 @@ def _number(low: Optional[float] = None, high: Optional[float] = None, *, above:
             else:
                 allowed = f"{'>' if above else '>='} {low:g}"
             raise InvalidRequest(f"'{name}' must be {kind} {allowed}, got {_show(value)}", param=name)
+        return value
 
     return check
 
 
-def _of_type(kind: type, label: str) -> Callable[[str, Any], None]:
-    def check(name: str, value: Any) -> None:
+def _of_type(kind: type, label: str) -> Check:
+    def check(name: str, value: Any) -> Any:
         if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
             raise InvalidRequest(f"'{name}' must be {label}, got {_show(value)}", param=name)
+        return value
 
     return check
 
 
-def _stop(name: str, value: Any) -> None:
+def _stop(name: str, value: Any) -> Any:
     if isinstance(value, str):
-        return
+        return value
     if isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) for s in value):
-        return
+        return value
     raise InvalidRequest(f"'{name}' must be a string or a list of at most 4 strings", param=name)
 
 
-def _one_of(*choices: int) -> Callable[[str, Any], None]:
-    def check(name: str, value: Any) -> None:
+def _one_of(*choices: int) -> Check:
+    def check(name: str, value: Any) -> Any:
         if isinstance(value, bool) or value not in choices:
             allowed = ", ".join(str(c) for c in choices)
             raise InvalidRequest(f"'{name}' must be one of {allowed}, got {_show(value)}", param=name)
+        return value
 
     return check
 
 
-def _response_format(name: str, value: Any) -> None:
+def _response_format(name: str, value: Any) -> Any:
     if not isinstance(value, dict) or not isinstance(value.get("type"), str):
         raise InvalidRequest(f"'{name}' must be an object with a 'type' "
                              "(text, json_object or json_schema)", param=name)
+    return value
 
 
-# Checked when present; every other field is passed through as it is.
-CHECKS: dict[str, Callable[[str, Any], None]] = {
+# Checked when present (and not null); every other field is passed through as it is.
+CHECKS: dict[str, Check] = {
     "model": _of_type(str, "a string"),
     "stream": _of_type(bool, "true or false"),
     "temperature": _number(0, 2),
@@ -115,7 +124,7 @@ def parse_chat_request(raw: bytes, defaults: DefaultsConfig, max_messages: int =
     ``max_messages`` (0: any number) bounds the conversation a single request may carry.
     """
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidJSON(f"request body is not valid JSON: {e}") from None
     except RecursionError:
@@ -137,7 +146,7 @@ def parse_chat_request(raw: bytes, defaults: DefaultsConfig, max_messages: int =
     for key, value in body.items():
         check = CHECKS.get(key)
         if check is not None and value is not None:
-            check(key, value)
+            body[key] = check(key, value)
 
     model = body.get("model")
     if model is not None and not model.strip():
@@ -147,6 +156,11 @@ def parse_chat_request(raw: bytes, defaults: DefaultsConfig, max_messages: int =
     if body.get("temperature") is None:
         body["temperature"] = defaults.temperature
     return ChatRequest(model=model, stream=bool(body.get("stream")), body=body)
+
+
+def _not_json(constant: str) -> Any:
+    """Python's json module reads NaN and Infinity; JSON (and every upstream) does not."""
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 def _check_messages(messages: Any, limit: int) -> None:

@@ -63,11 +63,25 @@ async def test_bad_parameters_are_400_naming_the_parameter(lmstudio, fake, body,
     assert [r.path for r in fake.received if r.path.endswith("completions")] == []
 
 
-@pytest.mark.parametrize("raw", [b"[1, 2]", b'"text"', b"", b"\xff\xfe"])
+@pytest.mark.parametrize("raw", [b"[1, 2]", b'"text"', b"", b"\xff\xfe",
+                                 b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+                                 b'{"messages": [{"role": "user", "content": "x"}], "foo": -Infinity}',
+                                 b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"])
 @pytest_twisted.ensureDeferred
 async def test_body_that_is_not_a_json_object_is_400(lmstudio, raw):
     reply = await call("POST", lmstudio.url + "/v1/chat/completions", raw=raw)
     assert reply.status == 400 and reply.error["code"] == "invalid_json"
+
+
+@pytest_twisted.ensureDeferred
+async def test_whole_numbers_written_as_floats_are_sent_on_as_integers(lmstudio, fake):
+    reply = await lmstudio.post_chat({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                      "max_tokens": 5.0, "seed": 7.0})
+    assert reply.status == 200
+    sent = [r for r in fake.received if r.path.endswith("completions")][-1].body
+    assert (sent["max_tokens"], sent["seed"]) == (5, 7) and isinstance(sent["max_tokens"], int)
+    assert (await lmstudio.post_chat({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                      "max_tokens": 5.5})).error["param"] == "max_tokens"
 
 
 @pytest_twisted.ensureDeferred

@@ -1,0 +1,225 @@
+"""``GET /openapi.json``: the gateway's routes, request and error schemas, as OpenAPI 3.1.
+
+Built from the running configuration, so it tells the truth about this deployment: whether a key is needed,
+where the metrics are, how many messages a request may hold. The parameter ranges are the ones
+``schema.py`` enforces; the tests run schemathesis against this document to keep the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import __version__
+from .config import Config
+from .schema import ROLES
+
+JSON_TYPE = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON_TYPE: {"schema": _ref("Error")}}}
+
+
+_ERRORS = {
+    "400": "Malformed JSON or an invalid parameter (`param` names it); ambiguous model",
+    "401": "Missing or invalid API key",
+    "404": "Model not found, not allowed or not loaded; unknown route",
+    "405": "Wrong method for the route",
+    "408": "The request was not received within server.read_timeout_secs",
+    "413": "Body larger than server.max_body_bytes",
+    "414": "URL longer than server.max_url_bytes",
+    "429": "Queue full (see Retry-After)",
+    "431": "Headers larger than server.max_header_bytes",
+    "500": "The upstream failed or answered something invalid",
+    "502": "The upstream cannot be reached (or is known to be down)",
+    "503": "The gateway is shutting down",
+    "504": "The upstream, or the request as a whole (server.request_timeout_secs), took too long",
+}
+_CONNECTION_ERRORS = ("400", "405", "408", "414", "431")  # any route: answered before routing, or by the router
+
+
+def _responses(ok: dict[str, Any], *codes: str, auth: bool) -> dict[str, Any]:
+    wanted = set(codes) | set(_CONNECTION_ERRORS) | ({"401"} if auth else set())
+    return {"200": ok, **{code: _error(_ERRORS[code]) for code in sorted(wanted)}}
+
+
+def _number(minimum: float | None = None, maximum: float | None = None, integer: bool = False,
+            exclusive_minimum: float | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "integer" if integer else "number"}
+    if minimum is not None:
+        schema["minimum"] = minimum
+    if maximum is not None:
+        schema["maximum"] = maximum
+    if exclusive_minimum is not None:
+        schema["exclusiveMinimum"] = exclusive_minimum
+    return schema
+
+
+# The parameters schema.py checks, with the same ranges (anything else passes through).
+_PARAMETERS: dict[str, Any] = {
+    "model": {"type": "string", "pattern": r"\S",
+              "description": "Exact id, or a unique case-insensitive part of one; "
+                             "omitted: inference.default_model"},
+    "stream": {"type": "boolean"},
+    "stream_options": {"type": "object"},
+    "temperature": _number(0, 2), "top_p": _number(0, 1),
+    "presence_penalty": _number(-2, 2), "frequency_penalty": _number(-2, 2),
+    "max_tokens": _number(1, integer=True), "max_completion_tokens": _number(1, integer=True),
+    "n": _number(1, integer=True), "seed": {"type": "integer"},
+    "stop": {"oneOf": [{"type": "string"},
+                       {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+    "response_format": {"type": "object", "required": ["type"],
+                        "properties": {"type": {"type": "string"}}},
+    "tools": {"type": "array"}, "logit_bias": {"type": "object"}, "user": {"type": "string"},
+    "logprobs": {"type": "boolean"}, "top_logprobs": _number(0, 20, integer=True),
+    "top_k": _number(-1, integer=True), "min_p": _number(0, 1),
+    "repeat_penalty": _number(exclusive_minimum=0), "mirostat_mode": {"enum": [0, 1, 2]},
+    "mirostat_tau": _number(0), "mirostat_eta": _number(0), "cache_prompt": {"type": "boolean"},
+    "ttl": _number(1, integer=True), "draft_model": {"type": "string"},
+    "extensions": {"type": "object", "description": "Keys merged into the upstream body"},
+}
+
+
+def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A parameter sent as null counts as omitted (the gateway's default, or the upstream's)."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _schemas(config: Config) -> dict[str, Any]:
+    nullable_string = {"type": ["string", "null"]}
+    content = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}
+    return {
+        "Error": {
+            "type": "object", "required": ["error"], "additionalProperties": False,
+            "properties": {"error": {
+                "type": "object", "required": ["message", "type", "param", "code"], "additionalProperties": False,
+                "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                               "param": nullable_string, "code": nullable_string}}}},
+        "ChatMessage": {
+            "type": "object", "required": ["role"],
+            "properties": {"role": {"enum": list(ROLES)}, "content": content, "name": {"type": "string"}},
+            "anyOf": [{"required": ["content"], "properties": {"content": content}},
+                      {"required": ["tool_calls"],
+                       "properties": {"role": {"const": "assistant"},
+                                      "tool_calls": {"type": "array", "minItems": 1}}}]},
+        "ChatCompletionRequest": {
+            "type": "object", "required": ["messages"],
+            "description": "Fields not listed are passed to the upstream untouched (LM Studio / llama.cpp "
+                           "extensions, tools, future OpenAI fields); `extensions` is merged into the body.",
+            "properties": {**{name: _or_null(schema) for name, schema in _PARAMETERS.items()},
+                           "messages": {"type": "array", "minItems": 1, "maxItems": config.server.max_messages,
+                                        "items": _ref("ChatMessage")}}},
+        "ChatCompletion": {
+            "type": "object", "required": ["id", "object", "created", "model", "choices"],
+            "properties": {
+                "id": {"type": "string"}, "object": {"const": "chat.completion"}, "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "choices": {"type": "array", "items": {
+                    "type": "object", "required": ["index", "message"],
+                    "properties": {"index": {"type": "integer"}, "finish_reason": nullable_string,
+                                   "message": {"type": "object", "required": ["role"],
+                                               "properties": {"role": {"type": "string"},
+                                                              "content": nullable_string}}}}},
+                "usage": {"type": "object", "properties": {
+                    "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
+                    "total_tokens": {"type": "integer"}}}}},
+        "StreamEvent": {
+            "type": "object", "required": ["data"],
+            "description": "One server-sent event (`data: ...`): a `chat.completion.chunk`, an `{\"error\": ...}` "
+                           "object if the stream fails after it started, and last `[DONE]`",
+            "properties": {"data": {"type": "string"}}},
+        "Model": {"type": "object", "required": ["id", "object"],
+                  "properties": {"id": {"type": "string"}, "object": {"const": "model"},
+                                 "created": {"type": "integer"}, "owned_by": {"type": "string"}}},
+        "ModelList": {"type": "object", "required": ["object", "data"],
+                      "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}}},
+        "Health": {"type": "object", "required": ["status", "version", "provider", "base_url", "upstream"],
+                   "properties": {"status": {"enum": ["healthy", "unhealthy"]}, "version": {"type": "string"},
+                                  "provider": {"type": "string"}, "base_url": {"type": "string"},
+                                  "http_config": {"type": "object"}, "upstream": {"type": "object"},
+                                  "observability": {"type": "object"}}},
+        "Probe": {"type": "object", "required": ["status"],
+                  "properties": {"status": {"enum": ["ok", "ready", "not ready"]},
+                                 "error": nullable_string}},
+    }
+
+
+def openapi_document(config: Config) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of a gateway running with ``config``."""
+    keys = bool(config.server.api_keys or config.server.api_keys_file)
+    operator_auth = keys and config.server.protect_metrics
+    secured = [{"bearerAuth": []}] if keys else []
+    operator_secured = secured if operator_auth else []
+
+    def operation(summary: str, ok: dict[str, Any], *codes: str, auth: bool, tag: str,
+                  **more: Any) -> dict[str, Any]:
+        return {"summary": summary, "tags": [tag], "security": secured if auth else [],
+                "responses": _responses(ok, *codes, auth=auth), **more}
+
+    def json_ok(description: str, schema: str) -> dict[str, Any]:
+        return {"description": description, "content": {JSON_TYPE: {"schema": _ref(schema)}}}
+
+    upstream = ("404", "500", "502", "503", "504")
+    paths: dict[str, Any] = {
+        "/v1/chat/completions": {"post": operation(
+            "Chat completion; `stream: true` answers with server-sent events ending in `data: [DONE]`",
+            {"description": "The completion (JSON), or its chunks as SSE",
+             "content": {JSON_TYPE: {"schema": _ref("ChatCompletion")},
+                         "text/event-stream": {"schema": _ref("StreamEvent")}}},
+            "413", "429", *upstream, auth=keys, tag="OpenAI", operationId="createChatCompletion",
+            requestBody={"required": True, "content": {JSON_TYPE: {"schema": _ref("ChatCompletionRequest")}}})},
+        "/v1/models": {"get": operation("Models this gateway serves", json_ok("The models", "ModelList"),
+                                        "502", "503", "504", "500", auth=keys, tag="OpenAI",
+                                        operationId="listModels")},
+        "/v1/models/{model}": {"get": operation(
+            "One model", json_ok("The model", "Model"), *upstream, auth=keys, tag="OpenAI",
+            operationId="retrieveModel",
+            parameters=[{"name": "model", "in": "path", "required": True,
+                         "schema": {"type": "string", "minLength": 1}}])},
+        "/health": {"get": operation(
+            "Gateway and upstream status (503 with the same shape when the upstream is unreachable)",
+            json_ok("Healthy", "Health"), auth=operator_auth, tag="Operations", operationId="health")},
+        "/health/live": {"get": operation("Liveness: the process answers", json_ok("Alive", "Probe"),
+                                          auth=operator_auth, tag="Operations", operationId="live")},
+        "/health/ready": {"get": operation("Readiness: the upstream answers and the gateway is not stopping",
+                                           json_ok("Ready", "Probe"), auth=operator_auth, tag="Operations",
+                                           operationId="ready")},
+        "/openapi.json": {"get": operation("This document", {"description": "OpenAPI 3.1",
+                                                             "content": {JSON_TYPE: {"schema": {"type": "object"}}}},
+                                           auth=False, tag="Operations", operationId="openapi")},
+    }
+    # 503 from /health and /health/ready says "not healthy / not ready", with the body of the 200.
+    paths["/health"]["get"]["responses"]["503"] = json_ok("Unhealthy: the upstream is unreachable", "Health")
+    paths["/health/ready"]["get"]["responses"]["503"] = json_ok("Not ready", "Probe")
+    metrics = config.observability.metrics
+    if metrics.enabled and metrics.port is None:
+        paths[metrics.path] = {"get": operation(
+            "Prometheus metrics (OpenMetrics with exemplars when the Accept header asks)",
+            {"description": "The exposition", "content": {"text/plain": {"schema": {"type": "string"}},
+                                                           "application/openmetrics-text": {
+                                                               "schema": {"type": "string"}}}},
+            auth=operator_auth, tag="Operations", operationId="metrics")}
+    for path_item in paths.values():
+        for op in path_item.values():
+            if not op["security"]:
+                del op["security"]
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": "inference", "version": __version__,
+                 "description": "OpenAI-compatible gateway in front of LM Studio, OpenAI or a built-in mock. "
+                                "Every error is `{\"error\": {message, type, param, code}}`."},
+        "paths": paths,
+        "components": {"schemas": _schemas(config)},
+    }
+    if keys:
+        document["components"]["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+    return document
+
+
+def openapi_bytes(config: Config) -> bytes:
+    return json.dumps(openapi_document(config), separators=(",", ":")).encode("utf-8")
