@@ -18,14 +18,17 @@ from zope.interface import implementer
 
 from .config import ServerConfig
 
+BACKLOG = 1024
+"""Connections the kernel may hold before the gateway accepts them (Twisted's default of 50 drops a burst)."""
+
 
 def server_endpoint(reactor: Any, server: ServerConfig, listen: str | None = None) -> IStreamServerEndpoint:
     """The endpoint for ``--listen`` when given, else for ``server.host``/``server.port``."""
     if listen is not None:
         return endpoints.serverFromString(reactor, listen)
     if server.reuse_port:
-        return ReusePortEndpoint(reactor, server.host, server.port)
-    return endpoints.serverFromString(reactor, describe(server.host, server.port))
+        return ReusePortEndpoint(reactor, server.host, server.port, BACKLOG)
+    return endpoints.serverFromString(reactor, describe(server.host, server.port) + f":backlog={BACKLOG}")
 
 
 def describe(host: str, port: int) -> str:
@@ -36,7 +39,7 @@ def describe(host: str, port: int) -> str:
 class ReusePortEndpoint:
     """TCP on ``host:port`` with ``SO_REUSEPORT`` (Linux, BSD): other processes may listen on it too."""
 
-    def __init__(self, reactor: Any, host: str, port: int, backlog: int = 1024) -> None:
+    def __init__(self, reactor: Any, host: str, port: int, backlog: int = BACKLOG) -> None:
         self._reactor = reactor
         self._host = host
         self._port = port

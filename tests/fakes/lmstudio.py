@@ -8,6 +8,8 @@ synchronise on events rather than on sleeps.
 from __future__ import annotations
 
 import json
+import socket
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -34,13 +36,16 @@ class Behaviour:
     """How the next answers look. ``mode`` is one of:
 
     normal, error_string, error_object, error_in_200, invalid_json, not_json_object, hang (never answers),
-    stall_body (headers and half a body, then nothing), drop (closes the connection without answering).
+    stall_body (headers and half a body, then nothing), drop (closes the connection without answering),
+    reset (a TCP RST instead of an answer), truncated (half the promised Content-Length, then closes),
+    huge (a 200 JSON body of ``huge_bytes``).
 
     ``stream`` shapes a 200 stream (``stream: true`` with mode normal): normal, no_usage (ignores
     include_usage), no_done (ends without ``[DONE]``), empty (no events at all), die (two words, then the
     connection is cut), stall (two words, then silence), garbage (two words, then a broken event),
     error_event (two words, then an ``error`` event), flood (large events for ``flood_bytes``, obeying flow
-    control), comments (SSE comments and CRLF line ends between events).
+    control), comments (SSE comments and CRLF line ends between events), huge_event (two words, then one
+    event of ``huge_bytes`` that never ends).
     """
 
     mode: str = "normal"
@@ -50,6 +55,7 @@ class Behaviour:
     code: Optional[str] = None
     extra_message_fields: dict[str, Any] = field(default_factory=dict)
     flood_bytes: int = 0
+    huge_bytes: int = 0
 
 
 class FakeLMStudio(Resource):
@@ -142,6 +148,20 @@ class FakeLMStudio(Resource):
         if mode == "drop":
             request.channel.transport.abortConnection()
             return NOT_DONE_YET
+        if mode == "reset":
+            reset(request)
+            return NOT_DONE_YET
+        if mode == "truncated":
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"content-length", b"400")
+            request.write(b'{"id": "chatcmpl-cut", "object": "chat.completion", "choices": [{"index": 0, ')
+            request.channel.transport.loseConnection()
+            return NOT_DONE_YET
+        if mode == "huge":
+            filler = "x" * behaviour.huge_bytes
+            return self._json(request, 200, {**normal, "choices": [{"index": 0, "finish_reason": "stop",
+                                                                    "message": {"role": "assistant",
+                                                                                "content": filler}}]})
         if mode in ("hang", "stall_body"):
             self.pending.append(request)
             request.notifyFinish().addBoth(self._held_closed, request)
@@ -166,10 +186,12 @@ class FakeLMStudio(Resource):
         words = f"echo: {body['messages'][-1]['content']}".split(" ")
         pieces = [event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
         pieces += [delta(w if i == 0 else " " + w, reasoning="") for i, w in enumerate(words)]
-        if mode in ("die", "stall", "garbage", "error_event"):
+        if mode in ("die", "stall", "garbage", "error_event", "huge_event"):
             request.write(b"".join(pieces[:3]))
             if mode == "die":  # the process dies: what was sent arrives, then the connection closes
                 request.channel.transport.loseConnection()
+            elif mode == "huge_event":
+                request.write(b'data: {"choices": [{"delta": {"content": "' + b"y" * self.chat.huge_bytes)
             elif mode == "garbage":
                 request.write(b'data: {"choices": [{"delta": {"content": "x"\n\n')
             elif mode == "error_event":
@@ -202,6 +224,11 @@ class FakeLMStudio(Resource):
             request.write(self._json(request, 200, self._completion(json.loads(request.content.getvalue()))))
             request.finish()
 
+    def reset_held(self) -> None:
+        """Cut every held request's connection with a TCP RST (a crash in the middle of an answer)."""
+        for request in list(self.pending):
+            reset(request)
+
     def _held_closed(self, _: Any, request: http.Request) -> None:
         if request in self.pending:
             self.pending.remove(request)
@@ -226,6 +253,13 @@ class FakeLMStudio(Resource):
         """Stop listening and drop every open connection (held requests included)."""
         d = self.port.stopListening()
         return DeferredList([d, self.connections.close_all()])
+
+
+def reset(request: http.Request) -> None:
+    """Close the connection with a TCP RST (what a crashing process or a firewall does), not a FIN."""
+    transport = request.channel.transport
+    transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abortConnection()
 
 
 class _ConnectionTracker(WrappingFactory):
