@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from inference.config import ConfigError, load, resolve_env_name
@@ -137,3 +139,10 @@ def test_secret_values_are_not_echoed_in_errors(yaml_file):
     with pytest.raises(ConfigError) as info:
         load(yaml_file("inference: {api_key: [sk-secret-value]}\n"), {})
     assert "sk-secret-value" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["lmstudio.yaml", "mock.yaml"])
+def test_the_example_configs_load(name):
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", name)
+    config = load(path, {})
+    assert config.inference.provider == name.split(".")[0]
