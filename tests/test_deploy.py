@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import pytest
+import pytest_twisted
 import yaml
 
 from inference.config import load
+
+from .conftest import free_port, run_tool
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ROOT = DEPLOY.parent
@@ -40,3 +45,17 @@ def test_compose_builds_that_image_and_stops_gracefully():
     config = load(None, service["environment"])  # every INFERENCE_* name and value is one the daemon accepts
     assert config.inference.base_url == "http://host.docker.internal:1234"
     assert int(service["stop_grace_period"].rstrip("s")) > 30
+
+
+@pytest.mark.parametrize("protect", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_the_healthcheck_passes_on_a_live_gateway_and_fails_without_one(tmp_path, start_gateway, protect):
+    (health,) = [arg for op, arg in instructions() if op == "HEALTHCHECK"]
+    command = health.split(" CMD ", 1)[1].replace("python -c", f"{sys.executable} -c", 1)
+    env = {"INFERENCE_INFERENCE_PROVIDER": "mock", "INFERENCE_SERVER_API_KEYS": "k",
+           "INFERENCE_SERVER_PROTECT_METRICS": str(protect).lower()}
+    gateway = start_gateway(env)
+    port = str(gateway.port.getHost().port)
+    assert await run_tool(tmp_path, "/bin/sh", "-c", f"INFERENCE_SERVER_PORT={port} {command}") == (0, "")
+    code, _ = await run_tool(tmp_path, "/bin/sh", "-c", f"INFERENCE_SERVER_PORT={free_port()} {command}")
+    assert code != 0
