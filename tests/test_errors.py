@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
-from .conftest import call, until
+from .conftest import call, raw_connect, raw_post, until
 
 MODEL = "qwen2.5-7b-instruct"
 USER = [{"role": "user", "content": "hi"}]
@@ -183,6 +185,28 @@ async def test_queue_full_is_429_with_retry_after(fake, start_gateway):
     assert (await first).status == 500
     await arrived
     assert (await second).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_queued_request_whose_client_leaves_leaves_the_queue(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "1"})
+    await gateway.post_chat(chat())
+    fake.chat.mode = "hang"
+    arrived = fake.next_arrival()
+    first = Deferred.fromCoroutine(gateway.post_chat(chat()))
+    await arrived
+    quitter = await raw_connect(gateway.port.getHost().port)
+    quitter.transport.write(raw_post("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "never mind"}]}).encode()))
+    await until(lambda: gateway.site.gateway.admission.queued == 1)
+    quitter.transport.loseConnection()
+    await until(lambda: gateway.site.gateway.admission.queued == 0)
+    fake.chat.mode = "normal"
+    fake.release()
+    assert (await first).status == 200
+    assert (await gateway.post_chat({"model": MODEL, "messages": [{"role": "user", "content": "next"}]})).status == 200  # the slot was not kept for the quitter
+    sent = [r.body["messages"][-1]["content"] for r in fake.received if r.path.endswith("completions")]
+    assert "never mind" not in sent and sent[-1] == "next"
 
 
 @pytest.mark.parametrize("mode, status, code", [
