@@ -125,5 +125,6 @@ def log_access(request: Any, status: Optional[int]) -> None:
     ttft = request.time_to_first_token
     fields.update(model=request.model, input_tokens=request.input_tokens, output_tokens=request.output_tokens,
                   ttft_ms=round(ttft * 1000, 2) if ttft is not None else None)
-    access.info('{client} "{method} {path}" {status} {bytes}B {duration_ms}ms model={model} '
-                'ttft_ms={ttft_ms} tokens={input_tokens}/{output_tokens}', **fields)
+    timing = " ttft_ms={ttft_ms}" if ttft is not None else ""  # only streams have a first token to time
+    access.info('{client} "{method} {path}" {status} {bytes}B {duration_ms}ms model={model}' + timing +
+                ' tokens={input_tokens}/{output_tokens}', **fields)
