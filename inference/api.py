@@ -18,10 +18,10 @@ from .auth import ApiKeys
 from .catalog import ModelCatalog
 from .config import Config
 from .drain import InFlight
+from .errors import (GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound, UpstreamTimeout,
+                     UpstreamUnreachable)
 from .monitor import UpstreamMonitor
 from .openapi import openapi_bytes
-from .errors import (GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound,
-                     UpstreamTimeout, UpstreamUnreachable)
 from .providers import Provider
 from .relay import StreamRelay
 from .schema import parse_chat_request
