@@ -1,0 +1,287 @@
+"""The gateway benchmark: each scenario through the gateway and direct to the upstream, in the same run.
+
+    .venv/bin/python bench/run.py [--seconds 5] [--out bench/results]
+
+Needs ``node`` (the fake upstream and the stream client), ``wrk`` (Debian package) and ``taskset``. The gateway
+(``twistd inference``, metrics on, tracing on at sample ratio 1.0, exporting OTLP/HTTP to a sink in the fake
+upstream, info logging) gets CPU 0 to itself; the upstream and the load generators share CPU 1. Writes
+``report.md`` and ``report.json``. Ratios between the two paths, and the gateway's own CPU time per request and per
+chunk, are the figures to quote; absolute times depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+BENCH = Path(__file__).resolve().parent
+UPSTREAM_PORT, GATEWAY_PORT, SHARED_PORT = 18080, 18081, 18082
+GATEWAY_CPU, LOAD_CPU = "0", "1"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+TARGETS = {  # one gateway process on one core, metrics and tracing on
+    "added_p50_ms_c1": ("<=", 1.0), "rps_c64": (">=", 2000), "chunks_per_sec": (">=", 50000),
+    "added_ttft_p50_ms_c32_20ms": ("<=", 2.0), "rss_idle_mb": ("<=", 80), "rss_500_streams_mb": ("<=", 150),
+}
+
+
+def need(tool: str, package: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        sys.exit(f"bench: {tool} is not installed (Debian: sudo apt-get install {package})")
+    return path
+
+
+def twistd() -> str:
+    path = shutil.which("twistd", path=os.path.dirname(sys.executable))
+    if path is None:
+        sys.exit("bench: run it with the Python of the virtualenv the gateway is installed in (.venv/bin/python)")
+    return path
+
+
+def wait_for(url: str, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            sys.exit(f"bench: {url} did not come up")
+        time.sleep(0.1)
+
+
+@contextmanager
+def process(command: list[str], cpu: str, env: Optional[dict[str, str]] = None) -> Iterator[subprocess.Popen]:
+    child = subprocess.Popen(["taskset", "-c", cpu, *command], env={**os.environ, **(env or {})},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield child
+    finally:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+def gateway_env(port: int, **more: str) -> dict[str, str]:
+    return {"INFERENCE_INFERENCE_BASE_URL": f"http://127.0.0.1:{UPSTREAM_PORT}",
+            "INFERENCE_INFERENCE_DEFAULT_MODEL": "bench-model", "INFERENCE_SERVER_PORT": str(port),
+            "INFERENCE_SERVER_MAX_MESSAGES": "1000",
+            "INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "otlp",
+            "INFERENCE_OBSERVABILITY_TRACING_PROTOCOL": "http/protobuf",
+            "INFERENCE_OBSERVABILITY_TRACING_ENDPOINT": f"http://127.0.0.1:{UPSTREAM_PORT}",
+            "INFERENCE_OBSERVABILITY_TRACING_SAMPLE_RATIO": "1.0", "INFERENCE_LOGGING_LEVEL": "info", **more}
+
+
+class Usage:
+    """CPU seconds and memory of one process, from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def cpu(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def memory(self, key: str = "VmRSS") -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+        raise KeyError(key)
+
+
+# -- load generators -----------------------------------------------------------------------------------------------
+
+WRK_SCRIPT = BENCH / "post.lua"
+
+
+def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
+    out = subprocess.run(["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+                          "-s", str(WRK_SCRIPT), url + "/v1/chat/completions"],
+                         capture_output=True, text=True, check=True).stdout
+    latency = {q: _ms(v, unit) for q, v, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)$", out, re.M)}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+            "p50_ms": latency["50"], "p99_ms": latency["99"], "errors": int(errors.group(1)) if errors else 0}
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def streams(url: str, concurrency: int, seconds: float, tokens: int, delay_ms: int, hold: bool = False) -> dict:
+    out = subprocess.run(["taskset", "-c", LOAD_CPU, "node", str(BENCH / "streamclient.js"), url, str(concurrency),
+                          str(seconds), str(tokens), str(delay_ms), "1" if hold else "0"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# -- the run -------------------------------------------------------------------------------------------------------
+
+def measure(seconds: float) -> dict[str, Any]:
+    direct = f"http://127.0.0.1:{UPSTREAM_PORT}"
+    through = f"http://127.0.0.1:{GATEWAY_PORT}"
+    results: dict[str, Any] = {"non_streaming": [], "streaming": [], "memory": {}, "processes": {}}
+    with process(["node", str(BENCH / "upstream.js"), str(UPSTREAM_PORT)], LOAD_CPU):
+        wait_for(direct + "/v1/models")
+        with process([twistd(), "-n", "--pidfile=", "inference"], GATEWAY_CPU, gateway_env(GATEWAY_PORT)) as gw:
+            wait_for(through + "/health/ready")
+            usage = Usage(gw.pid)
+            time.sleep(1)
+            results["memory"]["idle_mb"] = usage.memory()
+            wrk(through, 4, 1)  # warm-up: connections, caches
+            for connections in (1, 16, 64):
+                before = usage.cpu()
+                gateway = wrk(through, connections, seconds)
+                gateway["cpu_ms_per_request"] = 1000 * (usage.cpu() - before) / max(gateway["requests"], 1)
+                results["non_streaming"].append({"concurrency": connections, "gateway": gateway,
+                                                 "direct": wrk(direct, connections, seconds)})
+            for delay in (0, 20):
+                for concurrency in (1, 32):
+                    before = usage.cpu()
+                    gateway = streams(through, concurrency, seconds, 64, delay)
+                    gateway["cpu_us_per_chunk"] = 1e6 * (usage.cpu() - before) / max(gateway["chunks"], 1)
+                    results["streaming"].append({"tokens": 64, "delay_ms": delay, "concurrency": concurrency,
+                                                 "gateway": gateway,
+                                                 "direct": streams(direct, concurrency, seconds, 64, delay)})
+            results["memory"]["streams_500"] = hold_streams(through, usage)
+            results["memory"]["peak_mb"] = usage.memory("VmHWM")
+        results["processes"] = scale(seconds)
+    return results
+
+
+def hold_streams(url: str, usage: Usage) -> dict[str, Any]:
+    """Open 500 slow streams (100 tokens, 20 ms apart: 2 s each) and sample the gateway's RSS meanwhile."""
+    client = subprocess.Popen(["taskset", "-c", LOAD_CPU, "node", str(BENCH / "streamclient.js"), url, "500", "0",
+                               "100", "20", "1"], stdout=subprocess.PIPE, text=True)
+    highest = 0.0
+    while client.poll() is None:
+        highest = max(highest, usage.memory())
+        time.sleep(0.05)
+    outcome = json.loads(client.stdout.read().strip().splitlines()[-1])
+    return {"rss_mb": highest, "completed": outcome["requests"], "errors": outcome["errors"]}
+
+
+def scale(seconds: float) -> dict[str, Any]:
+    """Non-streaming at 64 connections: one process on one core, then two processes (SO_REUSEPORT) on two cores
+    (where the load generator and the upstream then compete with them: this machine has two)."""
+    url = f"http://127.0.0.1:{SHARED_PORT}"
+    shared = {"INFERENCE_SERVER_REUSE_PORT": "true"}
+    out: dict[str, Any] = {}
+    with process([twistd(), "-n", "--pidfile=", "inference"], "0",
+                 gateway_env(SHARED_PORT, **shared, INFERENCE_OBSERVABILITY_METRICS_PORT="18091")):
+        wait_for(url + "/health/ready")
+        wrk(url, 4, 1)
+        out["one"] = wrk(url, 64, seconds)
+        with process([twistd(), "-n", "--pidfile=", "inference"], "1",
+                     gateway_env(SHARED_PORT, **shared, INFERENCE_OBSERVABILITY_METRICS_PORT="18092")):
+            wait_for("http://127.0.0.1:18092/metrics")
+            wrk(url, 4, 1)
+            out["two"] = wrk(url, 64, seconds)
+    out["speedup"] = out["two"]["rps"] / out["one"]["rps"]
+    return out
+
+
+def figures(results: dict[str, Any]) -> dict[str, float]:
+    """The numbers the targets are about."""
+    c1 = next(r for r in results["non_streaming"] if r["concurrency"] == 1)
+    c64 = next(r for r in results["non_streaming"] if r["concurrency"] == 64)
+    fast = next(r for r in results["streaming"] if r["delay_ms"] == 0 and r["concurrency"] == 32)
+    slow = next(r for r in results["streaming"] if r["delay_ms"] == 20 and r["concurrency"] == 32)
+    return {"added_p50_ms_c1": c1["gateway"]["p50_ms"] - c1["direct"]["p50_ms"],
+            "rps_c64": c64["gateway"]["rps"], "chunks_per_sec": fast["gateway"]["chunks_per_sec"],
+            "added_ttft_p50_ms_c32_20ms": slow["gateway"]["ttft_p50"] - slow["direct"]["ttft_p50"],
+            "rss_idle_mb": results["memory"]["idle_mb"], "rss_500_streams_mb": results["memory"]["streams_500"]["rss_mb"]}
+
+
+def verdicts(numbers: dict[str, float]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, (sense, target) in TARGETS.items():
+        value = numbers[name]
+        met = value <= target if sense == "<=" else value >= target
+        gap = value - target if sense == "<=" else target - value
+        out[name] = {"value": round(value, 3), "target": f"{sense} {target}", "met": met,
+                     "gap": None if met else round(gap, 3)}
+    return out
+
+
+def markdown(results: dict[str, Any], checked: dict[str, dict[str, Any]]) -> str:
+    lines = [f"# Benchmark ({results['when']}, {results['machine']})", "",
+             "One gateway process on CPU 0 (metrics on, tracing on at ratio 1.0 exported over OTLP/HTTP, info "
+             "logging); the Node fake upstream and the load generators on CPU 1.", "",
+             "## Targets", "", "| figure | value | target | met |", "|---|---|---|---|"]
+    for name, v in checked.items():
+        lines.append(f"| {name} | {v['value']} | {v['target']} | {'yes' if v['met'] else 'no, by ' + str(v['gap'])} |")
+    lines += ["", "## Non-streaming (wrk)", "",
+              "| concurrency | gateway req/s | direct req/s | ratio | gateway p50 / p99 ms | direct p50 / p99 ms | "
+              "gateway CPU ms/request |", "|---|---|---|---|---|---|---|"]
+    for r in results["non_streaming"]:
+        g, d = r["gateway"], r["direct"]
+        lines.append(f"| {r['concurrency']} | {g['rps']:.0f} | {d['rps']:.0f} | {g['rps'] / d['rps']:.2f} | "
+                     f"{g['p50_ms']:.2f} / {g['p99_ms']:.2f} | {d['p50_ms']:.2f} / {d['p99_ms']:.2f} | "
+                     f"{g['cpu_ms_per_request']:.3f} |")
+    lines += ["", "## Streaming, 64 tokens", "",
+              "| ms/token | concurrency | gateway streams/s | direct streams/s | gateway chunks/s | TTFT p50 / p99 ms "
+              "gateway | direct | total p50 ms gateway / direct | gateway CPU µs/chunk |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["streaming"]:
+        g, d = r["gateway"], r["direct"]
+        lines.append(f"| {r['delay_ms']} | {r['concurrency']} | {g['rps']:.0f} | {d['rps']:.0f} | "
+                     f"{g['chunks_per_sec']:.0f} | {g['ttft_p50']:.2f} / {g['ttft_p99']:.2f} | "
+                     f"{d['ttft_p50']:.2f} / {d['ttft_p99']:.2f} | {g['total_p50']:.1f} / {d['total_p50']:.1f} | "
+                     f"{g['cpu_us_per_chunk']:.1f} |")
+    memory, scaling = results["memory"], results["processes"]
+    lines += ["", "## Memory", "",
+              f"- idle: {memory['idle_mb']:.1f} MB RSS; peak over the run: {memory['peak_mb']:.1f} MB",
+              f"- 500 concurrent slow streams (100 tokens, 20 ms apart): {memory['streams_500']['rss_mb']:.1f} MB RSS, "
+              f"{memory['streams_500']['completed']} completed, {memory['streams_500']['errors']} errors",
+              "", "## Processes (non-streaming, 64 connections)", "",
+              f"- one process: {scaling['one']['rps']:.0f} req/s; two (SO_REUSEPORT, one per core, sharing the "
+              f"cores with the load generator and the upstream): {scaling['two']['rps']:.0f} req/s "
+              f"(x{scaling['speedup']:.2f})", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=5, help="length of each measurement (default 5)")
+    parser.add_argument("--out", default=str(BENCH / "results"), help="where report.md and report.json go")
+    args = parser.parse_args()
+    for tool, package in (("node", "nodejs"), ("wrk", "wrk"), ("taskset", "util-linux")):
+        need(tool, package)
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("bench: needs two CPUs (one for the gateway, one for the load)")
+    started = time.monotonic()
+    results = measure(args.seconds)
+    results["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results["machine"] = f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
+    results["figures"] = figures(results)
+    checked = verdicts(results["figures"])
+    results["targets"] = checked
+    results["wall_seconds"] = round(time.monotonic() - started, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(results, indent=2) + "\n")
+    report = markdown(results, checked)
+    (out / "report.md").write_text(report)
+    print(report)
+    print(f"({results['wall_seconds']} s; {out / 'report.md'}, {out / 'report.json'})")
+
+
+if __name__ == "__main__":
+    main()
