@@ -16,6 +16,7 @@ setup(
         "opentelemetry-sdk>=1.27",
         "opentelemetry-exporter-otlp>=1.27",
         "prometheus-client>=0.20",
+        "orjson>=3.9",
     ],
     entry_points={"console_scripts": ["inference = inference.cli:main"]},
     extras_require={

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 from klein import Klein
@@ -12,7 +11,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed as RouteMethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFoundError
 
-from . import __version__
+from . import __version__, jsonio
 from .admission import Admission
 from .auth import ApiKeys
 from .catalog import ModelCatalog
@@ -46,10 +45,16 @@ def route_of(path: bytes) -> str:
 
 
 def write_json(request: IRequest, payload: Any, status: int = 200) -> bytes:
-    """Set the status and content type and return the encoded body (Klein writes it and finishes)."""
+    """Set the status, content type and length and return the encoded body (Klein writes it and finishes)."""
+    return write_body(request, jsonio.dumps(payload), status)
+
+
+def write_body(request: IRequest, body: bytes, status: int = 200) -> bytes:
+    """A JSON body already encoded. With its length known the answer goes out in one piece, not chunked."""
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", JSON)
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
 
 
 def write_error(request: IRequest, error: GatewayError) -> bytes:
@@ -107,8 +112,8 @@ class Gateway:
                 with self.telemetry.chat_call(request, chat.body, chat.stream, slot) as call:
                     if not chat.stream:
                         answer = await job.run(self.provider.chat(chat.body, call.headers))
-                        call.answered(answer)
-                        return write_json(request, answer)
+                        call.answered(answer.data)
+                        return write_body(request, answer.raw)
                     stream = await job.run(self.provider.open_stream(chat.body, call.headers))
                     job.clear_deadline()
                     relay = StreamRelay(request, stream, call.capture_content)
@@ -129,8 +134,7 @@ class Gateway:
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
-        request.setHeader(b"Content-Type", JSON)
-        return self._openapi
+        return write_body(request, self._openapi)
 
     # -- health --------------------------------------------------------------------------------------------------
 

@@ -36,6 +36,13 @@ class GatewayChannel(HTTPChannel):
         self.MAX_LENGTH = max(server.max_header_bytes, server.max_url_bytes + 32)
         super().connectionMade()
 
+    def getHost(self) -> Any:
+        """The local address, asked of the kernel once per connection (twisted.web asks for every request)."""
+        host = self.__dict__.get("_host")
+        if host is None:
+            host = self._host = super().getHost()
+        return host
+
     # -- the time to receive a request ---------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:

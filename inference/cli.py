@@ -138,7 +138,7 @@ async def probe_completion(report: Report, gateway: Any, model: str) -> None:
         report.fail(f"test completion with {model!r} failed: {e.message}")
         return
     took = perf_counter() - started
-    usage = answer.get("usage") or {}
+    usage = answer.data.get("usage") or {}
     report.ok(f"test completion with {model!r} answered in {took:.2f}s "
               f"({usage.get('completion_tokens', '?')} token(s))")
 

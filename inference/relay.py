@@ -8,7 +8,6 @@ handler (Klein), which stops the stream and so aborts the upstream request.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, Optional
@@ -16,6 +15,7 @@ from typing import Any, Optional
 from twisted.internet.defer import CancelledError
 from twisted.web.iweb import IRequest
 
+from . import jsonio
 from .errors import GatewayError, UpstreamError, from_upstream
 from .providers.base import ChatStream
 from .sse import DONE, DONE_EVENT, encode, error_event
@@ -93,7 +93,7 @@ class StreamRelay:
             self._upstream_done = True
             return
         try:
-            chunk = json.loads(payload)
+            chunk = jsonio.loads(payload)
         except ValueError:
             return self._fail(UpstreamError("upstream sent an event that is not JSON"))
         if not isinstance(chunk, dict):

@@ -158,9 +158,10 @@ async def test_each_upstream_fault_is_reported_and_leaves_nothing_behind(fault, 
     m = await gateway.metrics()
     assert m.value("inference_requests_in_flight", provider="lmstudio") == 0
     assert m.value("inference_queue_length", provider="lmstudio") == 0
-    # Back to one pooled upstream connection and the same sockets and timers as before the fault.
-    await until(lambda: len(fake.connections.open) == 1 and open_sockets() == sockets)
-    assert pending_timers() == timers  # checked at once: a forgotten timer would expire if we waited
+    # Back to one pooled upstream connection, and no more sockets or timers than before the fault (fewer is
+    # possible: what earlier tests left behind may finish closing meanwhile).
+    await until(lambda: len(fake.connections.open) == 1 and open_sockets() <= sockets)
+    assert pending_timers() <= timers  # checked at once: a forgotten timer would expire if we waited
 
 
 @pytest_twisted.ensureDeferred

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A non-streaming answer: ``data`` for the gateway to look at, ``raw`` (the same JSON) for the client.
+
+    The client gets the server's own bytes, so nothing is lost or reordered and nothing is encoded twice.
+    """
+
+    data: dict[str, Any]
+    raw: bytes
 
 
 class EventConsumer(Protocol):
@@ -58,7 +70,7 @@ class Provider(abc.ABC):
         """The models the server serves now, as OpenAI model objects (each with an ``id``)."""
 
     @abc.abstractmethod
-    async def chat(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    async def chat(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> Completion:
         """One non-streaming chat completion; raise a :class:`~inference.errors.GatewayError` on failure.
 
         ``headers`` are sent with the upstream request (the trace context that continues the client's trace).

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
+from .. import jsonio
 from ..config import InferenceConfig
 from ..errors import UpstreamError, from_upstream
-from .base import ChatStream, Provider
+from .base import ChatStream, Completion, Provider
 from .upstream import Answer, UpstreamClient, UpstreamEventStream
 
 
@@ -29,21 +29,20 @@ class OpenAICompatibleProvider(Provider):
             raise UpstreamError("upstream model list is not an OpenAI list of models")
         return models
 
-    async def chat(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> dict[str, Any]:
-        answer = await self.client.request("POST", "/v1/chat/completions", json.dumps(self.prepare(body)).encode(),
+    async def chat(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> Completion:
+        answer = await self.client.request("POST", "/v1/chat/completions", jsonio.dumps(self.prepare(body)),
                                            headers=headers)
         data = _json_answer(answer)
         if not isinstance(data.get("choices"), list):
             raise UpstreamError("upstream answer has no 'choices'")
-        return data
+        return Completion(data, answer.body)
 
     async def open_stream(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> ChatStream:
         body = self.prepare(body)
         # Usage is asked for always: the client's last chunk then carries it, and metrics count real tokens.
         payload = {**body, "stream": True,  # stream_options is a dict when present (schema checked it)
                    "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-        response = await self.client.open("POST", "/v1/chat/completions", json.dumps(payload).encode(),
-                                          headers=headers)
+        response = await self.client.open("POST", "/v1/chat/completions", jsonio.dumps(payload), headers=headers)
         if isinstance(response, Answer):  # an error, or JSON where a stream was due (LM Studio's error in a 200)
             _json_answer(response)
             raise UpstreamError("upstream answered a streaming request with JSON instead of an event stream")
@@ -58,7 +57,7 @@ def _json_answer(answer: Answer) -> dict[str, Any]:
     if answer.status >= 400:
         raise from_upstream(answer.status, answer.body)
     try:
-        data = json.loads(answer.body)
+        data = jsonio.loads(answer.body)
     except ValueError:
         raise UpstreamError(f"upstream answered HTTP {answer.status} with a body that is not JSON") from None
     if not isinstance(data, dict):

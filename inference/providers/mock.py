@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
+from .. import jsonio
 from ..config import MockConfig
 from ..sse import DONE
-from .base import ChatStream, EventConsumer, Provider
+from .base import ChatStream, Completion, EventConsumer, Provider
 
 
 def words_of(content: Any) -> list[str]:
@@ -48,12 +48,12 @@ class MockProvider(Provider):
         return [{"id": m, "object": "model", "created": self._created, "owned_by": "mock"}
                 for m in self._config.models]
 
-    async def chat(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    async def chat(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> Completion:
         words, finish_reason = reply_words(body)
         delay = self._config.latency_secs + self._config.token_delay_secs * len(words)
         if delay:
             await deferLater(self._reactor, delay, lambda: None)
-        return {
+        data = {
             "id": f"chatcmpl-mock-{next(self._ids)}",
             "object": "chat.completion",
             "created": int(self._reactor.seconds()),
@@ -62,6 +62,7 @@ class MockProvider(Provider):
                          "message": {"role": "assistant", "content": " ".join(words)}}],
             "usage": _usage(body, words),
         }
+        return Completion(data, jsonio.dumps(data))
 
     async def open_stream(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> ChatStream:
         words, finish_reason = reply_words(body)
@@ -69,11 +70,11 @@ class MockProvider(Provider):
                 "created": int(self._reactor.seconds()), "model": body["model"]}
 
         def chunk(delta: dict[str, Any], finish: Optional[str] = None) -> bytes:
-            return json.dumps({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}).encode()
+            return jsonio.dumps({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
         events = [chunk({"role": "assistant", "content": ""})]
         events += [chunk({"content": word if i == 0 else " " + word}) for i, word in enumerate(words)]
-        events += [chunk({}, finish_reason), json.dumps({**head, "choices": [], "usage": _usage(body, words)}).encode(),
+        events += [chunk({}, finish_reason), jsonio.dumps({**head, "choices": [], "usage": _usage(body, words)}),
                    DONE]
         return MockEventStream(self._reactor, events, self._config.latency_secs, self._config.token_delay_secs)
 

@@ -1,8 +1,11 @@
 """The HTTP client every network provider shares: one connection pool, a total deadline, safe retries.
 
-treq's own ``timeout=`` stops at the response headers and cancelling ``treq.content()`` leaves the socket
-open (see TWISTED-NOTES.md), so the body is read by a protocol of ours that can abort the connection, and one
-timer covers the whole exchange: connect, retries, headers and body.
+Requests go straight to Twisted's ``Agent`` on the pool treq would use: treq's ``request()`` parses the URL
+(with IDNA), wraps a cookie agent and a gzip decoder and schedules the body through a cooperator on every call,
+which the benchmark measured at a fifth of the gateway's CPU per request; here the URL and headers are built
+once and the body is written in one go. treq's ``timeout=`` would stop at the response headers and cancelling
+``treq.content()`` leaves the socket open (see TWISTED-NOTES.md), so the body is read by a protocol of ours
+that can abort the connection, and one timer covers the whole exchange: connect, retries, headers and body.
 """
 
 from __future__ import annotations
@@ -10,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from treq.client import HTTPClient
 from twisted.internet import error as neterror
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
@@ -22,7 +24,8 @@ from twisted.web import _newclient
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
 
 from ..config import HttpConfig
 from ..errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
@@ -70,9 +73,9 @@ class UpstreamClient:
         self.pool.cachedConnectionTimeout = http.keep_alive_secs
         self.pool.retryAutomatically = False  # our own retry rule applies, and to POST as well
         self.agent = Agent(reactor, connectTimeout=http.connect_timeout_secs, pool=self.pool)
-        self._treq = HTTPClient(self.agent)
         self._headers = {"Accept": "application/json", **(headers or {})}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
+        self._url = self.base_url.encode("ascii")
 
     def request(self, method: str, path: str, body: Optional[bytes] = None, timeout: Optional[float] = None,
                 headers: Optional[dict[str, str]] = None) -> "Deferred[Answer]":
@@ -137,28 +140,51 @@ class UpstreamClient:
 
     async def _send(self, state: "_Exchange", method: str, path: str, body: Optional[bytes],
                     extra_headers: Optional[dict[str, str]]) -> IResponse:
-        url = self.base_url + path
-        headers = self._json_headers if body is not None else self._headers
+        url = self._url + path.encode("ascii")
+        fields = self._json_headers if body is not None else self._headers
         if extra_headers:
-            headers = {**headers, **extra_headers}
+            fields = {**fields, **extra_headers}
         attempt = 0
         while True:
-            try:
-                return await self._treq.request(method, url, data=body, headers=headers,
-                                                allow_redirects=False, unbuffered=True)
+            try:  # fresh Headers and producer per attempt: the agent may keep references to them
+                headers = Headers({name: [value] for name, value in fields.items()})
+                return await self.agent.request(method.encode("ascii"), url, headers,
+                                                BytesProducer(body) if body is not None else None)
             except _NOT_SENT as e:
                 if state.stopped or attempt >= self._http.max_retries:
                     raise
                 delay = min(0.1 * 2 ** attempt, 2.0)
                 attempt += 1
                 log.warn("upstream {url} failed before the request was sent ({error}); retry {attempt} of "
-                         "{retries} in {delay:.1f}s", url=url, error=_describe(e), attempt=attempt,
+                         "{retries} in {delay:.1f}s", url=self.base_url + path, error=_describe(e), attempt=attempt,
                          retries=self._http.max_retries, delay=delay)
                 await deferLater(self._reactor, delay, lambda: None)
 
     def close(self) -> "Deferred[None]":
         """Close idle pooled connections (on shutdown, so no keep-alive socket outlives the service)."""
         return self.pool.closeCachedConnections()
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body that is already in memory, written at once (no cooperator, no file wrapper)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> "Deferred[None]":
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class _Exchange:
