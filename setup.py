@@ -10,7 +10,6 @@ setup(
     packages=["inference", "inference.providers", "inference.telemetry", "twisted.plugins"],
     install_requires=[
         "twisted[tls]>=24.7",
-        "treq>=24.9",
         "klein>=24.8",
         "pyyaml>=6",
         "opentelemetry-sdk>=1.27",
@@ -22,6 +21,8 @@ setup(
     extras_require={
         # hypothesis: property tests of request validation and SSE parsing; schemathesis: fuzzes the running
         # gateway against its own /openapi.json (no 5xx, answers as documented).
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "openai>=1.40", "hypothesis>=6.100", "schemathesis>=4.0"],
+        # treq: the tests' HTTP client (the gateway itself talks to Twisted's Agent: see providers/upstream.py).
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "openai>=1.40", "treq>=24.9", "hypothesis>=6.100",
+                 "schemathesis>=4.0"],
     },
 )
