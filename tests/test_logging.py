@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import signal
 from typing import Any
 
@@ -104,6 +105,26 @@ def test_text_lines_name_the_level_logger_and_ids():
     assert line.endswith(" debug [test] detail 3 request_id=r9")
 
 
+@pytest_twisted.ensureDeferred
+async def test_text_access_lines_read_as_documented(fake, lmstudio):
+    out = io.StringIO()
+    observer = make_observer(LoggingConfig(level="info", format="text"), out)
+    globalLogPublisher.addObserver(observer)
+    try:
+        plain = await lmstudio.post_chat({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        streamed = await lmstudio.post_chat({"model": MODEL, "stream": True,
+                                             "messages": [{"role": "user", "content": "hi"}]})
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    lines = [line for line in out.getvalue().splitlines() if "[inference.access]" in line]
+    pattern = (r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z info \[inference\.access\] 127\.0\.0\.1 '
+               r'"POST /v1/chat/completions" 200 (\d+)B [\d.]+ms model=qwen2\.5-7b-instruct%s tokens=12/(\d) '
+               r'request_id=\w+ trace_id=[0-9a-f]{32}$')
+    first, second = re.match(pattern % "", lines[0]), re.match(pattern % r" ttft_ms=[\d.]+", lines[1])
+    assert first and second, lines
+    assert int(first.group(1)) == len(plain.body) and int(second.group(1)) == len(streamed.body)
+
+
 @pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
 @pytest_twisted.ensureDeferred
 async def test_the_daemon_logs_json_lines_with_request_and_trace_ids(tmp_path, fake):
@@ -123,6 +144,7 @@ async def test_the_daemon_logs_json_lines_with_request_and_trace_ids(tmp_path, f
     (access,) = [line for line in lines if line["logger"] == "inference.access"]
     assert access["request_id"] == reply.header("x-request-id") and access["trace_id"] == trace_id
     assert access["status"] == 200 and access["model"] == MODEL and access["output_tokens"] == 3
+    assert access["message"].startswith('127.0.0.1 "POST /v1/chat/completions" 200 ') and "access_text" not in access
     text = daemon.out.decode()
     assert "key-that-must-not-leak" not in text and "private words" not in text and "Bearer" not in text
 
