@@ -3,8 +3,9 @@
     .venv/bin/python bench/run.py [--seconds 5] [--out bench/results]
 
 Needs ``node`` (the fake upstream and the stream client), ``wrk`` (Debian package) and ``taskset``. The gateway
-(``twistd inference``, metrics on, tracing on at sample ratio 1.0, exporting OTLP/HTTP to a sink in the fake
-upstream, info logging) gets CPU 0 to itself; the upstream and the load generators share CPU 1. Writes
+(``twistd inference``, metrics on, tracing on at sample ratio 1.0, exporting OTLP over gRPC, the default, to
+``trace_sink.py``, info logging) gets CPU 0 to itself; the upstream, the trace sink and the load generators share
+CPU 1. Writes
 ``report.md`` and ``report.json``. Ratios between the two paths, and the gateway's own CPU time per request and per
 chunk, are the figures to quote; absolute times depend on the machine.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 BENCH = Path(__file__).resolve().parent
-UPSTREAM_PORT, GATEWAY_PORT, SHARED_PORT = 18080, 18081, 18082
+UPSTREAM_PORT, GATEWAY_PORT, SHARED_PORT, SINK_PORT = 18080, 18081, 18082, 14317
 GATEWAY_CPU, LOAD_CPU = "0", "1"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 TARGETS = {  # one gateway process on one core, metrics and tracing on
@@ -80,10 +81,12 @@ def process(command: list[str], cpu: str, env: Optional[dict[str, str]] = None) 
 def gateway_env(port: int, **more: str) -> dict[str, str]:
     return {"INFERENCE_INFERENCE_BASE_URL": f"http://127.0.0.1:{UPSTREAM_PORT}",
             "INFERENCE_INFERENCE_DEFAULT_MODEL": "bench-model", "INFERENCE_SERVER_PORT": str(port),
-            "INFERENCE_SERVER_MAX_MESSAGES": "1000",
+            # A pool that keeps as many idle upstream connections as there are clients: with the default of 10,
+            # 64 clients make the gateway open and close upstream connections all the time (~15% of its CPU).
+            "INFERENCE_INFERENCE_HTTP_MAX_IDLE_CONNECTIONS": "64",
             "INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "otlp",
-            "INFERENCE_OBSERVABILITY_TRACING_PROTOCOL": "http/protobuf",
-            "INFERENCE_OBSERVABILITY_TRACING_ENDPOINT": f"http://127.0.0.1:{UPSTREAM_PORT}",
+            "INFERENCE_OBSERVABILITY_TRACING_PROTOCOL": "grpc",
+            "INFERENCE_OBSERVABILITY_TRACING_ENDPOINT": f"http://127.0.0.1:{SINK_PORT}",
             "INFERENCE_OBSERVABILITY_TRACING_SAMPLE_RATIO": "1.0", "INFERENCE_LOGGING_LEVEL": "info", **more}
 
 
@@ -137,7 +140,8 @@ def measure(seconds: float) -> dict[str, Any]:
     direct = f"http://127.0.0.1:{UPSTREAM_PORT}"
     through = f"http://127.0.0.1:{GATEWAY_PORT}"
     results: dict[str, Any] = {"non_streaming": [], "streaming": [], "memory": {}, "processes": {}}
-    with process(["node", str(BENCH / "upstream.js"), str(UPSTREAM_PORT)], LOAD_CPU):
+    with process(["node", str(BENCH / "upstream.js"), str(UPSTREAM_PORT)], LOAD_CPU), \
+            process([sys.executable, str(BENCH / "trace_sink.py"), str(SINK_PORT)], LOAD_CPU):
         wait_for(direct + "/v1/models")
         with process([twistd(), "-n", "--pidfile=", "inference"], GATEWAY_CPU, gateway_env(GATEWAY_PORT)) as gw:
             wait_for(through + "/health/ready")
@@ -161,6 +165,7 @@ def measure(seconds: float) -> dict[str, Any]:
                                                  "direct": streams(direct, concurrency, seconds, 64, delay)})
             results["memory"]["streams_500"] = hold_streams(through, usage)
             results["memory"]["peak_mb"] = usage.memory("VmHWM")
+            results["tracing"] = json.load(urllib.request.urlopen(through + "/health"))["observability"]["tracing"]
         results["processes"] = scale(seconds)
     return results
 
@@ -222,8 +227,10 @@ def verdicts(numbers: dict[str, float]) -> dict[str, dict[str, Any]]:
 
 def markdown(results: dict[str, Any], checked: dict[str, dict[str, Any]]) -> str:
     lines = [f"# Benchmark ({results['when']}, {results['machine']})", "",
-             "One gateway process on CPU 0 (metrics on, tracing on at ratio 1.0 exported over OTLP/HTTP, info "
-             "logging); the Node fake upstream and the load generators on CPU 1.", "",
+             "One gateway process on CPU 0 (metrics on, tracing on at ratio 1.0 exported over OTLP/gRPC, info "
+             "logging); the Node fake upstream, the trace sink and the load generators on CPU 1. Spans exported "
+             f"during the run: {results['tracing'].get('export', {}).get('exported_spans', '?')}, failed: "
+             f"{results['tracing'].get('export', {}).get('failed_spans', '?')}.", "",
              "## Targets", "", "| figure | value | target | met |", "|---|---|---|---|"]
     for name, v in checked.items():
         lines.append(f"| {name} | {v['value']} | {v['target']} | {'yes' if v['met'] else 'no, by ' + str(v['gap'])} |")

@@ -4,6 +4,8 @@
 //   node bench/streamclient.js URL CONCURRENCY SECONDS TOKENS DELAY_MS [HOLD]
 //
 // HOLD=1: open CONCURRENCY streams once and wait for them all (for memory under many slow streams).
+// Slow streams (DELAY_MS > 0) start staggered over one stream's length, so the clients are spread out as real
+// ones are, instead of all asking at the same instant every time round.
 "use strict";
 const http = require("http");
 
@@ -60,12 +62,17 @@ function pct(values, q) {
   return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
 }
 
-async function worker() { while (Date.now() < deadline) await one(); }
+const stagger = Number(delay) * Number(tokens) / Number(concurrency);
+
+async function worker(index) {
+  if (stagger) await new Promise((resolve) => setTimeout(resolve, index * stagger));
+  while (Date.now() < deadline) await one();
+}
 
 (async () => {
   const started = Date.now();
   if (hold === "1") await Promise.all(Array.from({ length: Number(concurrency) }, one));
-  else await Promise.all(Array.from({ length: Number(concurrency) }, worker));
+  else await Promise.all(Array.from({ length: Number(concurrency) }, (_, i) => worker(i)));
   const elapsed = (Date.now() - started) / 1000;
   console.log(JSON.stringify({
     requests, chunks, errors, elapsed, rps: requests / elapsed, chunks_per_sec: chunks / elapsed,

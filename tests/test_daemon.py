@@ -128,6 +128,8 @@ async def test_twistd_inference_reads_a_config_file_and_reaches_lmstudio(tmp_pat
     (["--listen", "carrier-pigeon:7"], {}, "--listen 'carrier-pigeon:7' is not a Twisted endpoint"),
     ([], {"INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
      "config error: OTEL_EXPORTER_OTLP_PROTOCOL = 'http/json': expected one of grpc, http/protobuf"),
+    ([], {"INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "otlp", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "lots"},
+     "config error: OTEL_BSP_MAX_EXPORT_BATCH_SIZE = 'lots': expected a whole number >= 1"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_bad_config_stops_the_daemon_with_one_line(tmp_path, args, env, message):

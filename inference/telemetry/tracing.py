@@ -147,6 +147,25 @@ def resolve_destination(config: TracingConfig, environ: Mapping[str, str]) -> tu
     return protocol, endpoint
 
 
+EXPORT_BATCH_SIZE = 64
+"""Spans per export. The SDK's 512 makes its thread encode for tens of milliseconds while holding the GIL, which
+the reactor felt as a 20 ms p99; 64 keeps each pause near a millisecond at the same total cost."""
+
+
+def _batch_size(environ: Mapping[str, str]) -> int:
+    """``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` when set, else :data:`EXPORT_BATCH_SIZE`."""
+    value = environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "")
+    if not value:
+        return EXPORT_BATCH_SIZE
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ConfigError(f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE = {value!r}: expected a whole number >= 1")
+    return size
+
+
 def _with_scheme(endpoint: str) -> str:
     return endpoint if "://" in endpoint else "http://" + endpoint
 
@@ -192,7 +211,8 @@ class Tracing:
         self.provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
         self._exporter = self._make_exporter(environ)
         if self._exporter is not None:
-            self.provider.add_span_processor(BatchSpanProcessor(self._exporter))
+            self.provider.add_span_processor(BatchSpanProcessor(self._exporter,
+                                                                max_export_batch_size=_batch_size(environ)))
         self.tracer = self.provider.get_tracer("inference", __version__)
 
     def _make_exporter(self, environ: Mapping[str, str]) -> Optional[SpanExporter]:
