@@ -211,7 +211,8 @@ def figures(results: dict[str, Any]) -> dict[str, float]:
     return {"added_p50_ms_c1": c1["gateway"]["p50_ms"] - c1["direct"]["p50_ms"],
             "rps_c64": c64["gateway"]["rps"], "chunks_per_sec": fast["gateway"]["chunks_per_sec"],
             "added_ttft_p50_ms_c32_20ms": slow["gateway"]["ttft_p50"] - slow["direct"]["ttft_p50"],
-            "rss_idle_mb": results["memory"]["idle_mb"], "rss_500_streams_mb": results["memory"]["streams_500"]["rss_mb"]}
+            "rss_idle_mb": results["memory"]["idle_mb"],
+            "rss_500_streams_mb": results["memory"]["streams_500"]["rss_mb"]}
 
 
 def verdicts(numbers: dict[str, float]) -> dict[str, dict[str, Any]]:

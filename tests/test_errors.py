@@ -200,14 +200,16 @@ async def test_a_queued_request_whose_client_leaves_leaves_the_queue(fake, start
     first = Deferred.fromCoroutine(gateway.post_chat(chat()))
     await arrived
     quitter = await raw_connect(gateway.port.getHost().port)
-    quitter.transport.write(raw_post("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "never mind"}]}).encode()))
+    never_mind = {"model": MODEL, "messages": [{"role": "user", "content": "never mind"}]}
+    quitter.transport.write(raw_post("/v1/chat/completions", json.dumps(never_mind).encode()))
     await until(lambda: gateway.site.gateway.admission.queued == 1)
     quitter.transport.loseConnection()
     await until(lambda: gateway.site.gateway.admission.queued == 0)
     fake.chat.mode = "normal"
     fake.release()
     assert (await first).status == 200
-    assert (await gateway.post_chat({"model": MODEL, "messages": [{"role": "user", "content": "next"}]})).status == 200  # the slot was not kept for the quitter
+    following = {"model": MODEL, "messages": [{"role": "user", "content": "next"}]}
+    assert (await gateway.post_chat(following)).status == 200  # the slot was not kept for the quitter
     sent = [r.body["messages"][-1]["content"] for r in fake.received if r.path.endswith("completions")]
     assert "never mind" not in sent and sent[-1] == "next"
 

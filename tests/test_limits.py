@@ -131,7 +131,8 @@ async def test_the_request_deadline_covers_the_queue_and_the_upstream(fake, star
 
 @pytest_twisted.ensureDeferred
 async def test_a_stream_may_outlast_the_deadline_once_it_has_started(start_gateway):
-    gateway = start_gateway({"INFERENCE_INFERENCE_PROVIDER": "mock", "INFERENCE_INFERENCE_MOCK_TOKEN_DELAY_SECS": "0.05",
+    gateway = start_gateway({"INFERENCE_INFERENCE_PROVIDER": "mock",
+                             "INFERENCE_INFERENCE_MOCK_TOKEN_DELAY_SECS": "0.05",
                              "INFERENCE_SERVER_REQUEST_TIMEOUT_SECS": "0.2"})
     words = " ".join(f"w{i}" for i in range(12))  # 13 tokens at 50 ms: longer than the deadline
     started = reactor.seconds()

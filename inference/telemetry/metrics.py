@@ -6,7 +6,7 @@ outside the standard set are folded into ``_OTHER`` and unknown paths into one r
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
@@ -34,6 +34,7 @@ class Metrics:
 
     def __init__(self, provider: str) -> None:
         self.provider = provider
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.http_requests = Counter(
             "inference_http_requests", "HTTP requests answered, by route and status code",
@@ -86,6 +87,15 @@ class Metrics:
         self.client_disconnects_child = self.client_disconnects.labels(provider)
         self.upstream_up_child = self.upstream_up.labels(provider)
         self.queue_wait_child = self.queue_wait.labels(provider)
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once per label set: prometheus_client validates and locks on
+        every call, and a completion touches eight of them. The label sets are few by design (see above)."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def track_load(self, in_flight: Callable[[], int], queued: Callable[[], int]) -> None:
         """Read the gauges of load from the admission control at scrape time (nothing to do per request)."""

@@ -101,7 +101,7 @@ class Telemetry:
     def refused(self, method: Optional[bytes], route: str, status: int) -> None:
         """A request the connection answered itself, before routing (malformed, oversized, too slow)."""
         label = method_label(method.decode("latin-1")) if method else "_OTHER"
-        self.metrics.http_requests.labels(label, route, str(status)).inc()
+        self.metrics.child(self.metrics.http_requests, label, route, str(status)).inc()
 
     def request_ended(self, request: Any, code: Optional[int]) -> None:
         """The response's last byte is out (``code``), or the client left first (``code`` None: logged as 499)."""
@@ -114,12 +114,12 @@ class Telemetry:
         label = str(code) if code is not None else "499"
         span = request.span
         exemplar = self.tracing.exemplar(span)
-        metrics.http_requests.labels(method, request.route, label).inc()
+        metrics.child(metrics.http_requests, method, request.route, label).inc()
         request.duration = now - request.started
-        metrics.http_duration.labels(method, request.route, label).observe(request.duration, exemplar)
+        metrics.child(metrics.http_duration, method, request.route, label).observe(request.duration, exemplar)
         if request.answered_at is not None and code is not None:
-            metrics.overhead.labels(request.route).observe(request.overhead_before + now - request.answered_at,
-                                                           exemplar)
+            metrics.child(metrics.overhead, request.route).observe(
+                request.overhead_before + now - request.answered_at, exemplar)
         if span is None:
             return
         if code is not None:
@@ -254,7 +254,8 @@ class ChatCall:
         metrics = telemetry.metrics
         provider, model = telemetry.provider, self._model
         exemplar = telemetry.tracing.exemplar(request.span)
-        metrics.request_duration.labels(provider, model, "true" if self._stream else "false", outcome).observe(
+        stream = "true" if self._stream else "false"
+        metrics.child(metrics.request_duration, provider, model, stream, outcome).observe(
             ended - request.started, exemplar)
 
         input_tokens = _count(usage, "prompt_tokens")
@@ -263,19 +264,20 @@ class ChatCall:
         if first_token_at is not None:
             request.time_to_first_token = first_token_at - request.started
         if input_tokens is not None:
-            metrics.tokens.labels(provider, model, "input").inc(input_tokens)
+            metrics.child(metrics.tokens, provider, model, "input").inc(input_tokens)
         if output_tokens is not None:
-            metrics.tokens.labels(provider, model, "output").inc(output_tokens)
+            metrics.child(metrics.tokens, provider, model, "output").inc(output_tokens)
 
         generated = output_tokens if output_tokens is not None else chunks
         if first_token_at is not None:
-            metrics.time_to_first_token.labels(provider, model).observe(first_token_at - request.started, exemplar)
+            metrics.child(metrics.time_to_first_token, provider, model).observe(
+                first_token_at - request.started, exemplar)
             self._observe_speed(generated - 1, ended - first_token_at, exemplar)  # decoding after the first token
         elif not self._stream and outcome == "success":
             self._observe_speed(generated, ended - self.started, exemplar)
 
         if error is not None and error.kind is not None:
-            metrics.upstream_errors.labels(provider, error.kind).inc()
+            metrics.child(metrics.upstream_errors, provider, error.kind).inc()
         if error is not None and error.kind == "unreachable":
             metrics.set_upstream_up(False)
         elif outcome == "success" or (error is not None and error.kind in ("rejected", "server_error")):
@@ -316,8 +318,8 @@ class ChatCall:
         if tokens <= 0 or seconds <= 0:
             return
         metrics, labels = self._telemetry.metrics, (self._telemetry.provider, self._model)
-        metrics.time_per_output_token.labels(*labels).observe(seconds / tokens, exemplar)
-        metrics.tokens_per_second.labels(*labels).observe(tokens / seconds, exemplar)
+        metrics.child(metrics.time_per_output_token, *labels).observe(seconds / tokens, exemplar)
+        metrics.child(metrics.tokens_per_second, *labels).observe(tokens / seconds, exemplar)
 
 
 def _count(usage: Any, key: str) -> Optional[int]:

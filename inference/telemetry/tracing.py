@@ -224,7 +224,8 @@ class Tracing:
             return ReportingExporter(ConsoleSpanExporter(), "stdout", self.status, self._report)
         self.protocol, endpoint = resolve_destination(self.config, environ)
         self.endpoint = _without_credentials(endpoint)
-        return ReportingExporter(_otlp_exporter(self.protocol, endpoint, environ), self.endpoint, self.status, self._report)
+        return ReportingExporter(_otlp_exporter(self.protocol, endpoint, environ), self.endpoint, self.status,
+                                 self._report)
 
     def _report(self, level: str, format: str, **fields: Any) -> None:
         """Log from the exporter thread by handing the event to the reactor thread."""
