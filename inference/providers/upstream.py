@@ -2,8 +2,8 @@
 
 Requests go straight to Twisted's ``Agent`` on the pool treq would use: treq's ``request()`` parses the URL
 (with IDNA), wraps a cookie agent and a gzip decoder and schedules the body through a cooperator on every call,
-which the benchmark measured at a fifth of the gateway's CPU per request; here the URL and headers are built
-once and the body is written in one go. treq's ``timeout=`` would stop at the response headers and cancelling
+which the benchmark measured at a fifth of the gateway's CPU per request; here the base URL is encoded once,
+endpoints are made once per address and the body is written in one go. treq's ``timeout=`` would stop at the response headers and cancelling
 ``treq.content()`` leaves the socket open (see TWISTED-NOTES.md), so the body is read by a protocol of ours
 that can abort the connection, and one timer covers the whole exchange: connect, retries, headers and body.
 """
@@ -15,13 +15,13 @@ from typing import Any, Callable, Optional, Union
 
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import _newclient
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
