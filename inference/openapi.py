@@ -154,7 +154,6 @@ def openapi_document(config: Config) -> dict[str, Any]:
     keys = bool(config.server.api_keys or config.server.api_keys_file)
     operator_auth = keys and config.server.protect_metrics
     secured = [{"bearerAuth": []}] if keys else []
-    operator_secured = secured if operator_auth else []
 
     def operation(summary: str, ok: dict[str, Any], *codes: str, auth: bool, tag: str,
                   **more: Any) -> dict[str, Any]:

@@ -166,6 +166,24 @@ class RunningGateway:
         return await scrape(self.url, accept)
 
 
+async def hold_the_slot(gateway: RunningGateway, fake: FakeLMStudio, body: Any) -> "Deferred[Reply]":
+    """Send ``body`` and let the fake hold it (``hang``); return its pending reply once it reached the upstream."""
+    fake.chat.mode = "hang"
+    arrived = fake.next_arrival()
+    reply = Deferred.fromCoroutine(gateway.post_chat(body))
+    await arrived
+    return reply
+
+
+async def queue_behind(gateway: RunningGateway, body: Any) -> "Deferred[Reply]":
+    """Send ``body``; return its pending reply once it waits in the admission queue."""
+    admission = gateway.site.gateway.admission
+    waiting = admission.queued + 1
+    reply = Deferred.fromCoroutine(gateway.post_chat(body))
+    await until(lambda: admission.queued == waiting)
+    return reply
+
+
 @pytest.fixture
 def fake() -> Any:
     server = FakeLMStudio()

@@ -7,9 +7,8 @@ import json
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 
-from .conftest import call, raw_connect, raw_post, until
+from .conftest import call, hold_the_slot, queue_behind, raw_connect, raw_post, until
 
 MODEL = "qwen2.5-7b-instruct"
 USER = [{"role": "user", "content": "hi"}]
@@ -171,12 +170,8 @@ async def test_queue_full_is_429_with_retry_after(fake, start_gateway):
                              "INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "1",
                              "INFERENCE_INFERENCE_MAX_QUEUE": "1"})
     await gateway.post_chat(chat())  # warm the model cache so requests go straight to the slot
-    fake.chat.mode = "hang"
-    arrived = fake.next_arrival()
-    first = Deferred.fromCoroutine(gateway.post_chat(chat()))
-    await arrived
-    second = Deferred.fromCoroutine(gateway.post_chat(chat()))
-    await until(lambda: gateway.site.gateway.admission.queued == 1)  # the second waits in the queue
+    first = await hold_the_slot(gateway, fake, chat())
+    second = await queue_behind(gateway, chat())
     third = await gateway.post_chat(chat())
     assert third.status == 429
     assert third.error["type"] == "rate_limit_error" and third.error["code"] == "overloaded"
@@ -195,10 +190,7 @@ async def test_a_queued_request_whose_client_leaves_leaves_the_queue(fake, start
     gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
                              "INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "1"})
     await gateway.post_chat(chat())
-    fake.chat.mode = "hang"
-    arrived = fake.next_arrival()
-    first = Deferred.fromCoroutine(gateway.post_chat(chat()))
-    await arrived
+    first = await hold_the_slot(gateway, fake, chat())
     quitter = await raw_connect(gateway.port.getHost().port)
     never_mind = {"model": MODEL, "messages": [{"role": "user", "content": "never mind"}]}
     quitter.transport.write(raw_post("/v1/chat/completions", json.dumps(never_mind).encode()))

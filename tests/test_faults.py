@@ -51,18 +51,10 @@ class Fault:
     midway: Optional[Callable[[FakeLMStudio], None]] = None  # done once the client has the first words
 
 
-def chat_mode(mode: str, **more: Any) -> Callable[[FakeLMStudio], None]:
+def behave(**fields: Any) -> Callable[[FakeLMStudio], None]:
+    """Set the fake's chat behaviour (``mode=`` for the answer, ``stream=`` for a 200 stream, and its details)."""
     def inject(fake: FakeLMStudio) -> None:
-        fake.chat.mode = mode
-        for key, value in more.items():
-            setattr(fake.chat, key, value)
-    return inject
-
-
-def stream_mode(mode: str, **more: Any) -> Callable[[FakeLMStudio], None]:
-    def inject(fake: FakeLMStudio) -> None:
-        fake.chat.stream = mode
-        for key, value in more.items():
+        for key, value in fields.items():
             setattr(fake.chat, key, value)
     return inject
 
@@ -74,26 +66,26 @@ async def refuse(fake: FakeLMStudio) -> None:
 FAULTS = [
     Fault("refuse", refuse, False, 502, "upstream_unreachable"),
     Fault("refuse-stream", refuse, True, 502, "upstream_unreachable"),
-    Fault("reset", chat_mode("reset"), False, 500, "upstream_error"),
-    Fault("drop", chat_mode("drop"), False, 500, "upstream_error"),
-    Fault("hang-before-headers", chat_mode("hang"), False, 504, "upstream_timeout"),
-    Fault("hang-before-headers-stream", chat_mode("hang"), True, 504, "upstream_timeout"),
-    Fault("hang-mid-body", chat_mode("stall_body"), False, 504, "upstream_timeout"),
-    Fault("truncated-json", chat_mode("truncated"), False, 500, "upstream_error"),
-    Fault("invalid-json", chat_mode("invalid_json"), False, 500, "upstream_error"),
-    Fault("not-a-completion", chat_mode("not_json_object"), False, 500, "upstream_error"),
-    Fault("enormous-body", chat_mode("huge", huge_bytes=33 * 1024 * 1024), False, 500, "upstream_error"),
-    Fault("429", chat_mode("error_object", status=429, code="rate_limited"), False, 429, "rate_limited"),
-    Fault("500", chat_mode("error_string", status=500), False, 500, "upstream_error"),
-    Fault("503", chat_mode("error_object", status=503), False, 500, "upstream_error"),
-    Fault("503-stream", chat_mode("error_object", status=503), True, 500, "upstream_error"),
-    Fault("hang-mid-stream", stream_mode("stall"), True, 200, "upstream_timeout"),
-    Fault("reset-mid-stream", stream_mode("stall"), True, 200, "upstream_error", midway=FakeLMStudio.reset_held),
-    Fault("die-mid-stream", stream_mode("die"), True, 200, "upstream_error"),
-    Fault("invalid-sse", stream_mode("garbage"), True, 200, "upstream_error"),
-    Fault("enormous-event", stream_mode("huge_event", huge_bytes=5 * 1024 * 1024), True, 200, "upstream_error"),
-    Fault("empty-stream", stream_mode("empty"), True, 200, "upstream_error"),
-    Fault("error-event", stream_mode("error_event"), True, 200, "upstream_error"),
+    Fault("reset", behave(mode="reset"), False, 500, "upstream_error"),
+    Fault("drop", behave(mode="drop"), False, 500, "upstream_error"),
+    Fault("hang-before-headers", behave(mode="hang"), False, 504, "upstream_timeout"),
+    Fault("hang-before-headers-stream", behave(mode="hang"), True, 504, "upstream_timeout"),
+    Fault("hang-mid-body", behave(mode="stall_body"), False, 504, "upstream_timeout"),
+    Fault("truncated-json", behave(mode="truncated"), False, 500, "upstream_error"),
+    Fault("invalid-json", behave(mode="invalid_json"), False, 500, "upstream_error"),
+    Fault("not-a-completion", behave(mode="not_json_object"), False, 500, "upstream_error"),
+    Fault("enormous-body", behave(mode="huge", huge_bytes=33 * 1024 * 1024), False, 500, "upstream_error"),
+    Fault("429", behave(mode="error_object", status=429, code="rate_limited"), False, 429, "rate_limited"),
+    Fault("500", behave(mode="error_string", status=500), False, 500, "upstream_error"),
+    Fault("503", behave(mode="error_object", status=503), False, 500, "upstream_error"),
+    Fault("503-stream", behave(mode="error_object", status=503), True, 500, "upstream_error"),
+    Fault("hang-mid-stream", behave(stream="stall"), True, 200, "upstream_timeout"),
+    Fault("reset-mid-stream", behave(stream="stall"), True, 200, "upstream_error", midway=FakeLMStudio.reset_held),
+    Fault("die-mid-stream", behave(stream="die"), True, 200, "upstream_error"),
+    Fault("invalid-sse", behave(stream="garbage"), True, 200, "upstream_error"),
+    Fault("enormous-event", behave(stream="huge_event", huge_bytes=5 * 1024 * 1024), True, 200, "upstream_error"),
+    Fault("empty-stream", behave(stream="empty"), True, 200, "upstream_error"),
+    Fault("error-event", behave(stream="error_event"), True, 200, "upstream_error"),
 ]
 
 

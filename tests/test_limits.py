@@ -6,10 +6,9 @@ import json
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
-from .conftest import call, raw_connect, raw_post, until
+from .conftest import call, hold_the_slot, queue_behind, raw_connect, raw_post
 
 MODEL = "qwen2.5-7b-instruct"
 
@@ -113,12 +112,9 @@ async def test_the_request_deadline_covers_the_queue_and_the_upstream(fake, star
     gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
                              "INFERENCE_SERVER_REQUEST_TIMEOUT_SECS": "0.4",
                              "INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "1"})
-    fake.chat.mode = "hang"
-    arrived, closed = fake.next_arrival(), fake.next_close()
-    first = Deferred.fromCoroutine(gateway.post_chat(chat()))
-    await arrived
-    second = Deferred.fromCoroutine(gateway.post_chat(chat()))  # waits in the queue behind the first
-    await until(lambda: gateway.site.gateway.admission.queued == 1)
+    closed = fake.next_close()
+    first = await hold_the_slot(gateway, fake, chat())
+    second = await queue_behind(gateway, chat())
     for reply in (await first, await second):
         assert reply.status == 504 and reply.error["type"] == "timeout_error"
         assert reply.error["code"] == "request_timeout" and "server.request_timeout_secs" in reply.error["message"]

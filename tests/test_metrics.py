@@ -6,9 +6,8 @@ import json
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
 
-from .conftest import call, raw_connect, raw_post, until
+from .conftest import call, hold_the_slot, queue_behind, raw_connect, raw_post
 
 MODEL = "qwen2.5-7b-instruct"
 CHAT = "/v1/chat/completions"
@@ -173,12 +172,8 @@ async def test_queue_length_and_in_flight_follow_the_admission_control(fake, sta
     gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
                              "INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "1"})
     await gateway.post_chat(chat())
-    fake.chat.mode = "hang"
-    arrived = fake.next_arrival()
-    first = Deferred.fromCoroutine(gateway.post_chat(chat()))
-    await arrived
-    second = Deferred.fromCoroutine(gateway.post_chat(chat()))
-    await until(lambda: gateway.site.gateway.admission.queued == 1)
+    first = await hold_the_slot(gateway, fake, chat())
+    second = await queue_behind(gateway, chat())
     m = await gateway.metrics()
     assert m.value("inference_requests_in_flight", provider="lmstudio") == 1
     assert m.value("inference_queue_length", provider="lmstudio") == 1

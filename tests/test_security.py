@@ -60,17 +60,17 @@ async def test_sighup_rereads_the_key_file_and_a_broken_file_keeps_the_old_keys(
         assert (await call("POST", url, CHAT, headers=bearer("old-key"))).status == 200
         assert (await call("POST", url, CHAT, headers=bearer("new-key"))).status == 401
 
-        keys.write_text("new-key\n")
-        reloaded = daemon.said(b"API keys reloaded from")
-        transport.signalProcess(signal.SIGHUP)
-        await reloaded
+        async def reload(text: str, logged: bytes) -> None:
+            keys.write_text(text)
+            said = daemon.said(logged)
+            transport.signalProcess(signal.SIGHUP)
+            await said
+
+        await reload("new-key\n", b"API keys reloaded from")
         assert (await call("POST", url, CHAT, headers=bearer("new-key"))).status == 200
         assert (await call("POST", url, CHAT, headers=bearer("old-key"))).status == 401
 
-        keys.write_text("# nothing here\n")
-        refused = daemon.said(b"holds no key")
-        transport.signalProcess(signal.SIGHUP)
-        await refused
+        await reload("# nothing here\n", b"holds no key")
         assert (await call("POST", url, CHAT, headers=bearer("new-key"))).status == 200
     finally:
         assert await stop(daemon, transport)

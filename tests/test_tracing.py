@@ -7,10 +7,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
 
-from .conftest import call, raw_connect, raw_post, until
+from .conftest import call, hold_the_slot, queue_behind, raw_connect, raw_post
 from .fakes.collector import Collector
 from .test_daemon import TWISTD, spawn, stop
 
@@ -134,12 +133,8 @@ async def test_a_stream_has_a_first_token_event_and_time_to_first_chunk(fake, tr
 @pytest_twisted.ensureDeferred
 async def test_a_wait_for_an_upstream_slot_is_a_span_event(fake, traced, collector):
     gateway = traced(inference_max_concurrent_requests="1")
-    fake.chat.mode = "hang"
-    arrived = fake.next_arrival()
-    first = Deferred.fromCoroutine(gateway.post_chat(chat("first")))
-    await arrived
-    second = Deferred.fromCoroutine(gateway.post_chat(chat("second")))
-    await until(lambda: gateway.site.gateway.admission.queued == 1)
+    first = await hold_the_slot(gateway, fake, chat("first"))
+    second = await queue_behind(gateway, chat("second"))
     fake.chat.mode = "normal"
     fake.release()
     assert (await first).status == 200 and (await second).status == 200
