@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from inference.config import DefaultsConfig
 from inference.errors import InvalidRequest
 from inference.schema import parse_chat_request
-from inference.sse import SSEParser
+
+from .test_sse import parse
 
 DEFAULTS = DefaultsConfig()
 PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -102,14 +103,6 @@ def sse_streams(draw: Any) -> tuple[bytes, list[bytes]]:
         out.append(newline)
         expected.append("\n".join(values).encode())
     return "".join(out).encode(), expected
-
-
-def parse(pieces: list[bytes]) -> list[bytes]:
-    parser = SSEParser()
-    found = []
-    for piece in pieces:
-        found += parser.feed(piece)
-    return found + parser.close()
 
 
 @PROPERTY_SETTINGS
