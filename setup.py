@@ -11,6 +11,7 @@ setup(
     install_requires=[
         "twisted[tls]>=24.7",
         "klein>=24.8",
+        "treq>=24.9",
         "pyyaml>=6",
         "opentelemetry-sdk>=1.27",
         "opentelemetry-exporter-otlp>=1.27",
@@ -21,8 +22,6 @@ setup(
     extras_require={
         # hypothesis: property tests of request validation and SSE parsing; schemathesis: fuzzes the running
         # gateway against its own /openapi.json (no 5xx, answers as documented).
-        # treq: the tests' HTTP client (the gateway itself talks to Twisted's Agent: see providers/upstream.py).
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "openai>=1.40", "treq>=24.9", "hypothesis>=6.100",
-                 "schemathesis>=4.0"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "openai>=1.40", "hypothesis>=6.100", "schemathesis>=4.0"],
     },
 )

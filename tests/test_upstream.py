@@ -10,7 +10,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.logger import globalLogPublisher
 
-from .conftest import call, raw_connect, raw_post, until
+from .conftest import call, raw_connect, raw_post, sse_payloads, until
+from .fakes.lmstudio import Behaviour, FakeLMStudio
 
 MODEL = "qwen2.5-7b-instruct"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
@@ -165,3 +166,47 @@ async def test_concurrent_requests_share_one_model_list_fetch(fake, lmstudio):
     replies = await DeferredList([Deferred.fromCoroutine(lmstudio.post_chat(CHAT)) for _ in range(10)])
     assert [ok and r.status for ok, r in replies] == [200] * 10
     assert [r.path for r in fake.received].count("/v1/models") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_redirects_are_not_followed_and_the_key_never_reaches_another_host(fake, start_gateway):
+    elsewhere = FakeLMStudio()
+    elsewhere.listen()
+    try:
+        gateway = start_gateway({"INFERENCE_INFERENCE_PROVIDER": "openai", "INFERENCE_INFERENCE_BASE_URL": fake.url,
+                                 "INFERENCE_INFERENCE_API_KEY": "sk-upstream-secret"})
+        assert (await call("GET", gateway.url + "/v1/models")).status == 200
+        fake.chat = Behaviour(mode="redirect", location=elsewhere.url + "/v1/chat/completions")
+        for stream in (False, True):
+            reply = await gateway.post_chat({**CHAT, "stream": stream})
+            assert reply.status == 502 and reply.error["code"] == "upstream_error"
+            assert "307" in reply.error["message"] and "does not follow redirects" in reply.error["message"]
+            assert "sk-upstream-secret" not in reply.body.decode()
+        assert fake.received[-1].headers["authorization"] == "Bearer sk-upstream-secret"
+        assert elsewhere.received == []
+        fake.chat = Behaviour()
+        assert (await gateway.post_chat(CHAT)).status == 200  # the redirect's connection was left usable
+        assert fake.connections.total == 1
+    finally:
+        await elsewhere.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_gzip_answers_are_decoded(fake, lmstudio):
+    fake.gzip = True
+    reply = await lmstudio.post_chat(CHAT)
+    assert reply.status == 200 and reply.json()["choices"][0]["message"]["content"] == "echo: hi"
+    assert "gzip" in fake.received[-1].headers["accept-encoding"]
+    streamed = await lmstudio.post_chat({**CHAT, "stream": True})
+    payloads = sse_payloads(streamed.body)
+    assert payloads[-1] == b"[DONE]"
+    assert "".join(json.loads(p)["choices"][0]["delta"].get("content", "") for p in payloads[:-1]
+                   if json.loads(p)["choices"]) == "echo: hi"
+
+
+@pytest_twisted.ensureDeferred
+async def test_cookies_an_upstream_sets_are_not_sent_back(fake, lmstudio):
+    fake.set_cookie = "session=client-a; Path=/"
+    assert (await lmstudio.post_chat(CHAT)).status == 200
+    assert (await lmstudio.post_chat(CHAT)).status == 200
+    assert all("cookie" not in received.headers for received in fake.received)

@@ -1,11 +1,12 @@
-"""The HTTP client every network provider shares: one connection pool, a total deadline, safe retries.
+"""The HTTP client every network provider shares: treq over one connection pool, a total deadline, safe retries.
 
-Requests go straight to Twisted's ``Agent`` on the pool treq would use: treq's ``request()`` parses the URL
-(with IDNA), wraps a cookie agent and a gzip decoder and schedules the body through a cooperator on every call,
-which the benchmark measured at a fifth of the gateway's CPU per request; here the base URL is encoded once,
-endpoints are made once per address and the body is written in one go. treq's ``timeout=`` would stop at the response headers and cancelling
-``treq.content()`` leaves the socket open (see TWISTED-NOTES.md), so the body is read by a protocol of ours
-that can abort the connection, and one timer covers the whole exchange: connect, retries, headers and body.
+Requests go through treq's ``HTTPClient`` on an ``Agent`` whose pool is sized and timed by the ``http:`` config and
+whose endpoints are made once per address. treq keeps its gzip decoding (OpenAI compresses its answers); it is
+told never to follow a redirect (a 3xx is an upstream error, and the upstream's key must not reach another host)
+and given a cookie jar that keeps nothing (one upstream session must not carry cookies from one client's request
+to another's). treq's ``timeout=`` would stop at the response headers, and cancelling ``treq.content()`` leaves the
+socket open (see TWISTED-NOTES.md), so answers are read by a protocol of ours that can abort the connection, and
+one timer covers the whole exchange: connect, retries, headers and body.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from hyperlink import EncodedURL
+from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
 from zope.interface import implementer
 
 from ..config import HttpConfig
@@ -73,10 +77,11 @@ class UpstreamClient:
         self.pool.maxPersistentPerHost = http.max_idle_connections
         self.pool.cachedConnectionTimeout = http.keep_alive_secs
         self.pool.retryAutomatically = False  # our own retry rule applies, and to POST as well
-        self.agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, http.connect_timeout_secs), self.pool)
+        agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, http.connect_timeout_secs), self.pool)
+        self.http = HTTPClient(agent, cookiejar=_NO_COOKIES, data_to_body_producer=BytesProducer)
         self._headers = {"Accept": "application/json", **(headers or {})}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
-        self._url = self.base_url.encode("ascii")
+        self._urls: dict[str, EncodedURL] = {}
 
     def request(self, method: str, path: str, body: Optional[bytes] = None, timeout: Optional[float] = None,
                 headers: Optional[dict[str, str]] = None) -> "Deferred[Answer]":
@@ -141,16 +146,17 @@ class UpstreamClient:
 
     async def _send(self, state: "_Exchange", method: str, path: str, body: Optional[bytes],
                     extra_headers: Optional[dict[str, str]]) -> IResponse:
-        url = self._url + path.encode("ascii")
+        url = self._url_for(path)
         fields = self._json_headers if body is not None else self._headers
         if extra_headers:
             fields = {**fields, **extra_headers}
         attempt = 0
         while True:
             try:  # fresh Headers and producer per attempt: the agent may keep references to them
-                headers = Headers({name: [value] for name, value in fields.items()})
-                return await self.agent.request(method.encode("ascii"), url, headers,
-                                                BytesProducer(body) if body is not None else None)
+                response = await self.http.request(
+                    method, url, headers=Headers({name: [value] for name, value in fields.items()}), data=body,
+                    cookies=_NO_COOKIES, allow_redirects=False, unbuffered=True)
+                break
             except _NOT_SENT as e:
                 if state.stopped or attempt >= self._http.max_retries:
                     raise
@@ -160,10 +166,51 @@ class UpstreamClient:
                          "{retries} in {delay:.1f}s", url=self.base_url + path, error=_describe(e), attempt=attempt,
                          retries=self._http.max_retries, delay=delay)
                 await deferLater(self._reactor, delay, lambda: None)
+        if 300 <= response.code < 400:
+            await read_body(response)  # drained, so the connection can serve the next request
+            location = (response.headers.getRawHeaders(b"location") or [b"nowhere"])[0].decode("latin-1")[:200]
+            raise UpstreamError(f"upstream at {self.base_url} answered HTTP {response.code}, a redirect to "
+                                f"{location}; the gateway does not follow redirects: set inference.base_url to "
+                                "the address that serves the API", status=502)
+        return response
+
+    def _url_for(self, path: str) -> EncodedURL:
+        """The URL of ``path`` on the upstream, parsed and encoded once for all the requests that follow."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = _EncodedOnce.from_uri(EncodedURL.from_text(self.base_url + path).to_uri())
+        return url
 
     def close(self) -> "Deferred[None]":
         """Close idle pooled connections (on shutdown, so no keep-alive socket outlives the service)."""
         return self.pool.closeCachedConnections()
+
+
+class _EncodedOnce(EncodedURL):
+    """A URL already in its ASCII URI form. treq re-encodes every URL it is given (IDNA host included), which
+    costs a request about 25 µs; these are encoded once, when first used, so that step can return the URL as is."""
+
+    @classmethod
+    def from_uri(cls, uri: EncodedURL) -> "_EncodedOnce":
+        return cls(uri.scheme, uri.host, uri.path, uri.query, uri.fragment, uri.port, uri.rooted, uri.userinfo,
+                   uri.uses_netloc)
+
+    def to_uri(self) -> "_EncodedOnce":
+        return self
+
+
+class _NoCookies(IndexableCookieJar):
+    """Keeps no cookie: the pool serves every client, so a cookie an upstream sets must not go back with another
+    client's request (and answers need not be searched for them)."""
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+
+_NO_COOKIES = _NoCookies()
 
 
 @implementer(IAgentEndpointFactory)

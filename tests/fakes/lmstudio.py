@@ -7,6 +7,7 @@ synchronise on events rather than on sleeps.
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import struct
@@ -38,7 +39,7 @@ class Behaviour:
     normal, error_string, error_object, error_in_200, invalid_json, not_json_object, hang (never answers),
     stall_body (headers and half a body, then nothing), drop (closes the connection without answering),
     reset (a TCP RST instead of an answer), truncated (half the promised Content-Length, then closes),
-    huge (a 200 JSON body of ``huge_bytes``).
+    huge (a 200 JSON body of ``huge_bytes``), redirect (a 307 to ``location``).
 
     ``stream`` shapes a 200 stream (``stream: true`` with mode normal): normal, no_usage (ignores
     include_usage), no_done (ends without ``[DONE]``), empty (no events at all), die (two words, then the
@@ -56,6 +57,7 @@ class Behaviour:
     extra_message_fields: dict[str, Any] = field(default_factory=dict)
     flood_bytes: int = 0
     huge_bytes: int = 0
+    location: str = ""
 
 
 class FakeLMStudio(Resource):
@@ -67,6 +69,8 @@ class FakeLMStudio(Resource):
         self.chat = Behaviour()
         self.listing = Behaviour()
         self.require_key: Optional[str] = None
+        self.gzip = False  # compress answers for clients that accept gzip (as OpenAI does)
+        self.set_cookie: Optional[str] = None  # a Set-Cookie header on every answer
         self.received: list[Received] = []
         self.pending: list[http.Request] = []  # requests held open by hang / stall_body
         self._arrivals: list[Deferred[Received]] = []
@@ -92,6 +96,16 @@ class FakeLMStudio(Resource):
     # -- twisted.web ---------------------------------------------------------------------------------------------
 
     def render(self, request: http.Request) -> Any:
+        answer = self._render(request)
+        if self.set_cookie:
+            request.setHeader(b"set-cookie", self.set_cookie.encode())
+        accepted = (request.getHeader(b"accept-encoding") or b"").split(b",")
+        if self.gzip and isinstance(answer, bytes) and b"gzip" in [a.strip() for a in accepted]:
+            request.setHeader(b"content-encoding", b"gzip")
+            return gzip.compress(answer)
+        return answer
+
+    def _render(self, request: http.Request) -> Any:
         raw = request.content.read()
         try:
             body = json.loads(raw) if raw else None
@@ -157,6 +171,10 @@ class FakeLMStudio(Resource):
             request.write(b'{"id": "chatcmpl-cut", "object": "chat.completion", "choices": [{"index": 0, ')
             request.channel.transport.loseConnection()
             return NOT_DONE_YET
+        if mode == "redirect":
+            request.setResponseCode(307)
+            request.setHeader(b"location", behaviour.location.encode())
+            return b""
         if mode == "huge":
             filler = "x" * behaviour.huge_bytes
             return self._json(request, 200, {**normal, "choices": [{"index": 0, "finish_reason": "stop",
