@@ -118,7 +118,10 @@ class Gateway:
                     job.clear_deadline()
                     relay = StreamRelay(request, stream, call.capture_content)
                     job.on_interrupt(relay.interrupt)
-                    call.streamed(await relay.run())
+                    try:
+                        await relay.run()
+                    finally:  # also when the client left: what was generated until then is counted
+                        call.streamed(relay.stats)
                     return None  # the relay wrote everything; Klein finishes the response
 
     @app.route("/v1/models", methods=["GET"])

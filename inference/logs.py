@@ -149,5 +149,9 @@ def log_access(request: Any, status: Optional[int]) -> None:
         text += f" model={request.model}"
         if ttft is not None:  # only streams have a first token to time
             text += f" ttft_ms={fields['ttft_ms']}"
-        text += f" tokens={request.input_tokens}/{request.output_tokens}"
+        text += f" tokens={_or_dash(request.input_tokens)}/{_or_dash(request.output_tokens)}"
     access.info("{access_text}", access_text=text, **fields)
+
+
+def _or_dash(count: Optional[int]) -> str:
+    return "-" if count is None else str(count)

@@ -35,13 +35,6 @@ class StreamStats:
     error: Optional[GatewayError] = None
     client_gone: bool = False
 
-    @property
-    def completion_tokens(self) -> int:
-        """The upstream's count when it sent usage, else one per content chunk (llama.cpp style servers)."""
-        if self.usage and isinstance(self.usage.get("completion_tokens"), int):
-            return self.usage["completion_tokens"]
-        return self.content_chunks
-
 
 class StreamRelay:
     """Writes ``stream``'s events to ``request`` until the stream ends, fails, or the client leaves."""

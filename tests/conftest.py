@@ -223,6 +223,20 @@ def lmstudio(fake: FakeLMStudio, start_gateway: Callable[..., RunningGateway]) -
                           "INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS": "2"})
 
 
+@pytest.fixture
+def access_events() -> Any:
+    """The access-line events logged while the test runs."""
+    events: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace") == "inference.access":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
 @pytest.fixture(autouse=True)
 def no_logged_failures() -> Any:
     """Fail a test whose run logged an unhandled error (pytest-twisted does not, unlike trial)."""

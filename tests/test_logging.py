@@ -22,19 +22,6 @@ from .test_daemon import TWISTD, spawn
 MODEL = "qwen2.5-7b-instruct"
 
 
-@pytest.fixture
-def access_events() -> Any:
-    events: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_namespace") == "inference.access":
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
-
-
 @pytest_twisted.ensureDeferred
 async def test_request_ids_are_echoed_or_generated(lmstudio):
     given = await call("GET", lmstudio.url + "/v1/models", headers={"X-Request-ID": "client-chosen.id-42"})

@@ -60,6 +60,34 @@ async def test_a_stream_observes_time_to_first_token_and_counts_its_usage(fake, 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_without_usage_counts_its_content_deltas_as_output_tokens(fake, lmstudio, access_events):
+    fake.chat.stream = "no_usage"  # llama.cpp's Python server, older LM Studio
+    reply = await lmstudio.post_chat(chat("one two three four", stream=True))
+    assert b'"usage"' not in reply.body
+    m = await lmstudio.metrics()
+    labels = {"provider": "lmstudio", "model": MODEL}
+    assert m.value("inference_tokens_total", **labels, type="output") == 5  # "echo:", "one", ... "four"
+    assert m.value("inference_tokens_total", **labels, type="input") is None  # a prompt count is never invented
+    assert m.value("inference_output_tokens_per_second_count", **labels) == 1
+    line = access_events[0]  # the chat's (the scrape has its own)
+    assert (line["input_tokens"], line["output_tokens"]) == (None, 5)
+    assert line["access_text"].endswith(" tokens=-/5")
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_a_stream_generated_before_its_client_left_are_counted(fake, lmstudio):
+    fake.chat.stream = "stall"  # two words, then silence
+    closed = fake.next_close()
+    client = await raw_connect(lmstudio.port.getHost().port)
+    client.transport.write(raw_post(CHAT, json.dumps(chat(stream=True)).encode()))
+    await client.received(b'" hello"')
+    client.transport.loseConnection()
+    await closed
+    m = await lmstudio.metrics()
+    assert m.value("inference_tokens_total", provider="lmstudio", model=MODEL, type="output") == 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_mock_is_measured_the_same_way(start_gateway):
     gateway = start_gateway({"INFERENCE_INFERENCE_PROVIDER": "mock",
                              "INFERENCE_INFERENCE_MOCK_TOKEN_DELAY_SECS": "0.01"})

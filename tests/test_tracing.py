@@ -78,7 +78,7 @@ async def test_a_chat_is_a_server_span_with_a_client_span_child(fake, traced, co
         "server.address": "127.0.0.1", "server.port": fake_port,
         "gen_ai.response.id": "chatcmpl-fake123", "gen_ai.response.model": MODEL,
         "gen_ai.response.finish_reasons": ["stop"], "gen_ai.usage.input_tokens": 12,
-        "gen_ai.usage.output_tokens": 3}
+        "gen_ai.usage.output_tokens": 3, "inference.usage.source": "upstream"}
     assert client.event("first_token") is None  # a non-streaming answer has no first token to time
     assert server.start <= client.start <= client.end <= server.end
 
@@ -128,6 +128,18 @@ async def test_a_stream_has_a_first_token_event_and_time_to_first_chunk(fake, tr
     assert client.attributes["gen_ai.usage.output_tokens"] == 4
     assert client.attributes["gen_ai.response.finish_reasons"] == ["stop"]
     assert server.attributes["http.response.status_code"] == 200 and server.status == "UNSET"
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_tokens_the_gateway_counted_say_so(fake, traced, collector):
+    fake.chat.stream = "no_usage"
+    gateway = traced()
+    assert (await gateway.post_chat(chat("one two three", stream=True))).status == 200
+    await spans_of(gateway, collector, 2)
+    _, client = pair(collector)
+    assert client.attributes["gen_ai.usage.output_tokens"] == 4
+    assert client.attributes["inference.usage.source"] == "counted"
+    assert "gen_ai.usage.input_tokens" not in client.attributes
 
 
 @pytest_twisted.ensureDeferred

@@ -221,7 +221,7 @@ class ChatCall:
     def streamed(self, stats: Any) -> None:
         """A stream ended: completed, failed (an error event was sent) or abandoned by the client."""
         if stats.client_gone:
-            return self.abandoned()
+            return self.abandoned(stats)
         if stats.error is not None:
             self._request.stream_failed = True
             self._request.error_code = stats.error.code
@@ -235,15 +235,26 @@ class ChatCall:
         self._request.error_code = error.code
         self._end("error", error=error)
 
-    def abandoned(self) -> None:
-        """The client left before the answer ended (the upstream call was cancelled)."""
+    def abandoned(self, stats: Any = None) -> None:
+        """The client left before the answer ended (the upstream call was cancelled).
+
+        What a stream generated until then still counts as tokens (the upstream did that work).
+        """
         if not self._ended:
             self._telemetry.metrics.client_disconnects_child.inc()
-        self._end("disconnected")
+        if stats is None:
+            self._end("disconnected")
+        else:
+            self._end("disconnected", usage=stats.usage, response_id=stats.response_id,
+                      response_model=stats.response_model, chunks=stats.content_chunks)
 
     def _end(self, outcome: str, *, usage: Optional[dict[str, Any]] = None, response_id: Any = None,
              response_model: Any = None, finish_reasons: tuple[str, ...] = (), first_token_at: Optional[float] = None,
-             chunks: int = 0, error: Optional[GatewayError] = None, output: Optional[list[Any]] = None) -> None:
+             chunks: Optional[int] = None, error: Optional[GatewayError] = None,
+             output: Optional[list[Any]] = None) -> None:
+        """Record the call once. ``chunks`` is how many content deltas a stream relayed (None: not a stream that
+        started): the output token count when the upstream sent no usage, as llama.cpp's Python server and older
+        LM Studio do. The prompt's count is never guessed."""
         if self._ended:
             return
         self._ended = True
@@ -260,6 +271,9 @@ class ChatCall:
 
         input_tokens = _count(usage, "prompt_tokens")
         output_tokens = _count(usage, "completion_tokens")
+        usage_source = "upstream" if output_tokens is not None else None
+        if output_tokens is None and chunks is not None:
+            output_tokens, usage_source = chunks, "counted"
         request.model, request.input_tokens, request.output_tokens = model, input_tokens, output_tokens
         if first_token_at is not None:
             request.time_to_first_token = first_token_at - request.started
@@ -268,7 +282,7 @@ class ChatCall:
         if output_tokens is not None:
             metrics.child(metrics.tokens, provider, model, "output").inc(output_tokens)
 
-        generated = output_tokens if output_tokens is not None else chunks
+        generated = output_tokens or 0
         if first_token_at is not None:
             metrics.child(metrics.time_to_first_token, provider, model).observe(
                 first_token_at - request.started, exemplar)
@@ -297,6 +311,7 @@ class ChatCall:
             attributes["gen_ai.usage.input_tokens"] = input_tokens
         if output_tokens is not None:
             attributes["gen_ai.usage.output_tokens"] = output_tokens
+            attributes["inference.usage.source"] = usage_source
         if first_token_at is not None:
             attributes["gen_ai.response.time_to_first_chunk"] = first_token_at - self.started
             start_time = getattr(span, "start_time", None)
