@@ -1,21 +1,23 @@
-"""Logging: one line per event on stdout (text or JSON), filtered by level, with the request's ids attached.
+"""Logging: one line per event (text or JSON), filtered by level, with the request's ids attached.
 
-The request id and trace id of the request being served live in a context variable, set while twisted.web
-dispatches the request: Klein's handler coroutine copies that context, so every event the handler (and the
-upstream client it awaits) logs carries the ids without passing them around. Events from protocol callbacks
-run in the reactor's root context and simply have none.
+Lines go where twistd's options say (see :func:`log_output`): stdout under ``twistd -n`` (journald), the file of
+``--logfile``, or ``twistd.log`` for a daemon. The request id and trace id of the request being served live in a
+context variable, set while twisted.web dispatches the request: Klein's handler coroutine copies that context, so
+every event the handler (and the upstream client it awaits) logs carries the ids without passing them around.
+Events from protocol callbacks run in the reactor's root context and simply have none.
 """
 
 from __future__ import annotations
 
-import json
 import itertools
+import json
+import os
 import re
 import secrets
 import sys
 from contextvars import ContextVar
 from datetime import datetime, timezone
-from typing import IO, Any, Optional
+from typing import IO, Any, Mapping, Optional, Union
 
 from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, Logger,
                             formatEvent)
@@ -53,10 +55,73 @@ def request_id_for(header: Optional[bytes]) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
-def make_observer(config: LoggingConfig, out: IO[str] = sys.stdout) -> ILogObserver:
-    """An observer writing events at ``config.level`` and above to ``out``, in ``config.format``."""
+# Twisted logs "Starting factory _HTTP11ClientFactory(...)" and "Stopping factory ..." at info level for every
+# upstream connection the pool opens or closes: below debug they would bury the access lines.
+_QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory",)
+
+
+def make_observer(config: LoggingConfig, out: Optional[IO[str]] = None) -> ILogObserver:
+    """An observer writing events at ``config.level`` and above to ``out`` (stdout), in ``config.format``."""
+    out = sys.stdout if out is None else out
     writer = JSONLines(out) if config.format == "json" else TextLines(out)
-    return FilteringLogObserver(writer, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[config.level])])
+    level = _LEVELS[config.level]
+    levels = LogLevelFilterPredicate(defaultLogLevel=level)
+    levels.setLogLevelForNamespace(access.namespace, level)  # found at once, not by walking the namespace's parents
+    if level != LogLevel.debug:
+        for namespace in _QUIET_NAMESPACES:
+            levels.setLogLevelForNamespace(namespace, LogLevel.warn)
+    return FilteringLogObserver(writer, [levels])
+
+
+class LogFile:
+    """A log file opened for appending, line by line. ``reopen()`` opens the file at the same path again: after
+    logrotate has moved it away, SIGUSR1 makes the daemon write to a new one (twistd's own signal for its logs)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)  # a daemon may change its directory later
+        self._file = self._open()
+
+    def _open(self) -> IO[str]:
+        return open(self.path, "a", encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def reopen(self) -> None:
+        old, self._file = self._file, self._open()
+        old.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class DaemonStdout(Exception):
+    """``--logfile -`` without ``--nodaemon``: a daemon has no stdout to write to."""
+
+
+def log_output(twistd: Optional[Mapping[str, Any]]) -> Union[IO[str], LogFile, None]:
+    """Where the gateway's lines go, following twistd's options as every twistd application does.
+
+    ``--logfile PATH``: that file; ``--logfile -``: stdout; neither under ``-n``: stdout (journald under systemd);
+    neither as a daemon: ``twistd.log`` in the directory it starts in. None when ``--logger`` or ``--syslog``
+    hands logging to twistd itself. ``twistd`` is twistd's own options (None when not run by twistd: stdout).
+    """
+    if twistd is None:
+        return sys.stdout
+    if twistd.get("logger") or twistd.get("syslog"):
+        return None
+    path = twistd.get("logfile") or ""
+    daemon = not twistd.get("nodaemon")
+    if path == "-":
+        if daemon:
+            raise DaemonStdout("Daemons cannot log to stdout: use --logfile PATH, or --nodaemon")
+        return sys.stdout
+    if not path and not daemon:
+        return sys.stdout
+    return LogFile(path or "twistd.log")
 
 
 def _ids(event: dict[str, Any]) -> tuple[Optional[str], Optional[str]]:

@@ -6,7 +6,7 @@ import gc
 import os
 import signal
 from io import BytesIO
-from typing import Any, Callable, Mapping, Optional
+from typing import IO, Any, Callable, Mapping, Optional, Union
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -26,7 +26,7 @@ from .config import Config
 from .cors import Cors
 from .errors import GatewayError, MethodNotAllowed, RouteNotFound
 from .listen import describe, server_endpoint
-from .logs import CURRENT_IDS, log_access, make_observer, request_id_for
+from .logs import CURRENT_IDS, LogFile, log_access, make_observer, request_id_for
 from .providers import make_provider
 from .telemetry import Metrics, RequestState, Telemetry
 
@@ -217,18 +217,20 @@ def tune_gc() -> None:
 
 
 class GatewayService(service.Service):
-    """The daemon's life: say what it serves, on SIGHUP reload the API keys, and on SIGTERM drain the requests
-    in flight, then release all.
+    """The daemon's life: say what it serves, on SIGHUP reload the API keys, on SIGUSR1 reopen its log file, and
+    on SIGTERM drain the requests in flight, then release all.
 
     SIGTERM is handled here rather than by twistd, which would re-raise the signal and end the process by it:
     a stop that let every request finish is a success, and exits 0.
     """
 
-    def __init__(self, site: GatewaySite, endpoint: str, reactor: Any, handle_sigterm: bool = True) -> None:
+    def __init__(self, site: GatewaySite, endpoint: str, reactor: Any, handle_sigterm: bool = True,
+                 reopen_logs: Optional[Callable[[], None]] = None) -> None:
         self._site = site
         self._endpoint = endpoint
         self._reactor = reactor
         self._handle_sigterm = handle_sigterm
+        self._reopen_logs = reopen_logs
         self._stopping = False
 
     def startService(self) -> None:
@@ -244,6 +246,10 @@ class GatewayService(service.Service):
                                           lambda number, frame: self._reactor.callFromThread(self._sigterm))
             self._reactor.callWhenRunning(signal.signal, signal.SIGHUP,
                                           lambda number, frame: self._reactor.callFromThread(gateway.keys.reload))
+            if self._reopen_logs is not None:  # logrotate moved the file: write to a new one at the same path
+                reopen = self._reopen_logs
+                self._reactor.callWhenRunning(signal.signal, signal.SIGUSR1,
+                                              lambda number, frame: self._reactor.callFromThread(reopen))
 
     def _sigterm(self) -> None:
         if self._stopping:
@@ -277,26 +283,29 @@ class _Daemon(service.MultiService):
     """The top service. It hands twistd the log observer the config asks for: twistd looks for an
     ``ILogObserver`` on the application before falling back to its own (``--logger`` still wins)."""
 
-    def __init__(self, observer: ILogObserver) -> None:
+    def __init__(self, observer: Optional[ILogObserver]) -> None:
         super().__init__()
         self._observer = observer
 
     def setServiceParent(self, parent: Any) -> Any:
-        if isinstance(parent, Componentized):
+        if isinstance(parent, Componentized) and self._observer is not None:
             parent.setComponent(ILogObserver, self._observer)
         return super().setServiceParent(parent)
 
 
-def make_service(config: Config, listen: Optional[str] = None, reactor: Any = None) -> service.MultiService:
-    """The whole daemon as a Twisted service: listen on ``listen`` (an endpoint string) or the config's."""
+def make_service(config: Config, listen: Optional[str] = None, reactor: Any = None,
+                 logs: Union[IO[str], LogFile, None] = None) -> service.MultiService:
+    """The whole daemon as a Twisted service: listen on ``listen`` (an endpoint string) or the config's, and log
+    to ``logs`` (stdout; None leaves logging to twistd, for ``--logger`` and ``--syslog``)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
         reactor = default_reactor
     site = build_site(config, reactor)
     server = config.server
     where = listen or describe(server.host, server.port) + (" (shared: SO_REUSEPORT)" if server.reuse_port else "")
-    top = _Daemon(make_observer(config.logging))
-    GatewayService(site, where, reactor).setServiceParent(top)
+    top = _Daemon(make_observer(config.logging, logs) if logs is not None else None)
+    GatewayService(site, where, reactor, reopen_logs=logs.reopen if isinstance(logs, LogFile) else None
+                   ).setServiceParent(top)
     metrics = config.observability.metrics
     if metrics.enabled and metrics.port is not None:
         _Listener(endpoints.serverFromString(reactor, describe(server.host, metrics.port)),

@@ -9,6 +9,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from .config import ConfigError, load
+from .logs import DaemonStdout, log_output
 
 
 class Options(usage.Options):
@@ -32,7 +33,11 @@ def makeService(options: Options) -> service.IService:
     if listen is not None:
         _check_endpoint(listen)
     try:
-        return make_service(config, listen)
+        logs = log_output(getattr(options, "parent", None))  # twistd's own options: --logfile, --nodaemon ...
+    except (DaemonStdout, OSError) as e:
+        _die(f"inference: {e}")
+    try:
+        return make_service(config, listen, logs=logs)
     except ConfigError as e:  # settings only checkable with the environment (OTEL_* variables)
         _die(f"inference: config error: {e}")
 

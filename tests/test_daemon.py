@@ -67,13 +67,15 @@ class Daemon(ProcessProtocol):
         return port
 
 
-def spawn(args: list[str], env: dict[str, str], cwd: str) -> tuple[Daemon, Any]:
+def spawn(args: list[str], env: dict[str, str], cwd: str,
+          twistd_args: tuple[str, ...] = ("-n", "--pidfile=")) -> tuple[Daemon, Any]:
+    """``twistd TWISTD_ARGS inference ARGS`` in ``cwd``; by default in the foreground, logging to stdout."""
     daemon = Daemon()
     # A clean environment and a directory outside the repo: the plugin must come from the installed package.
     # Spans are not exported unless a test points them somewhere.
     child_env = {"PATH": os.environ.get("PATH", ""), "HOME": cwd,
                  "INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "none", **env}
-    transport = reactor.spawnProcess(daemon, TWISTD, [TWISTD, "-n", "--pidfile=", "inference", *args],
+    transport = reactor.spawnProcess(daemon, TWISTD, [TWISTD, *twistd_args, "inference", *args],
                                      env=child_env, path=cwd)
     return daemon, transport
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import signal
+import socket
 from typing import Any
 
 import pytest
@@ -16,7 +18,7 @@ from twisted.logger import LogLevel, Logger, globalLogPublisher
 from inference.config import LoggingConfig
 from inference.logs import make_observer
 
-from .conftest import call, free_port, raw_connect, raw_post
+from .conftest import call, free_port, raw_connect, raw_post, until
 from .test_daemon import TWISTD, spawn
 
 MODEL = "qwen2.5-7b-instruct"
@@ -154,3 +156,73 @@ async def test_the_log_level_comes_from_the_config(tmp_path):
     transport.signalProcess(signal.SIGTERM)
     assert await daemon.ended == 0
     assert daemon.out == b""  # nothing at warn or above happened
+
+
+async def daemonised(tmp_path: Any, fake: Any, *twistd_args: str, **env: str) -> tuple[str, int]:
+    """Start ``twistd TWISTD_ARGS inference`` as a real daemon in ``tmp_path``; its pid file and port."""
+    port = free_port()
+    launcher, _ = spawn([], {"INFERENCE_INFERENCE_BASE_URL": fake.url, "INFERENCE_SERVER_PORT": str(port), **env},
+                        str(tmp_path), twistd_args=("--pidfile", str(tmp_path / "twistd.pid"), *twistd_args))
+    assert await launcher.ended == 0, launcher.err  # the launcher exits once the daemon runs on its own
+    await until(lambda: (tmp_path / "twistd.pid").exists())
+    await until(lambda: _answers(port), timeout=20)
+    return str(tmp_path / "twistd.pid"), port
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def end_daemon(pidfile: str) -> None:
+    os.kill(int(open(pidfile).read()), signal.SIGTERM)
+    await until(lambda: not os.path.exists(pidfile), timeout=20)  # twistd removes it as it exits
+
+
+@pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
+@pytest_twisted.ensureDeferred
+async def test_a_daemon_writes_its_lines_to_the_logfile_and_reopens_it_on_sigusr1(tmp_path, fake):
+    log = tmp_path / "inference.log"
+    pidfile, port = await daemonised(tmp_path, fake, "--logfile", str(log))
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        assert (await call("POST", f"http://127.0.0.1:{port}/v1/chat/completions", chat)).status == 200
+        await until(lambda: '"POST /v1/chat/completions" 200' in log.read_text())
+        log.rename(tmp_path / "inference.log.1")  # what logrotate does, before it signals the daemon
+        os.kill(int(open(pidfile).read()), signal.SIGUSR1)
+        await until(log.exists)
+        assert (await call("GET", f"http://127.0.0.1:{port}/v1/models")).status == 200
+        await until(lambda: '"GET /v1/models" 200' in log.read_text())
+    finally:
+        await end_daemon(pidfile)
+    rotated, current = (tmp_path / "inference.log.1").read_text(), log.read_text()
+    assert "serving provider lmstudio" in rotated and '"POST /v1/chat/completions" 200' in rotated
+    assert '"GET /v1/models" 200' not in rotated and "Server Shut Down" in current
+    assert "Starting factory" not in rotated + current  # one per upstream connection would bury the access lines
+    assert not (tmp_path / "twistd.log").exists()
+
+
+@pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
+@pytest_twisted.ensureDeferred
+async def test_a_daemon_without_logfile_writes_json_lines_to_twistd_log(tmp_path, fake):
+    pidfile, port = await daemonised(tmp_path, fake, INFERENCE_LOGGING_FORMAT="json")
+    try:
+        reply = await call("GET", f"http://127.0.0.1:{port}/v1/models", headers={"X-Request-ID": "in-the-file"})
+        assert reply.status == 200
+        log = tmp_path / "twistd.log"
+        await until(lambda: log.exists() and "in-the-file" in log.read_text())
+    finally:
+        await end_daemon(pidfile)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]  # every line is one JSON object
+    (access,) = [line for line in lines if line["logger"] == "inference.access"]
+    assert (access["request_id"], access["route"], access["status"]) == ("in-the-file", "/v1/models", 200)
+
+
+@pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
+@pytest_twisted.ensureDeferred
+async def test_a_daemon_cannot_log_to_stdout(tmp_path):
+    launcher, _ = spawn([], {"INFERENCE_INFERENCE_PROVIDER": "mock"}, str(tmp_path),
+                        twistd_args=("--pidfile", str(tmp_path / "twistd.pid"), "--logfile", "-"))
+    assert await launcher.ended != 0
+    assert launcher.err.decode().strip().splitlines() == [
+        "inference: Daemons cannot log to stdout: use --logfile PATH, or --nodaemon"]
