@@ -108,21 +108,36 @@ async def test_idle_connections_are_closed(fake, start_gateway):
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_request_deadline_covers_the_queue_and_the_upstream(fake, start_gateway):
+async def test_the_request_deadline_covers_the_upstream_call(fake, start_gateway):
     gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_SERVER_REQUEST_TIMEOUT_SECS": "0.4"})
+    closed = fake.next_close()
+    reply = await (await hold_the_slot(gateway, fake, chat()))
+    assert reply.status == 504 and reply.error["type"] == "timeout_error"
+    assert reply.error["code"] == "request_timeout" and "server.request_timeout_secs" in reply.error["message"]
+    await closed  # the upstream call was cancelled, not left running
+    m = await gateway.metrics()
+    assert m.value("inference_requests_in_flight", provider="lmstudio") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_request_deadline_covers_the_wait_in_the_queue(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url, "INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS": "30",
                              "INFERENCE_SERVER_REQUEST_TIMEOUT_SECS": "0.4",
                              "INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "1"})
-    closed = fake.next_close()
-    first = await hold_the_slot(gateway, fake, chat())
-    second = await queue_behind(gateway, chat())
-    for reply in (await first, await second):
-        assert reply.status == 504 and reply.error["type"] == "timeout_error"
-        assert reply.error["code"] == "request_timeout" and "server.request_timeout_secs" in reply.error["message"]
-    await closed  # the upstream call was cancelled, not left running
-    assert len(fake.received) == 2  # models + the first chat: the queued one never reached the upstream
+    fake.chat.stream = "stall"  # a stream that has started holds the only slot past the deadline
+    stream = await raw_connect(gateway.port.getHost().port)
+    stream.transport.write(raw_post("/v1/chat/completions", json.dumps(chat(stream=True)).encode()))
+    await stream.received(b'" m0"')
+    reply = await (await queue_behind(gateway, chat()))
+    assert reply.status == 504 and reply.error["code"] == "request_timeout"
+    assert [r.path for r in fake.received].count("/v1/chat/completions") == 1  # the queued one never went upstream
     m = await gateway.metrics()
     assert m.value("inference_queue_length", provider="lmstudio") == 0
-    assert m.value("inference_requests_in_flight", provider="lmstudio") == 0
+    closed = fake.next_close()
+    stream.transport.loseConnection()
+    await closed
+    assert (await gateway.metrics()).value("inference_requests_in_flight", provider="lmstudio") == 0
 
 
 @pytest_twisted.ensureDeferred
