@@ -1,10 +1,12 @@
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="inference",
     version="0.1.0",
     description="OpenAI-compatible gateway for LM Studio, OpenAI and a built-in mock, on Twisted",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["inference", "inference.providers", "inference.telemetry", "twisted.plugins"],

@@ -22,9 +22,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 UPSTREAM_PORT, GATEWAY_PORT, SHARED_PORT, SINK_PORT = 18080, 18081, 18082, 14317
@@ -65,7 +66,7 @@ def wait_for(url: str, seconds: float = 20) -> None:
 
 
 @contextmanager
-def process(command: list[str], cpu: str, env: Optional[dict[str, str]] = None) -> Iterator[subprocess.Popen]:
+def process(command: list[str], cpu: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     child = subprocess.Popen(["taskset", "-c", cpu, *command], env={**os.environ, **(env or {})},
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from time import perf_counter
-from typing import Any, Callable, Optional
+from typing import Any
 
 from twisted.internet.defer import DeferredSemaphore
 
@@ -15,12 +16,12 @@ RETRY_AFTER_SECS = 1
 class Slot:
     """The right to call the upstream, held for a ``with`` block; ``waited`` is the seconds spent queued."""
 
-    def __init__(self, admission: "Admission", waited: float, queued: bool) -> None:
+    def __init__(self, admission: Admission, waited: float, queued: bool) -> None:
         self.waited = waited
         self.queued = queued  # whether it had to wait in the queue at all
-        self._admission: Optional[Admission] = admission
+        self._admission: Admission | None = admission
 
-    def __enter__(self) -> "Slot":
+    def __enter__(self) -> Slot:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from klein import Klein
 from twisted.logger import Logger
@@ -17,8 +17,7 @@ from .auth import ApiKeys
 from .catalog import ModelCatalog
 from .config import Config
 from .drain import InFlight
-from .errors import (GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound, UpstreamTimeout,
-                     UpstreamUnreachable)
+from .errors import GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound, UpstreamTimeout, UpstreamUnreachable
 from .monitor import UpstreamMonitor
 from .openapi import openapi_bytes
 from .providers import Provider
@@ -101,28 +100,28 @@ class Gateway:
     # -- OpenAI API ----------------------------------------------------------------------------------------------
 
     @app.route("/v1/chat/completions", methods=["POST"])
-    async def chat_completions(self, request: IRequest) -> Optional[bytes]:
+    async def chat_completions(self, request: IRequest) -> bytes | None:
         self._authorize(request)
         server = self.config.server
         chat = parse_chat_request(self._body(request), self.config.inference.defaults, server.max_messages)
         self.monitor.require_up()
         with self.inflight.track(server.request_timeout_secs) as job:
             chat.body["model"] = await job.run(self.catalog.resolve(chat.model))
-            with await job.run(self.admission.acquire()) as slot:
-                with self.telemetry.chat_call(request, chat.body, chat.stream, slot) as call:
-                    if not chat.stream:
-                        answer = await job.run(self.provider.chat(chat.body, call.headers))
-                        call.answered(answer.data)
-                        return write_body(request, answer.raw)
-                    stream = await job.run(self.provider.open_stream(chat.body, call.headers))
-                    job.clear_deadline()
-                    relay = StreamRelay(request, stream, call.capture_content)
-                    job.on_interrupt(relay.interrupt)
-                    try:
-                        await relay.run()
-                    finally:  # also when the client left: what was generated until then is counted
-                        call.streamed(relay.stats)
-                    return None  # the relay wrote everything; Klein finishes the response
+            with await job.run(self.admission.acquire()) as slot, \
+                    self.telemetry.chat_call(request, chat.body, chat.stream, slot) as call:
+                if not chat.stream:
+                    answer = await job.run(self.provider.chat(chat.body, call.headers))
+                    call.answered(answer.data)
+                    return write_body(request, answer.raw)
+                stream = await job.run(self.provider.open_stream(chat.body, call.headers))
+                job.clear_deadline()
+                relay = StreamRelay(request, stream, call.capture_content)
+                job.on_interrupt(relay.interrupt)
+                try:
+                    await relay.run()
+                finally:  # also when the client left: what was generated until then is counted
+                    call.streamed(relay.stats)
+                return None  # the relay wrote everything; Klein finishes the response
 
     @app.route("/v1/models", methods=["GET"])
     async def list_models(self, request: IRequest) -> bytes:

@@ -7,7 +7,7 @@ config, readable by the service alone, and be rotated without a restart: ``reloa
 from __future__ import annotations
 
 import hmac
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from twisted.logger import Logger
 
@@ -39,7 +39,7 @@ def read_key_file(path: str) -> list[str]:
 class ApiKeys:
     """The keys a client may present as ``Authorization: Bearer <key>``; none configured means open."""
 
-    def __init__(self, keys: Sequence[str], key_file: Optional[str] = None) -> None:
+    def __init__(self, keys: Sequence[str], key_file: str | None = None) -> None:
         self._configured = [key.encode("utf-8") for key in keys]
         self._file = key_file
         self._keys = self._configured + self._from_file()
@@ -65,7 +65,7 @@ class ApiKeys:
             return
         log.info("API keys reloaded from {path}: {count} key(s)", path=self._file, count=len(self._keys))
 
-    def check(self, authorization: Optional[bytes]) -> None:
+    def check(self, authorization: bytes | None) -> None:
         """Raise :class:`AuthenticationFailed` unless ``authorization`` is ``Bearer <a known key>``."""
         if not self._keys:
             return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet.defer import Deferred
 
@@ -19,16 +19,16 @@ class ModelCatalog:
         self._ttl = ttl
         self._allowed = set(allowed)
         self._default = default_model
-        self._upstream: Optional[list[dict[str, Any]]] = None
+        self._upstream: list[dict[str, Any]] | None = None
         self._fetched_at = 0.0
-        self._fetching: Optional[Deferred[list[dict[str, Any]]]] = None
+        self._fetching: Deferred[list[dict[str, Any]]] | None = None
         self._waiters: list[Deferred[list[dict[str, Any]]]] = []
 
     async def models(self, refresh: bool = False) -> list[dict[str, Any]]:
         """The models clients may use, as OpenAI model objects."""
         return [m for m in await self._upstream_models(refresh) if self._is_allowed(m["id"])]
 
-    async def resolve(self, requested: Optional[str]) -> str:
+    async def resolve(self, requested: str | None) -> str:
         """Turn a requested name (``None``: the default) into a served model id, or raise a 400/404."""
         name = requested or self._default
         fresh = self._upstream is None or self._expired()
@@ -62,7 +62,7 @@ class ModelCatalog:
         return ModelNotFound(f"The model '{name}' does not exist or is not loaded. Available models: {available}",
                              param="model")
 
-    def _match(self, name: str, upstream: list[dict[str, Any]]) -> Optional[str]:
+    def _match(self, name: str, upstream: list[dict[str, Any]]) -> str | None:
         ids = [m["id"] for m in upstream if self._is_allowed(m["id"])]
         if name in ids:
             return name

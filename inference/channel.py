@@ -10,10 +10,10 @@ handler, so it never holds an upstream slot.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel, RESPONSES
+from twisted.web.http import RESPONSES, HTTPChannel
 
 from .errors import BadHTTPRequest, GatewayError, HeadersTooLarge, RequestReadTimeout, URLTooLong
 
@@ -24,7 +24,7 @@ class GatewayChannel(HTTPChannel):
     """One client connection. ``site`` (set by the site) carries ``config.server``."""
 
     site: Any
-    _read_timer: Optional[Any] = None
+    _read_timer: Any | None = None
     _refused = False
 
     def connectionMade(self) -> None:

@@ -11,8 +11,9 @@ import argparse
 import os
 import socket
 import sys
+from collections.abc import Mapping, Sequence
 from time import perf_counter
-from typing import Any, Mapping, Optional, Sequence, TextIO
+from typing import Any, TextIO
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import react
@@ -56,7 +57,7 @@ def describe_settings(report: Report, config: Any, sources: Mapping[str, str], e
         report.line(f"  {key:<42} {shown:<24} {source}")
 
 
-async def run_check(reactor: Any, config_path: Optional[str], probe: bool, environ: Mapping[str, str],
+async def run_check(reactor: Any, config_path: str | None, probe: bool, environ: Mapping[str, str],
                     out: TextIO) -> int:
     """Everything ``inference check`` does; returns the exit status."""
     from .service import build_site
@@ -103,7 +104,7 @@ def check_port(report: Report, host: str, port: int) -> None:
         report.ok(f"{host}:{port} is free to listen on")
 
 
-async def check_models(report: Report, gateway: Any, served: list[str]) -> Optional[str]:
+async def check_models(report: Report, gateway: Any, served: list[str]) -> str | None:
     """Resolve ``default_model`` and check ``allowed_models``; the model a request naming none would get."""
     inference = gateway.config.inference
     allowed = inference.allowed_models
@@ -143,7 +144,7 @@ async def probe_completion(report: Report, gateway: Any, model: str) -> None:
               f"({usage.get('completion_tokens', '?')} token(s))")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inference", description="OpenAI-compatible gateway: tools beside the "
                                      "daemon (run the daemon itself with `twistd inference`).")
     parser.add_argument("--version", action="version", version=f"inference {__version__}")
@@ -157,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.print_help()
         raise SystemExit(EXIT_CONFIG)
 
-    def run(reactor: Any) -> "Deferred[None]":
+    def run(reactor: Any) -> Deferred[None]:
         async def checked() -> None:
             status = await run_check(reactor, args.config, args.probe, os.environ, sys.stdout)
             if status:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -26,11 +28,11 @@ class ConfigError(Exception):
 
 # -- constraints -------------------------------------------------------------------------------------------------
 
-Check = Callable[[Any], Optional[str]]  # returns what is allowed when the value is wrong, else None
+Check = Callable[[Any], str | None]  # returns what is allowed when the value is wrong, else None
 
 
-def _range(low: Optional[float] = None, high: Optional[float] = None, *, above: bool = False) -> Check:
-    def check(value: Any) -> Optional[str]:
+def _range(low: float | None = None, high: float | None = None, *, above: bool = False) -> Check:
+    def check(value: Any) -> str | None:
         too_low = low is not None and (value <= low if above else value < low)
         too_high = high is not None and value > high
         if too_low or too_high:
@@ -46,18 +48,18 @@ def _one_of(*choices: str) -> Check:
     return lambda value: None if value in choices else "one of " + ", ".join(choices)
 
 
-def _http_url(value: Any) -> Optional[str]:
+def _http_url(value: Any) -> str | None:
     parts = urlsplit(value)
     if parts.scheme in ("http", "https") and parts.hostname:
         return None
     return "an http:// or https:// URL with a host, e.g. http://localhost:1234"
 
 
-def _url_path(value: Any) -> Optional[str]:
+def _url_path(value: Any) -> str | None:
     return None if value.startswith("/") else "a path starting with /"
 
 
-def _origins(value: Any) -> Optional[str]:
+def _origins(value: Any) -> str | None:
     for origin in value:
         parts = urlsplit(origin.rstrip("/"))
         if origin != "*" and not (parts.scheme in ("http", "https") and parts.hostname and not parts.path):
@@ -65,7 +67,7 @@ def _origins(value: Any) -> Optional[str]:
     return None
 
 
-def _non_empty(value: Any) -> Optional[str]:
+def _non_empty(value: Any) -> str | None:
     return None if value else "a non-empty value"
 
 
@@ -83,7 +85,7 @@ class ServerConfig:
     host: str = _opt(_non_empty, "127.0.0.1")
     port: int = _opt(_range(0, 65535), 3000)
     api_keys: list[str] = _opt(None, [])
-    api_keys_file: Optional[str] = _opt(_non_empty, None)  # one key per line; SIGHUP reads it again
+    api_keys_file: str | None = _opt(_non_empty, None)  # one key per line; SIGHUP reads it again
     protect_metrics: bool = _opt(None, False)  # /metrics and /health* need a key too
     max_body_bytes: int = _opt(_range(1), 10 * 1024 * 1024)
     max_header_bytes: int = _opt(_range(1024), 16 * 1024)  # request line and headers together
@@ -125,7 +127,7 @@ class InferenceConfig:
     base_url: str = _opt(_http_url, "http://localhost:1234")
     default_model: str = _opt(_non_empty, "local-model")
     allowed_models: list[str] = _opt(None, [])
-    api_key: Optional[str] = _opt(None, None)
+    api_key: str | None = _opt(None, None)
     defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
     models_cache_secs: float = _opt(_range(0), 10.0)
     max_concurrent_requests: int = _opt(_range(0), 0)
@@ -139,15 +141,15 @@ class InferenceConfig:
 class MetricsConfig:
     enabled: bool = _opt(None, True)
     path: str = _opt(_url_path, "/metrics")
-    port: Optional[int] = _opt(_range(0, 65535), None)  # None: on the main port; else a port of their own
+    port: int | None = _opt(_range(0, 65535), None)  # None: on the main port; else a port of their own
 
 
 @dataclass(frozen=True)
 class TracingConfig:
     enabled: bool = _opt(None, True)
     exporter: str = _opt(_one_of("otlp", "console", "none"), "otlp")
-    endpoint: Optional[str] = _opt(None, None)
-    protocol: Optional[str] = _opt(_one_of("grpc", "http/protobuf"), None)  # None: OTEL_* variables, else grpc
+    endpoint: str | None = _opt(None, None)
+    protocol: str | None = _opt(_one_of("grpc", "http/protobuf"), None)  # None: OTEL_* variables, else grpc
     sample_ratio: float = _opt(_range(0, 1), 1.0)
     capture_content: bool = _opt(None, False)
 
@@ -175,13 +177,13 @@ class Config:
 # -- loading -----------------------------------------------------------------------------------------------------
 
 
-def load(path: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) -> Config:
+def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Build the configuration: defaults, then the YAML file at ``path``, then ``INFERENCE_*`` variables."""
     return load_with_sources(path, environ)[0]
 
 
-def load_with_sources(path: Optional[str] = None,
-                      environ: Optional[Mapping[str, str]] = None) -> tuple[Config, dict[str, str]]:
+def load_with_sources(path: str | None = None,
+                      environ: Mapping[str, str] | None = None) -> tuple[Config, dict[str, str]]:
     """:func:`load`, plus where each key set by the file or the environment came from (``in FILE``,
     ``from VARIABLE``); keys missing from it have their defaults."""
     environ = os.environ if environ is None else environ
@@ -211,8 +213,8 @@ def settings(config: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, Any]]
     return out
 
 
-def _openai_settings(inference: "InferenceConfig", sources: Mapping[str, str],
-                     environ: Mapping[str, str]) -> "InferenceConfig":
+def _openai_settings(inference: InferenceConfig, sources: Mapping[str, str],
+                     environ: Mapping[str, str]) -> InferenceConfig:
     """The openai provider talks to api.openai.com unless told otherwise, with a key from OPENAI_API_KEY."""
     changes: dict[str, Any] = {}
     if "inference.base_url" not in sources:
@@ -279,7 +281,7 @@ def _all_leaf_paths(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[str, 
     return out
 
 
-def _schema_type(keys: tuple[str, ...]) -> Optional[Any]:
+def _schema_type(keys: tuple[str, ...]) -> Any | None:
     cls: Any = Config
     for key in keys:
         if not dataclasses.is_dataclass(cls) or key not in _field_types(cls):
@@ -351,7 +353,7 @@ def _build(cls: type, data: Any, path: tuple[str, ...], sources: Mapping[str, st
     return cls(**values)
 
 
-def _value(kind: Any, check: Optional[Check], raw: Any, keys: tuple[str, ...], sources: Mapping[str, str]) -> Any:
+def _value(kind: Any, check: Check | None, raw: Any, keys: tuple[str, ...], sources: Mapping[str, str]) -> Any:
     dotted = ".".join(keys)
     origin = sources.get(dotted, "")
 
@@ -369,7 +371,7 @@ def _value(kind: Any, check: Optional[Check], raw: Any, keys: tuple[str, ...], s
 
 
 def _coerce(kind: Any, raw: Any, fail: Callable[[str], ConfigError]) -> Any:
-    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
         if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "null", "none")):
             return None
         (kind,) = [arg for arg in typing.get_args(kind) if arg is not type(None)]

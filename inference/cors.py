@@ -8,7 +8,8 @@ headers, so a fixed list would break them), or 403 naming the setting when the o
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import GatewayError
 

@@ -7,8 +7,9 @@ events (never in the middle of one), a request still waiting for the upstream or
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Coroutine, Iterator, Optional, TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
 
@@ -24,10 +25,10 @@ class Job:
     """One request that a shutdown, or its own deadline, may have to interrupt."""
 
     def __init__(self) -> None:
-        self._interrupted: Optional[GatewayError] = None
-        self._pending: Optional[Deferred[Any]] = None
-        self._on_interrupt: Optional[Callable[[GatewayError], None]] = None
-        self._deadline: Optional[Any] = None
+        self._interrupted: GatewayError | None = None
+        self._pending: Deferred[Any] | None = None
+        self._on_interrupt: Callable[[GatewayError], None] | None = None
+        self._deadline: Any | None = None
 
     def clear_deadline(self) -> None:
         """The answer has started (a stream): from here on, the stream's own silence timeout applies."""
@@ -102,7 +103,7 @@ class InFlight:
                 for d in idle:
                     d.callback(None)
 
-    def idle(self) -> "Deferred[None]":
+    def idle(self) -> Deferred[None]:
         """Fires when no job is running (cancelling it stops the wait)."""
         d: Deferred[None] = Deferred(lambda d: self._idle.remove(d))
         if self._jobs:

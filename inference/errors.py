@@ -7,7 +7,7 @@ DESIGN.md lives here and nowhere else.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 
 class GatewayError(Exception):
@@ -15,13 +15,13 @@ class GatewayError(Exception):
 
     status = 500
     type = "api_error"
-    code: Optional[str] = "internal_error"
-    kind: Optional[str] = None
+    code: str | None = "internal_error"
+    kind: str | None = None
     """How the upstream failed, for ``inference_upstream_errors_total``; None when the upstream is not to blame."""
 
-    def __init__(self, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
-                 status: Optional[int] = None, type: Optional[str] = None,
-                 headers: Optional[dict[str, str]] = None, kind: Optional[str] = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 status: int | None = None, type: str | None = None,
+                 headers: dict[str, str] | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -145,7 +145,7 @@ def from_upstream(status: int, body: bytes) -> GatewayError:
     return UpstreamError(f"upstream error (HTTP {status}): {message}", kind="server_error")
 
 
-def _parse_error_body(body: bytes) -> tuple[Optional[str], Optional[str], Optional[str], Optional[str]]:
+def _parse_error_body(body: bytes) -> tuple[str | None, str | None, str | None, str | None]:
     try:
         data = json.loads(body)
     except ValueError:
@@ -154,7 +154,7 @@ def _parse_error_body(body: bytes) -> tuple[Optional[str], Optional[str], Option
     if isinstance(error, str):
         return error, None, None, None
     if isinstance(error, dict):
-        def text(key: str) -> Optional[str]:
+        def text(key: str) -> str | None:
             value = error.get(key)
             return str(value) if value is not None else None
         return text("message") or json.dumps(error), text("type"), text("code"), text("param")

@@ -45,7 +45,7 @@ class ReusePortEndpoint:
         self._port = port
         self._backlog = backlog
 
-    def listen(self, factory: Any) -> "Deferred[Any]":
+    def listen(self, factory: Any) -> Deferred[Any]:
         try:
             family, kind, proto, _, address = socket.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)[0]
             sock = socket.socket(family, kind, proto)

@@ -15,12 +15,12 @@ import os
 import re
 import secrets
 import sys
+from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import datetime, timezone
-from typing import IO, Any, Mapping, Optional, Union
+from typing import IO, Any
 
-from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, Logger,
-                            formatEvent)
+from twisted.logger import FilteringLogObserver, ILogObserver, Logger, LogLevel, LogLevelFilterPredicate, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -28,7 +28,7 @@ from .config import LoggingConfig
 
 access = Logger(namespace="inference.access")
 
-CURRENT_IDS: ContextVar[Optional[tuple[str, Optional[str]]]] = ContextVar("inference_request_ids", default=None)
+CURRENT_IDS: ContextVar[tuple[str, str | None] | None] = ContextVar("inference_request_ids", default=None)
 """(request id, trace id) of the request whose code is running."""
 
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -43,7 +43,7 @@ _ID_PREFIX = secrets.token_hex(8)  # random per process, so ids from several pro
 _ID_COUNTER = itertools.count(1)
 
 
-def request_id_for(header: Optional[bytes]) -> str:
+def request_id_for(header: bytes | None) -> str:
     """The client's ``X-Request-ID`` when it is a sane token, else a new one (a header must not inject lines).
 
     New ids are 32 hex digits: a random per-process prefix and a counter (a quarter of the cost of uuid4).
@@ -60,7 +60,7 @@ def request_id_for(header: Optional[bytes]) -> str:
 _QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory",)
 
 
-def make_observer(config: LoggingConfig, out: Optional[IO[str]] = None) -> ILogObserver:
+def make_observer(config: LoggingConfig, out: IO[str] | None = None) -> ILogObserver:
     """An observer writing events at ``config.level`` and above to ``out`` (stdout), in ``config.format``."""
     out = sys.stdout if out is None else out
     writer = JSONLines(out) if config.format == "json" else TextLines(out)
@@ -102,7 +102,7 @@ class DaemonStdout(Exception):
     """``--logfile -`` without ``--nodaemon``: a daemon has no stdout to write to."""
 
 
-def log_output(twistd: Optional[Mapping[str, Any]]) -> Union[IO[str], LogFile, None]:
+def log_output(twistd: Mapping[str, Any] | None) -> IO[str] | LogFile | None:
     """Where the gateway's lines go, following twistd's options as every twistd application does.
 
     ``--logfile PATH``: that file; ``--logfile -``: stdout; neither under ``-n``: stdout (journald under systemd);
@@ -124,7 +124,7 @@ def log_output(twistd: Optional[Mapping[str, Any]]) -> Union[IO[str], LogFile, N
     return LogFile(path or "twistd.log")
 
 
-def _ids(event: dict[str, Any]) -> tuple[Optional[str], Optional[str]]:
+def _ids(event: dict[str, Any]) -> tuple[str | None, str | None]:
     if "request_id" in event:
         return event["request_id"], event.get("trace_id")
     current = CURRENT_IDS.get()
@@ -195,7 +195,7 @@ class JSONLines:
         self._out.flush()
 
 
-def log_access(request: Any, status: Optional[int]) -> None:
+def log_access(request: Any, status: int | None) -> None:
     """The access line of one request (``status`` None: the client left before the answer was complete)."""
     fields: dict[str, Any] = {
         "method": request.method.decode("latin-1"), "path": request.path.decode("latin-1")[:200],
@@ -218,5 +218,5 @@ def log_access(request: Any, status: Optional[int]) -> None:
     access.info("{access_text}", access_text=text, **fields)
 
 
-def _or_dash(count: Optional[int]) -> str:
+def _or_dash(count: int | None) -> str:
     return "-" if count is None else str(count)

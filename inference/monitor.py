@@ -7,7 +7,8 @@ down, and at once when a request could not connect; ``/health/ready`` and ``infe
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Optional
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -29,9 +30,9 @@ class UpstreamMonitor:
         self._interval = interval
         self._base_url = base_url
         self._timer: Any = None
-        self._running: Optional[Deferred[Any]] = None
-        self.up: Optional[bool] = None  # None until the first probe answered
-        self.error: Optional[str] = None
+        self._running: Deferred[Any] | None = None
+        self.up: bool | None = None  # None until the first probe answered
+        self.error: str | None = None
         self.models: list[str] = []
 
     @property

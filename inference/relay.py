@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet.defer import CancelledError
 from twisted.web.iweb import IRequest
@@ -25,14 +25,14 @@ from .sse import DONE, DONE_EVENT, encode, error_event
 class StreamStats:
     """What one stream measured, for logs, metrics and spans (times are ``perf_counter`` readings)."""
 
-    first_token_at: Optional[float] = None
+    first_token_at: float | None = None
     content_chunks: int = 0
-    usage: Optional[dict[str, Any]] = None
+    usage: dict[str, Any] | None = None
     finish_reasons: tuple[str, ...] = ()
-    response_id: Optional[str] = None
-    response_model: Optional[str] = None
-    text: Optional[list[str]] = None  # the generated text, kept only when the operator captures content
-    error: Optional[GatewayError] = None
+    response_id: str | None = None
+    response_model: str | None = None
+    text: list[str] | None = None  # the generated text, kept only when the operator captures content
+    error: GatewayError | None = None
     client_gone: bool = False
 
 

@@ -8,8 +8,9 @@ generation without telling anyone.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from .config import DefaultsConfig
 from .errors import InvalidJSON, InvalidRequest
@@ -21,7 +22,7 @@ ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 class ChatRequest:
     """A validated request: the model the client asked for (``None``: the default) and the upstream body."""
 
-    model: Optional[str]
+    model: str | None
     stream: bool
     body: dict[str, Any]
 
@@ -29,7 +30,7 @@ class ChatRequest:
 Check = Callable[[str, Any], Any]  # returns the value to send on (an integer given as 3.0 becomes 3)
 
 
-def _number(low: Optional[float] = None, high: Optional[float] = None, *, above: bool = False,
+def _number(low: float | None = None, high: float | None = None, *, above: bool = False,
             integer: bool = False) -> Check:
     kind = "an integer" if integer else "a number"
 

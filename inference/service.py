@@ -5,8 +5,9 @@ from __future__ import annotations
 import gc
 import os
 import signal
+from collections.abc import Callable, Mapping
 from io import BytesIO
-from typing import IO, Any, Callable, Mapping, Optional, Union
+from typing import IO, Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -75,13 +76,13 @@ class GatewayRequest(RequestState, Request):
         if not self.finished and self.started:
             self._ended(None)
 
-    def _ended(self, status: Optional[int]) -> None:
+    def _ended(self, status: int | None) -> None:
         if self.recorded:
             return
         self.site.telemetry.request_ended(self, status)
         log_access(self, status)
 
-    def gotLength(self, length: Optional[int]) -> None:
+    def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
         if length is not None and length > self.channel.site.max_body_bytes:
             self.body_too_large = True
@@ -150,7 +151,7 @@ class GatewaySite(Site):
         return super().getResourceFor(request)
 
 
-def build_site(config: Config, reactor: Any, environ: Optional[Mapping[str, str]] = None) -> GatewaySite:
+def build_site(config: Config, reactor: Any, environ: Mapping[str, str] | None = None) -> GatewaySite:
     """The web site for ``config``; ``site.gateway.close()`` releases what it holds when done.
 
     ``environ`` supplies the standard ``OTEL_*`` variables (the process environment by default).
@@ -225,7 +226,7 @@ class GatewayService(service.Service):
     """
 
     def __init__(self, site: GatewaySite, endpoint: str, reactor: Any, handle_sigterm: bool = True,
-                 reopen_logs: Optional[Callable[[], None]] = None) -> None:
+                 reopen_logs: Callable[[], None] | None = None) -> None:
         self._site = site
         self._endpoint = endpoint
         self._reactor = reactor
@@ -259,7 +260,7 @@ class GatewayService(service.Service):
         log.info("SIGTERM: stopping")
         self._reactor.stop()
 
-    def stopService(self) -> "Deferred[None]":
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         return Deferred.fromCoroutine(self._stop())
 
@@ -283,7 +284,7 @@ class _Daemon(service.MultiService):
     """The top service. It hands twistd the log observer the config asks for: twistd looks for an
     ``ILogObserver`` on the application before falling back to its own (``--logger`` still wins)."""
 
-    def __init__(self, observer: Optional[ILogObserver]) -> None:
+    def __init__(self, observer: ILogObserver | None) -> None:
         super().__init__()
         self._observer = observer
 
@@ -293,8 +294,8 @@ class _Daemon(service.MultiService):
         return super().setServiceParent(parent)
 
 
-def make_service(config: Config, listen: Optional[str] = None, reactor: Any = None,
-                 logs: Union[IO[str], LogFile, None] = None) -> service.MultiService:
+def make_service(config: Config, listen: str | None = None, reactor: Any = None,
+                 logs: IO[str] | LogFile | None = None) -> service.MultiService:
     """The whole daemon as a Twisted service: listen on ``listen`` (an endpoint string) or the config's, and log
     to ``logs`` (stdout; None leaves logging to twistd, for ``--logger`` and ``--syslog``)."""
     if reactor is None:

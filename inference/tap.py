@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 from twisted.application import service
 from twisted.python import usage
@@ -29,7 +28,7 @@ def makeService(options: Options) -> service.IService:
         config = load(options["config"])
     except ConfigError as e:
         _die(f"inference: config error: {e}")
-    listen: Optional[str] = options["listen"]
+    listen: str | None = options["listen"]
     if listen is not None:
         _check_endpoint(listen)
     try:

@@ -6,22 +6,22 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.task import deferLater
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import ProcessProtocol, Protocol
-from twisted.logger import globalLogPublisher
-from twisted.web.client import Agent, HTTPConnectionPool
-
 from prometheus_client.openmetrics import parser as openmetrics_parser
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from inference.config import load
 from inference.service import GatewaySite, build_site
@@ -46,13 +46,13 @@ class Reply:
         assert set(payload["error"]) == {"message", "type", "param", "code"}, payload
         return payload["error"]
 
-    def header(self, name: str) -> Optional[str]:
+    def header(self, name: str) -> str | None:
         values = self.headers.getRawHeaders(name)
         return values[0] if values else None
 
 
-async def call(method: str, url: str, body: Any = None, *, raw: Optional[bytes] = None,
-               headers: Optional[dict[str, str]] = None) -> Reply:
+async def call(method: str, url: str, body: Any = None, *, raw: bytes | None = None,
+               headers: dict[str, str] | None = None) -> Reply:
     """One HTTP request over a fresh connection, returning the whole answer."""
     pool = HTTPConnectionPool(reactor, persistent=False)
     client = treq.client.HTTPClient(Agent(reactor, pool=pool))
@@ -86,7 +86,7 @@ class RawClient(Protocol):
                 self._waiting.remove((marker, d))
                 d.callback(None)
 
-    def received(self, marker: bytes) -> "Deferred[None]":
+    def received(self, marker: bytes) -> Deferred[None]:
         """Fires once ``marker`` is among the bytes received."""
         d: Deferred[None] = Deferred()
         if marker in self.data:
@@ -129,7 +129,7 @@ class Scrape:
             families = text_string_to_metric_families(text)
         self.samples = [sample for family in families for sample in family.samples]
 
-    def value(self, name: str, **labels: str) -> Optional[float]:
+    def value(self, name: str, **labels: str) -> float | None:
         """The sample with exactly these labels (besides ``le`` for buckets), or None when absent."""
         found = [s.value for s in self.samples if s.name == name and s.labels == labels]
         assert len(found) <= 1, (name, labels, found)
@@ -144,7 +144,7 @@ class Scrape:
         return {s.labels[label] for s in self.samples if s.name == name and label in s.labels}
 
 
-async def scrape(url: str, accept: Optional[str] = None, path: str = "/metrics") -> Scrape:
+async def scrape(url: str, accept: str | None = None, path: str = "/metrics") -> Scrape:
     reply = await call("GET", url + path, headers={"Accept": accept} if accept else None)
     assert reply.status == 200, reply.body
     return Scrape(reply.body.decode(), reply.header("content-type") or "")
@@ -159,14 +159,14 @@ class RunningGateway:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port.getHost().port}"
 
-    async def post_chat(self, body: Any, headers: Optional[dict[str, str]] = None) -> Reply:
+    async def post_chat(self, body: Any, headers: dict[str, str] | None = None) -> Reply:
         return await call("POST", self.url + "/v1/chat/completions", body, headers=headers)
 
-    async def metrics(self, accept: Optional[str] = None) -> Scrape:
+    async def metrics(self, accept: str | None = None) -> Scrape:
         return await scrape(self.url, accept)
 
 
-async def hold_the_slot(gateway: RunningGateway, fake: FakeLMStudio, body: Any) -> "Deferred[Reply]":
+async def hold_the_slot(gateway: RunningGateway, fake: FakeLMStudio, body: Any) -> Deferred[Reply]:
     """Send ``body`` and let the fake hold it (``hang``); return its pending reply once it reached the upstream."""
     fake.chat.mode = "hang"
     arrived = fake.next_arrival()
@@ -175,7 +175,7 @@ async def hold_the_slot(gateway: RunningGateway, fake: FakeLMStudio, body: Any) 
     return reply
 
 
-async def queue_behind(gateway: RunningGateway, body: Any) -> "Deferred[Reply]":
+async def queue_behind(gateway: RunningGateway, body: Any) -> Deferred[Reply]:
     """Send ``body``; return its pending reply once it waits in the admission queue."""
     admission = gateway.site.gateway.admission
     waiting = admission.queued + 1
@@ -197,7 +197,7 @@ def start_gateway() -> Callable[..., RunningGateway]:
     """Start a gateway on port 0 from ``INFERENCE_*`` settings (and an optional YAML file)."""
     running: list[RunningGateway] = []
 
-    def start(env: Optional[dict[str, str]] = None, config_path: Optional[str] = None) -> RunningGateway:
+    def start(env: dict[str, str] | None = None, config_path: str | None = None) -> RunningGateway:
         # Spans are made but not exported, and the upstream is not probed in the background (tests count what
         # reaches the fake), unless a test asks.
         env = {"INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "none", "INFERENCE_INFERENCE_HEALTH_CHECK_SECS": "0",

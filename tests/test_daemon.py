@@ -8,12 +8,11 @@ import re
 import shutil
 import signal
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet import error
+from twisted.internet import error, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 
@@ -29,9 +28,9 @@ class Daemon(ProcessProtocol):
     def __init__(self) -> None:
         self.out = b""
         self.err = b""
-        self.listening: Deferred[Optional[int]] = Deferred()
-        self.ended: Deferred[Optional[int]] = Deferred()
-        self.signal: Optional[int] = None
+        self.listening: Deferred[int | None] = Deferred()
+        self.ended: Deferred[int | None] = Deferred()
+        self.signal: int | None = None
         self._said: list[tuple[bytes, Deferred[None]]] = []
 
     def outReceived(self, data: bytes) -> None:
@@ -44,7 +43,7 @@ class Daemon(ProcessProtocol):
                 self._said.remove((marker, d))
                 d.callback(None)
 
-    def said(self, marker: bytes) -> "Deferred[None]":
+    def said(self, marker: bytes) -> Deferred[None]:
         """Fires once the daemon has logged ``marker``."""
         d: Deferred[None] = Deferred()
         self._said.append((marker, d))
@@ -232,7 +231,7 @@ async def test_two_processes_share_one_port_and_both_serve(tmp_path):
     port = free_port()
     daemons = []
     try:
-        for index in (1, 2):
+        for _ in (1, 2):
             daemon, transport = mock_daemon(tmp_path, server_port=str(port), server_reuse_port="true",
                                             observability_metrics_port=str(free_port()))
             daemons.append((daemon, transport))

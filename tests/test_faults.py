@@ -7,8 +7,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -48,7 +49,7 @@ class Fault:
     stream: bool
     status: int
     code: str  # the error code the client sees (in the JSON error, or in the SSE error event)
-    midway: Optional[Callable[[FakeLMStudio], None]] = None  # done once the client has the first words
+    midway: Callable[[FakeLMStudio], None] | None = None  # done once the client has the first words
 
 
 def behave(**fields: Any) -> Callable[[FakeLMStudio], None]:
@@ -89,7 +90,7 @@ FAULTS = [
 ]
 
 
-def error_code(stream: bool, status: int, body: bytes) -> Optional[str]:
+def error_code(stream: bool, status: int, body: bytes) -> str | None:
     """The error the client was told about: in the JSON answer, or in the stream's one error event."""
     if status != 200:
         return json.loads(body)["error"]["code"]

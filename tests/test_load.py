@@ -4,6 +4,7 @@ control on. Nothing is lost: every request completes in full or gets the documen
 from __future__ import annotations
 
 import json
+
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 

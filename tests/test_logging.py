@@ -8,12 +8,13 @@ import os
 import re
 import signal
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet.error import ConnectionRefusedError
-from twisted.logger import LogLevel, Logger, globalLogPublisher
+from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 from inference.config import LoggingConfig
 from inference.logs import make_observer
@@ -175,7 +176,7 @@ def _answers(port: int) -> bool:
 
 
 async def end_daemon(pidfile: str) -> None:
-    os.kill(int(open(pidfile).read()), signal.SIGTERM)
+    os.kill(int(Path(pidfile).read_text()), signal.SIGTERM)
     await until(lambda: not os.path.exists(pidfile), timeout=20)  # twistd removes it as it exits
 
 
@@ -189,7 +190,7 @@ async def test_a_daemon_writes_its_lines_to_the_logfile_and_reopens_it_on_sigusr
         assert (await call("POST", f"http://127.0.0.1:{port}/v1/chat/completions", chat)).status == 200
         await until(lambda: '"POST /v1/chat/completions" 200' in log.read_text())
         log.rename(tmp_path / "inference.log.1")  # what logrotate does, before it signals the daemon
-        os.kill(int(open(pidfile).read()), signal.SIGUSR1)
+        os.kill(int(Path(pidfile).read_text()), signal.SIGUSR1)
         await until(log.exists)
         assert (await call("GET", f"http://127.0.0.1:{port}/v1/models")).status == 200
         await until(lambda: '"GET /v1/models" 200' in log.read_text())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 
-
 USER = [{"role": "user", "content": "hi"}]
 
 

@@ -110,6 +110,6 @@ def sse_streams(draw: Any) -> tuple[bytes, list[bytes]]:
 def test_any_split_of_a_valid_stream_parses_the_same(stream, cuts):
     data, expected = stream
     points = sorted({cut % (len(data) + 1) for cut in cuts})
-    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
     assert parse([data]) == expected
     assert parse(pieces) == expected

@@ -61,7 +61,7 @@ async def test_connect_timeout_is_applied(start_gateway):
         filler.connect_ex(server.getsockname())
         fillers.append(filler)
     try:
-        gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": "http://127.0.0.1:%d" % server.getsockname()[1],
+        gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": f"http://127.0.0.1:{server.getsockname()[1]}",
                                  "INFERENCE_INFERENCE_HTTP_CONNECT_TIMEOUT_SECS": "0.3",
                                  "INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "0"})
         started = reactor.seconds()
@@ -103,7 +103,11 @@ async def test_retries_give_up_after_max_retries(fake, start_gateway):
     fake.listen()
     gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": url, "INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "2"})
     attempts = []
-    observer = lambda event: attempts.append(event) if "retry" in event.get("log_format", "") else None
+
+    def observer(event):
+        if "retry" in event.get("log_format", ""):
+            attempts.append(event)
+
     globalLogPublisher.addObserver(observer)
     try:
         reply = await call("GET", gateway.url + "/v1/models")

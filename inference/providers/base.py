@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -38,7 +38,7 @@ class ChatStream(abc.ABC):
     """
 
     @abc.abstractmethod
-    def begin(self, consumer: EventConsumer) -> "Deferred[None]":
+    def begin(self, consumer: EventConsumer) -> Deferred[None]:
         """Deliver events to ``consumer`` until the stream ends."""
 
     @abc.abstractmethod
@@ -70,19 +70,19 @@ class Provider(abc.ABC):
         """The models the server serves now, as OpenAI model objects (each with an ``id``)."""
 
     @abc.abstractmethod
-    async def chat(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> Completion:
+    async def chat(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> Completion:
         """One non-streaming chat completion; raise a :class:`~inference.errors.GatewayError` on failure.
 
         ``headers`` are sent with the upstream request (the trace context that continues the client's trace).
         """
 
     @abc.abstractmethod
-    async def open_stream(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> "ChatStream":
+    async def open_stream(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> ChatStream:
         """Start a streaming completion; return once the server accepted it (errors before that are raised)."""
 
     def prepare(self, body: dict[str, Any]) -> dict[str, Any]:
         """Shape a validated request body for this server (hook for quirks); the default sends it as is."""
         return body
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (a hook: most providers hold nothing to release)
         """Release connections and timers at shutdown."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from .. import jsonio
 from ..config import InferenceConfig
@@ -14,13 +14,13 @@ from .upstream import Answer, UpstreamClient, UpstreamEventStream
 class OpenAICompatibleProvider(Provider):
     name = "openai-compatible"
 
-    def __init__(self, reactor: Any, config: InferenceConfig, headers: Optional[dict[str, str]] = None) -> None:
+    def __init__(self, reactor: Any, config: InferenceConfig, headers: dict[str, str] | None = None) -> None:
         self.client = UpstreamClient(reactor, config.base_url, config.http, headers)
         self.base_url = self.client.base_url
         self._reactor = reactor
         self._idle_timeout = config.http.timeout_secs
 
-    async def list_models(self, timeout: Optional[float] = None) -> list[dict[str, Any]]:
+    async def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:
         answer = await self.client.request("GET", "/v1/models", timeout=timeout)
         data = _json_answer(answer)
         models = data.get("data")
@@ -29,7 +29,7 @@ class OpenAICompatibleProvider(Provider):
             raise UpstreamError("upstream model list is not an OpenAI list of models")
         return models
 
-    async def chat(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> Completion:
+    async def chat(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> Completion:
         answer = await self.client.request("POST", "/v1/chat/completions", jsonio.dumps(self.prepare(body)),
                                            headers=headers)
         data = _json_answer(answer)
@@ -37,7 +37,7 @@ class OpenAICompatibleProvider(Provider):
             raise UpstreamError("upstream answer has no 'choices'")
         return Completion(data, answer.body)
 
-    async def open_stream(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> ChatStream:
+    async def open_stream(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> ChatStream:
         body = self.prepare(body)
         # Usage is asked for always: the client's last chunk then carries it, and metrics count real tokens.
         payload = {**body, "stream": True,  # stream_options is a dict when present (schema checked it)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -44,11 +44,11 @@ class MockProvider(Provider):
         self._ids = itertools.count(1)
         self._created = int(time.time())
 
-    async def list_models(self, timeout: Optional[float] = None) -> list[dict[str, Any]]:
+    async def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:
         return [{"id": m, "object": "model", "created": self._created, "owned_by": "mock"}
                 for m in self._config.models]
 
-    async def chat(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> Completion:
+    async def chat(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> Completion:
         words, finish_reason = reply_words(body)
         delay = self._config.latency_secs + self._config.token_delay_secs * len(words)
         if delay:
@@ -64,12 +64,12 @@ class MockProvider(Provider):
         }
         return Completion(data, jsonio.dumps(data))
 
-    async def open_stream(self, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> ChatStream:
+    async def open_stream(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> ChatStream:
         words, finish_reason = reply_words(body)
         head = {"id": f"chatcmpl-mock-{next(self._ids)}", "object": "chat.completion.chunk",
                 "created": int(self._reactor.seconds()), "model": body["model"]}
 
-        def chunk(delta: dict[str, Any], finish: Optional[str] = None) -> bytes:
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
             return jsonio.dumps({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
         events = [chunk({"role": "assistant", "content": ""})]
@@ -96,10 +96,10 @@ class MockEventStream(ChatStream):
         self._token_delay = token_delay
         self._paused = False
         self._timer: Any = None
-        self._consumer: Optional[EventConsumer] = None
+        self._consumer: EventConsumer | None = None
         self.done: Deferred[None] = Deferred(lambda _: self.stopProducing())
 
-    def begin(self, consumer: EventConsumer) -> "Deferred[None]":
+    def begin(self, consumer: EventConsumer) -> Deferred[None]:
         self._consumer = consumer
         self._timer = self._reactor.callLater(self._latency, self._play)
         return self.done

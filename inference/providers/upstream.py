@@ -11,9 +11,13 @@ one timer covers the whole exchange: connect, retries, headers and body.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
+from hyperlink import EncodedURL
+from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -27,9 +31,6 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
-from hyperlink import EncodedURL
-from treq.client import HTTPClient
-from treq.cookies import IndexableCookieJar
 from zope.interface import implementer
 
 from ..config import HttpConfig
@@ -69,7 +70,7 @@ class UpstreamClient:
     """Talks HTTP to one upstream over a pool sized and timed by the ``http:`` config."""
 
     def __init__(self, reactor: Any, base_url: str, http: HttpConfig,
-                 headers: Optional[dict[str, str]] = None) -> None:
+                 headers: dict[str, str] | None = None) -> None:
         self._reactor: IReactorTime = reactor
         self._http = http
         self.base_url = normalise_base_url(base_url)
@@ -83,8 +84,8 @@ class UpstreamClient:
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._urls: dict[str, EncodedURL] = {}
 
-    def request(self, method: str, path: str, body: Optional[bytes] = None, timeout: Optional[float] = None,
-                headers: Optional[dict[str, str]] = None) -> "Deferred[Answer]":
+    def request(self, method: str, path: str, body: bytes | None = None, timeout: float | None = None,
+                headers: dict[str, str] | None = None) -> Deferred[Answer]:
         """Send one request and read the whole answer, within ``timeout`` (default ``http.timeout_secs``).
 
         Fails with :class:`UpstreamUnreachable`, :class:`UpstreamTimeout` or :class:`UpstreamError`;
@@ -96,15 +97,15 @@ class UpstreamClient:
 
         return self._within(timeout, exchange)
 
-    def open(self, method: str, path: str, body: Optional[bytes] = None, timeout: Optional[float] = None,
-             headers: Optional[dict[str, str]] = None) -> "Deferred[Union[IResponse, Answer]]":
+    def open(self, method: str, path: str, body: bytes | None = None, timeout: float | None = None,
+             headers: dict[str, str] | None = None) -> Deferred[IResponse | Answer]:
         """Send one request expecting an event stream; return once its headers arrived, body unread.
 
         The deadline covers connecting and the headers; the stream's reader sets its own. Anything that is
         not a stream (an error status, or JSON, as LM Studio sends for some failures) is read whole within
         the deadline and returned as an :class:`Answer`.
         """
-        async def exchange(state: _Exchange) -> Union[IResponse, Answer]:
+        async def exchange(state: _Exchange) -> IResponse | Answer:
             response = await self._send(state, method, path, body, headers)
             content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
             if response.code >= 300 or b"json" in content_type:
@@ -113,7 +114,7 @@ class UpstreamClient:
 
         return self._within(timeout, exchange)
 
-    def _within(self, timeout: Optional[float], exchange: Callable[["_Exchange"], Any]) -> Deferred:
+    def _within(self, timeout: float | None, exchange: Callable[[_Exchange], Any]) -> Deferred:
         """Run ``exchange`` under one deadline; cancelling the result aborts it without a retry."""
         state = _Exchange()
         inner = Deferred.fromCoroutine(exchange(state))
@@ -144,8 +145,8 @@ class UpstreamClient:
         inner.addBoth(settle)
         return outer
 
-    async def _send(self, state: "_Exchange", method: str, path: str, body: Optional[bytes],
-                    extra_headers: Optional[dict[str, str]]) -> IResponse:
+    async def _send(self, state: _Exchange, method: str, path: str, body: bytes | None,
+                    extra_headers: dict[str, str] | None) -> IResponse:
         url = self._url_for(path)
         fields = self._json_headers if body is not None else self._headers
         if extra_headers:
@@ -181,7 +182,7 @@ class UpstreamClient:
             url = self._urls[path] = _EncodedOnce.from_uri(EncodedURL.from_text(self.base_url + path).to_uri())
         return url
 
-    def close(self) -> "Deferred[None]":
+    def close(self) -> Deferred[None]:
         """Close idle pooled connections (on shutdown, so no keep-alive socket outlives the service)."""
         return self.pool.closeCachedConnections()
 
@@ -191,11 +192,11 @@ class _EncodedOnce(EncodedURL):
     costs a request about 25 µs; these are encoded once, when first used, so that step can return the URL as is."""
 
     @classmethod
-    def from_uri(cls, uri: EncodedURL) -> "_EncodedOnce":
+    def from_uri(cls, uri: EncodedURL) -> _EncodedOnce:
         return cls(uri.scheme, uri.host, uri.path, uri.query, uri.fragment, uri.port, uri.rooted, uri.userinfo,
                    uri.uses_netloc)
 
-    def to_uri(self) -> "_EncodedOnce":
+    def to_uri(self) -> _EncodedOnce:
         return self
 
 
@@ -244,7 +245,7 @@ class BytesProducer:
         self.body = body
         self.length = len(body)
 
-    def startProducing(self, consumer: Any) -> "Deferred[None]":
+    def startProducing(self, consumer: Any) -> Deferred[None]:
         consumer.write(self.body)
         return succeed(None)
 
@@ -259,10 +260,10 @@ class BytesProducer:
 
 
 class _Exchange:
-    stopped: Optional[str] = None  # "timeout" or "cancelled" once the exchange was stopped from outside
+    stopped: str | None = None  # "timeout" or "cancelled" once the exchange was stopped from outside
 
 
-def read_body(response: IResponse, limit: int = MAX_RESPONSE_BYTES) -> "Deferred[bytes]":
+def read_body(response: IResponse, limit: int = MAX_RESPONSE_BYTES) -> Deferred[bytes]:
     """Collect a response body; cancelling the Deferred closes the connection (``treq.content`` does not)."""
     collector = _BodyCollector(limit)
     response.deliverBody(collector)
@@ -303,7 +304,7 @@ class _BodyCollector(Protocol):
             self.done.errback(reason)
 
 
-def _translate(failure: Failure, stopped: Optional[str], deadline: float, base_url: str) -> Any:
+def _translate(failure: Failure, stopped: str | None, deadline: float, base_url: str) -> Any:
     """Map what Twisted raised to the error table (DESIGN.md)."""
     if stopped == "timeout":
         return UpstreamTimeout(f"upstream did not answer within {deadline:g}s ({base_url})")
@@ -346,11 +347,11 @@ class UpstreamEventStream(Protocol, ChatStream):
         self._parser = SSEParser()
         self._timer: Any = None
         self._paused = False
-        self._failure: Optional[Exception] = None
-        self._consumer: Optional[EventConsumer] = None
+        self._failure: Exception | None = None
+        self._consumer: EventConsumer | None = None
         self.done: Deferred[None] = Deferred(lambda _: self.stopProducing())
 
-    def begin(self, consumer: EventConsumer) -> "Deferred[None]":
+    def begin(self, consumer: EventConsumer) -> Deferred[None]:
         self._consumer = consumer
         self._arm()
         self._response.deliverBody(self)

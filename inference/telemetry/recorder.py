@@ -7,8 +7,9 @@ relay counts chunks and notes the first token, and everything is observed once, 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from time import perf_counter, time_ns
-from typing import Any, Mapping, Optional
+from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry.trace import Span, Status, StatusCode
@@ -32,21 +33,21 @@ class RequestState:
 
     started: float = 0.0
     route: str = "other"
-    span: Optional[Span] = None
+    span: Span | None = None
     recorded: bool = False
-    error_code: Optional[str] = None  # the error the client was told about (a status or an SSE error event)
+    error_code: str | None = None  # the error the client was told about (a status or an SSE error event)
     stream_failed: bool = False
     overhead_before: float = 0.0  # gateway time from arrival to the upstream call
-    answered_at: Optional[float] = None  # when the upstream's answer was complete
+    answered_at: float | None = None  # when the upstream's answer was complete
     duration: float = 0.0  # arrival to the last byte (or to the client leaving)
     # What the chat call measured, for the access log.
-    model: Optional[str] = None
-    time_to_first_token: Optional[float] = None
-    input_tokens: Optional[int] = None
-    output_tokens: Optional[int] = None
+    model: str | None = None
+    time_to_first_token: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
 
     @property
-    def trace_id(self) -> Optional[str]:
+    def trace_id(self) -> str | None:
         span = self.span
         if span is None:
             return None
@@ -62,7 +63,7 @@ class Telemetry:
         self.metrics = Metrics(provider_name)
         self.tracing = Tracing(config.tracing, environ, reactor)
         self.provider = provider_name
-        self.metrics_path: Optional[bytes] = config.metrics.path.encode() if config.metrics.enabled else None
+        self.metrics_path: bytes | None = config.metrics.path.encode() if config.metrics.enabled else None
         self.metrics_route = config.metrics.path
         self._config = config
         # Probes and scrapes every few seconds would bury the traces that matter.
@@ -98,12 +99,12 @@ class Telemetry:
             name += " " + route
         request.span = self.tracing.start_server_span(name, request.requestHeaders, attributes)
 
-    def refused(self, method: Optional[bytes], route: str, status: int) -> None:
+    def refused(self, method: bytes | None, route: str, status: int) -> None:
         """A request the connection answered itself, before routing (malformed, oversized, too slow)."""
         label = method_label(method.decode("latin-1")) if method else "_OTHER"
         self.metrics.child(self.metrics.http_requests, label, route, str(status)).inc()
 
-    def request_ended(self, request: Any, code: Optional[int]) -> None:
+    def request_ended(self, request: Any, code: int | None) -> None:
         """The response's last byte is out (``code``), or the client left first (``code`` None: logged as 499)."""
         if request.recorded:
             return
@@ -133,7 +134,7 @@ class Telemetry:
 
     # -- upstream chat calls -------------------------------------------------------------------------------------
 
-    def chat_call(self, request: Any, body: dict[str, Any], stream: bool, slot: Any) -> "ChatCall":
+    def chat_call(self, request: Any, body: dict[str, Any], stream: bool, slot: Any) -> ChatCall:
         """Start recording an upstream chat call, made with the admission ``slot`` it waited for."""
         if slot.queued and request.span is not None:
             request.span.set_attribute("inference.queue.wait_seconds", slot.waited)
@@ -149,7 +150,7 @@ class Telemetry:
         return {"metrics": {"enabled": metrics.enabled, "path": metrics.path if metrics.enabled else None},
                 "tracing": self.tracing.describe()}
 
-    def close(self) -> "Deferred[Any]":
+    def close(self) -> Deferred[Any]:
         return self.tracing.shutdown()
 
 
@@ -168,7 +169,7 @@ class ChatCall:
         request.overhead_before = self.started - request.started - queued
         tracing = telemetry.tracing
         self.capture_content = tracing.capture_content
-        self.span: Optional[Span] = None
+        self.span: Span | None = None
         self.headers: dict[str, str] = {}
         if tracing.tracer is not None:
             self.span = tracing.start_client_span(f"chat {self._model}", request.span, self._span_attributes())
@@ -193,10 +194,10 @@ class ChatCall:
 
     # -- endings -------------------------------------------------------------------------------------------------
 
-    def __enter__(self) -> "ChatCall":
+    def __enter__(self) -> ChatCall:
         return self
 
-    def __exit__(self, kind: Optional[type], error: Optional[BaseException], traceback: Any) -> None:
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
         """Whatever escapes the call ends it: a cancel (the client left), a gateway error, or a bug."""
         if error is None:
             return
@@ -248,10 +249,10 @@ class ChatCall:
             self._end("disconnected", usage=stats.usage, response_id=stats.response_id,
                       response_model=stats.response_model, chunks=stats.content_chunks)
 
-    def _end(self, outcome: str, *, usage: Optional[dict[str, Any]] = None, response_id: Any = None,
-             response_model: Any = None, finish_reasons: tuple[str, ...] = (), first_token_at: Optional[float] = None,
-             chunks: Optional[int] = None, error: Optional[GatewayError] = None,
-             output: Optional[list[Any]] = None) -> None:
+    def _end(self, outcome: str, *, usage: dict[str, Any] | None = None, response_id: Any = None,
+             response_model: Any = None, finish_reasons: tuple[str, ...] = (), first_token_at: float | None = None,
+             chunks: int | None = None, error: GatewayError | None = None,
+             output: list[Any] | None = None) -> None:
         """Record the call once. ``chunks`` is how many content deltas a stream relayed (None: not a stream that
         started): the output token count when the upstream sent no usage, as llama.cpp's Python server and older
         LM Studio do. The prompt's count is never guessed."""
@@ -329,7 +330,7 @@ class ChatCall:
         span.set_attributes(attributes)
         span.end()
 
-    def _observe_speed(self, tokens: int, seconds: float, exemplar: Optional[dict[str, str]]) -> None:
+    def _observe_speed(self, tokens: int, seconds: float, exemplar: dict[str, str] | None) -> None:
         if tokens <= 0 or seconds <= 0:
             return
         metrics, labels = self._telemetry.metrics, (self._telemetry.provider, self._model)
@@ -337,6 +338,6 @@ class ChatCall:
         metrics.child(metrics.tokens_per_second, *labels).observe(tokens / seconds, exemplar)
 
 
-def _count(usage: Any, key: str) -> Optional[int]:
+def _count(usage: Any, key: str) -> int | None:
     value = usage.get(key) if isinstance(usage, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

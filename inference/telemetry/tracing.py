@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import (BatchSpanProcessor, ConsoleSpanExporter, SpanExporter,
-                                            SpanExportResult)
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, Tracer, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -38,7 +38,7 @@ DEFAULT_ENDPOINTS = {"grpc": "http://localhost:4317", "http/protobuf": "http://l
 class _HeaderGetter(Getter[Headers]):
     """Reads W3C trace headers straight from twisted.web's ``Headers``."""
 
-    def get(self, carrier: Headers, key: str) -> Optional[list[str]]:
+    def get(self, carrier: Headers, key: str) -> list[str] | None:
         values = carrier.getRawHeaders(key.encode("latin-1"))
         return [v.decode("latin-1") for v in values] if values else None
 
@@ -54,10 +54,10 @@ class ExportStatus:
     """How export is going, for ``/health``; the exporter thread writes it, the reactor reads it."""
 
     def __init__(self) -> None:
-        self.ok: Optional[bool] = None  # None until the first batch was sent
+        self.ok: bool | None = None  # None until the first batch was sent
         self.exported_spans = 0
         self.failed_spans = 0
-        self.last_error: Optional[str] = None
+        self.last_error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "exported_spans": self.exported_spans, "failed_spans": self.failed_spans,
@@ -76,7 +76,7 @@ class _FirstMessage(logging.Handler):
         if getattr(self.local, "message", None) is None:
             self.local.message = record.getMessage()
 
-    def take(self) -> Optional[str]:
+    def take(self) -> str | None:
         message = getattr(self.local, "message", None)
         self.local.message = None
         return message
@@ -197,13 +197,13 @@ class Tracing:
         self.config = config
         self._reactor = reactor
         self.status = ExportStatus()
-        self.protocol: Optional[str] = None
-        self.endpoint: Optional[str] = None
+        self.protocol: str | None = None
+        self.endpoint: str | None = None
         self.enabled = config.enabled and environ.get("OTEL_SDK_DISABLED", "").lower() != "true"
         self.capture_content = self.enabled and config.capture_content
-        self.tracer: Optional[Tracer] = None
-        self.provider: Optional[TracerProvider] = None
-        self._exporter: Optional[SpanExporter] = None
+        self.tracer: Tracer | None = None
+        self.provider: TracerProvider | None = None
+        self._exporter: SpanExporter | None = None
         if not self.enabled:
             return
         resource = Resource.create({"service.name": environ.get("OTEL_SERVICE_NAME") or "inference",
@@ -215,7 +215,7 @@ class Tracing:
                                                                 max_export_batch_size=_batch_size(environ)))
         self.tracer = self.provider.get_tracer("inference", __version__)
 
-    def _make_exporter(self, environ: Mapping[str, str]) -> Optional[SpanExporter]:
+    def _make_exporter(self, environ: Mapping[str, str]) -> SpanExporter | None:
         kind = self.config.exporter
         if kind == "none":
             return None
@@ -233,21 +233,21 @@ class Tracing:
 
     # -- spans ---------------------------------------------------------------------------------------------------
 
-    def start_server_span(self, name: str, headers: Headers, attributes: dict[str, Any]) -> Optional[Span]:
+    def start_server_span(self, name: str, headers: Headers, attributes: dict[str, Any]) -> Span | None:
         """A SERVER span continuing the caller's ``traceparent`` when it sent one."""
         if self.tracer is None:
             return None
         context = _PROPAGATOR.extract(headers, getter=_HEADERS) if headers.hasHeader(b"traceparent") else None
         return self.tracer.start_span(name, context=context, kind=SpanKind.SERVER, attributes=attributes)
 
-    def start_client_span(self, name: str, parent: Optional[Span], attributes: dict[str, Any]) -> Optional[Span]:
+    def start_client_span(self, name: str, parent: Span | None, attributes: dict[str, Any]) -> Span | None:
         if self.tracer is None:
             return None
         context = set_span_in_context(parent) if parent is not None else Context()
         return self.tracer.start_span(name, context=context, kind=SpanKind.CLIENT, attributes=attributes)
 
     @staticmethod
-    def trace_headers(span: Optional[Span]) -> dict[str, str]:
+    def trace_headers(span: Span | None) -> dict[str, str]:
         """The ``traceparent`` that makes the upstream's work part of this trace."""
         headers: dict[str, str] = {}
         if span is not None:
@@ -255,7 +255,7 @@ class Tracing:
         return headers
 
     @staticmethod
-    def exemplar(span: Optional[Span]) -> Optional[dict[str, str]]:
+    def exemplar(span: Span | None) -> dict[str, str] | None:
         """A ``trace_id`` exemplar for a histogram, when the span is sampled (else there is no trace to see)."""
         if span is None:
             return None
@@ -272,14 +272,14 @@ class Tracing:
                 "endpoint": self.endpoint, "sample_ratio": self.config.sample_ratio,
                 "capture_content": self.capture_content, "export": self.status.as_dict()}
 
-    def flush(self) -> "Deferred[Any]":
+    def flush(self) -> Deferred[Any]:
         """Export what is queued now, in a thread (the batch processor's flush blocks)."""
         provider = self.provider
         if provider is None:
             return succeed(None)
         return self._in_thread(lambda: provider.force_flush(5000))
 
-    def shutdown(self) -> "Deferred[Any]":
+    def shutdown(self) -> Deferred[Any]:
         """Flush and stop the exporter without waiting out the exporter's retries (10 s and more).
 
         A collector that took the last batch gets 3 s for the final one; one never reached yet gets 1 s, and
@@ -301,7 +301,7 @@ class Tracing:
 
         return self._in_thread(stop)
 
-    def _in_thread(self, work: Callable[[], Any]) -> "Deferred[Any]":
+    def _in_thread(self, work: Callable[[], Any]) -> Deferred[Any]:
         """Run blocking SDK work in a daemon thread of its own: the reactor's pool would make stop wait for it."""
         done: Deferred[Any] = Deferred()
 

@@ -7,9 +7,10 @@ Deferreds (the gRPC server's threads hand every batch to the reactor).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -44,7 +45,7 @@ class ReceivedSpan:
     status_message: str
     resource: dict[str, Any] = field(default_factory=dict)
 
-    def event(self, name: str) -> Optional[Event]:
+    def event(self, name: str) -> Event | None:
         return next((e for e in self.events if e.name == name), None)
 
 
@@ -92,7 +93,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
 
     # -- what tests use ------------------------------------------------------------------------------------------
 
-    def wait_for(self, predicate: Callable[[list[ReceivedSpan]], bool]) -> "Deferred[list[ReceivedSpan]]":
+    def wait_for(self, predicate: Callable[[list[ReceivedSpan]], bool]) -> Deferred[list[ReceivedSpan]]:
         """Fires with all spans so far once ``predicate(spans)`` holds."""
         d: Deferred[list[ReceivedSpan]] = Deferred()
         self._waiting.append((predicate, d))
@@ -136,10 +137,10 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
         self._http = reactor.listenTCP(port, Site(_HttpReceiver(self)), interface="127.0.0.1")
         self.http_endpoint = f"http://127.0.0.1:{self._http.getHost().port}"
 
-    def stop_http(self) -> "Deferred[None]":
+    def stop_http(self) -> Deferred[None]:
         return self._http.stopListening()
 
-    def stop(self) -> "Deferred[None]":
+    def stop(self) -> Deferred[None]:
         if self._grpc is not None:
             self._grpc.stop(None)
         return self.stop_http()

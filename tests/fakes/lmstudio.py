@@ -12,16 +12,16 @@ import json
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IPushProducer
 from twisted.protocols.policies import WrappingFactory
-from zope.interface import implementer
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+from zope.interface import implementer
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Behaviour:
     stream: str = "normal"
     status: int = 500
     message: str = "something went wrong"
-    code: Optional[str] = None
+    code: str | None = None
     extra_message_fields: dict[str, Any] = field(default_factory=dict)
     flood_bytes: int = 0
     huge_bytes: int = 0
@@ -63,14 +63,14 @@ class Behaviour:
 class FakeLMStudio(Resource):
     isLeaf = True
 
-    def __init__(self, models: Optional[list[str]] = None) -> None:
+    def __init__(self, models: list[str] | None = None) -> None:
         super().__init__()
         self.models = list(models or ["qwen2.5-7b-instruct", "llama-3.2-3b-instruct"])
         self.chat = Behaviour()
         self.listing = Behaviour()
-        self.require_key: Optional[str] = None
+        self.require_key: str | None = None
         self.gzip = False  # compress answers for clients that accept gzip (as OpenAI does)
-        self.set_cookie: Optional[str] = None  # a Set-Cookie header on every answer
+        self.set_cookie: str | None = None  # a Set-Cookie header on every answer
         self.received: list[Received] = []
         self.pending: list[http.Request] = []  # requests held open by hang / stall_body
         self._arrivals: list[Deferred[Received]] = []
@@ -81,13 +81,13 @@ class FakeLMStudio(Resource):
 
     # -- what tests wait on --------------------------------------------------------------------------------------
 
-    def next_arrival(self) -> "Deferred[Received]":
+    def next_arrival(self) -> Deferred[Received]:
         """Fires when the next request reaches the fake."""
         d: Deferred[Received] = Deferred()
         self._arrivals.append(d)
         return d
 
-    def next_close(self) -> "Deferred[None]":
+    def next_close(self) -> Deferred[None]:
         """Fires when a held (hanging) request sees its connection closed by the gateway."""
         d: Deferred[None] = Deferred()
         self._closed.append(d)
@@ -122,9 +122,8 @@ class FakeLMStudio(Resource):
                                                        "type": "invalid_request_error",
                                                        "code": "invalid_api_key"}})
         if got.path == "/v1/models" and got.method == "GET":
-            return self._answer(request, self.listing,
-                                {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "organization_owner"}
-                                                            for m in self.models]})
+            listing = [{"id": m, "object": "model", "owned_by": "organization_owner"} for m in self.models]
+            return self._answer(request, self.listing, {"object": "list", "data": listing})
         if got.path == "/v1/chat/completions" and got.method == "POST":
             if self.chat.mode == "normal" and isinstance(body, dict) and body.get("stream"):
                 return self._stream(request, body)
@@ -332,7 +331,7 @@ class Flood:
         self.request.registerProducer(self, True)
         self._pump()
 
-    def next_pause(self) -> "Deferred[None]":
+    def next_pause(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         if self.paused:
             d.callback(None)
