@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from klein import Klein
 from twisted.logger import Logger
@@ -22,8 +22,9 @@ from .monitor import UpstreamMonitor
 from .openapi import openapi_bytes
 from .providers import Provider
 from .relay import StreamRelay
+from .request import GatewayRequest
 from .schema import parse_chat_request
-from .telemetry import Telemetry
+from .telemetry import RequestState, Telemetry
 
 log = Logger()
 
@@ -58,7 +59,8 @@ def write_body(request: IRequest, body: bytes, status: int = 200) -> bytes:
 
 def write_error(request: IRequest, error: GatewayError) -> bytes:
     """The error's status, headers and OpenAI-shaped body; the code is kept for the access log and spans."""
-    request.error_code = error.code
+    if isinstance(request, RequestState):
+        request.error_code = error.code
     for name, value in error.headers.items():
         request.setHeader(name, value)
     return write_json(request, error.body(), error.status)
@@ -100,7 +102,7 @@ class Gateway:
     # -- OpenAI API ----------------------------------------------------------------------------------------------
 
     @app.route("/v1/chat/completions", methods=["POST"])
-    async def chat_completions(self, request: IRequest) -> bytes | None:
+    async def chat_completions(self, request: GatewayRequest) -> bytes | None:
         self._authorize(request)
         server = self.config.server
         chat = parse_chat_request(self._body(request), self.config.inference.defaults, server.max_messages)
@@ -124,24 +126,24 @@ class Gateway:
                 return None  # the relay wrote everything; Klein finishes the response
 
     @app.route("/v1/models", methods=["GET"])
-    async def list_models(self, request: IRequest) -> bytes:
+    async def list_models(self, request: GatewayRequest) -> bytes:
         self._authorize(request)
         self.monitor.require_up()
         return write_json(request, {"object": "list", "data": await self.catalog.models()})
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])
-    async def get_model(self, request: IRequest, model_id: str) -> bytes:
+    async def get_model(self, request: GatewayRequest, model_id: str) -> bytes:
         self._authorize(request)
         return write_json(request, await self.catalog.get(model_id))
 
     @app.route("/openapi.json", methods=["GET"])
-    def openapi(self, request: IRequest) -> bytes:
+    def openapi(self, request: GatewayRequest) -> bytes:
         return write_body(request, self._openapi)
 
     # -- health --------------------------------------------------------------------------------------------------
 
     @app.route("/health", methods=["GET"])
-    async def health(self, request: IRequest) -> bytes:
+    async def health(self, request: GatewayRequest) -> bytes:
         self.authorize_operator(request)
         upstream = await self.probe_upstream()
         http = self.config.inference.http
@@ -162,12 +164,12 @@ class Gateway:
         return write_json(request, payload, 200 if upstream["reachable"] else 503)
 
     @app.route("/health/live", methods=["GET"])
-    def live(self, request: IRequest) -> bytes:
+    def live(self, request: GatewayRequest) -> bytes:
         self.authorize_operator(request)
         return write_json(request, {"status": "ok"})
 
     @app.route("/health/ready", methods=["GET"])
-    async def ready(self, request: IRequest) -> bytes:
+    async def ready(self, request: GatewayRequest) -> bytes:
         self.authorize_operator(request)
         if self.inflight.draining:  # a load balancer should send nothing more here
             return write_json(request, {"status": "not ready", "error": "shutting down"}, 503)
@@ -201,45 +203,47 @@ class Gateway:
 
     @app.handle_errors(GatewayError)
     def gateway_error(self, request: IRequest, failure: Failure) -> bytes:
-        error: GatewayError = failure.value
-        if isinstance(error, UpstreamUnreachable):
-            self.monitor.check_now()  # so the next requests fail fast, not after their own connect attempts
-        return write_error(request, error)
+        return self._error(request, cast(GatewayError, failure.value))  # what this handler is registered for
 
     @app.handle_errors(RouteNotFoundError)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
         path = request.path.decode("utf-8", "replace")
-        return self.gateway_error(request, Failure(RouteNotFound(f"No route {path}. See GET /v1/models, "
-                                                                 "POST /v1/chat/completions, GET /health.")))
+        return self._error(request, RouteNotFound(f"No route {path}. See GET /v1/models, "
+                                                  "POST /v1/chat/completions, GET /health."))
 
     @app.handle_errors(RouteMethodNotAllowed)
     def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
-        allowed = sorted(failure.value.valid_methods or [])
+        allowed = sorted(cast(RouteMethodNotAllowed, failure.value).valid_methods or [])
         error = MethodNotAllowed(f"Method {request.method.decode()} is not allowed on "
                                  f"{request.path.decode('utf-8', 'replace')}; use {', '.join(allowed)}",
                                  headers={"Allow": ", ".join(allowed)})
-        return self.gateway_error(request, Failure(error))
+        return self._error(request, error)
 
     @app.handle_errors(Exception)
     def unexpected(self, request: IRequest, failure: Failure) -> bytes:
         log.failure("unexpected error answering {method} {path}", failure, method=request.method.decode(),
                     path=request.path.decode("utf-8", "replace"), request_id=getattr(request, "request_id", None),
                     trace_id=getattr(request, "trace_id", None))
-        return self.gateway_error(request, Failure(GatewayError("internal gateway error; see the gateway log")))
+        return self._error(request, GatewayError("internal gateway error; see the gateway log"))
+
+    def _error(self, request: IRequest, error: GatewayError) -> bytes:
+        if isinstance(error, UpstreamUnreachable):
+            self.monitor.check_now()  # so the next requests fail fast, not after their own connect attempts
+        return write_error(request, error)
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
-    def _authorize(self, request: IRequest) -> None:
+    def _authorize(self, request: GatewayRequest) -> None:
         self.keys.check(request.getHeader(b"authorization"))
 
-    def authorize_operator(self, request: IRequest) -> None:
+    def authorize_operator(self, request: GatewayRequest) -> None:
         """Metrics and health need a key only when ``server.protect_metrics`` says so (probes stay simple)."""
         if self._protect_operator_routes:
             self.keys.check(request.getHeader(b"authorization"))
 
-    def _body(self, request: IRequest) -> bytes:
-        if getattr(request, "body_too_large", False):
+    def _body(self, request: GatewayRequest) -> bytes:
+        if request.body_too_large:
             limit = self.config.server.max_body_bytes
             raise RequestTooLarge(f"Request body is larger than the limit of {limit} bytes "
                                   "(server.max_body_bytes)")
-        return request.content.read()
+        return request.content.read() if request.content is not None else b""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
 from .errors import AmbiguousModel, ModelNotFound
 from .providers import Provider
@@ -15,7 +16,7 @@ class ModelCatalog:
 
     def __init__(self, provider: Provider, clock: Any, ttl: float, allowed: list[str], default_model: str) -> None:
         self._provider = provider
-        self._clock = clock
+        self._clock: IReactorTime = clock
         self._ttl = ttl
         self._allowed = set(allowed)
         self._default = default_model
@@ -39,7 +40,7 @@ class ModelCatalog:
             found = self._match(name, upstream)
         if found is not None:
             return found
-        served = [m["id"] for m in upstream if self._is_allowed(m["id"])]
+        served: list[str] = [m["id"] for m in upstream if self._is_allowed(m["id"])]
         if requested is None and len(served) == 1:
             return served[0]  # no model asked for, and only one can answer: LM Studio's own habit
         raise self._not_found(name, upstream)
@@ -63,7 +64,7 @@ class ModelCatalog:
                              param="model")
 
     def _match(self, name: str, upstream: list[dict[str, Any]]) -> str | None:
-        ids = [m["id"] for m in upstream if self._is_allowed(m["id"])]
+        ids: list[str] = [m["id"] for m in upstream if self._is_allowed(m["id"])]
         if name in ids:
             return name
         lowered = name.lower()

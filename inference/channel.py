@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
 
 from .errors import BadHTTPRequest, GatewayError, HeadersTooLarge, RequestReadTimeout, URLTooLong
@@ -54,7 +56,7 @@ class GatewayChannel(HTTPChannel):
         self._stop_read_timer()
         super().allContentReceived()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_read_timer()
         super().connectionLost(reason)
 
@@ -111,11 +113,13 @@ class GatewayChannel(HTTPChannel):
         reason = RESPONSES.get(error.status, b"Error")
         head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n" \
             % (error.status, reason, len(body))
-        self.transport.write(head + b"\r\n" + body)
+        transport = self.transport
+        assert transport is not None  # a request is being read from it
+        transport.write(head + b"\r\n" + body)
         method, path = getattr(self, "_command", None), getattr(self, "_path", None)
         route = self.site.route_of(path.partition(b"?")[0]) if path else "other"
         self.site.telemetry.refused(method, route, error.status)
-        peer = self.transport.getPeer()
+        peer = transport.getPeer()
         log.info("refused a request from {client}: {status} {message}", client=getattr(peer, "host", "-"),
                  status=error.status, message=error.message)
         self.loseConnection()

@@ -13,7 +13,7 @@ import socket
 import sys
 from collections.abc import Mapping, Sequence
 from time import perf_counter
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import react
@@ -21,6 +21,9 @@ from twisted.internet.task import react
 from . import __version__
 from .config import ConfigError, load_with_sources, settings
 from .errors import GatewayError
+
+if TYPE_CHECKING:
+    from .api import Gateway
 
 SECRET_KEYS = ("inference.api_key", "server.api_keys")
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
@@ -104,7 +107,7 @@ def check_port(report: Report, host: str, port: int) -> None:
         report.ok(f"{host}:{port} is free to listen on")
 
 
-async def check_models(report: Report, gateway: Any, served: list[str]) -> str | None:
+async def check_models(report: Report, gateway: Gateway, served: list[str]) -> str | None:
     """Resolve ``default_model`` and check ``allowed_models``; the model a request naming none would get."""
     inference = gateway.config.inference
     allowed = inference.allowed_models
@@ -129,7 +132,7 @@ async def check_models(report: Report, gateway: Any, served: list[str]) -> str |
     return model
 
 
-async def probe_completion(report: Report, gateway: Any, model: str) -> None:
+async def probe_completion(report: Report, gateway: Gateway, model: str) -> None:
     body = {"model": model, "messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 1,
             "temperature": 0}
     started = perf_counter()

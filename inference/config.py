@@ -71,7 +71,7 @@ def _non_empty(value: Any) -> str | None:
     return None if value else "a non-empty value"
 
 
-def _opt(check: Check, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+def _opt(check: Check | None, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"check": check}, **kwargs)
     return field(default=default, metadata={"check": check}, **kwargs)
@@ -258,7 +258,7 @@ def env_name(keys: tuple[str, ...]) -> str:
     return ENV_PREFIX + "_".join(keys).upper()
 
 
-def _match_env(cls: type, rest: str) -> list[tuple[str, ...]]:
+def _match_env(cls: Any, rest: str) -> list[tuple[str, ...]]:
     found: list[tuple[str, ...]] = []
     for f in dataclasses.fields(cls):
         kind = _field_types(cls)[f.name]
@@ -270,7 +270,7 @@ def _match_env(cls: type, rest: str) -> list[tuple[str, ...]]:
     return found
 
 
-def _all_leaf_paths(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+def _all_leaf_paths(cls: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     out = []
     for f in dataclasses.fields(cls):
         kind = _field_types(cls)[f.name]
@@ -290,7 +290,7 @@ def _schema_type(keys: tuple[str, ...]) -> Any | None:
     return None if dataclasses.is_dataclass(cls) else cls
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+def _field_types(cls: Any) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
@@ -329,7 +329,7 @@ def _put(tree: dict[str, Any], keys: tuple[str, ...], value: str, origin: str) -
     node[keys[-1]] = value
 
 
-def _build(cls: type, data: Any, path: tuple[str, ...], sources: Mapping[str, str]) -> Any:
+def _build(cls: Any, data: Any, path: tuple[str, ...], sources: Mapping[str, str]) -> Any:
     dotted = ".".join(path) or "config"
     if not isinstance(data, dict):
         raise ConfigError(f"{dotted} must be a section (a mapping of keys), not {data!r}")

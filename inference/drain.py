@@ -44,7 +44,8 @@ class Job:
             raise self._interrupted
         self._pending = Deferred.fromCoroutine(work)
         try:
-            return await self._pending
+            result: T = await self._pending
+            return result
         except CancelledError:
             if self._interrupted is not None:
                 raise self._interrupted from None

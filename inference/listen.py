@@ -24,11 +24,11 @@ BACKLOG = 1024
 
 def server_endpoint(reactor: Any, server: ServerConfig, listen: str | None = None) -> IStreamServerEndpoint:
     """The endpoint for ``--listen`` when given, else for ``server.host``/``server.port``."""
-    if listen is not None:
-        return endpoints.serverFromString(reactor, listen)
-    if server.reuse_port:
+    if server.reuse_port and listen is None:
         return ReusePortEndpoint(reactor, server.host, server.port, BACKLOG)
-    return endpoints.serverFromString(reactor, describe(server.host, server.port) + f":backlog={BACKLOG}")
+    endpoint: IStreamServerEndpoint = endpoints.serverFromString(
+        reactor, listen if listen is not None else describe(server.host, server.port) + f":backlog={BACKLOG}")
+    return endpoint
 
 
 def describe(host: str, port: int) -> str:

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from twisted.logger import FilteringLogObserver, ILogObserver, Logger, LogLevel, LogLevelFilterPredicate, formatEvent
 from twisted.python.failure import Failure
@@ -60,7 +60,15 @@ def request_id_for(header: bytes | None) -> str:
 _QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory",)
 
 
-def make_observer(config: LoggingConfig, out: IO[str] | None = None) -> ILogObserver:
+class TextSink(Protocol):
+    """Where lines are written: stdout, or a :class:`LogFile`."""
+
+    def write(self, text: str, /) -> Any: ...
+
+    def flush(self) -> None: ...
+
+
+def make_observer(config: LoggingConfig, out: TextSink | None = None) -> ILogObserver:
     """An observer writing events at ``config.level`` and above to ``out`` (stdout), in ``config.format``."""
     out = sys.stdout if out is None else out
     writer = JSONLines(out) if config.format == "json" else TextLines(out)
@@ -102,7 +110,7 @@ class DaemonStdout(Exception):
     """``--logfile -`` without ``--nodaemon``: a daemon has no stdout to write to."""
 
 
-def log_output(twistd: Mapping[str, Any] | None) -> IO[str] | LogFile | None:
+def log_output(twistd: Mapping[str, Any] | None) -> TextSink | None:
     """Where the gateway's lines go, following twistd's options as every twistd application does.
 
     ``--logfile PATH``: that file; ``--logfile -``: stdout; neither under ``-n``: stdout (journald under systemd);
@@ -144,9 +152,9 @@ def _timestamp(event: dict[str, Any]) -> str:
 
 
 def _message(event: dict[str, Any]) -> str:
-    text = event.get("access_text")  # already rendered (log_access)
-    if text is not None:
-        return text
+    rendered = event.get("access_text")  # already rendered (log_access)
+    if isinstance(rendered, str):
+        return rendered
     text = formatEvent(event)
     failure = event.get("log_failure")
     if isinstance(failure, Failure):
@@ -158,7 +166,7 @@ def _message(event: dict[str, Any]) -> str:
 class TextLines:
     """``2026-11-24T08:00:00.000Z info [inference.access] message request_id=... trace_id=...``"""
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: TextSink) -> None:
         self._out = out
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -177,7 +185,7 @@ class TextLines:
 class JSONLines:
     """One JSON object per line: timestamp, level, logger, message, request_id, trace_id, and the event's fields."""
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: TextSink) -> None:
         self._out = out
 
     def __call__(self, event: dict[str, Any]) -> None:

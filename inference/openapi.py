@@ -153,7 +153,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
     """The OpenAPI 3.1 description of a gateway running with ``config``."""
     keys = bool(config.server.api_keys or config.server.api_keys_file)
     operator_auth = keys and config.server.protect_metrics
-    secured = [{"bearerAuth": []}] if keys else []
+    secured: list[dict[str, list[str]]] = [{"bearerAuth": []}] if keys else []
 
     def operation(summary: str, ok: dict[str, Any], *codes: str, auth: bool, tag: str,
                   **more: Any) -> dict[str, Any]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import CancelledError
-from twisted.web.iweb import IRequest
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request
 
 from . import jsonio
 from .errors import GatewayError, UpstreamError, from_upstream
@@ -36,10 +37,16 @@ class StreamStats:
     client_gone: bool = False
 
 
+def connected(request: Request) -> bool:
+    """Whether the client is still there: twisted.web sets ``channel`` to None once its connection is gone (its
+    types do not say so), and a write or ``unregisterProducer`` after that would fail."""
+    return cast("HTTPChannel | None", request.channel) is not None
+
+
 class StreamRelay:
     """Writes ``stream``'s events to ``request`` until the stream ends, fails, or the client leaves."""
 
-    def __init__(self, request: IRequest, stream: ChatStream, capture_content: bool = False) -> None:
+    def __init__(self, request: Request, stream: ChatStream, capture_content: bool = False) -> None:
         self._request = request
         self._stream = stream
         self._upstream_done = False
@@ -68,9 +75,9 @@ class StreamRelay:
         except Exception as e:  # a transport error the stream did not translate
             self.stats.error = self.stats.error or UpstreamError(f"upstream stream failed: {e}")
         finally:
-            if request.channel is not None and request.producer is not None:
+            if connected(request) and request.producer is not None:
                 request.unregisterProducer()
-        if request.channel is None:
+        if not connected(request):
             self.stats.client_gone = True
             return self.stats
         if self.stats.error is not None:
@@ -94,7 +101,7 @@ class StreamRelay:
         if chunk.get("error") is not None:
             return self._fail(from_upstream(500, payload))
         self._observe(chunk)
-        if self._request.channel is not None:
+        if connected(self._request):
             self._request.write(encode(payload))
 
     def _observe(self, chunk: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 from twisted.application import service
 from twisted.python import usage
@@ -50,6 +51,6 @@ def _check_endpoint(description: str) -> None:
              "try tcp:3000:interface=127.0.0.1")
 
 
-def _die(line: str) -> None:
+def _die(line: str) -> NoReturn:
     print(line, file=sys.stderr)
     raise SystemExit(2)

@@ -106,8 +106,10 @@ class MockEventStream(ChatStream):
 
     def _play(self) -> None:
         self._timer = None
+        consumer = self._consumer
+        assert consumer is not None  # begin() set it
         while not self._paused and not self.done.called and self._next < len(self._events):
-            self._consumer.event(self._events[self._next])
+            consumer.event(self._events[self._next])
             self._next += 1
             if self._token_delay and 1 < self._next < len(self._events) - 2:  # between content words
                 self._timer = self._reactor.callLater(self._token_delay, self._play)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
@@ -21,8 +21,8 @@ from treq.cookies import IndexableCookieJar
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -76,7 +76,7 @@ class UpstreamClient:
         self.base_url = normalise_base_url(base_url)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = http.max_idle_connections
-        self.pool.cachedConnectionTimeout = http.keep_alive_secs
+        self.pool.cachedConnectionTimeout = http.keep_alive_secs  # type: ignore[assignment]  # (a float works)
         self.pool.retryAutomatically = False  # our own retry rule applies, and to POST as well
         agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, http.connect_timeout_secs), self.pool)
         self.http = HTTPClient(agent, cookiejar=_NO_COOKIES, data_to_body_producer=BytesProducer)
@@ -114,7 +114,7 @@ class UpstreamClient:
 
         return self._within(timeout, exchange)
 
-    def _within(self, timeout: float | None, exchange: Callable[[_Exchange], Any]) -> Deferred:
+    def _within(self, timeout: float | None, exchange: Callable[[_Exchange], Any]) -> Deferred[Any]:
         """Run ``exchange`` under one deadline; cancelling the result aborts it without a retry."""
         state = _Exchange()
         inner = Deferred.fromCoroutine(exchange(state))
@@ -126,7 +126,7 @@ class UpstreamClient:
 
         timer = self._reactor.callLater(deadline, expire)
 
-        def cancel(_: Deferred) -> None:
+        def cancel(_: Deferred[Any]) -> None:
             state.stopped = "cancelled"
             inner.cancel()
 
@@ -184,7 +184,8 @@ class UpstreamClient:
 
     def close(self) -> Deferred[None]:
         """Close idle pooled connections (on shutdown, so no keep-alive socket outlives the service)."""
-        return self.pool.closeCachedConnections()
+        closed: Deferred[None] = self.pool.closeCachedConnections()
+        return closed
 
 
 class _EncodedOnce(EncodedURL):
@@ -270,7 +271,16 @@ def read_body(response: IResponse, limit: int = MAX_RESPONSE_BYTES) -> Deferred[
     return collector.done
 
 
-class _BodyCollector(Protocol):
+class _BodyReader(Protocol):
+    """A response body's protocol: its transport is the connection's producer, which can pause, resume or abort it
+    (twisted.web types it as a plain transport)."""
+
+    @property
+    def producer(self) -> IPushProducer | None:
+        return cast("IPushProducer | None", self.transport)
+
+
+class _BodyCollector(_BodyReader):
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._parts: list[bytes] = []
@@ -278,9 +288,9 @@ class _BodyCollector(Protocol):
         self._overflow = False
         self.done: Deferred[bytes] = Deferred(self._cancel)
 
-    def _cancel(self, _: Deferred) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
+    def _cancel(self, _: Deferred[bytes]) -> None:
+        if self.producer is not None:
+            self.producer.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self._overflow:
@@ -289,11 +299,12 @@ class _BodyCollector(Protocol):
         if self._size > self._limit:
             self._overflow = True
             self._parts.clear()
-            self.transport.stopProducing()
+            if self.producer is not None:
+                self.producer.stopProducing()
             return
         self._parts.append(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
         if self._overflow:
@@ -322,7 +333,7 @@ def _translate(failure: Failure, stopped: str | None, deadline: float, base_url:
     return failure
 
 
-def _describe(error: BaseException) -> str:
+def _describe(error: BaseException | None) -> str:
     """One readable line for Twisted's nested connection errors."""
     reasons = getattr(error, "reasons", None)
     if reasons:
@@ -333,7 +344,7 @@ def _describe(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-class UpstreamEventStream(Protocol, ChatStream):
+class UpstreamEventStream(_BodyReader, ChatStream):
     """Reads an upstream SSE body as it arrives and hands each event on, with flow control and an idle limit.
 
     ``idle_timeout`` is how long the upstream may stay silent while we are not holding it back; a stream may
@@ -370,19 +381,19 @@ class UpstreamEventStream(Protocol, ChatStream):
     def pauseProducing(self) -> None:
         self._paused = True
         self._disarm()
-        if self.transport is not None:
-            self.transport.pauseProducing()
+        if self.producer is not None:
+            self.producer.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
         self._arm()
-        if self.transport is not None:
-            self.transport.resumeProducing()
+        if self.producer is not None:
+            self.producer.resumeProducing()
 
     def stopProducing(self) -> None:
         self._disarm()
-        if self.transport is not None:
-            self.transport.stopProducing()
+        if self.producer is not None:
+            self.producer.stopProducing()
 
     # -- body protocol -------------------------------------------------------------------------------------------
 
@@ -396,27 +407,36 @@ class UpstreamEventStream(Protocol, ChatStream):
         except ValueError as e:
             self.fail(UpstreamError(f"upstream stream is malformed: {e}"))
             return
+        consumer = self._delivering_to()
         for payload in events:
-            if self._failure is not None:
+            if self._failed():  # the consumer may have failed the stream on the previous event
                 break
-            self._consumer.event(payload)
+            consumer.event(payload)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
         if self.done.called:
             return
         if self._failure is not None:
             self.done.errback(self._failure)
         elif reason.check(ResponseDone, PotentialDataLoss):
+            consumer = self._delivering_to()
             for payload in self._parser.close():
-                self._consumer.event(payload)
-            if self._failure is not None:
+                consumer.event(payload)
+            if self._failed():  # the last events may have been unusable
                 self.done.errback(self._failure)
             else:
                 self.done.callback(None)
         else:
             self.done.errback(UpstreamError(f"upstream connection was lost mid-stream ({_describe(reason.value)})",
                                             kind="interrupted"))
+
+    def _delivering_to(self) -> EventConsumer:
+        assert self._consumer is not None  # begin() sets it before the body is delivered
+        return self._consumer
+
+    def _failed(self) -> bool:
+        return self._failure is not None
 
     def _arm(self) -> None:
         if self._timer is not None and self._timer.active():

@@ -174,7 +174,7 @@ def _without_credentials(url: str) -> str:
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url
-    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    return urlunsplit(parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")))
 
 
 def _otlp_exporter(protocol: str, endpoint: str, environ: Mapping[str, str]) -> SpanExporter:

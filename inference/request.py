@@ -1,0 +1,85 @@
+"""The request class of the gateway's site: bounded in-memory bodies, request ids and measurement."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import TYPE_CHECKING, Any, cast
+
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from .logs import CURRENT_IDS, log_access, request_id_for
+from .telemetry import RequestState
+
+if TYPE_CHECKING:
+    from .service import GatewaySite
+
+
+class GatewayRequest(RequestState, Request):
+    """A request whose body is kept in memory and stops growing at ``max_body_bytes``, and that is measured.
+
+    twisted.web spools bodies over 100 kB to a temporary file (blocking disk I/O on the reactor) and has no
+    size limit; here an oversized body is dropped as it arrives and the handler answers 413. Every request is
+    timed and traced from here, so errors Klein answers itself (404, 405) are counted like the rest.
+    """
+
+    body_too_large = False
+    request_id = ""
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        # No HTML-form parsing: this API takes JSON, and twisted.web would parse every POST's Content-Type
+        # through the email package to find out (a measurable share of each request's CPU).
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(channel, *args, **kwargs)
+
+    @property
+    def gateway_site(self) -> GatewaySite:
+        """The site that made this request (twisted.web types the channel's site loosely)."""
+        return cast("GatewaySite", self.channel.site)  # type: ignore[attr-defined]
+
+    def process(self) -> None:
+        site = self.gateway_site
+        self.request_id = request_id_for(self.getHeader(b"x-request-id"))
+        self.setHeader(b"X-Request-ID", self.request_id)
+        site.telemetry.request_started(self, site.route_of(self.path))
+        if site.cors is not None and site.cors.apply(self):
+            self.site = site
+            self.finish()  # a preflight, answered before routing
+            return
+        # The handler's coroutine copies this context, so what it logs carries the request's ids.
+        ids = CURRENT_IDS.set((self.request_id, self.trace_id))
+        try:
+            super().process()
+        finally:
+            CURRENT_IDS.reset(ids)
+
+    def finish(self) -> None:
+        super().finish()
+        self._ended(self.code)
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if not self.finished and self.started:
+            self._ended(None)
+
+    def _ended(self, status: int | None) -> None:
+        if self.recorded:
+            return
+        cast("GatewaySite", self.site).telemetry.request_ended(self, status)  # (the channel is gone by now)
+        log_access(self, status)
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+        if length is not None and length > self.gateway_site.max_body_bytes:
+            self.body_too_large = True
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        content = self.content
+        assert content is not None  # gotLength made it
+        if content.tell() + len(data) > self.gateway_site.max_body_bytes:
+            self.body_too_large = True
+            self.content = BytesIO()
+            return
+        content.write(data)
