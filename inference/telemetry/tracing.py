@@ -184,8 +184,8 @@ def _otlp_exporter(protocol: str, endpoint: str, environ: Mapping[str, str]) -> 
     except ValueError:
         raise ConfigError(f"OTEL_EXPORTER_OTLP_TIMEOUT = {timeout!r}: expected a number of seconds") from None
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-        return GrpcExporter(endpoint=endpoint, timeout=seconds)
+        from .otlp import LeanGrpcSpanExporter
+        return LeanGrpcSpanExporter(endpoint=endpoint, timeout=seconds)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
     return HttpExporter(endpoint=endpoint, timeout=seconds)
 

@@ -1,0 +1,181 @@
+"""OTLP export of spans, encoded lean: protobuf wire bytes written directly, not built as message objects.
+
+The OpenTelemetry exporter builds a protobuf message object per span, per attribute and per value, and hashes the
+resource (by JSON-encoding its attributes) once per span: about 40 µs of the export thread's CPU per span, which
+was a seventh of the gateway's CPU per request in the benchmark. This encoder writes the same
+``ExportTraceServiceRequest`` as bytes in about a third of that time; a test checks that what it writes parses to
+exactly the message the official encoder builds, for every kind of span, event, link, status and attribute.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanContext
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_FLAGS_HAS_IS_REMOTE, _FLAGS_IS_REMOTE = 0x100, 0x200  # SpanFlags: the parent's remoteness is known / remote
+_pack_double = struct.Struct("<d").pack
+_pack_fixed64 = struct.Struct("<Q").pack
+_pack_fixed32 = struct.Struct("<I").pack
+
+
+def _make_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+_SMALL = [_make_varint(n) for n in range(1 << 14)]  # lengths and small numbers: looked up, not computed
+
+
+def _varint(value: int) -> bytes:
+    return _SMALL[value] if 0 <= value < 16384 else _make_varint(value & 0xFFFFFFFFFFFFFFFF)
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field (string, bytes or message); ``tag`` is the field's key, already encoded."""
+    return tag + _varint(len(payload)) + payload
+
+
+def _text(tag: bytes, text: str) -> bytes:
+    return _field(tag, text.encode("utf-8"))
+
+
+def _any_value(value: Any) -> bytes:
+    """An ``AnyValue`` message's bytes."""
+    if value is None:
+        return b""
+    if isinstance(value, bool):
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, str):
+        return _text(b"\x0a", value)
+    if isinstance(value, int):
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise ValueError(f"{value} does not fit in an int64")
+        return b"\x18" + _varint(value)
+    if isinstance(value, float):
+        return b"\x21" + _pack_double(value)
+    if isinstance(value, bytes):
+        return _field(b"\x3a", value)
+    if isinstance(value, Sequence):
+        return _field(b"\x2a", b"".join(_field(b"\x0a", _any_value(item)) for item in value))
+    if isinstance(value, Mapping):
+        return _field(b"\x32", _attributes(b"\x0a", value, strict=True))
+    raise ValueError(f"cannot export a {type(value).__name__} attribute")
+
+
+def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, strict: bool = False) -> bytes:
+    """``KeyValue`` fields under ``tag``. An attribute that cannot be encoded is left out, as the official encoder
+    does; inside a map value (``strict``) it fails the whole value instead, as there."""
+    if not attributes:
+        return b""
+    out = []
+    for key, value in attributes.items():
+        try:
+            out.append(_field(tag, _text(b"\x0a", str(key)) + _field(b"\x12", _any_value(value))))
+        except ValueError:
+            if strict:
+                raise
+    return b"".join(out)
+
+
+def _flags(parent: SpanContext | None) -> bytes:
+    flags = _FLAGS_HAS_IS_REMOTE | (_FLAGS_IS_REMOTE if parent is not None and parent.is_remote else 0)
+    return _pack_fixed32(flags)
+
+
+def _count(tag: bytes, value: int) -> bytes:
+    return tag + _varint(value) if value else b""
+
+
+def encode_span(span: ReadableSpan) -> bytes:
+    """A ``Span`` message's bytes, fields in number order."""
+    context = span.get_span_context()
+    assert context is not None  # a recorded span has one
+    parent = span.parent
+    out = [b"\x0a\x10" + context.trace_id.to_bytes(16, "big"), b"\x12\x08" + context.span_id.to_bytes(8, "big")]
+    if context.trace_state:
+        out.append(_text(b"\x1a", ",".join(f"{key}={value}" for key, value in context.trace_state.items())))
+    if parent is not None:
+        out.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
+    if span.name:
+        out.append(_text(b"\x2a", span.name))
+    out.append(b"\x30" + _varint(span.kind.value + 1))  # OTLP's kinds count from 1 (0 is unspecified)
+    if span.start_time:
+        out.append(b"\x39" + _pack_fixed64(span.start_time))
+    if span.end_time:
+        out.append(b"\x41" + _pack_fixed64(span.end_time))
+    out.append(_attributes(b"\x4a", span.attributes))
+    out.append(_count(b"\x50", span.dropped_attributes))
+    for event in span.events:
+        body = b"\x09" + _pack_fixed64(event.timestamp) if event.timestamp else b""
+        if event.name:
+            body += _text(b"\x12", event.name)
+        body += _attributes(b"\x1a", event.attributes) + _count(b"\x20", event.dropped_attributes)
+        out.append(_field(b"\x5a", body))
+    out.append(_count(b"\x60", span.dropped_events))
+    for link in span.links:
+        body = (b"\x0a\x10" + link.context.trace_id.to_bytes(16, "big")
+                + b"\x12\x08" + link.context.span_id.to_bytes(8, "big")
+                + _attributes(b"\x22", link.attributes) + _count(b"\x28", link.dropped_attributes)
+                + b"\x35" + _flags(link.context))
+        out.append(_field(b"\x6a", body))
+    out.append(_count(b"\x70", span.dropped_links))
+    status = span.status
+    code = status.status_code.value
+    out.append(_field(b"\x7a", (_text(b"\x12", status.description) if status.description else b"")
+                      + (b"\x18" + _varint(code) if code else b"")))
+    out.append(b"\x85\x01" + _flags(parent))
+    return b"".join(out)
+
+
+def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
+    """An ``ExportTraceServiceRequest``'s bytes: spans grouped by resource, then by instrumentation scope.
+
+    Groups are told apart by identity: a tracer provider hands every span the same resource and scope objects.
+    """
+    resources: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
+    for span in spans:
+        resource, scope = span.resource, span.instrumentation_scope
+        scopes = resources.setdefault(id(resource), (resource, {}))[1]
+        scopes.setdefault(id(scope), (scope, []))[1].append(_field(b"\x12", encode_span(span)))
+    out = []
+    for resource, scopes in resources.values():
+        body = _field(b"\x0a", _attributes(b"\x0a", resource.attributes))
+        for scope, encoded in scopes.values():
+            scope_body = b""
+            if scope is not None:
+                scope_body = (_text(b"\x0a", scope.name) if scope.name else b"") \
+                    + (_text(b"\x12", scope.version) if scope.version else b"") \
+                    + _attributes(b"\x1a", scope.attributes)
+            scope_spans = _field(b"\x0a", scope_body) + b"".join(encoded)
+            if scope is not None and scope.schema_url:
+                scope_spans += _text(b"\x1a", scope.schema_url)
+            body += _field(b"\x12", scope_spans)
+        if resource.schema_url:
+            body += _text(b"\x1a", resource.schema_url)
+        out.append(_field(b"\x0a", body))
+    return b"".join(out)
+
+
+class LeanGrpcSpanExporter(OTLPSpanExporter):
+    """The OTLP/gRPC span exporter with :func:`encode_spans` in place of the official encoder.
+
+    gRPC wants a request message: the bytes are parsed into one by protobuf's C code, which costs a few
+    microseconds per batch of 64 spans.
+    """
+
+    def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+        request: ExportTraceServiceRequest = ExportTraceServiceRequest.FromString(encode_spans(data))
+        return request
