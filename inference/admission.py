@@ -58,6 +58,17 @@ class Admission:
         """Requests holding a slot (with no limit, every request between admission and its end)."""
         return self._active
 
+    def try_acquire(self) -> Slot | None:
+        """A slot at once when one is free, else None (then :meth:`acquire` queues or refuses)."""
+        semaphore = self._semaphore
+        if semaphore is not None:
+            if semaphore.tokens == 0:
+                return None
+            semaphore.acquire()  # a token is free: it is taken now, and the Deferred has already fired
+        self._observe_wait(0.0)
+        self._active += 1
+        return Slot(self, 0.0, False)
+
     async def acquire(self) -> Slot:
         """A slot, at once or after waiting in the queue; :class:`Overloaded` when the queue is full."""
         semaphore = self._semaphore

@@ -108,9 +108,12 @@ class Gateway:
         chat = parse_chat_request(self._body(request), self.config.inference.defaults, server.max_messages)
         self.monitor.require_up()
         with self.inflight.track(server.request_timeout_secs) as job:
-            chat.body["model"] = await job.run(self.catalog.resolve(chat.model))
-            with await job.run(self.admission.acquire()) as slot, \
-                    self.telemetry.chat_call(request, chat.body, chat.stream, slot) as call:
+            # The common case (a model in the cached list, a free slot) is answered without a Deferred.
+            chat.body["model"] = self.catalog.cached(chat.model) or await job.run(self.catalog.resolve(chat.model))
+            slot = self.admission.try_acquire()
+            if slot is None:
+                slot = await job.run(self.admission.acquire())
+            with slot, self.telemetry.chat_call(request, chat.body, chat.stream, slot) as call:
                 if not chat.stream:
                     answer = await job.run(self.provider.chat(chat.body, call.headers))
                     call.answered(answer.data)

@@ -29,6 +29,13 @@ class ModelCatalog:
         """The models clients may use, as OpenAI model objects."""
         return [m for m in await self._upstream_models(refresh) if self._is_allowed(m["id"])]
 
+    def cached(self, requested: str | None) -> str | None:
+        """The id ``requested`` resolves to in a list fetched less than ``ttl`` ago, without waiting; None when
+        :meth:`resolve` must decide (no fresh list, or no match)."""
+        if self._upstream is None or self._expired():
+            return None
+        return self._match(requested or self._default, self._upstream)
+
     async def resolve(self, requested: str | None) -> str:
         """Turn a requested name (``None``: the default) into a served model id, or raise a 400/404."""
         name = requested or self._default

@@ -45,6 +45,14 @@ class GatewayChannel(HTTPChannel):
             host = self._host = super().getHost()
         return host
 
+    def isSecure(self) -> bool:
+        """Whether the connection is TLS, found once per connection: Klein's routing and the SERVER span ask for
+        every request, and each time twisted.web looks an interface adapter up to answer."""
+        secure = self.__dict__.get("_secure")
+        if secure is None:
+            secure = self._secure = super().isSecure()
+        return bool(secure)
+
     # -- the time to receive a request ---------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:

@@ -1,8 +1,9 @@
 """JSON on the hot path: orjson (4-5x faster than the standard library here) wherever it gives the same answer.
 
-Client request bodies are still read by the standard library: it keeps integers of any size exactly and the
-validator's error messages come from it. Upstream answers and events are read with orjson (their numbers feed
-metrics only; the client gets the upstream's own bytes). Writing falls back to the standard library for the
+Client request bodies are read by orjson too, except when they hold a number of 19 digits or more or orjson
+refuses them: then the standard library, which keeps integers of any size exactly and words the validator's
+error messages (``schema._load``). Upstream answers and events are read with orjson (their numbers feed metrics
+only; the client gets the upstream's own bytes). Writing falls back to the standard library for the
 one thing orjson refuses, integers beyond 64 bits.
 """
 

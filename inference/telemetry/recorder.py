@@ -46,13 +46,8 @@ class RequestState:
     input_tokens: int | None = None
     output_tokens: int | None = None
 
-    @property
-    def trace_id(self) -> str | None:
-        span = self.span
-        if span is None:
-            return None
-        context = span.get_span_context()
-        return format(context.trace_id, "032x") if context.is_valid else None
+    trace_id: str | None = None  # the span's, as 32 hex digits (logs and exemplars)
+    exemplar: dict[str, str] | None = None  # ``{"trace_id": ...}`` for histograms, when the trace is sampled
 
 
 class Telemetry:
@@ -97,7 +92,9 @@ class Telemetry:
         if route != "other":
             attributes["http.route"] = route
             name += " " + route
-        request.span = self.tracing.start_server_span(name, request.requestHeaders, attributes)
+        span = request.span = self.tracing.start_server_span(name, request.requestHeaders, attributes)
+        if span is not None:
+            request.trace_id, request.exemplar = self.tracing.ids(span)
 
     def refused(self, method: bytes | None, route: str, status: int) -> None:
         """A request the connection answered itself, before routing (malformed, oversized, too slow)."""
@@ -113,8 +110,7 @@ class Telemetry:
         metrics = self.metrics
         method = method_label(request.method.decode("latin-1"))
         label = str(code) if code is not None else "499"
-        span = request.span
-        exemplar = self.tracing.exemplar(span)
+        span, exemplar = request.span, request.exemplar
         metrics.child(metrics.http_requests, method, request.route, label).inc()
         request.duration = now - request.started
         metrics.child(metrics.http_duration, method, request.route, label).observe(request.duration, exemplar)
@@ -265,7 +261,7 @@ class ChatCall:
         telemetry = self._telemetry
         metrics = telemetry.metrics
         provider, model = telemetry.provider, self._model
-        exemplar = telemetry.tracing.exemplar(request.span)
+        exemplar = request.exemplar
         stream = "true" if self._stream else "false"
         metrics.child(metrics.request_duration, provider, model, stream, outcome).observe(
             ended - request.started, exemplar)

@@ -255,12 +255,14 @@ class Tracing:
         return headers
 
     @staticmethod
-    def exemplar(span: Span | None) -> dict[str, str] | None:
-        """A ``trace_id`` exemplar for a histogram, when the span is sampled (else there is no trace to see)."""
-        if span is None:
-            return None
+    def ids(span: Span) -> tuple[str | None, dict[str, str] | None]:
+        """The span's trace id (32 hex digits) and the ``trace_id`` exemplar for histograms, which only a sampled
+        trace gets (else there is no trace to see); found once per request."""
         context = span.get_span_context()
-        return {"trace_id": format(context.trace_id, "032x")} if context.trace_flags.sampled else None
+        if not context.is_valid:
+            return None, None
+        trace_id = format(context.trace_id, "032x")
+        return trace_id, {"trace_id": trace_id} if context.trace_flags.sampled else None
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
