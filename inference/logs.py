@@ -102,9 +102,6 @@ class LogFile:
         old, self._file = self._file, self._open()
         old.close()
 
-    def close(self) -> None:
-        self._file.close()
-
 
 class DaemonStdout(Exception):
     """``--logfile -`` without ``--nodaemon``: a daemon has no stdout to write to."""

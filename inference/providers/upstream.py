@@ -79,7 +79,7 @@ class UpstreamClient:
         self.pool.cachedConnectionTimeout = http.keep_alive_secs  # type: ignore[assignment]  # (a float works)
         self.pool.retryAutomatically = False  # our own retry rule applies, and to POST as well
         agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, http.connect_timeout_secs), self.pool)
-        self.http = HTTPClient(agent, cookiejar=_NO_COOKIES, data_to_body_producer=BytesProducer)
+        self.treq = HTTPClient(agent, cookiejar=_NO_COOKIES, data_to_body_producer=BytesProducer)
         self._headers = {"Accept": "application/json", **(headers or {})}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._urls: dict[str, EncodedURL] = {}
@@ -154,7 +154,7 @@ class UpstreamClient:
         attempt = 0
         while True:
             try:  # fresh Headers and producer per attempt: the agent may keep references to them
-                response = await self.http.request(
+                response = await self.treq.request(
                     method, url, headers=Headers({name: [value] for name, value in fields.items()}), data=body,
                     cookies=_NO_COOKIES, allow_redirects=False, unbuffered=True)
                 break
