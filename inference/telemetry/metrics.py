@@ -56,7 +56,8 @@ class Metrics:
             "inference_output_tokens_per_second", "Generation speed of one completion",
             ["provider", "model"], buckets=TOKENS_PER_SECOND_BUCKETS, registry=registry)
         self.tokens = Counter(
-            "inference_tokens", "Tokens the upstream reported, by type (input or output)",
+            "inference_tokens", "Tokens by type (input or output): the upstream's usage, or for a stream without "
+            "usage the content deltas the gateway relayed (output only)",
             ["provider", "model", "type"], registry=registry)
         self.in_flight = Gauge(
             "inference_requests_in_flight", "Chat completions being served by the upstream now",
