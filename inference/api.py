@@ -20,10 +20,10 @@ from .drain import InFlight
 from .errors import GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound, UpstreamTimeout, UpstreamUnreachable
 from .monitor import UpstreamMonitor
 from .openapi import openapi_bytes
+from .operations import CHAT, Operation
 from .providers import Provider
 from .relay import StreamRelay
 from .request import GatewayRequest
-from .schema import parse_chat_request
 from .telemetry import RequestState, Telemetry
 
 log = Logger()
@@ -101,26 +101,32 @@ class Gateway:
 
     # -- OpenAI API ----------------------------------------------------------------------------------------------
 
-    @app.route("/v1/chat/completions", methods=["POST"])
+    @app.route(CHAT.path, methods=["POST"])
     async def chat_completions(self, request: GatewayRequest) -> bytes | None:
+        return await self._serve(request, CHAT)
+
+    async def _serve(self, request: GatewayRequest, operation: Operation) -> bytes | None:
+        """Every API call's steps: auth, parse, resolve the model, admission, deadline, the upstream call, the
+        answer or the relayed stream, and the record of it all."""
         self._authorize(request)
         server = self.config.server
-        chat = parse_chat_request(self._body(request), self.config.inference.defaults, server.max_messages)
+        parsed = operation.parse(self._body(request), self.config)
         self.monitor.require_up()
         with self.inflight.track(server.request_timeout_secs) as job:
             # The common case (a model in the cached list, a free slot) is answered without a Deferred.
-            chat.body["model"] = self.catalog.cached(chat.model) or await job.run(self.catalog.resolve(chat.model))
+            model = self.catalog.cached(parsed.model) or await job.run(self.catalog.resolve(parsed.model))
+            parsed.body["model"] = model
             slot = self.admission.try_acquire()
             if slot is None:
                 slot = await job.run(self.admission.acquire())
-            with slot, self.telemetry.chat_call(request, chat.body, chat.stream, slot) as call:
-                if not chat.stream:
-                    answer = await job.run(self.provider.chat(chat.body, call.headers))
+            with slot, self.telemetry.upstream_call(request, operation, parsed.body, parsed.stream, slot) as call:
+                if not parsed.stream or operation.read_event is None:
+                    answer = await job.run(self.provider.call(operation, parsed.body, call.headers))
                     call.answered(answer.data)
                     return write_body(request, answer.raw)
-                stream = await job.run(self.provider.open_stream(chat.body, call.headers))
+                stream = await job.run(self.provider.open_stream(operation, parsed.body, call.headers))
                 job.clear_deadline()
-                relay = StreamRelay(request, stream, call.capture_content)
+                relay = StreamRelay(request, stream, operation.read_event, call.capture_content)
                 job.on_interrupt(relay.interrupt)
                 try:
                     await relay.run()

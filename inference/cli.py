@@ -21,6 +21,7 @@ from twisted.internet.task import react
 from . import __version__
 from .config import ConfigError, load_with_sources, settings
 from .errors import GatewayError
+from .operations import CHAT
 
 if TYPE_CHECKING:
     from .api import Gateway
@@ -137,7 +138,7 @@ async def probe_completion(report: Report, gateway: Gateway, model: str) -> None
             "temperature": 0}
     started = perf_counter()
     try:
-        answer = await gateway.provider.chat(body)
+        answer = await gateway.provider.call(CHAT, body)
     except GatewayError as e:
         report.fail(f"test completion with {model!r} failed: {e.message}")
         return

@@ -8,8 +8,7 @@ handler (Klein), which stops the stream and so aborts the upstream request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from time import perf_counter
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet.defer import CancelledError
@@ -18,23 +17,9 @@ from twisted.web.server import Request
 
 from . import jsonio
 from .errors import GatewayError, UpstreamError, from_upstream
+from .operations import StreamStats
 from .providers.base import ChatStream
 from .sse import DONE, DONE_EVENT, encode, error_event
-
-
-@dataclass
-class StreamStats:
-    """What one stream measured, for logs, metrics and spans (times are ``perf_counter`` readings)."""
-
-    first_token_at: float | None = None
-    content_chunks: int = 0
-    usage: dict[str, Any] | None = None
-    finish_reasons: tuple[str, ...] = ()
-    response_id: str | None = None
-    response_model: str | None = None
-    text: list[str] | None = None  # the generated text, kept only when the operator captures content
-    error: GatewayError | None = None
-    client_gone: bool = False
 
 
 def connected(request: Request) -> bool:
@@ -46,9 +31,11 @@ def connected(request: Request) -> bool:
 class StreamRelay:
     """Writes ``stream``'s events to ``request`` until the stream ends, fails, or the client leaves."""
 
-    def __init__(self, request: Request, stream: ChatStream, capture_content: bool = False) -> None:
+    def __init__(self, request: Request, stream: ChatStream, read_event: Callable[[dict[str, Any], StreamStats], None],
+                 capture_content: bool = False) -> None:
         self._request = request
         self._stream = stream
+        self._read_event = read_event  # the operation's: what an event says about the answer
         self._upstream_done = False
         self.stats = StreamStats(text=[] if capture_content else None)
 
@@ -100,29 +87,9 @@ class StreamRelay:
             return self._fail(UpstreamError("upstream sent an event that is not a JSON object"))
         if chunk.get("error") is not None:
             return self._fail(from_upstream(500, payload))
-        self._observe(chunk)
+        self._read_event(chunk, self.stats)
         if connected(self._request):
             self._request.write(encode(payload))
-
-    def _observe(self, chunk: dict[str, Any]) -> None:
-        stats = self.stats
-        if stats.response_id is None:
-            stats.response_id, stats.response_model = chunk.get("id"), chunk.get("model")
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta") or {}
-            if delta.get("content") or delta.get("reasoning") or delta.get("reasoning_content") \
-                    or delta.get("tool_calls"):
-                if stats.first_token_at is None:
-                    stats.first_token_at = perf_counter()
-                stats.content_chunks += 1
-                if stats.text is not None and isinstance(delta.get("content"), str):
-                    stats.text.append(delta["content"])
-            if choice.get("finish_reason"):
-                stats.finish_reasons += (choice["finish_reason"],)
-        if isinstance(chunk.get("usage"), dict):
-            stats.usage = chunk["usage"]
 
     def interrupt(self, error: GatewayError) -> None:
         """End the stream now with ``error`` (the daemon is stopping): between two events, never inside one."""

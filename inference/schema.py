@@ -22,8 +22,9 @@ ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 @dataclass
-class ChatRequest:
-    """A validated request: the model the client asked for (``None``: the default) and the upstream body."""
+class ParsedRequest:
+    """A validated request: the model the client asked for (``None``: the default), whether it streams, and the
+    body to send upstream."""
 
     model: str | None
     stream: bool
@@ -137,7 +138,7 @@ def _load(raw: bytes) -> Any:
     return json.loads(raw, parse_constant=_not_json)
 
 
-def parse_chat_request(raw: bytes, defaults: DefaultsConfig, max_messages: int = 0) -> ChatRequest:
+def parse_chat_request(raw: bytes, defaults: DefaultsConfig, max_messages: int = 0) -> ParsedRequest:
     """Parse and validate a ``POST /v1/chat/completions`` body; raise :class:`InvalidRequest` on bad input.
 
     ``max_messages`` (0: any number) bounds the conversation a single request may carry.
@@ -174,7 +175,7 @@ def parse_chat_request(raw: bytes, defaults: DefaultsConfig, max_messages: int =
         body["max_tokens"] = defaults.max_tokens
     if body.get("temperature") is None:
         body["temperature"] = defaults.temperature
-    return ChatRequest(model=model, stream=bool(body.get("stream")), body=body)
+    return ParsedRequest(model=model, stream=bool(body.get("stream")), body=body)
 
 
 def _not_json(constant: str) -> Any:

@@ -10,6 +10,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from ..operations import Operation
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -56,7 +58,7 @@ class ChatStream(abc.ABC):
 
 
 class Provider(abc.ABC):
-    """A model server: lists models and answers chat completions.
+    """A model server: lists models and answers the operations of :mod:`inference.operations`.
 
     Bodies are OpenAI-shaped dicts in and out; a provider absorbs its server's quirks so that nothing above
     it needs to know which server answered. ``prepare`` shapes a body the same way for both kinds of call.
@@ -70,17 +72,19 @@ class Provider(abc.ABC):
         """The models the server serves now, as OpenAI model objects (each with an ``id``)."""
 
     @abc.abstractmethod
-    async def chat(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> Completion:
-        """One non-streaming chat completion; raise a :class:`~inference.errors.GatewayError` on failure.
+    async def call(self, operation: Operation, body: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> Completion:
+        """One non-streaming call; raise a :class:`~inference.errors.GatewayError` on failure.
 
         ``headers`` are sent with the upstream request (the trace context that continues the client's trace).
         """
 
     @abc.abstractmethod
-    async def open_stream(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> ChatStream:
-        """Start a streaming completion; return once the server accepted it (errors before that are raised)."""
+    async def open_stream(self, operation: Operation, body: dict[str, Any],
+                          headers: dict[str, str] | None = None) -> ChatStream:
+        """Start a streaming call; return once the server accepted it (errors before that are raised)."""
 
-    def prepare(self, body: dict[str, Any]) -> dict[str, Any]:
+    def prepare(self, operation: Operation, body: dict[str, Any]) -> dict[str, Any]:
         """Shape a validated request body for this server (hook for quirks); the default sends it as is."""
         return body
 

@@ -7,6 +7,7 @@ from typing import Any
 from .. import jsonio
 from ..config import InferenceConfig
 from ..errors import UpstreamError, from_upstream
+from ..operations import Operation
 from .base import ChatStream, Completion, Provider
 from .upstream import Answer, UpstreamClient, UpstreamEventStream
 
@@ -29,20 +30,22 @@ class OpenAICompatibleProvider(Provider):
             raise UpstreamError("upstream model list is not an OpenAI list of models")
         return models
 
-    async def chat(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> Completion:
-        answer = await self.client.request("POST", "/v1/chat/completions", jsonio.dumps(self.prepare(body)),
+    async def call(self, operation: Operation, body: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> Completion:
+        answer = await self.client.request("POST", operation.path, jsonio.dumps(self.prepare(operation, body)),
                                            headers=headers)
         data = _json_answer(answer)
-        if not isinstance(data.get("choices"), list):
-            raise UpstreamError("upstream answer has no 'choices'")
+        if not isinstance(data.get(operation.answer_list), list):
+            raise UpstreamError(f"upstream answer has no '{operation.answer_list}'")
         return Completion(data, answer.body)
 
-    async def open_stream(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> ChatStream:
-        body = self.prepare(body)
+    async def open_stream(self, operation: Operation, body: dict[str, Any],
+                          headers: dict[str, str] | None = None) -> ChatStream:
+        body = self.prepare(operation, body)
         # Usage is asked for always: the client's last chunk then carries it, and metrics count real tokens.
         payload = {**body, "stream": True,  # stream_options is a dict when present (schema checked it)
                    "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-        response = await self.client.open("POST", "/v1/chat/completions", jsonio.dumps(payload), headers=headers)
+        response = await self.client.open("POST", operation.path, jsonio.dumps(payload), headers=headers)
         if isinstance(response, Answer):  # an error, or JSON where a stream was due (LM Studio's error in a 200)
             _json_answer(response)
             raise UpstreamError("upstream answered a streaming request with JSON instead of an event stream")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..operations import Operation
 from .compatible import OpenAICompatibleProvider
 
 JSON_OBJECT_SCHEMA = {"type": "json_schema", "json_schema": {"name": "json_object", "schema": {"type": "object"}}}
@@ -12,7 +13,7 @@ JSON_OBJECT_SCHEMA = {"type": "json_schema", "json_schema": {"name": "json_objec
 class LMStudioProvider(OpenAICompatibleProvider):
     name = "lmstudio"
 
-    def prepare(self, body: dict[str, Any]) -> dict[str, Any]:
+    def prepare(self, operation: Operation, body: dict[str, Any]) -> dict[str, Any]:
         # LM Studio rejects {"type": "json_object"}; a schema that only asks for an object means the same.
         response_format = body.get("response_format")
         if isinstance(response_format, dict) and response_format.get("type") == "json_object":

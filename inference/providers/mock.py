@@ -11,6 +11,7 @@ from twisted.internet.task import deferLater
 
 from .. import jsonio
 from ..config import MockConfig
+from ..operations import Operation
 from ..sse import DONE
 from .base import ChatStream, Completion, EventConsumer, Provider
 
@@ -48,7 +49,8 @@ class MockProvider(Provider):
         return [{"id": m, "object": "model", "created": self._created, "owned_by": "mock"}
                 for m in self._config.models]
 
-    async def chat(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> Completion:
+    async def call(self, operation: Operation, body: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> Completion:
         words, finish_reason = reply_words(body)
         delay = self._config.latency_secs + self._config.token_delay_secs * len(words)
         if delay:
@@ -64,7 +66,8 @@ class MockProvider(Provider):
         }
         return Completion(data, jsonio.dumps(data))
 
-    async def open_stream(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> ChatStream:
+    async def open_stream(self, operation: Operation, body: dict[str, Any],
+                          headers: dict[str, str] | None = None) -> ChatStream:
         words, finish_reason = reply_words(body)
         head = {"id": f"chatcmpl-mock-{next(self._ids)}", "object": "chat.completion.chunk",
                 "created": int(self._reactor.seconds()), "model": body["model"]}

@@ -1,7 +1,7 @@
 """Observability: Prometheus metrics and OpenTelemetry traces, recorded together per request."""
 
 from .metrics import Metrics
-from .recorder import ChatCall, RequestState, Telemetry
+from .recorder import RequestState, Telemetry, UpstreamCall
 from .tracing import Tracing
 
-__all__ = ["ChatCall", "Metrics", "RequestState", "Telemetry", "Tracing"]
+__all__ = ["Metrics", "RequestState", "Telemetry", "Tracing", "UpstreamCall"]

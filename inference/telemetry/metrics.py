@@ -44,21 +44,21 @@ class Metrics:
             "inference_http_request_duration_seconds", "Time from a request's arrival to its last byte",
             ["method", "route", "code"], buckets=HTTP_BUCKETS, registry=registry)
         self.request_duration = Histogram(
-            "inference_request_duration_seconds", "Chat completions: time from arrival to the end of the answer",
-            ["provider", "model", "stream", "outcome"], buckets=DURATION_BUCKETS, registry=registry)
+            "inference_request_duration_seconds", "Upstream calls: time from arrival to the end of the answer",
+            ["operation", "provider", "model", "stream", "outcome"], buckets=DURATION_BUCKETS, registry=registry)
         self.time_to_first_token = Histogram(
             "inference_time_to_first_token_seconds", "Streams: time from arrival to the first generated token",
-            ["provider", "model"], buckets=TTFT_BUCKETS, registry=registry)
+            ["operation", "provider", "model"], buckets=TTFT_BUCKETS, registry=registry)
         self.time_per_output_token = Histogram(
             "inference_time_per_output_token_seconds", "Time per generated token (after the first, for streams)",
-            ["provider", "model"], buckets=TPOT_BUCKETS, registry=registry)
+            ["operation", "provider", "model"], buckets=TPOT_BUCKETS, registry=registry)
         self.tokens_per_second = Histogram(
             "inference_output_tokens_per_second", "Generation speed of one completion",
-            ["provider", "model"], buckets=TOKENS_PER_SECOND_BUCKETS, registry=registry)
+            ["operation", "provider", "model"], buckets=TOKENS_PER_SECOND_BUCKETS, registry=registry)
         self.tokens = Counter(
             "inference_tokens", "Tokens by type (input or output): the upstream's usage, or for a stream without "
             "usage the content deltas the gateway relayed (output only)",
-            ["provider", "model", "type"], registry=registry)
+            ["operation", "provider", "model", "type"], registry=registry)
         self.in_flight = Gauge(
             "inference_requests_in_flight", "Chat completions being served by the upstream now",
             ["provider"], registry=registry)

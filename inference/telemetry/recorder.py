@@ -17,6 +17,7 @@ from twisted.internet.defer import CancelledError, Deferred
 
 from ..config import ObservabilityConfig
 from ..errors import GatewayError
+from ..operations import Facts, Operation, StreamStats
 from .metrics import Metrics, method_label
 from .tracing import Tracing
 
@@ -128,15 +129,16 @@ class Telemetry:
             span.add_event("client_disconnected")
         span.end()
 
-    # -- upstream chat calls -------------------------------------------------------------------------------------
+    # -- upstream calls ------------------------------------------------------------------------------------------
 
-    def chat_call(self, request: Any, body: dict[str, Any], stream: bool, slot: Any) -> ChatCall:
-        """Start recording an upstream chat call, made with the admission ``slot`` it waited for."""
+    def upstream_call(self, request: Any, operation: Operation, body: dict[str, Any], stream: bool,
+                      slot: Any) -> UpstreamCall:
+        """Start recording an upstream call, made with the admission ``slot`` it waited for."""
         if slot.queued and request.span is not None:
             request.span.set_attribute("inference.queue.wait_seconds", slot.waited)
             request.span.add_event("queued", {"inference.queue.wait_seconds": slot.waited},
                                    timestamp=time_ns() - int(slot.waited * 1e9))
-        return ChatCall(self, request, body, stream, slot.waited)
+        return UpstreamCall(self, request, operation, body, stream, slot.waited)
 
     def set_upstream_up(self, up: bool) -> None:
         self.metrics.set_upstream_up(up)
@@ -150,14 +152,15 @@ class Telemetry:
         return self.tracing.shutdown()
 
 
-class ChatCall:
-    """One upstream chat completion, from the call out to its end, whichever way it ends (once)."""
+class UpstreamCall:
+    """One upstream call of any operation, from the call out to its end, whichever way it ends (once)."""
 
-    def __init__(self, telemetry: Telemetry, request: Any, body: dict[str, Any], stream: bool,
+    def __init__(self, telemetry: Telemetry, request: Any, operation: Operation, body: dict[str, Any], stream: bool,
                  queued: float) -> None:
         self.started = perf_counter()
         self._telemetry = telemetry
         self._request = request
+        self._operation = operation
         self._body = body
         self._model = body["model"]
         self._stream = stream
@@ -168,12 +171,14 @@ class ChatCall:
         self.span: Span | None = None
         self.headers: dict[str, str] = {}
         if tracing.tracer is not None:
-            self.span = tracing.start_client_span(f"chat {self._model}", request.span, self._span_attributes())
+            self.span = tracing.start_client_span(f"{operation.gen_ai_name} {self._model}", request.span,
+                                                  self._span_attributes())
             self.headers = tracing.trace_headers(self.span)
 
     def _span_attributes(self) -> dict[str, Any]:
         body = self._body
-        attributes: dict[str, Any] = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": self._telemetry.provider,
+        attributes: dict[str, Any] = {"gen_ai.operation.name": self._operation.gen_ai_name,
+                                      "gen_ai.provider.name": self._telemetry.provider,
                                       "gen_ai.request.model": self._model, "gen_ai.request.stream": self._stream,
                                       **self._telemetry.server_attributes}
         for key, name in _REQUEST_ATTRIBUTES.items():
@@ -185,12 +190,13 @@ class ChatCall:
             attributes["gen_ai.request.stop_sequences"] = [stop] if isinstance(stop, str) else \
                 [s for s in stop if isinstance(s, str)]
         if self.capture_content:
-            attributes["gen_ai.input.messages"] = json.dumps(body.get("messages"), ensure_ascii=False)
+            attributes["gen_ai.input.messages"] = json.dumps(body.get(self._operation.input_field),
+                                                             ensure_ascii=False)
         return attributes
 
     # -- endings -------------------------------------------------------------------------------------------------
 
-    def __enter__(self) -> ChatCall:
+    def __enter__(self) -> UpstreamCall:
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
@@ -206,33 +212,23 @@ class ChatCall:
 
     def answered(self, answer: dict[str, Any]) -> None:
         """A non-streaming answer arrived whole."""
-        choices = [c for c in answer.get("choices") or () if isinstance(c, dict)]
-        text = None
-        if self.capture_content:
-            text = [(c.get("message") or {}).get("content") for c in choices]
-        self._end("success", usage=answer.get("usage"), response_id=answer.get("id"),
-                  response_model=answer.get("model"),
-                  finish_reasons=tuple(c["finish_reason"] for c in choices if isinstance(c.get("finish_reason"), str)),
-                  output=text)
+        self._end("success", self._operation.read_answer(answer, self.capture_content))
 
-    def streamed(self, stats: Any) -> None:
+    def streamed(self, stats: StreamStats) -> None:
         """A stream ended: completed, failed (an error event was sent) or abandoned by the client."""
         if stats.client_gone:
             return self.abandoned(stats)
         if stats.error is not None:
             self._request.stream_failed = True
             self._request.error_code = stats.error.code
-        self._end("error" if stats.error is not None else "success", usage=stats.usage,
-                  response_id=stats.response_id, response_model=stats.response_model,
-                  finish_reasons=stats.finish_reasons, first_token_at=stats.first_token_at,
-                  chunks=stats.content_chunks, error=stats.error,
-                  output=["".join(stats.text)] if stats.text is not None else None)
+        self._end("error" if stats.error is not None else "success", _facts_of(stats),
+                  first_token_at=stats.first_token_at, chunks=stats.content_chunks, error=stats.error)
 
     def failed(self, error: GatewayError) -> None:
         self._request.error_code = error.code
-        self._end("error", error=error)
+        self._end("error", Facts(), error=error)
 
-    def abandoned(self, stats: Any = None) -> None:
+    def abandoned(self, stats: StreamStats | None = None) -> None:
         """The client left before the answer ended (the upstream call was cancelled).
 
         What a stream generated until then still counts as tokens (the upstream did that work).
@@ -240,15 +236,12 @@ class ChatCall:
         if not self._ended:
             self._telemetry.metrics.client_disconnects_child.inc()
         if stats is None:
-            self._end("disconnected")
+            self._end("disconnected", Facts())
         else:
-            self._end("disconnected", usage=stats.usage, response_id=stats.response_id,
-                      response_model=stats.response_model, chunks=stats.content_chunks)
+            self._end("disconnected", _facts_of(stats), chunks=stats.content_chunks)
 
-    def _end(self, outcome: str, *, usage: dict[str, Any] | None = None, response_id: Any = None,
-             response_model: Any = None, finish_reasons: tuple[str, ...] = (), first_token_at: float | None = None,
-             chunks: int | None = None, error: GatewayError | None = None,
-             output: list[Any] | None = None) -> None:
+    def _end(self, outcome: str, facts: Facts, *, first_token_at: float | None = None, chunks: int | None = None,
+             error: GatewayError | None = None) -> None:
         """Record the call once. ``chunks`` is how many content deltas a stream relayed (None: not a stream that
         started): the output token count when the upstream sent no usage, as llama.cpp's Python server and older
         LM Studio do. The prompt's count is never guessed."""
@@ -260,14 +253,13 @@ class ChatCall:
         request.answered_at = ended
         telemetry = self._telemetry
         metrics = telemetry.metrics
-        provider, model = telemetry.provider, self._model
+        operation, provider, model = self._operation.name, telemetry.provider, self._model
         exemplar = request.exemplar
         stream = "true" if self._stream else "false"
-        metrics.child(metrics.request_duration, provider, model, stream, outcome).observe(
+        metrics.child(metrics.request_duration, operation, provider, model, stream, outcome).observe(
             ended - request.started, exemplar)
 
-        input_tokens = _count(usage, "prompt_tokens")
-        output_tokens = _count(usage, "completion_tokens")
+        input_tokens, output_tokens = facts.input_tokens, facts.output_tokens
         usage_source = "upstream" if output_tokens is not None else None
         if output_tokens is None and chunks is not None:
             output_tokens, usage_source = chunks, "counted"
@@ -275,13 +267,13 @@ class ChatCall:
         if first_token_at is not None:
             request.time_to_first_token = first_token_at - request.started
         if input_tokens is not None:
-            metrics.child(metrics.tokens, provider, model, "input").inc(input_tokens)
+            metrics.child(metrics.tokens, operation, provider, model, "input").inc(input_tokens)
         if output_tokens is not None:
-            metrics.child(metrics.tokens, provider, model, "output").inc(output_tokens)
+            metrics.child(metrics.tokens, operation, provider, model, "output").inc(output_tokens)
 
         generated = output_tokens or 0
         if first_token_at is not None:
-            metrics.child(metrics.time_to_first_token, provider, model).observe(
+            metrics.child(metrics.time_to_first_token, operation, provider, model).observe(
                 first_token_at - request.started, exemplar)
             self._observe_speed(generated - 1, ended - first_token_at, exemplar)  # decoding after the first token
         elif not self._stream and outcome == "success":
@@ -297,13 +289,13 @@ class ChatCall:
         span = self.span
         if span is None:
             return
-        attributes: dict[str, Any] = {}
-        if isinstance(response_id, str):
-            attributes["gen_ai.response.id"] = response_id
-        if isinstance(response_model, str):
-            attributes["gen_ai.response.model"] = response_model
-        if finish_reasons:
-            attributes["gen_ai.response.finish_reasons"] = list(finish_reasons)
+        attributes: dict[str, Any] = dict(facts.attributes)
+        if facts.response_id is not None:
+            attributes["gen_ai.response.id"] = facts.response_id
+        if facts.response_model is not None:
+            attributes["gen_ai.response.model"] = facts.response_model
+        if facts.finish_reasons:
+            attributes["gen_ai.response.finish_reasons"] = list(facts.finish_reasons)
         if input_tokens is not None:
             attributes["gen_ai.usage.input_tokens"] = input_tokens
         if output_tokens is not None:
@@ -314,9 +306,9 @@ class ChatCall:
             start_time = getattr(span, "start_time", None)
             if start_time is not None:
                 span.add_event("first_token", timestamp=start_time + int((first_token_at - self.started) * 1e9))
-        if output is not None:
+        if facts.output is not None:
             attributes["gen_ai.output.messages"] = json.dumps(
-                [{"role": "assistant", "content": content} for content in output], ensure_ascii=False)
+                [{"role": "assistant", "content": content} for content in facts.output], ensure_ascii=False)
         if outcome == "disconnected":
             attributes["error.type"] = "cancelled"
             span.set_status(Status(StatusCode.ERROR, "the client disconnected"))
@@ -329,11 +321,15 @@ class ChatCall:
     def _observe_speed(self, tokens: int, seconds: float, exemplar: dict[str, str] | None) -> None:
         if tokens <= 0 or seconds <= 0:
             return
-        metrics, labels = self._telemetry.metrics, (self._telemetry.provider, self._model)
+        metrics, labels = self._telemetry.metrics, (self._operation.name, self._telemetry.provider, self._model)
         metrics.child(metrics.time_per_output_token, *labels).observe(seconds / tokens, exemplar)
         metrics.child(metrics.tokens_per_second, *labels).observe(tokens / seconds, exemplar)
 
 
-def _count(usage: Any, key: str) -> int | None:
-    value = usage.get(key) if isinstance(usage, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+def _facts_of(stats: StreamStats) -> Facts:
+    """What a stream told about its answer, as a non-streaming answer would have."""
+    return Facts(input_tokens=stats.input_tokens, output_tokens=stats.output_tokens,
+                 finish_reasons=stats.finish_reasons,
+                 response_id=stats.response_id if isinstance(stats.response_id, str) else None,
+                 response_model=stats.response_model if isinstance(stats.response_model, str) else None,
+                 output=["".join(stats.text)] if stats.text is not None else None)

@@ -1,0 +1,125 @@
+"""The APIs the gateway serves, one short declaration each; the steps every call takes are written once (api.py).
+
+An :class:`Operation` says how a request body is checked, which kind of model answers it, where it goes upstream,
+and how its answer and its stream events are read for metrics, spans and the access line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Any
+
+from .config import Config
+from .errors import GatewayError
+from .schema import ParsedRequest, parse_chat_request
+
+
+@dataclass
+class Facts:
+    """What an answer says about itself (None where it does not say)."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    finish_reasons: tuple[str, ...] = ()
+    response_id: str | None = None
+    response_model: str | None = None
+    output: list[Any] | None = None  # the generated text, kept only when the operator captures content
+    attributes: dict[str, Any] = field(default_factory=dict)  # span attributes only this operation has
+
+
+@dataclass
+class StreamStats:
+    """What one stream measured, for logs, metrics and spans (times are ``perf_counter`` readings)."""
+
+    first_token_at: float | None = None
+    content_chunks: int = 0
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    finish_reasons: tuple[str, ...] = ()
+    response_id: str | None = None
+    response_model: str | None = None
+    text: list[str] | None = None  # the generated text, kept only when the operator captures content
+    error: GatewayError | None = None
+    client_gone: bool = False
+
+    def generated(self, text: Any = None) -> None:
+        """A delta that carries generated output (text, reasoning or a tool call) arrived."""
+        if self.first_token_at is None:
+            self.first_token_at = perf_counter()
+        self.content_chunks += 1
+        if self.text is not None and isinstance(text, str):
+            self.text.append(text)
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One API: its route (also the upstream path), how it is parsed, and how its answers are read."""
+
+    name: str  # the ``operation`` metric label
+    path: str
+    gen_ai_name: str  # ``gen_ai.operation.name`` on the CLIENT span
+    parse: Callable[[bytes, Config], ParsedRequest]
+    answer_list: str  # the list every answer holds ("choices", "data"): an answer without it is not one
+    input_field: str  # where the body holds its input (recorded in spans only with capture_content)
+    read_answer: Callable[[dict[str, Any], bool], Facts]  # (answer, capture content) -> facts
+    read_event: Callable[[dict[str, Any], StreamStats], None] | None  # None: the API does not stream
+
+
+def count(usage: Any, key: str) -> int | None:
+    """A token count from a usage object, when it is a sane one."""
+    value = usage.get(key) if isinstance(usage, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _choices(data: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for c in data.get("choices") or () if isinstance(c, dict)]
+
+
+def _identity(data: dict[str, Any], facts: Facts) -> Facts:
+    response_id, model = data.get("id"), data.get("model")
+    facts.response_id = response_id if isinstance(response_id, str) else None
+    facts.response_model = model if isinstance(model, str) else None
+    return facts
+
+
+def _finish_reasons(choices: list[dict[str, Any]]) -> tuple[str, ...]:
+    return tuple(c["finish_reason"] for c in choices if isinstance(c.get("finish_reason"), str))
+
+
+# -- chat completions ----------------------------------------------------------------------------------------------
+
+def _chat_answer(data: dict[str, Any], capture: bool) -> Facts:
+    choices, usage = _choices(data), data.get("usage")
+    return _identity(data, Facts(
+        input_tokens=count(usage, "prompt_tokens"), output_tokens=count(usage, "completion_tokens"),
+        finish_reasons=_finish_reasons(choices),
+        output=[(c.get("message") or {}).get("content") for c in choices] if capture else None))
+
+
+def _chat_event(chunk: dict[str, Any], stats: StreamStats) -> None:
+    if stats.response_id is None:
+        stats.response_id, stats.response_model = chunk.get("id"), chunk.get("model")
+    for choice in chunk.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("reasoning") or delta.get("reasoning_content") \
+                or delta.get("tool_calls"):
+            stats.generated(delta.get("content"))
+        if choice.get("finish_reason"):
+            stats.finish_reasons += (choice["finish_reason"],)
+    _stream_usage(chunk, stats)
+
+
+def _stream_usage(chunk: dict[str, Any], stats: StreamStats) -> None:
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        stats.input_tokens, stats.output_tokens = count(usage, "prompt_tokens"), count(usage, "completion_tokens")
+
+
+CHAT = Operation(
+    name="chat", path="/v1/chat/completions", gen_ai_name="chat",
+    parse=lambda raw, config: parse_chat_request(raw, config.inference.defaults, config.server.max_messages),
+    answer_list="choices", input_field="messages", read_answer=_chat_answer, read_event=_chat_event)
