@@ -85,6 +85,15 @@ _PARAMETERS: dict[str, Any] = {
 }
 
 
+# /v1/completions: the same, with ``logprobs`` a count and its own few fields (schema.COMPLETION_CHECKS).
+_COMPLETION_PARAMETERS: dict[str, Any] = {
+    **{name: schema for name, schema in _PARAMETERS.items() if name not in ("logprobs", "top_logprobs", "tools")},
+    "suffix": {"type": "string"}, "echo": {"type": "boolean"}, "logprobs": _number(0, 5, integer=True),
+    "best_of": _number(1, integer=True),
+}
+_TOKEN = {"type": "integer", "minimum": 0}
+
+
 def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
     """A parameter sent as null counts as omitted (the gateway's default, or the upstream's)."""
     return {"anyOf": [schema, {"type": "null"}]}
@@ -128,6 +137,26 @@ def _schemas(config: Config) -> dict[str, Any]:
                 "usage": {"type": "object", "properties": {
                     "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
                     "total_tokens": {"type": "integer"}}}}},
+        "CompletionRequest": {
+            "type": "object", "required": ["prompt"],
+            "description": "Fields not listed are passed to the upstream untouched; `extensions` is merged in.",
+            "properties": {**{name: _or_null(schema) for name, schema in _COMPLETION_PARAMETERS.items()},
+                           "prompt": {"oneOf": [
+                               {"type": "string"},
+                               {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                               {"type": "array", "minItems": 1, "items": _TOKEN},
+                               {"type": "array", "minItems": 1,
+                                "items": {"type": "array", "minItems": 1, "items": _TOKEN}}]}}},
+        "TextCompletion": {
+            "type": "object", "required": ["id", "object", "created", "model", "choices"],
+            "properties": {
+                "id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "choices": {"type": "array", "items": {
+                    "type": "object", "required": ["index", "text"],
+                    "properties": {"index": {"type": "integer"}, "text": {"type": "string"},
+                                   "finish_reason": nullable_string}}},
+                "usage": {"type": "object"}}},
         "StreamEvent": {
             "type": "object", "required": ["data"],
             "description": "One server-sent event (`data: ...`): a `chat.completion.chunk`, an `{\"error\": ...}` "
@@ -172,6 +201,13 @@ def openapi_document(config: Config) -> dict[str, Any]:
                          "text/event-stream": {"schema": _ref("StreamEvent")}}},
             "413", "429", *upstream, auth=keys, tag="OpenAI", operationId="createChatCompletion",
             requestBody={"required": True, "content": {JSON_TYPE: {"schema": _ref("ChatCompletionRequest")}}})},
+        "/v1/completions": {"post": operation(
+            "Text completion; `stream: true` answers with server-sent events ending in `data: [DONE]`",
+            {"description": "The completion (JSON), or its chunks as SSE",
+             "content": {JSON_TYPE: {"schema": _ref("TextCompletion")},
+                         "text/event-stream": {"schema": _ref("StreamEvent")}}},
+            "413", "429", *upstream, auth=keys, tag="OpenAI", operationId="createCompletion",
+            requestBody={"required": True, "content": {JSON_TYPE: {"schema": _ref("CompletionRequest")}}})},
         "/v1/models": {"get": operation("Models this gateway serves", json_ok("The models", "ModelList"),
                                         "502", "503", "504", "500", auth=keys, tag="OpenAI",
                                         operationId="listModels")},

@@ -13,7 +13,7 @@ from typing import Any
 
 from .config import Config
 from .errors import GatewayError
-from .schema import ParsedRequest, parse_chat_request
+from .schema import ParsedRequest, parse_chat_request, parse_completion_request
 
 
 @dataclass
@@ -123,3 +123,31 @@ CHAT = Operation(
     name="chat", path="/v1/chat/completions", gen_ai_name="chat",
     parse=lambda raw, config: parse_chat_request(raw, config.inference.defaults, config.server.max_messages),
     answer_list="choices", input_field="messages", read_answer=_chat_answer, read_event=_chat_event)
+
+
+# -- text completions ----------------------------------------------------------------------------------------------
+
+def _completion_answer(data: dict[str, Any], capture: bool) -> Facts:
+    choices, usage = _choices(data), data.get("usage")
+    return _identity(data, Facts(
+        input_tokens=count(usage, "prompt_tokens"), output_tokens=count(usage, "completion_tokens"),
+        finish_reasons=_finish_reasons(choices), output=[c.get("text") for c in choices] if capture else None))
+
+
+def _completion_event(chunk: dict[str, Any], stats: StreamStats) -> None:
+    if stats.response_id is None:
+        stats.response_id, stats.response_model = chunk.get("id"), chunk.get("model")
+    for choice in chunk.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("text"):
+            stats.generated(choice["text"])
+        if choice.get("finish_reason"):
+            stats.finish_reasons += (choice["finish_reason"],)
+    _stream_usage(chunk, stats)
+
+
+COMPLETIONS = Operation(
+    name="text_completion", path="/v1/completions", gen_ai_name="text_completion",
+    parse=lambda raw, config: parse_completion_request(raw, config.inference.defaults),
+    answer_list="choices", input_field="prompt", read_answer=_completion_answer, read_event=_completion_event)

@@ -122,6 +122,15 @@ CHECKS: dict[str, Check] = {
     "draft_model": _of_type(str, "a string"),
 }
 
+# /v1/completions: the same sampling parameters, its own few, and ``logprobs`` as a count (0-5), not a switch.
+COMPLETION_CHECKS: dict[str, Check] = {
+    **{key: check for key, check in CHECKS.items() if key not in ("logprobs", "top_logprobs", "tools")},
+    "suffix": _of_type(str, "a string"),
+    "echo": _of_type(bool, "true or false"),
+    "logprobs": _number(0, 5, integer=True),
+    "best_of": _number(1, integer=True),
+}
+
 
 _LONG_NUMBER = re.compile(rb"\d{19}")
 
@@ -143,15 +152,28 @@ def parse_chat_request(raw: bytes, defaults: DefaultsConfig, max_messages: int =
 
     ``max_messages`` (0: any number) bounds the conversation a single request may carry.
     """
+    body = parse_object(raw)
+    _check_messages(body.get("messages"), max_messages)
+    return _generation(body, CHECKS, defaults)
+
+
+def parse_completion_request(raw: bytes, defaults: DefaultsConfig) -> ParsedRequest:
+    """Parse and validate a ``POST /v1/completions`` body (a ``prompt`` instead of ``messages``)."""
+    body = parse_object(raw)
+    body["prompt"] = _check_prompt(body.get("prompt"))
+    return _generation(body, COMPLETION_CHECKS, defaults)
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, with the keys of a nested ``extensions`` object merged into it."""
     try:
         body = _load(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidJSON(f"request body is not valid JSON: {e}") from None
     except RecursionError:
-        raise InvalidJSON("request body is nested too deeply to be a chat request") from None
+        raise InvalidJSON("request body is nested too deeply to be a valid request") from None
     if not isinstance(body, dict):
         raise InvalidJSON("request body must be a JSON object")
-
     extensions = body.pop("extensions", None)
     if extensions is not None:
         if not isinstance(extensions, dict):
@@ -161,16 +183,24 @@ def parse_chat_request(raw: bytes, defaults: DefaultsConfig, max_messages: int =
                 raise InvalidRequest(f"'{key}' is given both at the top level and in 'extensions'",
                                      param=f"extensions.{key}")
             body[key] = value
+    return body
 
-    _check_messages(body.get("messages"), max_messages)
+
+def check_fields(body: dict[str, Any], checks: dict[str, Check]) -> str | None:
+    """Check the fields ``checks`` knows (others pass through untouched); the model asked for, if any."""
     for key, value in body.items():
-        check = CHECKS.get(key)
+        check = checks.get(key)
         if check is not None and value is not None:
             body[key] = check(key, value)
-
-    model = body.get("model")
+    model: str | None = body.get("model")
     if model is not None and not model.strip():
         raise InvalidRequest("'model' must not be empty", param="model")
+    return model
+
+
+def _generation(body: dict[str, Any], checks: dict[str, Check], defaults: DefaultsConfig) -> ParsedRequest:
+    """Check a request that generates text and add the configured defaults the client left out."""
+    model = check_fields(body, checks)
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = defaults.max_tokens
     if body.get("temperature") is None:
@@ -181,6 +211,29 @@ def parse_chat_request(raw: bytes, defaults: DefaultsConfig, max_messages: int =
 def _not_json(constant: str) -> Any:
     """Python's json module reads NaN and Infinity; JSON (and every upstream) does not."""
     raise ValueError(f"{constant} is not a JSON value")
+
+
+def _check_prompt(prompt: Any) -> Any:
+    """A string, a list of strings, a list of token ids, or a list of lists of token ids (OpenAI's four forms);
+    a token id written ``3.0`` is the integer 3, as for every other integer."""
+    if prompt is None:
+        raise InvalidRequest("'prompt' is required", param="prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return prompt
+        if all(_is_token(p) for p in prompt):
+            return [int(p) for p in prompt]
+        if all(isinstance(p, list) and p and all(_is_token(t) for t in p) for p in prompt):
+            return [[int(t) for t in p] for p in prompt]
+    raise InvalidRequest("'prompt' must be a string, a non-empty list of strings, a list of token ids or a list of "
+                         "lists of token ids", param="prompt")
+
+
+def _is_token(value: Any) -> bool:
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    return whole and not isinstance(value, bool) and value >= 0
 
 
 def _check_messages(messages: Any, limit: int) -> None:

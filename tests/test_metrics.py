@@ -11,6 +11,7 @@ from .conftest import call, hold_the_slot, queue_behind, raw_connect, raw_post
 
 MODEL = "qwen2.5-7b-instruct"
 CHAT = "/v1/chat/completions"
+LABELS = {"operation": "chat", "provider": "lmstudio", "model": MODEL}
 LOAD_METRICS = ("inference_requests_in_flight", "inference_queue_length")
 
 
@@ -25,7 +26,7 @@ async def test_a_non_streaming_chat_is_counted_timed_and_its_tokens_equal_the_us
     m = await lmstudio.metrics()
     assert m.value("inference_http_requests_total", method="POST", route=CHAT, code="200") == 1
     assert m.value("inference_http_request_duration_seconds_count", method="POST", route=CHAT, code="200") == 1
-    labels = {"operation": "chat", "provider": "lmstudio", "model": MODEL}
+    labels = LABELS
     assert m.value("inference_request_duration_seconds_count", **labels, stream="false", outcome="success") == 1
     assert m.value("inference_tokens_total", **labels, type="input") == usage["prompt_tokens"]
     assert m.value("inference_tokens_total", **labels, type="output") == usage["completion_tokens"]
@@ -46,7 +47,7 @@ async def test_a_stream_observes_time_to_first_token_and_counts_its_usage(fake, 
     reply = await lmstudio.post_chat(chat("one two three four", stream=True))
     usage = json.loads(reply.body.split(b"data: ")[-2])["usage"]
     m = await lmstudio.metrics()
-    labels = {"operation": "chat", "provider": "lmstudio", "model": MODEL}
+    labels = LABELS
     assert m.value("inference_request_duration_seconds_count", **labels, stream="true", outcome="success") == 1
     assert m.value("inference_time_to_first_token_seconds_count", **labels) == 1
     ttft = m.value("inference_time_to_first_token_seconds_sum", **labels)
@@ -65,7 +66,7 @@ async def test_a_stream_without_usage_counts_its_content_deltas_as_output_tokens
     reply = await lmstudio.post_chat(chat("one two three four", stream=True))
     assert b'"usage"' not in reply.body
     m = await lmstudio.metrics()
-    labels = {"operation": "chat", "provider": "lmstudio", "model": MODEL}
+    labels = LABELS
     assert m.value("inference_tokens_total", **labels, type="output") == 5  # "echo:", "one", ... "four"
     assert m.value("inference_tokens_total", **labels, type="input") is None  # a prompt count is never invented
     assert m.value("inference_output_tokens_per_second_count", **labels) == 1
@@ -84,7 +85,7 @@ async def test_tokens_a_stream_generated_before_its_client_left_are_counted(fake
     client.transport.loseConnection()
     await closed
     m = await lmstudio.metrics()
-    assert m.value("inference_tokens_total", operation="chat", provider="lmstudio", model=MODEL, type="output") == 2
+    assert m.value("inference_tokens_total", **LABELS, type="output") == 2
 
 
 @pytest_twisted.ensureDeferred
@@ -117,7 +118,7 @@ async def test_upstream_errors_are_counted_by_kind(fake, lmstudio, setup, code, 
     assert m.value("inference_upstream_errors_total", provider="lmstudio", kind=kind) == 1
     assert m.total("inference_upstream_errors_total") == 1
     assert m.value("inference_http_requests_total", method="POST", route=CHAT, code=code) == 1
-    assert m.value("inference_request_duration_seconds_count", operation="chat", provider="lmstudio", model=MODEL, stream="false",
+    assert m.value("inference_request_duration_seconds_count", **LABELS, stream="false",
                    outcome="error") == 1
 
 
@@ -130,9 +131,9 @@ async def test_a_stream_that_fails_after_the_200_counts_as_an_error(fake, lmstud
     assert reply.status == 200 and b'"error"' in reply.body
     m = await lmstudio.metrics()
     assert m.value("inference_upstream_errors_total", provider="lmstudio", kind=kind) == 1
-    assert m.value("inference_request_duration_seconds_count", operation="chat", provider="lmstudio", model=MODEL, stream="true",
+    assert m.value("inference_request_duration_seconds_count", **LABELS, stream="true",
                    outcome="error") == 1
-    assert m.value("inference_time_to_first_token_seconds_count", operation="chat", provider="lmstudio", model=MODEL) == 1
+    assert m.value("inference_time_to_first_token_seconds_count", **LABELS) == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -175,7 +176,7 @@ async def test_a_client_leaving_mid_stream_is_counted_and_in_flight_returns_to_z
     assert m.value("inference_client_disconnects_total", provider="lmstudio") == 1
     assert m.value("inference_requests_in_flight", provider="lmstudio") == 0
     assert m.value("inference_http_requests_total", method="POST", route=CHAT, code="499") == 1
-    assert m.value("inference_request_duration_seconds_count", operation="chat", provider="lmstudio", model=MODEL, stream="true",
+    assert m.value("inference_request_duration_seconds_count", **LABELS, stream="true",
                    outcome="disconnected") == 1
     assert m.total("inference_upstream_errors_total") == 0  # the upstream did nothing wrong
 
@@ -254,7 +255,7 @@ async def test_no_exemplars_when_tracing_is_off(fake, start_gateway):
                              "INFERENCE_OBSERVABILITY_TRACING_ENABLED": "false"})
     await gateway.post_chat(chat(stream=True))
     om = await gateway.metrics(accept="application/openmetrics-text; version=1.0.0")
-    assert om.value("inference_time_to_first_token_seconds_count", operation="chat", provider="lmstudio", model=MODEL) == 1
+    assert om.value("inference_time_to_first_token_seconds_count", **LABELS) == 1
     assert not [s for s in om.samples if s.exemplar]
 
 

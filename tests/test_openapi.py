@@ -22,8 +22,8 @@ async def test_the_document_follows_the_configuration(start_gateway):
     assert reply.status == 200 and reply.header("Content-Type") == "application/json"
     document = reply.json()
     assert document["openapi"] == "3.1.0"
-    assert set(document["paths"]) == {"/v1/chat/completions", "/v1/models", "/v1/models/{model}", "/health",
-                                      "/health/live", "/health/ready", "/openapi.json", "/metrics"}
+    assert set(document["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}",
+                                      "/health", "/health/live", "/health/ready", "/openapi.json", "/metrics"}
     assert "securitySchemes" not in document["components"]
     request = document["components"]["schemas"]["ChatCompletionRequest"]
     assert request["properties"]["messages"]["maxItems"] == 1000
@@ -48,9 +48,11 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_pa
                              "INFERENCE_SERVER_PROTECT_METRICS": "true", "INFERENCE_SERVER_MAX_MESSAGES": "20",
                              "INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "1",
                              "INFERENCE_INFERENCE_MAX_QUEUE": "1"})
+    # One worker: with two threads, CPython 3.11.7's parser sometimes fails hypothesis's lambda descriptions with
+    # "SystemError: AST constructor recursion depth mismatch" (a schemathesis run error, not a finding).
     code, output = await run_tool(tmp_path, SCHEMATHESIS, "run", gateway.url + "/openapi.json",
                                   "--header", "Authorization: Bearer fuzz-key", "--checks", "all",
-                                  "--max-examples", "60", "--workers", "2", "--seed", "20261124",
+                                  "--max-examples", "60", "--workers", "1", "--seed", "20261124",
                                   "--no-color")
     assert code == 0, output
     assert "No issues found" in output

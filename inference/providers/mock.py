@@ -26,13 +26,41 @@ def words_of(content: Any) -> list[str]:
     return []
 
 
-def reply_words(body: dict[str, Any]) -> tuple[list[str], str]:
-    """The mock's answer: it echoes the last user message, cut to ``max_tokens`` words (one word, one token)."""
+def prompt_words(operation: Operation, body: dict[str, Any]) -> list[str]:
+    """What the mock answers to: the last user message of a chat, the (first) prompt of a text completion."""
+    if operation.name == "text_completion":
+        prompt = body["prompt"]
+        first = prompt if isinstance(prompt, str) else prompt[0]
+        return first.split() if isinstance(first, str) else [f"<{len(prompt)} tokens>"]
     last_user = next((m for m in reversed(body["messages"]) if m.get("role") == "user"), None)
-    said = words_of(last_user.get("content")) if last_user else []
+    return words_of(last_user.get("content")) if last_user else []
+
+
+def reply_words(operation: Operation, body: dict[str, Any]) -> tuple[list[str], str]:
+    """The mock's answer: it echoes what it was given, cut to ``max_tokens`` words (one word, one token)."""
+    said = prompt_words(operation, body)
     words = ["You", "said:", *said] if said else ["Hello", "from", "the", "mock", "model."]
     limit = body.get("max_completion_tokens") or body.get("max_tokens") or len(words)
     return (words[:limit], "length") if len(words) > limit else (words, "stop")
+
+
+class _Shape:
+    """How one operation's answers and stream chunks look (chat: messages and deltas; completions: text)."""
+
+    def __init__(self, prefix: str, kind: str, chunk_kind: str, choice: Any, delta: Any, first: Any) -> None:
+        self.prefix, self.kind, self.chunk_kind = prefix, kind, chunk_kind
+        self.choice, self.delta, self.first = choice, delta, first
+
+
+_SHAPES = {
+    "chat": _Shape("chatcmpl", "chat.completion", "chat.completion.chunk",
+                   lambda text: {"message": {"role": "assistant", "content": text}},
+                   lambda text: {"delta": {"content": text} if text else {}},
+                   {"delta": {"role": "assistant", "content": ""}}),
+    "text_completion": _Shape("cmpl", "text_completion", "text_completion",
+                              lambda text: {"text": text, "logprobs": None},
+                              lambda text: {"text": text, "logprobs": None}, {"text": "", "logprobs": None}),
+}
 
 
 class MockProvider(Provider):
@@ -51,39 +79,43 @@ class MockProvider(Provider):
 
     async def call(self, operation: Operation, body: dict[str, Any],
                    headers: dict[str, str] | None = None) -> Completion:
-        words, finish_reason = reply_words(body)
+        shape = _SHAPES[operation.name]
+        words, finish_reason = reply_words(operation, body)
         delay = self._config.latency_secs + self._config.token_delay_secs * len(words)
         if delay:
             await deferLater(self._reactor, delay, lambda: None)
         data = {
-            "id": f"chatcmpl-mock-{next(self._ids)}",
-            "object": "chat.completion",
+            "id": f"{shape.prefix}-mock-{next(self._ids)}",
+            "object": shape.kind,
             "created": int(self._reactor.seconds()),
             "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": finish_reason,
-                         "message": {"role": "assistant", "content": " ".join(words)}}],
-            "usage": _usage(body, words),
+            "choices": [{"index": 0, "finish_reason": finish_reason, **shape.choice(" ".join(words))}],
+            "usage": _usage(operation, body, words),
         }
         return Completion(data, jsonio.dumps(data))
 
     async def open_stream(self, operation: Operation, body: dict[str, Any],
                           headers: dict[str, str] | None = None) -> ChatStream:
-        words, finish_reason = reply_words(body)
-        head = {"id": f"chatcmpl-mock-{next(self._ids)}", "object": "chat.completion.chunk",
+        shape = _SHAPES[operation.name]
+        words, finish_reason = reply_words(operation, body)
+        head = {"id": f"{shape.prefix}-mock-{next(self._ids)}", "object": shape.chunk_kind,
                 "created": int(self._reactor.seconds()), "model": body["model"]}
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            return jsonio.dumps({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        def chunk(choice: dict[str, Any], finish: str | None = None) -> bytes:
+            return jsonio.dumps({**head, "choices": [{"index": 0, **choice, "finish_reason": finish}]})
 
-        events = [chunk({"role": "assistant", "content": ""})]
-        events += [chunk({"content": word if i == 0 else " " + word}) for i, word in enumerate(words)]
-        events += [chunk({}, finish_reason), jsonio.dumps({**head, "choices": [], "usage": _usage(body, words)}),
-                   DONE]
+        events = [chunk(shape.first)]
+        events += [chunk(shape.delta(word if i == 0 else " " + word)) for i, word in enumerate(words)]
+        events += [chunk(shape.delta(""), finish_reason),
+                   jsonio.dumps({**head, "choices": [], "usage": _usage(operation, body, words)}), DONE]
         return MockEventStream(self._reactor, events, self._config.latency_secs, self._config.token_delay_secs)
 
 
-def _usage(body: dict[str, Any], words: list[str]) -> dict[str, int]:
-    prompt_tokens = sum(len(words_of(m.get("content"))) for m in body["messages"])
+def _usage(operation: Operation, body: dict[str, Any], words: list[str]) -> dict[str, int]:
+    if operation.name == "text_completion":
+        prompt_tokens = len(prompt_words(operation, body))
+    else:
+        prompt_tokens = sum(len(words_of(m.get("content"))) for m in body["messages"])
     return {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
             "total_tokens": prompt_tokens + len(words)}
 

@@ -124,14 +124,26 @@ class FakeLMStudio(Resource):
         if got.path == "/v1/models" and got.method == "GET":
             listing = [{"id": m, "object": "model", "owned_by": "organization_owner"} for m in self.models]
             return self._answer(request, self.listing, {"object": "list", "data": listing})
-        if got.path == "/v1/chat/completions" and got.method == "POST":
+        if got.path in ("/v1/chat/completions", "/v1/completions") and got.method == "POST":
             if self.chat.mode == "normal" and isinstance(body, dict) and body.get("stream"):
                 return self._stream(request, body)
             return self._answer(request, self.chat, self._completion(body))
         return self._json(request, 404, {"error": f"Unexpected endpoint or method. ({got.method} {got.path})"})
 
+    @staticmethod
+    def _said(body: dict[str, Any]) -> str:
+        """What the fake echoes: the last message of a chat, the prompt of a text completion."""
+        if "prompt" in body:
+            prompt = body["prompt"]
+            return prompt if isinstance(prompt, str) else str(prompt[0])
+        return str(body["messages"][-1]["content"])
+
     def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
-        text = f"echo: {body['messages'][-1]['content']}"
+        text = f"echo: {self._said(body)}"
+        if "prompt" in body:
+            return {"id": "cmpl-fake123", "object": "text_completion", "created": 1700000000, "model": body["model"],
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
         return {
             "id": "chatcmpl-fake123", "object": "chat.completion", "created": 1700000000,
             "model": body["model"], "system_fingerprint": body["model"],
@@ -191,17 +203,23 @@ class FakeLMStudio(Resource):
     def _stream(self, request: http.Request, body: dict[str, Any]) -> Any:
         mode = self.chat.stream
         request.setHeader(b"content-type", b"text/event-stream")
-        head = {"id": "chatcmpl-fakestream", "object": "chat.completion.chunk", "created": 1700000000,
+        head = {"id": "cmpl-fakestream" if "prompt" in body else "chatcmpl-fakestream",
+                "object": "text_completion" if "prompt" in body else "chat.completion.chunk", "created": 1700000000,
                 "model": body["model"]}
 
         def event(choices: list[Any], **extra: Any) -> bytes:
             return b"data: " + json.dumps({**head, "choices": choices, **extra}).encode() + b"\n\n"
 
+        text_completion = "prompt" in body
+
         def delta(content: str, **more: Any) -> bytes:
+            if text_completion:
+                return event([{"index": 0, "text": content, "logprobs": None, "finish_reason": None}])
             return event([{"index": 0, "delta": {"content": content, **more}, "finish_reason": None}])
 
-        words = f"echo: {body['messages'][-1]['content']}".split(" ")
-        pieces = [event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
+        words = f"echo: {self._said(body)}".split(" ")
+        pieces = [] if text_completion else \
+            [event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
         pieces += [delta(w if i == 0 else " " + w, reasoning="") for i, w in enumerate(words)]
         if mode in ("die", "stall", "garbage", "error_event", "huge_event"):
             request.write(b"".join(pieces[:3]))
@@ -223,7 +241,8 @@ class FakeLMStudio(Resource):
             return NOT_DONE_YET
         if mode == "empty":
             return b""
-        pieces.append(event([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+        pieces.append(event([{"index": 0, "text": "", "finish_reason": "stop"} if text_completion else
+                             {"index": 0, "delta": {}, "finish_reason": "stop"}]))
         wants_usage = (body.get("stream_options") or {}).get("include_usage")
         if wants_usage and mode != "no_usage":
             pieces.append(event([], usage={"prompt_tokens": 12, "completion_tokens": len(words),
