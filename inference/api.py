@@ -20,7 +20,7 @@ from .drain import InFlight
 from .errors import GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound, UpstreamTimeout, UpstreamUnreachable
 from .monitor import UpstreamMonitor
 from .openapi import openapi_bytes
-from .operations import CHAT, COMPLETIONS, Operation
+from .operations import CHAT, COMPLETIONS, EMBEDDINGS, Operation
 from .providers import Provider
 from .relay import StreamRelay
 from .request import GatewayRequest
@@ -30,8 +30,10 @@ log = Logger()
 
 JSON = b"application/json"
 
+OPERATIONS = (CHAT, COMPLETIONS, EMBEDDINGS)
+
 _ROUTES = {path.encode(): path for path in
-           (CHAT.path, COMPLETIONS.path, "/v1/models", "/health", "/health/live", "/health/ready", "/openapi.json")}
+           (*(op.path for op in OPERATIONS), "/v1/models", "/health", "/health/live", "/health/ready", "/openapi.json")}
 
 
 def route_of(path: bytes) -> str:
@@ -108,6 +110,10 @@ class Gateway:
     @app.route(COMPLETIONS.path, methods=["POST"])
     async def completions(self, request: GatewayRequest) -> bytes | None:
         return await self._serve(request, COMPLETIONS)
+
+    @app.route(EMBEDDINGS.path, methods=["POST"])
+    async def embeddings(self, request: GatewayRequest) -> bytes | None:
+        return await self._serve(request, EMBEDDINGS)
 
     async def _serve(self, request: GatewayRequest, operation: Operation) -> bytes | None:
         """Every API call's steps: auth, parse, resolve the model, admission, deadline, the upstream call, the
@@ -222,7 +228,8 @@ class Gateway:
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
         path = request.path.decode("utf-8", "replace")
         return self._error(request, RouteNotFound(f"No route {path}. See GET /v1/models, "
-                                                  "POST /v1/chat/completions, POST /v1/completions, GET /health."))
+                                                  "POST /v1/chat/completions, POST /v1/completions, "
+                                                  "POST /v1/embeddings, GET /health."))
 
     @app.handle_errors(RouteMethodNotAllowed)
     def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:

@@ -91,6 +91,8 @@ class ServerConfig:
     max_header_bytes: int = _opt(_range(1024), 16 * 1024)  # request line and headers together
     max_url_bytes: int = _opt(_range(64), 8 * 1024)
     max_messages: int = _opt(_range(1), 1000)
+    max_embedding_inputs: int = _opt(_range(1), 2048)  # inputs in one embeddings request (OpenAI's limit)
+    max_embedding_size: int = _opt(_range(1), 1_000_000)  # characters and token ids in all of them together
     request_timeout_secs: float = _opt(_range(0, above=True), 300.0)  # to the answer (a stream: to its start)
     read_timeout_secs: float = _opt(_range(0, above=True), 30.0)  # to receive a whole request, from its 1st byte
     idle_timeout_secs: float = _opt(_range(0, above=True), 75.0)  # keep-alive connection with no request

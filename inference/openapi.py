@@ -147,6 +147,32 @@ def _schemas(config: Config) -> dict[str, Any]:
                                {"type": "array", "minItems": 1, "items": _TOKEN},
                                {"type": "array", "minItems": 1,
                                 "items": {"type": "array", "minItems": 1, "items": _TOKEN}}]}}},
+        "EmbeddingsRequest": {
+            "type": "object", "required": ["input"],
+            "description": "Fields not listed are passed to the upstream untouched; `extensions` is merged in.",
+            "properties": {
+                "model": _or_null(_PARAMETERS["model"]), "extensions": _or_null(_PARAMETERS["extensions"]),
+                "encoding_format": _or_null({"enum": ["float", "base64"]}),
+                "dimensions": _or_null(_number(1, integer=True)), "user": _or_null({"type": "string"}),
+                "input": {"oneOf": [
+                    {"type": "string", "minLength": 1,
+                     "maxLength": config.server.max_embedding_size},
+                    {"type": "array", "minItems": 1, "maxItems": config.server.max_embedding_inputs,
+                     "items": {"type": "string", "minLength": 1}},
+                    {"type": "array", "minItems": 1, "maxItems": config.server.max_embedding_size, "items": _TOKEN},
+                    {"type": "array", "minItems": 1, "maxItems": config.server.max_embedding_inputs,
+                     "items": {"type": "array", "minItems": 1, "items": _TOKEN}}],
+                    "description": "At most server.max_embedding_inputs inputs, and server.max_embedding_size "
+                                   "characters and token ids in all"}}},
+        "EmbeddingList": {
+            "type": "object", "required": ["object", "data", "model"],
+            "properties": {
+                "object": {"const": "list"}, "model": {"type": "string"}, "usage": {"type": "object"},
+                "data": {"type": "array", "items": {
+                    "type": "object", "required": ["index", "embedding"],
+                    "properties": {"index": {"type": "integer"}, "object": {"const": "embedding"},
+                                   "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}},
+                                                           {"type": "string", "description": "base64 float32"}]}}}}}},
         "TextCompletion": {
             "type": "object", "required": ["id", "object", "created", "model", "choices"],
             "properties": {
@@ -208,6 +234,11 @@ def openapi_document(config: Config) -> dict[str, Any]:
                          "text/event-stream": {"schema": _ref("StreamEvent")}}},
             "413", "429", *upstream, auth=keys, tag="OpenAI", operationId="createCompletion",
             requestBody={"required": True, "content": {JSON_TYPE: {"schema": _ref("CompletionRequest")}}})},
+        "/v1/embeddings": {"post": operation(
+            "Embeddings of strings or token arrays, as floats or base64 (the upstream's encoding is relayed)",
+            json_ok("The embeddings", "EmbeddingList"), "413", "429", *upstream, auth=keys, tag="OpenAI",
+            operationId="createEmbedding",
+            requestBody={"required": True, "content": {JSON_TYPE: {"schema": _ref("EmbeddingsRequest")}}})},
         "/v1/models": {"get": operation("Models this gateway serves", json_ok("The models", "ModelList"),
                                         "502", "503", "504", "500", auth=keys, tag="OpenAI",
                                         operationId="listModels")},

@@ -6,6 +6,7 @@ and how its answer and its stream events are read for metrics, spans and the acc
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
@@ -13,7 +14,7 @@ from typing import Any
 
 from .config import Config
 from .errors import GatewayError
-from .schema import ParsedRequest, parse_chat_request, parse_completion_request
+from .schema import ParsedRequest, parse_chat_request, parse_completion_request, parse_embeddings_request
 
 
 @dataclass
@@ -151,3 +152,33 @@ COMPLETIONS = Operation(
     name="text_completion", path="/v1/completions", gen_ai_name="text_completion",
     parse=lambda raw, config: parse_completion_request(raw, config.inference.defaults),
     answer_list="choices", input_field="prompt", read_answer=_completion_answer, read_event=_completion_event)
+
+
+# -- embeddings ----------------------------------------------------------------------------------------------------
+
+def _embeddings_answer(data: dict[str, Any], capture: bool) -> Facts:
+    facts = _identity(data, Facts(input_tokens=count(data.get("usage"), "prompt_tokens")))
+    facts.response_id = None  # an embeddings list has no id of its own
+    items = data.get("data") or []
+    first = items[0].get("embedding") if items and isinstance(items[0], dict) else None
+    dimensions = len(first) if isinstance(first, list) else _base64_floats(first)
+    if dimensions:
+        facts.attributes["gen_ai.embeddings.dimension.count"] = dimensions
+    return facts
+
+
+def _base64_floats(value: Any) -> int | None:
+    """How many float32 a base64 embedding holds (the upstream's own encoding is relayed, not decoded)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return len(base64.b64decode(value, validate=True)) // 4
+    except ValueError:
+        return None
+
+
+EMBEDDINGS = Operation(
+    name="embeddings", path="/v1/embeddings", gen_ai_name="embeddings",
+    parse=lambda raw, config: parse_embeddings_request(raw, config.server.max_embedding_inputs,
+                                                       config.server.max_embedding_size),
+    answer_list="data", input_field="input", read_answer=_embeddings_answer, read_event=None)

@@ -83,6 +83,12 @@ def _one_of(*choices: int) -> Check:
     return check
 
 
+def _enum(name: str, value: Any, choices: tuple[str, ...]) -> Any:
+    if value not in choices:
+        raise InvalidRequest(f"'{name}' must be one of {', '.join(choices)}, got {_show(value)}", param=name)
+    return value
+
+
 def _response_format(name: str, value: Any) -> Any:
     if not isinstance(value, dict) or not isinstance(value.get("type"), str):
         raise InvalidRequest(f"'{name}' must be an object with a 'type' "
@@ -120,6 +126,14 @@ CHECKS: dict[str, Check] = {
     "cache_prompt": _of_type(bool, "true or false"),
     "ttl": _number(1, integer=True),
     "draft_model": _of_type(str, "a string"),
+}
+
+# /v1/embeddings: the encoding is relayed as the upstream sends it, the dimensions passed through.
+EMBEDDING_CHECKS: dict[str, Check] = {
+    "model": _of_type(str, "a string"),
+    "encoding_format": lambda name, value: _enum(name, value, ("float", "base64")),
+    "dimensions": _number(1, integer=True),
+    "user": _of_type(str, "a string"),
 }
 
 # /v1/completions: the same sampling parameters, its own few, and ``logprobs`` as a count (0-5), not a switch.
@@ -164,6 +178,13 @@ def parse_completion_request(raw: bytes, defaults: DefaultsConfig) -> ParsedRequ
     return _generation(body, COMPLETION_CHECKS, defaults)
 
 
+def parse_embeddings_request(raw: bytes, max_inputs: int, max_size: int) -> ParsedRequest:
+    """Parse and validate a ``POST /v1/embeddings`` body; ``input`` is bounded in count and in total size."""
+    body = parse_object(raw)
+    body["input"] = _check_input(body.get("input"), max_inputs, max_size)
+    return ParsedRequest(model=check_fields(body, EMBEDDING_CHECKS), stream=False, body=body)
+
+
 def parse_object(raw: bytes) -> dict[str, Any]:
     """A request body as a JSON object, with the keys of a nested ``extensions`` object merged into it."""
     try:
@@ -179,8 +200,8 @@ def parse_object(raw: bytes) -> dict[str, Any]:
         if not isinstance(extensions, dict):
             raise InvalidRequest("'extensions' must be an object", param="extensions")
         for key, value in extensions.items():
-            if key in body:
-                raise InvalidRequest(f"'{key}' is given both at the top level and in 'extensions'",
+            if key in body and body[key] != value:  # the same value twice says the same thing
+                raise InvalidRequest(f"'{key}' is given both at the top level and in 'extensions', differently",
                                      param=f"extensions.{key}")
             body[key] = value
     return body
@@ -229,6 +250,29 @@ def _check_prompt(prompt: Any) -> Any:
             return [[int(t) for t in p] for p in prompt]
     raise InvalidRequest("'prompt' must be a string, a non-empty list of strings, a list of token ids or a list of "
                          "lists of token ids", param="prompt")
+
+
+def _check_input(value: Any, max_inputs: int, max_size: int) -> Any:
+    """An embeddings ``input``: the prompt forms of a completion, no empty text, within the configured bounds."""
+    if value is None:
+        raise InvalidRequest("'input' is required", param="input")
+    try:
+        value = _check_prompt(value)
+    except InvalidRequest:
+        raise InvalidRequest("'input' must be a string, a non-empty list of strings, a list of token ids or a list "
+                             "of lists of token ids", param="input") from None
+    items = [value] if isinstance(value, str) else value
+    if any(item == "" for item in items):
+        raise InvalidRequest("'input' must not hold an empty string", param="input")
+    nested = isinstance(items[0], list)
+    if (nested or isinstance(items[0], str)) and len(items) > max_inputs:
+        raise InvalidRequest(f"'input' holds {len(items)} inputs; the gateway accepts at most {max_inputs} per "
+                             "request (server.max_embedding_inputs)", param="input")
+    size = sum(len(item) for item in items) if (nested or isinstance(items[0], str)) else len(items)
+    if size > max_size:
+        raise InvalidRequest(f"'input' holds {size} characters and token ids; the gateway accepts at most "
+                             f"{max_size} per request (server.max_embedding_size)", param="input")
+    return value
 
 
 def _is_token(value: Any) -> bool:

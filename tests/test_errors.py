@@ -45,7 +45,7 @@ async def test_malformed_json_is_400_invalid_json(lmstudio):
     (chat(repeat_penalty=0), "repeat_penalty"),
     (chat(mirostat_mode=3), "mirostat_mode"),
     (chat(extensions={"min_p": -1}), "min_p"),
-    (chat(extensions={"temperature": 1}, temperature=1), "extensions.temperature"),
+    (chat(extensions={"temperature": 1}, temperature=0.5), "extensions.temperature"),  # the same twice is no conflict
     (chat(extensions=[1]), "extensions"),
     (chat(response_format="json"), "response_format"),
     ({"model": MODEL}, "messages"),

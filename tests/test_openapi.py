@@ -22,7 +22,8 @@ async def test_the_document_follows_the_configuration(start_gateway):
     assert reply.status == 200 and reply.header("Content-Type") == "application/json"
     document = reply.json()
     assert document["openapi"] == "3.1.0"
-    assert set(document["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}",
+    assert set(document["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
+                                      "/v1/models/{model}",
                                       "/health", "/health/live", "/health/ready", "/openapi.json", "/metrics"}
     assert "securitySchemes" not in document["components"]
     request = document["components"]["schemas"]["ChatCompletionRequest"]
@@ -46,6 +47,8 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_pa
     # Keys, protected metrics and a small queue, so 401 and 429 are in play too.
     gateway = start_gateway({"INFERENCE_INFERENCE_PROVIDER": "mock", "INFERENCE_SERVER_API_KEYS": "fuzz-key",
                              "INFERENCE_SERVER_PROTECT_METRICS": "true", "INFERENCE_SERVER_MAX_MESSAGES": "20",
+                             "INFERENCE_SERVER_MAX_EMBEDDING_INPUTS": "16",
+                             "INFERENCE_SERVER_MAX_EMBEDDING_SIZE": "2000",
                              "INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "1",
                              "INFERENCE_INFERENCE_MAX_QUEUE": "1"})
     # One worker: with two threads, CPython 3.11.7's parser sometimes fails hypothesis's lambda descriptions with

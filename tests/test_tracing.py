@@ -143,6 +143,24 @@ async def test_output_tokens_the_gateway_counted_say_so(fake, traced, collector)
 
 
 @pytest_twisted.ensureDeferred
+async def test_completions_and_embeddings_have_client_spans_named_for_their_operation(fake, traced, collector):
+    gateway = traced()
+    await call("POST", gateway.url + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 7})
+    await call("POST", gateway.url + "/v1/embeddings", {"model": MODEL, "input": ["a", "b"]})
+    await spans_of(gateway, collector, 4)
+    (completion,) = collector.named(f"text_completion {MODEL}")
+    assert completion.kind == "CLIENT" and completion.attributes["gen_ai.operation.name"] == "text_completion"
+    assert completion.attributes["gen_ai.request.max_tokens"] == 7
+    assert completion.attributes["gen_ai.usage.output_tokens"] == 3
+    (embedding,) = collector.named(f"embeddings {MODEL}")
+    assert embedding.attributes["gen_ai.operation.name"] == "embeddings"
+    assert embedding.attributes["gen_ai.embeddings.dimension.count"] == 3
+    assert embedding.attributes["gen_ai.usage.input_tokens"] == 4
+    assert "gen_ai.usage.output_tokens" not in embedding.attributes and "gen_ai.response.id" not in embedding.attributes
+    assert {s.name for s in collector.spans if s.kind == "SERVER"} == {"POST /v1/completions", "POST /v1/embeddings"}
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_wait_for_an_upstream_slot_is_a_span_event(fake, traced, collector):
     gateway = traced(inference_max_concurrent_requests="1")
     first = await hold_the_slot(gateway, fake, chat("first"))

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
+import math
+import random
+import struct
 import time
 from typing import Any
 
@@ -79,6 +84,8 @@ class MockProvider(Provider):
 
     async def call(self, operation: Operation, body: dict[str, Any],
                    headers: dict[str, str] | None = None) -> Completion:
+        if operation.name == "embeddings":
+            return _embeddings(body)
         shape = _SHAPES[operation.name]
         words, finish_reason = reply_words(operation, body)
         delay = self._config.latency_secs + self._config.token_delay_secs * len(words)
@@ -118,6 +125,33 @@ def _usage(operation: Operation, body: dict[str, Any], words: list[str]) -> dict
         prompt_tokens = sum(len(words_of(m.get("content"))) for m in body["messages"])
     return {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
             "total_tokens": prompt_tokens + len(words)}
+
+
+EMBEDDING_DIMENSIONS = 64
+
+
+def embedding(text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """A unit vector that depends on the text alone: the same text always gets the same vector."""
+    generator = random.Random(hashlib.sha256(text.encode("utf-8")).digest())
+    vector = [generator.gauss(0.0, 1.0) for _ in range(dimensions)]
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
+
+
+def _embeddings(body: dict[str, Any]) -> Completion:
+    given = body["input"]
+    inputs = [given] if isinstance(given, str) or not isinstance(given[0], (str, list)) else given
+    dimensions = body.get("dimensions") or EMBEDDING_DIMENSIONS
+    as_base64 = body.get("encoding_format") == "base64"
+    data = []
+    for index, item in enumerate(inputs):
+        vector = embedding(item if isinstance(item, str) else " ".join(map(str, item)), dimensions)
+        encoded: Any = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode() if as_base64 else vector
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    tokens = sum(len(i.split()) if isinstance(i, str) else len(i) for i in inputs)
+    answer = {"object": "list", "data": data, "model": body["model"],
+              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return Completion(answer, jsonio.dumps(answer))
 
 
 class MockEventStream(ChatStream):

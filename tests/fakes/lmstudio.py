@@ -7,6 +7,7 @@ synchronise on events rather than on sleeps.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import socket
@@ -124,11 +125,28 @@ class FakeLMStudio(Resource):
         if got.path == "/v1/models" and got.method == "GET":
             listing = [{"id": m, "object": "model", "owned_by": "organization_owner"} for m in self.models]
             return self._answer(request, self.listing, {"object": "list", "data": listing})
+        if got.path == "/v1/embeddings" and got.method == "POST":
+            return self._answer(request, self.chat, self._embeddings(body))
         if got.path in ("/v1/chat/completions", "/v1/completions") and got.method == "POST":
             if self.chat.mode == "normal" and isinstance(body, dict) and body.get("stream"):
                 return self._stream(request, body)
             return self._answer(request, self.chat, self._completion(body))
         return self._json(request, 404, {"error": f"Unexpected endpoint or method. ({got.method} {got.path})"})
+
+    @staticmethod
+    def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
+        """One 3-dimensional vector per input (its length, and two constants), base64 when asked."""
+        given = body["input"]
+        inputs = [given] if isinstance(given, str) or isinstance(given[0], int) else given
+        data = []
+        for index, item in enumerate(inputs):
+            vector = [float(len(item)), 0.5, -0.25]
+            encoded: Any = vector
+            if body.get("encoding_format") == "base64":
+                encoded = base64.b64encode(struct.pack("<3f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        return {"object": "list", "data": data, "model": body["model"],
+                "usage": {"prompt_tokens": 2 * len(inputs), "total_tokens": 2 * len(inputs)}}
 
     @staticmethod
     def _said(body: dict[str, Any]) -> str:
