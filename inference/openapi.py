@@ -188,7 +188,7 @@ def _schemas(config: Config) -> dict[str, Any]:
             "description": "One server-sent event (`data: ...`): a `chat.completion.chunk`, an `{\"error\": ...}` "
                            "object if the stream fails after it started, and last `[DONE]`",
             "properties": {"data": {"type": "string"}}},
-        "Model": {"type": "object", "required": ["id", "object"],
+        "Model": {"type": "object", "required": ["id", "object", "created", "owned_by"],
                   "properties": {"id": {"type": "string"}, "object": {"const": "model"},
                                  "created": {"type": "integer"}, "owned_by": {"type": "string"}}},
         "ModelList": {"type": "object", "required": ["object", "data"],

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from openai.types import Model
+
+from .conftest import call
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -70,3 +73,18 @@ async def test_model_list_failure_is_reported_not_cached(fake, lmstudio):
     assert reply.status == 500 and reply.error["code"] == "upstream_error"
     fake.listing.mode = "normal"
     assert (await lmstudio.post_chat({"model": "qwen", "messages": USER})).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_model_objects_carry_every_field_openais_schema_requires(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url, "INFERENCE_INFERENCE_MODELS_CACHE_SECS": "0"})
+    fake.models = ["qwen3", "nomic-embed-text"]  # the fake, like LM Studio and llama.cpp, sends no `created`
+    first = (await call("GET", gateway.url + "/v1/models")).json()["data"]
+    for listed in first:
+        strict = Model.model_validate(listed, strict=True)  # as typed clients in Go, Rust or Java read it
+        assert strict.object == "model" and isinstance(strict.created, int) and strict.created > 0
+        assert listed["owned_by"] == "organization_owner"  # what the upstream sent is kept
+    fake.models.append("llama3")
+    second = (await call("GET", gateway.url + "/v1/models")).json()["data"]
+    assert [m["id"] for m in second] == ["qwen3", "nomic-embed-text", "llama3"]  # fetched again
+    assert {m["id"]: m["created"] for m in first}.items() <= {m["id"]: m["created"] for m in second}.items()

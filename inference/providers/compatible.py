@@ -20,6 +20,7 @@ class OpenAICompatibleProvider(Provider):
         self.base_url = self.client.base_url
         self._reactor = reactor
         self._idle_timeout = config.http.timeout_secs
+        self._first_seen: dict[str, int] = {}
 
     async def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:
         answer = await self.client.request("GET", "/v1/models", timeout=timeout)
@@ -28,7 +29,19 @@ class OpenAICompatibleProvider(Provider):
         if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
                                                    for m in models):
             raise UpstreamError("upstream model list is not an OpenAI list of models")
-        return models
+        return [self._complete(model) for model in models]
+
+    def _complete(self, model: dict[str, Any]) -> dict[str, Any]:
+        """A model object with every field OpenAI's schema requires (LM Studio and llama.cpp leave ``created``
+        out, and strict clients refuse the list then); what the upstream sent, extra fields included, is kept.
+        ``created`` is when the gateway first saw the model, so it stays the same from one listing to the next."""
+        first_seen = self._first_seen.setdefault(model["id"], int(self._reactor.seconds()))
+        complete = {**model, "object": "model"}
+        if not isinstance(model.get("created"), int) or isinstance(model.get("created"), bool):
+            complete["created"] = first_seen
+        if not isinstance(model.get("owned_by"), str):
+            complete["owned_by"] = self.name
+        return complete
 
     async def call(self, operation: Operation, body: dict[str, Any],
                    headers: dict[str, str] | None = None) -> Completion:
