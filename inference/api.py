@@ -124,7 +124,8 @@ class Gateway:
         self.monitor.require_up()
         with self.inflight.track(server.request_timeout_secs) as job:
             # The common case (a model in the cached list, a free slot) is answered without a Deferred.
-            model = self.catalog.cached(parsed.model) or await job.run(self.catalog.resolve(parsed.model))
+            kind = operation.model_kind
+            model = self.catalog.cached(parsed.model, kind) or await job.run(self.catalog.resolve(parsed.model, kind))
             parsed.body["model"] = model
             slot = self.admission.try_acquire()
             if slot is None:

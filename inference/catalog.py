@@ -7,8 +7,20 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from .errors import AmbiguousModel, ModelNotFound
+from .errors import AmbiguousModel, InvalidRequest, ModelNotFound
 from .providers import Provider
+
+# What LM Studio's native API calls a model (``type``), as the kind of call it can serve.
+_KINDS = {"llm": "llm", "vlm": "llm", "embeddings": "embeddings"}
+_WRONG_KIND = {
+    "llm": "The model '{name}' is an embedding model ({type}): it serves POST /v1/embeddings, not generation.",
+    "embeddings": "The model '{name}' is a {type} model, not an embedding model: it cannot make embeddings.",
+}
+
+
+def kind_of(model: dict[str, Any]) -> str | None:
+    """``llm`` or ``embeddings`` when the upstream said what the model is, else None (it may serve anything)."""
+    return _KINDS.get(model.get("type") or "")
 
 
 class ModelCatalog:
@@ -29,28 +41,33 @@ class ModelCatalog:
         """The models clients may use, as OpenAI model objects."""
         return [m for m in await self._upstream_models(refresh) if self._is_allowed(m["id"])]
 
-    def cached(self, requested: str | None) -> str | None:
+    def cached(self, requested: str | None, kind: str | None = None) -> str | None:
         """The id ``requested`` resolves to in a list fetched less than ``ttl`` ago, without waiting; None when
         :meth:`resolve` must decide (no fresh list, or no match)."""
         if self._upstream is None or self._expired():
             return None
-        return self._match(requested or self._default, self._upstream)
+        return self._match(requested or self._default, self._upstream, kind)
 
-    async def resolve(self, requested: str | None) -> str:
-        """Turn a requested name (``None``: the default) into a served model id, or raise a 400/404."""
+    async def resolve(self, requested: str | None, kind: str | None = None) -> str:
+        """Turn a requested name (``None``: the default) into a served model id, or raise a 400/404.
+
+        ``kind`` (``llm`` or ``embeddings``) narrows the candidates when the upstream says what its models are
+        (LM Studio's native API does): ``nomic`` then finds the embedding model for ``/v1/embeddings``, and a chat
+        naming an embedding model is told so.
+        """
         name = requested or self._default
         fresh = self._upstream is None or self._expired()
         upstream = await self._upstream_models()
-        found = self._match(name, upstream)
+        found = self._match(name, upstream, kind)
         if found is None and not fresh:  # a model loaded since the last fetch is found on a miss
             upstream = await self._upstream_models(refresh=True)
-            found = self._match(name, upstream)
+            found = self._match(name, upstream, kind)
         if found is not None:
             return found
-        served: list[str] = [m["id"] for m in upstream if self._is_allowed(m["id"])]
+        served = self._candidates(upstream, kind)
         if requested is None and len(served) == 1:
             return served[0]  # no model asked for, and only one can answer: LM Studio's own habit
-        raise self._not_found(name, upstream)
+        raise self._not_found(name, upstream, kind)
 
     async def get(self, model_id: str) -> dict[str, Any]:
         """The model object served under exactly ``model_id`` (``GET /v1/models/{id}``), or a 404."""
@@ -61,8 +78,8 @@ class ModelCatalog:
                     return model
         raise self._not_found(model_id, upstream)
 
-    def _not_found(self, name: str, upstream: list[dict[str, Any]]) -> ModelNotFound:
-        served = [m["id"] for m in upstream if self._is_allowed(m["id"])]
+    def _not_found(self, name: str, upstream: list[dict[str, Any]], kind: str | None = None) -> ModelNotFound:
+        served = self._candidates(upstream, kind)
         available = ", ".join(served) or "none (is a model loaded?)"
         if any(m["id"] == name for m in upstream):
             return ModelNotFound(f"The model '{name}' is not allowed on this gateway. Available models: "
@@ -70,10 +87,17 @@ class ModelCatalog:
         return ModelNotFound(f"The model '{name}' does not exist or is not loaded. Available models: {available}",
                              param="model")
 
-    def _match(self, name: str, upstream: list[dict[str, Any]]) -> str | None:
-        ids: list[str] = [m["id"] for m in upstream if self._is_allowed(m["id"])]
+    def _candidates(self, upstream: list[dict[str, Any]], kind: str | None) -> list[str]:
+        """The allowed ids that can serve ``kind`` (every allowed id when the upstream does not say)."""
+        return [m["id"] for m in upstream if self._is_allowed(m["id"]) and (kind is None or kind_of(m) in (None, kind))]
+
+    def _match(self, name: str, upstream: list[dict[str, Any]], kind: str | None = None) -> str | None:
+        ids = self._candidates(upstream, kind)
         if name in ids:
             return name
+        other = next((m for m in upstream if m["id"] == name and self._is_allowed(name)), None)
+        if other is not None:  # served, but of another kind
+            raise InvalidRequest(_WRONG_KIND[kind or ""].format(name=name, type=other.get("type")), param="model")
         lowered = name.lower()
         for candidates in ([i for i in ids if i.lower() == lowered], [i for i in ids if lowered in i.lower()]):
             if len(candidates) == 1:

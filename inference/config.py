@@ -119,6 +119,7 @@ class HttpConfig:
 @dataclass(frozen=True)
 class MockConfig:
     models: list[str] = _opt(_non_empty, ["mock-model"])
+    embedding_models: list[str] = _opt(None, ["mock-embedding"])
     latency_secs: float = _opt(_range(0), 0.0)
     token_delay_secs: float = _opt(_range(0), 0.0)
 

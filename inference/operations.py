@@ -61,6 +61,7 @@ class Operation:
     name: str  # the ``operation`` metric label
     path: str
     gen_ai_name: str  # ``gen_ai.operation.name`` on the CLIENT span
+    model_kind: str  # the kind of model that serves it: ``llm`` (text and vision models) or ``embeddings``
     parse: Callable[[bytes, Config], ParsedRequest]
     answer_list: str  # the list every answer holds ("choices", "data"): an answer without it is not one
     input_field: str  # where the body holds its input (recorded in spans only with capture_content)
@@ -121,7 +122,7 @@ def _stream_usage(chunk: dict[str, Any], stats: StreamStats) -> None:
 
 
 CHAT = Operation(
-    name="chat", path="/v1/chat/completions", gen_ai_name="chat",
+    name="chat", path="/v1/chat/completions", gen_ai_name="chat", model_kind="llm",
     parse=lambda raw, config: parse_chat_request(raw, config.inference.defaults, config.server.max_messages),
     answer_list="choices", input_field="messages", read_answer=_chat_answer, read_event=_chat_event)
 
@@ -149,7 +150,7 @@ def _completion_event(chunk: dict[str, Any], stats: StreamStats) -> None:
 
 
 COMPLETIONS = Operation(
-    name="text_completion", path="/v1/completions", gen_ai_name="text_completion",
+    name="text_completion", path="/v1/completions", gen_ai_name="text_completion", model_kind="llm",
     parse=lambda raw, config: parse_completion_request(raw, config.inference.defaults),
     answer_list="choices", input_field="prompt", read_answer=_completion_answer, read_event=_completion_event)
 
@@ -178,7 +179,7 @@ def _base64_floats(value: Any) -> int | None:
 
 
 EMBEDDINGS = Operation(
-    name="embeddings", path="/v1/embeddings", gen_ai_name="embeddings",
+    name="embeddings", path="/v1/embeddings", gen_ai_name="embeddings", model_kind="embeddings",
     parse=lambda raw, config: parse_embeddings_request(raw, config.server.max_embedding_inputs,
                                                        config.server.max_embedding_size),
     answer_list="data", input_field="input", read_answer=_embeddings_answer, read_event=None)

@@ -92,7 +92,7 @@ async def test_base_url_with_or_without_v1(fake, start_gateway, suffix):
     gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url + suffix})
     reply = await gateway.post_chat({"model": "qwen2.5-7b-instruct", "messages": USER})
     assert reply.status == 200
-    assert [r.path for r in fake.received] == ["/v1/models", "/v1/chat/completions"]
+    assert [r.path for r in fake.received] == ["/v1/models", "/api/v0/models", "/v1/chat/completions"]
 
 
 @pytest_twisted.ensureDeferred
@@ -146,7 +146,7 @@ async def test_mock_provider_answers_deterministically_without_network(start_gat
     assert completion.choices[0].finish_reason == "length"
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (3, 4)
     models = await deferToThread(lambda: [m.id for m in client.models.list()])
-    assert models == ["mock-a", "mock-b"]
+    assert models == ["mock-a", "mock-b", "mock-embedding"]
     health = await call("GET", gateway.url + "/health")
     assert health.status == 200 and health.json()["provider"] == "mock"
 

@@ -83,16 +83,19 @@ async def test_embeddings_are_measured_and_traced_as_their_own_operation(fake, l
 @pytest_twisted.ensureDeferred
 async def test_the_mocks_vectors_are_unit_length_and_the_same_for_the_same_text(start_gateway):
     gateway = start_gateway({"INFERENCE_INFERENCE_PROVIDER": "mock"})
+    unnamed = await call("POST", gateway.url + "/v1/embeddings", {"input": "x"})  # the one embedding model answers
+    assert unnamed.status == 200 and unnamed.json()["model"] == "mock-embedding"
     client = client_for(gateway.url)
 
     def embed() -> list[list[float]]:
-        first = client.embeddings.create(model="mock-model", input=["same text", "other text"])
-        again = client.embeddings.create(model="mock-model", input="same text", dimensions=8, encoding_format="float")
+        first = client.embeddings.create(model="mock-embedding", input=["same text", "other text"])
+        again = client.embeddings.create(model="mock-embedding", input="same text", dimensions=8,
+                                         encoding_format="float")
         return [d.embedding for d in first.data] + [again.data[0].embedding]
 
     same, other, short = await deferToThread(embed)
     assert len(same) == 64 and len(short) == 8
     assert all(math.isclose(math.fsum(x * x for x in v), 1.0, rel_tol=1e-5) for v in (same, other, short))
     assert same != other
-    again = await deferToThread(lambda: client.embeddings.create(model="mock-model", input="same text"))
+    again = await deferToThread(lambda: client.embeddings.create(model="mock-embedding", input="same text"))
     assert again.data[0].embedding == same

@@ -88,3 +88,34 @@ async def test_model_objects_carry_every_field_openais_schema_requires(fake, sta
     second = (await call("GET", gateway.url + "/v1/models")).json()["data"]
     assert [m["id"] for m in second] == ["qwen3", "nomic-embed-text", "llama3"]  # fetched again
     assert {m["id"]: m["created"] for m in first}.items() <= {m["id"]: m["created"] for m in second}.items()
+
+
+KINDS = {"qwen3": "llm", "qwen3-vl": "vlm", "qwen3-embedding": "embeddings", "nomic-embed-text-v1.5": "embeddings"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_lm_studios_native_api_tells_text_models_from_embedding_models(fake, lmstudio):
+    fake.models, fake.native_types = list(KINDS), KINDS
+    embeddings = await call("POST", lmstudio.url + "/v1/embeddings", {"model": "nomic", "input": "x"})
+    assert embeddings.status == 200 and fake.received[-1].body["model"] == "nomic-embed-text-v1.5"
+    both = await call("POST", lmstudio.url + "/v1/embeddings", {"model": "qwen", "input": "x"})
+    assert both.status == 200 and fake.received[-1].body["model"] == "qwen3-embedding"  # the only embedding qwen
+    chat = await lmstudio.post_chat({"model": "qwen3-v", "messages": USER})  # a vision model chats too
+    assert chat.status == 200 and fake.received[-1].body["model"] == "qwen3-vl"
+    wrong = await lmstudio.post_chat({"model": "nomic-embed-text-v1.5", "messages": USER})
+    assert wrong.status == 400 and wrong.error["param"] == "model"
+    assert "is an embedding model" in wrong.error["message"] and "/v1/embeddings" in wrong.error["message"]
+    also_wrong = await call("POST", lmstudio.url + "/v1/embeddings", {"model": "qwen3", "input": "x"})
+    assert also_wrong.status == 400 and "not an embedding model" in also_wrong.error["message"]
+    listed = {m["id"]: m for m in (await call("GET", lmstudio.url + "/v1/models")).json()["data"]}
+    assert listed["qwen3-vl"]["type"] == "vlm" and listed["qwen3-vl"]["state"] == "loaded"
+    assert listed["qwen3-vl"]["max_context_length"] == 4096 and "publisher" not in listed["qwen3-vl"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_the_native_api_every_model_is_a_candidate(fake, lmstudio):
+    fake.models = list(KINDS)  # and no /api/v0/models (llama.cpp, older LM Studio): kinds are unknown
+    reply = await call("POST", lmstudio.url + "/v1/embeddings", {"model": "qwen3-embedding", "input": "x"})
+    assert reply.status == 200
+    ambiguous = await call("POST", lmstudio.url + "/v1/embeddings", {"model": "qwen", "input": "x"})
+    assert ambiguous.status == 400 and ambiguous.error["code"] == "ambiguous_model"

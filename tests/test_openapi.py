@@ -53,9 +53,15 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_pa
                              "INFERENCE_INFERENCE_MAX_QUEUE": "1"})
     # One worker: with two threads, CPython 3.11.7's parser sometimes fails hypothesis's lambda descriptions with
     # "SystemError: AST constructor recursion depth mismatch" (a schemathesis run error, not a finding).
-    code, output = await run_tool(tmp_path, SCHEMATHESIS, "run", gateway.url + "/openapi.json",
-                                  "--header", "Authorization: Bearer fuzz-key", "--checks", "all",
-                                  "--max-examples", "60", "--workers", "1", "--seed", "20261124",
-                                  "--no-color")
+    common = ("run", gateway.url + "/openapi.json", "--header", "Authorization: Bearer fuzz-key",
+              "--max-examples", "60", "--workers", "1", "--seed", "20261124", "--no-color")
+    code, output = await run_tool(tmp_path, SCHEMATHESIS, *common, "--checks", "all", "--exclude-path",
+                                  "/v1/embeddings")
+    assert code == 0, output
+    assert "No issues found" in output
+    # Schemathesis sends the model names it saw in answers to every route, and a text model asked for embeddings is
+    # a 400 (test_models.py) that no schema can express; every other check runs on embeddings too.
+    code, output = await run_tool(tmp_path, SCHEMATHESIS, *common, "--checks", "all", "--include-path",
+                                  "/v1/embeddings", "--exclude-checks", "positive_data_acceptance")
     assert code == 0, output
     assert "No issues found" in output

@@ -79,8 +79,9 @@ class MockProvider(Provider):
         self._created = int(time.time())
 
     async def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:
-        return [{"id": m, "object": "model", "created": self._created, "owned_by": "mock"}
-                for m in self._config.models]
+        kinds = [(m, "llm") for m in self._config.models] + [(m, "embeddings") for m in self._config.embedding_models]
+        return [{"id": m, "object": "model", "created": self._created, "owned_by": "mock", "type": kind,
+                 "state": "loaded"} for m, kind in kinds]
 
     async def call(self, operation: Operation, body: dict[str, Any],
                    headers: dict[str, str] | None = None) -> Completion:

@@ -70,6 +70,7 @@ class FakeLMStudio(Resource):
         self.chat = Behaviour()
         self.listing = Behaviour()
         self.require_key: str | None = None
+        self.native_types: dict[str, str] | None = None  # id -> llm/vlm/embeddings: serve /api/v0/models
         self.gzip = False  # compress answers for clients that accept gzip (as OpenAI does)
         self.set_cookie: str | None = None  # a Set-Cookie header on every answer
         self.received: list[Received] = []
@@ -125,6 +126,10 @@ class FakeLMStudio(Resource):
         if got.path == "/v1/models" and got.method == "GET":
             listing = [{"id": m, "object": "model", "owned_by": "organization_owner"} for m in self.models]
             return self._answer(request, self.listing, {"object": "list", "data": listing})
+        if got.path == "/api/v0/models" and got.method == "GET" and self.native_types is not None:
+            native = [{"id": m, "object": "model", "type": self.native_types.get(m, "llm"), "state": "loaded",
+                       "max_context_length": 4096, "publisher": "fake"} for m in self.models]
+            return self._json(request, 200, {"object": "list", "data": native})
         if got.path == "/v1/embeddings" and got.method == "POST":
             return self._answer(request, self.chat, self._embeddings(body))
         if got.path in ("/v1/chat/completions", "/v1/completions") and got.method == "POST":
