@@ -162,6 +162,8 @@ def _embeddings_answer(data: dict[str, Any], capture: bool) -> Facts:
     facts.response_id = None  # an embeddings list has no id of its own
     items = data.get("data") or []
     first = items[0].get("embedding") if items and isinstance(items[0], dict) else None
+    if isinstance(first, list) and first and isinstance(first[0], list):
+        first = first[0]  # llama.cpp without pooling answers one vector per token
     dimensions = len(first) if isinstance(first, list) else _base64_floats(first)
     if dimensions:
         facts.attributes["gen_ai.embeddings.dimension.count"] = dimensions
