@@ -32,15 +32,12 @@ class Facts:
 
 @dataclass
 class StreamStats:
-    """What one stream measured, for logs, metrics and spans (times are ``perf_counter`` readings)."""
+    """What one stream measured, for logs, metrics and spans (times are ``perf_counter`` readings): what its events
+    said about the answer (``facts``), when the first token came, how many deltas carried output, and how it ended."""
 
+    facts: Facts = field(default_factory=Facts)
     first_token_at: float | None = None
     content_chunks: int = 0
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    finish_reasons: tuple[str, ...] = ()
-    response_id: str | None = None
-    response_model: str | None = None
     text: list[str] | None = None  # the generated text, kept only when the operator captures content
     error: GatewayError | None = None
     client_gone: bool = False
@@ -52,6 +49,10 @@ class StreamStats:
         self.content_chunks += 1
         if self.text is not None and isinstance(text, str):
             self.text.append(text)
+
+
+EventReader = Callable[[dict[str, Any], StreamStats], None]
+"""Reads one stream event (a JSON object) into what the stream measured."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Operation:
     answer_list: str  # the list every answer holds ("choices", "data"): an answer without it is not one
     input_field: str  # where the body holds its input (recorded in spans only with capture_content)
     read_answer: Callable[[dict[str, Any], bool], Facts]  # (answer, capture content) -> facts
-    read_event: Callable[[dict[str, Any], StreamStats], None] | None  # None: the API does not stream
+    read_event: EventReader | None  # None: the API does not stream
 
 
 def count(usage: Any, key: str) -> int | None:
@@ -100,31 +101,44 @@ def _chat_answer(data: dict[str, Any], capture: bool) -> Facts:
         output=[(c.get("message") or {}).get("content") for c in choices] if capture else None))
 
 
-def _chat_event(chunk: dict[str, Any], stats: StreamStats) -> None:
-    if stats.response_id is None:
-        stats.response_id, stats.response_model = chunk.get("id"), chunk.get("model")
-    for choice in chunk.get("choices") or ():
-        if not isinstance(choice, dict):
-            continue
-        delta = choice.get("delta") or {}
-        if delta.get("content") or delta.get("reasoning") or delta.get("reasoning_content") \
-                or delta.get("tool_calls"):
-            stats.generated(delta.get("content"))
-        if choice.get("finish_reason"):
-            stats.finish_reasons += (choice["finish_reason"],)
-    _stream_usage(chunk, stats)
+def _choice_events(output_of: Callable[[dict[str, Any]], tuple[bool, Any]]) -> EventReader:
+    """The reader of a stream of ``choices`` chunks; ``output_of(choice)`` says whether the choice carries
+    generated output, and its text."""
+    def read(chunk: dict[str, Any], stats: StreamStats) -> None:
+        if stats.facts.response_id is None:
+            _identity(chunk, stats.facts)
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            generated, text = output_of(choice)
+            if generated:
+                stats.generated(text)
+            reason = choice.get("finish_reason")
+            if reason and isinstance(reason, str):
+                stats.facts.finish_reasons += (reason,)
+        _stream_usage(chunk, stats)
+
+    return read
+
+
+def _chat_delta(choice: dict[str, Any]) -> tuple[bool, Any]:
+    delta = choice.get("delta") or {}
+    return bool(delta.get("content") or delta.get("reasoning") or delta.get("reasoning_content")
+                or delta.get("tool_calls")), delta.get("content")
 
 
 def _stream_usage(chunk: dict[str, Any], stats: StreamStats) -> None:
     usage = chunk.get("usage")
     if isinstance(usage, dict):
-        stats.input_tokens, stats.output_tokens = count(usage, "prompt_tokens"), count(usage, "completion_tokens")
+        stats.facts.input_tokens = count(usage, "prompt_tokens")
+        stats.facts.output_tokens = count(usage, "completion_tokens")
 
 
 CHAT = Operation(
     name="chat", path="/v1/chat/completions", gen_ai_name="chat", model_kind="llm",
     parse=lambda raw, config: parse_chat_request(raw, config.inference.defaults, config.server.max_messages),
-    answer_list="choices", input_field="messages", read_answer=_chat_answer, read_event=_chat_event)
+    answer_list="choices", input_field="messages", read_answer=_chat_answer,
+    read_event=_choice_events(_chat_delta))
 
 
 # -- text completions ----------------------------------------------------------------------------------------------
@@ -136,23 +150,15 @@ def _completion_answer(data: dict[str, Any], capture: bool) -> Facts:
         finish_reasons=_finish_reasons(choices), output=[c.get("text") for c in choices] if capture else None))
 
 
-def _completion_event(chunk: dict[str, Any], stats: StreamStats) -> None:
-    if stats.response_id is None:
-        stats.response_id, stats.response_model = chunk.get("id"), chunk.get("model")
-    for choice in chunk.get("choices") or ():
-        if not isinstance(choice, dict):
-            continue
-        if choice.get("text"):
-            stats.generated(choice["text"])
-        if choice.get("finish_reason"):
-            stats.finish_reasons += (choice["finish_reason"],)
-    _stream_usage(chunk, stats)
+def _completion_text(choice: dict[str, Any]) -> tuple[bool, Any]:
+    return bool(choice.get("text")), choice.get("text")
 
 
 COMPLETIONS = Operation(
     name="text_completion", path="/v1/completions", gen_ai_name="text_completion", model_kind="llm",
     parse=lambda raw, config: parse_completion_request(raw, config.inference.defaults),
-    answer_list="choices", input_field="prompt", read_answer=_completion_answer, read_event=_completion_event)
+    answer_list="choices", input_field="prompt", read_answer=_completion_answer,
+    read_event=_choice_events(_completion_text))
 
 
 # -- embeddings ----------------------------------------------------------------------------------------------------

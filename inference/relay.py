@@ -8,8 +8,7 @@ handler (Klein), which stops the stream and so aborts the upstream request.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 from twisted.internet.defer import CancelledError
 from twisted.web.http import HTTPChannel
@@ -17,7 +16,7 @@ from twisted.web.server import Request
 
 from . import jsonio
 from .errors import GatewayError, UpstreamError, from_upstream
-from .operations import StreamStats
+from .operations import EventReader, StreamStats
 from .providers.base import ChatStream
 from .sse import DONE, DONE_EVENT, encode, error_event
 
@@ -31,7 +30,7 @@ def connected(request: Request) -> bool:
 class StreamRelay:
     """Writes ``stream``'s events to ``request`` until the stream ends, fails, or the client leaves."""
 
-    def __init__(self, request: Request, stream: ChatStream, read_event: Callable[[dict[str, Any], StreamStats], None],
+    def __init__(self, request: Request, stream: ChatStream, read_event: EventReader,
                  capture_content: bool = False) -> None:
         self._request = request
         self._stream = stream
@@ -49,7 +48,7 @@ class StreamRelay:
         request.registerProducer(self._stream, True)
         try:
             await self._stream.begin(self)
-            if not (self._upstream_done or self.stats.finish_reasons):
+            if not (self._upstream_done or self.stats.facts.finish_reasons):
                 raise UpstreamError("upstream ended the stream without finishing it (for LM Studio and "
                                     "llama.cpp this often means the prompt does not fit the context)",
                                     kind="interrupted")

@@ -327,9 +327,7 @@ class UpstreamCall:
 
 
 def _facts_of(stats: StreamStats) -> Facts:
-    """What a stream told about its answer, as a non-streaming answer would have."""
-    return Facts(input_tokens=stats.input_tokens, output_tokens=stats.output_tokens,
-                 finish_reasons=stats.finish_reasons,
-                 response_id=stats.response_id if isinstance(stats.response_id, str) else None,
-                 response_model=stats.response_model if isinstance(stats.response_model, str) else None,
-                 output=["".join(stats.text)] if stats.text is not None else None)
+    """What a stream told about its answer, as a non-streaming answer would have (the text joined, if kept)."""
+    if stats.text is not None:
+        stats.facts.output = ["".join(stats.text)]
+    return stats.facts
