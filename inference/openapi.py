@@ -26,7 +26,7 @@ def _error(description: str) -> dict[str, Any]:
 
 
 _ERRORS = {
-    "400": "Malformed JSON or an invalid parameter (`param` names it); ambiguous model",
+    "400": "Malformed JSON or an invalid parameter (`param` names it); ambiguous model; a model of the wrong kind",
     "401": "Missing or invalid API key",
     "404": "Model not found, not allowed or not loaded; unknown route",
     "405": "Wrong method for the route",
