@@ -71,7 +71,7 @@ class StreamRelay:
         request.write(DONE_EVENT)
         return self.stats
 
-    def event(self, payload: bytes) -> None:
+    def event(self, payload: bytes, name: bytes | None = None) -> None:
         """One upstream event: looked at for what metrics need, then relayed as the very same bytes."""
         if self._upstream_done or self.stats.error is not None:
             return
@@ -88,7 +88,7 @@ class StreamRelay:
             return self._fail(from_upstream(500, payload))
         self._read_event(chunk, self.stats)
         if connected(self._request):
-            self._request.write(encode(payload))
+            self._request.write(encode(payload, name))
 
     def interrupt(self, error: GatewayError) -> None:
         """End the stream now with ``error`` (the daemon is stopping): between two events, never inside one."""

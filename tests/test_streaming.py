@@ -59,6 +59,15 @@ async def test_upstream_bytes_are_relayed_untouched(fake, lmstudio):
 
 
 @pytest_twisted.ensureDeferred
+async def test_event_names_are_relayed_with_their_events(fake, lmstudio):
+    fake.chat.stream = "named"
+    body = (await lmstudio.post_chat(stream_body())).body
+    events = body[:-2].split(b"\n\n")
+    assert all(e.startswith(b"event: completion\ndata: {") for e in events[:-1]) and events[-1] == b"data: [DONE]"
+    assert text_of([e.split(b"data: ", 1)[1] for e in events]) == "echo: hello there"
+
+
+@pytest_twisted.ensureDeferred
 async def test_openai_sdk_streams_text_and_usage(fake, lmstudio):
     client = openai.OpenAI(base_url=lmstudio.url + "/v1", api_key="x", max_retries=0)
 

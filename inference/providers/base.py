@@ -25,8 +25,8 @@ class Completion:
 
 
 class EventConsumer(Protocol):
-    def event(self, payload: bytes) -> None:
-        """One SSE ``data`` payload (an OpenAI chunk's JSON bytes, or ``[DONE]``)."""
+    def event(self, payload: bytes, name: bytes | None = None) -> None:
+        """One SSE event: its ``data`` payload (an OpenAI chunk's JSON bytes, or ``[DONE]``) and ``event:`` name."""
 
 
 @implementer(IPushProducer)

@@ -46,7 +46,8 @@ class Behaviour:
     include_usage), no_done (ends without ``[DONE]``), empty (no events at all), die (two words, then the
     connection is cut), stall (two words, then silence), garbage (two words, then a broken event),
     error_event (two words, then an ``error`` event), flood (large events for ``flood_bytes``, obeying flow
-    control), comments (SSE comments and CRLF line ends between events), huge_event (two words, then one
+    control), comments (SSE comments and CRLF line ends between events), named (an ``event:`` line on every
+    event but ``[DONE]``), huge_event (two words, then one
     event of ``huge_bytes`` that never ends).
     """
 
@@ -274,6 +275,8 @@ class FakeLMStudio(Resource):
             pieces.append(b"data: [DONE]\n\n")
         if mode == "comments":
             pieces = [b": keep-alive\r\n" + p.replace(b"\n", b"\r\n") for p in pieces]
+        if mode == "named":
+            pieces = [b"event: completion\n" + p for p in pieces[:-1]] + pieces[-1:]
         return b"".join(pieces)
 
     def release(self) -> None:
