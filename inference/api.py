@@ -20,7 +20,7 @@ from .drain import InFlight
 from .errors import GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound, UpstreamTimeout, UpstreamUnreachable
 from .monitor import UpstreamMonitor
 from .openapi import openapi_bytes
-from .operations import CHAT, COMPLETIONS, EMBEDDINGS, Operation
+from .operations import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Operation
 from .providers import Provider
 from .relay import StreamRelay
 from .request import GatewayRequest
@@ -30,7 +30,7 @@ log = Logger()
 
 JSON = b"application/json"
 
-OPERATIONS = (CHAT, COMPLETIONS, EMBEDDINGS)
+OPERATIONS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
 
 _ROUTES = {path.encode(): path for path in
            (*(op.path for op in OPERATIONS), "/v1/models", "/health", "/health/live", "/health/ready", "/openapi.json")}
@@ -115,6 +115,10 @@ class Gateway:
     async def embeddings(self, request: GatewayRequest) -> bytes | None:
         return await self._serve(request, EMBEDDINGS)
 
+    @app.route(RESPONSES.path, methods=["POST"])
+    async def responses(self, request: GatewayRequest) -> bytes | None:
+        return await self._serve(request, RESPONSES)
+
     async def _serve(self, request: GatewayRequest, operation: Operation) -> bytes | None:
         """Every API call's steps: auth, parse, resolve the model, admission, deadline, the upstream call, the
         answer or the relayed stream, and the record of it all."""
@@ -137,7 +141,8 @@ class Gateway:
                     return write_body(request, answer.raw)
                 stream = await job.run(self.provider.open_stream(operation, parsed.body, call.headers))
                 job.clear_deadline()
-                relay = StreamRelay(request, stream, operation.read_event, call.capture_content)
+                relay = StreamRelay(request, stream, operation.read_event, operation.stream_format,
+                                    call.capture_content)
                 job.on_interrupt(relay.interrupt)
                 try:
                     await relay.run()
@@ -230,7 +235,7 @@ class Gateway:
         path = request.path.decode("utf-8", "replace")
         return self._error(request, RouteNotFound(f"No route {path}. See GET /v1/models, "
                                                   "POST /v1/chat/completions, POST /v1/completions, "
-                                                  "POST /v1/embeddings, GET /health."))
+                                                  "POST /v1/embeddings, POST /v1/responses, GET /health."))
 
     @app.handle_errors(RouteMethodNotAllowed)
     def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:

@@ -92,6 +92,15 @@ _COMPLETION_PARAMETERS: dict[str, Any] = {
     "best_of": _number(1, integer=True),
 }
 _TOKEN = {"type": "integer", "minimum": 0}
+# /v1/responses (schema.RESPONSES_CHECKS).
+_RESPONSES_PARAMETERS: dict[str, Any] = {
+    **{name: _PARAMETERS[name] for name in ("model", "stream", "temperature", "top_p", "tools", "user", "top_k",
+                                            "min_p", "repeat_penalty", "ttl", "draft_model", "extensions")},
+    "instructions": {"type": "string"}, "max_output_tokens": _number(1, integer=True), "reasoning": {"type": "object"},
+    "previous_response_id": {"type": "string"}, "store": {"type": "boolean"}, "metadata": {"type": "object"},
+    "text": {"type": "object"}, "parallel_tool_calls": {"type": "boolean"},
+    "tool_choice": {"oneOf": [{"type": "string"}, {"type": "object"}]},
+}
 
 
 def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
@@ -173,6 +182,23 @@ def _schemas(config: Config) -> dict[str, Any]:
                     "properties": {"index": {"type": "integer"}, "object": {"const": "embedding"},
                                    "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}},
                                                            {"type": "string", "description": "base64 float32"}]}}}}}},
+        "ResponsesRequest": {
+            "type": "object", "required": ["input"],
+            "description": "OpenAI's Responses API; fields not listed are passed to the upstream untouched.",
+            "properties": {**{name: _or_null(schema) for name, schema in _RESPONSES_PARAMETERS.items()},
+                           "input": {"oneOf": [{"type": "string"},
+                                               {"type": "array", "minItems": 1, "items": {"type": "object"}}]}}},
+        "Response": {
+            "type": "object", "required": ["id", "object", "model", "output"],
+            "properties": {"id": {"type": "string"}, "object": {"const": "response"}, "model": {"type": "string"},
+                           "status": {"type": "string"}, "output": {"type": "array"},
+                           "usage": {"type": ["object", "null"]}}},
+        "ResponseEvent": {
+            "type": "object", "required": ["data"],
+            "description": "One server-sent event with its `event:` name (`response.created`, "
+                           "`response.output_text.delta`, ..., `response.completed`; `error` if the stream fails "
+                           "after it started); no `[DONE]`",
+            "properties": {"event": {"type": "string"}, "data": {"type": "string"}}},
         "TextCompletion": {
             "type": "object", "required": ["id", "object", "created", "model", "choices"],
             "properties": {
@@ -239,6 +265,14 @@ def openapi_document(config: Config) -> dict[str, Any]:
             json_ok("The embeddings", "EmbeddingList"), "413", "429", *upstream, auth=keys, tag="OpenAI",
             operationId="createEmbedding",
             requestBody={"required": True, "content": {JSON_TYPE: {"schema": _ref("EmbeddingsRequest")}}})},
+        "/v1/responses": {"post": operation(
+            "OpenAI's Responses API, relayed to an upstream that serves it; `stream: true` answers with its typed "
+            "events",
+            {"description": "The response (JSON), or its events as SSE",
+             "content": {JSON_TYPE: {"schema": _ref("Response")},
+                         "text/event-stream": {"schema": _ref("ResponseEvent")}}},
+            "413", "429", *upstream, auth=keys, tag="OpenAI", operationId="createResponse",
+            requestBody={"required": True, "content": {JSON_TYPE: {"schema": _ref("ResponsesRequest")}}})},
         "/v1/models": {"get": operation("Models this gateway serves", json_ok("The models", "ModelList"),
                                         "502", "503", "504", "500", auth=keys, tag="OpenAI",
                                         operationId="listModels")},

@@ -7,14 +7,22 @@ and how its answer and its stream events are read for metrics, spans and the acc
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
 from .config import Config
-from .errors import GatewayError
-from .schema import ParsedRequest, parse_chat_request, parse_completion_request, parse_embeddings_request
+from .errors import GatewayError, UpstreamError, from_upstream
+from .schema import (
+    ParsedRequest,
+    parse_chat_request,
+    parse_completion_request,
+    parse_embeddings_request,
+    parse_responses_request,
+)
+from .sse import DONE_EVENT, encode, error_event
 
 
 @dataclass
@@ -56,6 +64,23 @@ EventReader = Callable[[dict[str, Any], StreamStats], None]
 
 
 @dataclass(frozen=True)
+class StreamFormat:
+    """How an API's event stream reports a failure, and how the gateway ends one: OpenAI's chat and completion
+    streams end with ``data: [DONE]`` and carry ``{"error": ...}`` events; typed-event APIs have their own."""
+
+    failure: Callable[[dict[str, Any], bytes], GatewayError | None]  # (event, its bytes) -> the failure it reports
+    error_event: Callable[[GatewayError], bytes]  # what the gateway writes when the stream fails after its 200
+    closing: bytes  # written last, after the upstream's events (and the error event, if any)
+
+
+def _error_field(chunk: dict[str, Any], payload: bytes) -> GatewayError | None:
+    return from_upstream(500, payload) if chunk.get("error") is not None else None
+
+
+OPENAI_STREAM = StreamFormat(failure=_error_field, error_event=error_event, closing=DONE_EVENT)
+
+
+@dataclass(frozen=True)
 class Operation:
     """One API: its route (also the upstream path), how it is parsed, and how its answers are read."""
 
@@ -68,6 +93,9 @@ class Operation:
     input_field: str  # where the body holds its input (recorded in spans only with capture_content)
     read_answer: Callable[[dict[str, Any], bool], Facts]  # (answer, capture content) -> facts
     read_event: EventReader | None  # None: the API does not stream
+    stream_format: StreamFormat = OPENAI_STREAM
+    asks_usage: bool = True  # streams ask for ``stream_options.include_usage`` (chat and completions only)
+    span_attributes: tuple[tuple[str, str], ...] = ()  # constant attributes of its CLIENT span
 
 
 def count(usage: Any, key: str) -> int | None:
@@ -191,3 +219,62 @@ EMBEDDINGS = Operation(
     parse=lambda raw, config: parse_embeddings_request(raw, config.server.max_embedding_inputs,
                                                        config.server.max_embedding_size),
     answer_list="data", input_field="input", read_answer=_embeddings_answer, read_event=None)
+
+
+# -- the Responses API ---------------------------------------------------------------------------------------------
+
+def _responses_answer(data: dict[str, Any], capture: bool) -> Facts:
+    usage = data.get("usage")
+    facts = _identity(data, Facts(input_tokens=count(usage, "input_tokens"),
+                                  output_tokens=count(usage, "output_tokens")))
+    if isinstance(data.get("status"), str):
+        facts.finish_reasons = (data["status"],)
+    if capture:
+        facts.output = [part.get("text") for item in data.get("output") or () if isinstance(item, dict)
+                        for part in item.get("content") or () if isinstance(part, dict)
+                        and part.get("type") == "output_text"]
+    return facts
+
+
+_OUTPUT_DELTAS = ("response.output_text.delta", "response.refusal.delta", "response.reasoning_text.delta",
+                  "response.reasoning_summary_text.delta", "response.function_call_arguments.delta")
+_ENDINGS = ("response.completed", "response.incomplete")
+
+
+def _responses_event(event: dict[str, Any], stats: StreamStats) -> None:
+    kind = event.get("type")
+    if kind in _OUTPUT_DELTAS:
+        stats.generated(event.get("delta") if kind == "response.output_text.delta" else None)
+    elif kind == "response.created" and isinstance(event.get("response"), dict):
+        _identity(event["response"], stats.facts)
+    elif kind in _ENDINGS and isinstance(event.get("response"), dict):
+        answer = _responses_answer(event["response"], False)
+        stats.facts.input_tokens, stats.facts.output_tokens = answer.input_tokens, answer.output_tokens
+        stats.facts.finish_reasons = answer.finish_reasons or (str(kind).rpartition(".")[2],)
+        stats.facts.response_id = answer.response_id or stats.facts.response_id
+        stats.facts.response_model = answer.response_model or stats.facts.response_model
+
+
+def _responses_failure(event: dict[str, Any], payload: bytes) -> GatewayError | None:
+    kind = event.get("type")
+    if kind == "error":
+        return UpstreamError(f"upstream stream failed: {event.get('message') or 'error event'}", kind="server_error")
+    if kind == "response.failed":
+        error = (event.get("response") or {}).get("error") or {}
+        message = error.get("message") if isinstance(error, dict) else None
+        return UpstreamError(f"upstream response failed: {message or 'no reason given'}", kind="server_error")
+    return None
+
+
+def _responses_error_event(error: GatewayError) -> bytes:
+    """The Responses API's ``error`` event (its streams have no ``[DONE]``)."""
+    return encode(json.dumps({"type": "error", "code": error.code, "message": error.message,
+                              "param": error.param}).encode(), b"error")
+
+
+RESPONSES = Operation(
+    name="responses", path="/v1/responses", gen_ai_name="chat", model_kind="llm",
+    parse=lambda raw, config: parse_responses_request(raw),
+    answer_list="output", input_field="input", read_answer=_responses_answer, read_event=_responses_event,
+    stream_format=StreamFormat(failure=_responses_failure, error_event=_responses_error_event, closing=b""),
+    asks_usage=False, span_attributes=(("inference.api", "responses"),))

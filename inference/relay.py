@@ -15,10 +15,10 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
 from . import jsonio
-from .errors import GatewayError, UpstreamError, from_upstream
-from .operations import EventReader, StreamStats
+from .errors import GatewayError, UpstreamError
+from .operations import OPENAI_STREAM, EventReader, StreamFormat, StreamStats
 from .providers.base import ChatStream
-from .sse import DONE, DONE_EVENT, encode, error_event
+from .sse import DONE, encode
 
 
 def connected(request: Request) -> bool:
@@ -31,10 +31,11 @@ class StreamRelay:
     """Writes ``stream``'s events to ``request`` until the stream ends, fails, or the client leaves."""
 
     def __init__(self, request: Request, stream: ChatStream, read_event: EventReader,
-                 capture_content: bool = False) -> None:
+                 stream_format: StreamFormat = OPENAI_STREAM, capture_content: bool = False) -> None:
         self._request = request
         self._stream = stream
         self._read_event = read_event  # the operation's: what an event says about the answer
+        self._format = stream_format  # the operation's: how its stream fails and ends
         self._upstream_done = False
         self.stats = StreamStats(text=[] if capture_content else None)
 
@@ -67,8 +68,9 @@ class StreamRelay:
             self.stats.client_gone = True
             return self.stats
         if self.stats.error is not None:
-            request.write(error_event(self.stats.error))
-        request.write(DONE_EVENT)
+            request.write(self._format.error_event(self.stats.error))
+        if self._format.closing:
+            request.write(self._format.closing)
         return self.stats
 
     def event(self, payload: bytes, name: bytes | None = None) -> None:
@@ -84,8 +86,9 @@ class StreamRelay:
             return self._fail(UpstreamError("upstream sent an event that is not JSON"))
         if not isinstance(chunk, dict):
             return self._fail(UpstreamError("upstream sent an event that is not a JSON object"))
-        if chunk.get("error") is not None:
-            return self._fail(from_upstream(500, payload))
+        failure = self._format.failure(chunk, payload)
+        if failure is not None:
+            return self._fail(failure)
         self._read_event(chunk, self.stats)
         if connected(self._request):
             self._request.write(encode(payload, name))

@@ -56,7 +56,7 @@ def _number(low: float | None = None, high: float | None = None, *, above: bool 
     return check
 
 
-def _of_type(kind: type, label: str) -> Check:
+def _of_type(kind: type | tuple[type, ...], label: str) -> Check:
     def check(name: str, value: Any) -> Any:
         if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
             raise InvalidRequest(f"'{name}' must be {label}, got {_show(value)}", param=name)
@@ -136,6 +136,21 @@ EMBEDDING_CHECKS: dict[str, Check] = {
     "user": _of_type(str, "a string"),
 }
 
+# /v1/responses: the parameters the Responses API shares with chat, and its own.
+RESPONSES_CHECKS: dict[str, Check] = {
+    **{key: CHECKS[key] for key in ("model", "stream", "temperature", "top_p", "tools", "user", "top_k", "min_p",
+                                    "repeat_penalty", "ttl", "draft_model")},
+    "instructions": _of_type(str, "a string"),
+    "max_output_tokens": _number(1, integer=True),
+    "reasoning": _of_type(dict, "an object"),
+    "previous_response_id": _of_type(str, "a string"),
+    "store": _of_type(bool, "true or false"),
+    "metadata": _of_type(dict, "an object"),
+    "text": _of_type(dict, "an object"),
+    "parallel_tool_calls": _of_type(bool, "true or false"),
+    "tool_choice": _of_type((str, dict), "a string or an object"),
+}
+
 # /v1/completions: the same sampling parameters, its own few, and ``logprobs`` as a count (0-5), not a switch.
 COMPLETION_CHECKS: dict[str, Check] = {
     **{key: check for key, check in CHECKS.items() if key not in ("logprobs", "top_logprobs", "tools")},
@@ -183,6 +198,18 @@ def parse_embeddings_request(raw: bytes, max_inputs: int, max_size: int) -> Pars
     body = parse_object(raw)
     body["input"] = _check_input(body.get("input"), max_inputs, max_size)
     return ParsedRequest(model=check_fields(body, EMBEDDING_CHECKS), stream=False, body=body)
+
+
+def parse_responses_request(raw: bytes) -> ParsedRequest:
+    """Parse and validate a ``POST /v1/responses`` body (OpenAI's Responses API; the upstream keeps the state
+    ``previous_response_id`` names)."""
+    body = parse_object(raw)
+    given = body.get("input")
+    if given is None:
+        raise InvalidRequest("'input' is required", param="input")
+    if not (isinstance(given, str) or (isinstance(given, list) and given and all(isinstance(i, dict) for i in given))):
+        raise InvalidRequest("'input' must be a string or a non-empty list of input items (objects)", param="input")
+    return ParsedRequest(model=check_fields(body, RESPONSES_CHECKS), stream=bool(body.get("stream")), body=body)
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:

@@ -55,9 +55,9 @@ class OpenAICompatibleProvider(Provider):
     async def open_stream(self, operation: Operation, body: dict[str, Any],
                           headers: dict[str, str] | None = None) -> ChatStream:
         body = self.prepare(operation, body)
-        # Usage is asked for always: the client's last chunk then carries it, and metrics count real tokens.
-        payload = {**body, "stream": True,  # stream_options is a dict when present (schema checked it)
-                   "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+        payload = {**body, "stream": True}
+        if operation.asks_usage:  # the client's last chunk then carries usage, and metrics count real tokens
+            payload["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         response = await self.client.open("POST", operation.path, jsonio.dumps(payload), headers=headers)
         if isinstance(response, Answer):  # an error, or JSON where a stream was due (LM Studio's error in a 200)
             _json_answer(response)

@@ -19,6 +19,7 @@ from ..config import MockConfig
 from ..operations import Operation
 from ..sse import DONE
 from .base import ChatStream, Completion, EventConsumer, Provider
+from .mock_responses import response_events, response_object
 
 
 def words_of(content: Any) -> list[str]:
@@ -37,7 +38,10 @@ def prompt_words(operation: Operation, body: dict[str, Any]) -> list[str]:
         prompt = body["prompt"]
         first = prompt if isinstance(prompt, str) else prompt[0]
         return first.split() if isinstance(first, str) else [f"<{len(prompt)} tokens>"]
-    last_user = next((m for m in reversed(body["messages"]) if m.get("role") == "user"), None)
+    messages = body["input"] if operation.name == "responses" else body["messages"]
+    if isinstance(messages, str):
+        return messages.split()
+    last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
     return words_of(last_user.get("content")) if last_user else []
 
 
@@ -45,7 +49,7 @@ def reply_words(operation: Operation, body: dict[str, Any]) -> tuple[list[str], 
     """The mock's answer: it echoes what it was given, cut to ``max_tokens`` words (one word, one token)."""
     said = prompt_words(operation, body)
     words = ["You", "said:", *said] if said else ["Hello", "from", "the", "mock", "model."]
-    limit = body.get("max_completion_tokens") or body.get("max_tokens") or len(words)
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or len(words)
     return (words[:limit], "length") if len(words) > limit else (words, "stop")
 
 
@@ -87,6 +91,11 @@ class MockProvider(Provider):
                    headers: dict[str, str] | None = None) -> Completion:
         if operation.name == "embeddings":
             return _embeddings(body)
+        if operation.name == "responses":
+            words, finish_reason = reply_words(operation, body)
+            data = response_object(f"resp_mock_{next(self._ids)}", body, int(self._reactor.seconds()), words,
+                                   finish_reason, len(prompt_words(operation, body)))
+            return Completion(data, jsonio.dumps(data))
         shape = _SHAPES[operation.name]
         words, finish_reason = reply_words(operation, body)
         delay = self._config.latency_secs + self._config.token_delay_secs * len(words)
@@ -104,8 +113,12 @@ class MockProvider(Provider):
 
     async def open_stream(self, operation: Operation, body: dict[str, Any],
                           headers: dict[str, str] | None = None) -> ChatStream:
-        shape = _SHAPES[operation.name]
         words, finish_reason = reply_words(operation, body)
+        if operation.name == "responses":
+            named = response_events(f"resp_mock_{next(self._ids)}", body, int(self._reactor.seconds()), words,
+                                    finish_reason, len(prompt_words(operation, body)))
+            return MockEventStream(self._reactor, named, self._config.latency_secs, self._config.token_delay_secs)
+        shape = _SHAPES[operation.name]
         head = {"id": f"{shape.prefix}-mock-{next(self._ids)}", "object": shape.chunk_kind,
                 "created": int(self._reactor.seconds()), "model": body["model"]}
 
@@ -116,7 +129,8 @@ class MockProvider(Provider):
         events += [chunk(shape.delta(word if i == 0 else " " + word)) for i, word in enumerate(words)]
         events += [chunk(shape.delta(""), finish_reason),
                    jsonio.dumps({**head, "choices": [], "usage": _usage(operation, body, words)}), DONE]
-        return MockEventStream(self._reactor, events, self._config.latency_secs, self._config.token_delay_secs)
+        return MockEventStream(self._reactor, [(event, None) for event in events], self._config.latency_secs,
+                               self._config.token_delay_secs)
 
 
 def _usage(operation: Operation, body: dict[str, Any], words: list[str]) -> dict[str, int]:
@@ -156,9 +170,11 @@ def _embeddings(body: dict[str, Any]) -> Completion:
 
 
 class MockEventStream(ChatStream):
-    """Plays prepared events: the first after ``latency``, each content word ``token_delay`` after the last."""
+    """Plays prepared events (payload and ``event:`` name): the first after ``latency``, each content word
+    ``token_delay`` after the last."""
 
-    def __init__(self, reactor: Any, events: list[bytes], latency: float, token_delay: float) -> None:
+    def __init__(self, reactor: Any, events: list[tuple[bytes, bytes | None]], latency: float,
+                 token_delay: float) -> None:
         self._reactor = reactor
         self._events = events
         self._next = 0
@@ -179,7 +195,7 @@ class MockEventStream(ChatStream):
         consumer = self._consumer
         assert consumer is not None  # begin() set it
         while not self._paused and not self.done.called and self._next < len(self._events):
-            consumer.event(self._events[self._next])
+            consumer.event(*self._events[self._next])
             self._next += 1
             if self._token_delay and 1 < self._next < len(self._events) - 2:  # between content words
                 self._timer = self._reactor.callLater(self._token_delay, self._play)

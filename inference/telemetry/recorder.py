@@ -22,7 +22,8 @@ from .metrics import Metrics, method_label
 from .tracing import Tracing
 
 # Request parameters recorded on the CLIENT span, as GenAI semantic-convention attributes.
-_REQUEST_ATTRIBUTES = {"max_tokens": "gen_ai.request.max_tokens", "temperature": "gen_ai.request.temperature",
+_REQUEST_ATTRIBUTES = {"max_tokens": "gen_ai.request.max_tokens", "max_output_tokens": "gen_ai.request.max_tokens",
+                       "temperature": "gen_ai.request.temperature",
                        "top_p": "gen_ai.request.top_p", "top_k": "gen_ai.request.top_k",
                        "frequency_penalty": "gen_ai.request.frequency_penalty",
                        "presence_penalty": "gen_ai.request.presence_penalty", "seed": "gen_ai.request.seed",
@@ -180,7 +181,7 @@ class UpstreamCall:
         attributes: dict[str, Any] = {"gen_ai.operation.name": self._operation.gen_ai_name,
                                       "gen_ai.provider.name": self._telemetry.provider,
                                       "gen_ai.request.model": self._model, "gen_ai.request.stream": self._stream,
-                                      **self._telemetry.server_attributes}
+                                      **self._telemetry.server_attributes, **dict(self._operation.span_attributes)}
         for key, name in _REQUEST_ATTRIBUTES.items():
             value = body.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):

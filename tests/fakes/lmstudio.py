@@ -24,6 +24,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
+from inference.providers.mock_responses import response_events, response_object
+
 
 @dataclass
 class Received:
@@ -71,6 +73,7 @@ class FakeLMStudio(Resource):
         self.chat = Behaviour()
         self.listing = Behaviour()
         self.require_key: str | None = None
+        self.chat_only = False  # an upstream without the Responses and Messages APIs (llama.cpp, older LM Studio)
         self.native_types: dict[str, str] | None = None  # id -> llm/vlm/embeddings: serve /api/v0/models
         self.gzip = False  # compress answers for clients that accept gzip (as OpenAI does)
         self.set_cookie: str | None = None  # a Set-Cookie header on every answer
@@ -131,6 +134,16 @@ class FakeLMStudio(Resource):
             native = [{"id": m, "object": "model", "type": self.native_types.get(m, "llm"), "state": "loaded",
                        "max_context_length": 4096, "publisher": "fake"} for m in self.models]
             return self._json(request, 200, {"object": "list", "data": native})
+        if got.path == "/v1/responses" and got.method == "POST" and not self.chat_only:
+            words = f"echo: {self._said(body)}".split(" ")
+            if isinstance(body, dict) and body.get("stream") and self.chat.mode == "normal":
+                request.setHeader(b"content-type", b"text/event-stream")
+                events = response_events("resp_fake123", body, 1700000000, words, "stop", 5)
+                if self.chat.stream == "error_event":  # a few events, then the Responses API's error event
+                    events = events[:5] + [(b'{"type": "error", "code": "server_error", "message": "model crashed"}',
+                                            b"error")]
+                return b"".join(b"event: " + name + b"\ndata: " + data + b"\n\n" for data, name in events if name)
+            return self._answer(request, self.chat, response_object("resp_fake123", body, 1700000000, words, "stop", 5))
         if got.path == "/v1/embeddings" and got.method == "POST":
             return self._answer(request, self.chat, self._embeddings(body))
         if got.path in ("/v1/chat/completions", "/v1/completions") and got.method == "POST":
@@ -160,6 +173,9 @@ class FakeLMStudio(Resource):
         if "prompt" in body:
             prompt = body["prompt"]
             return prompt if isinstance(prompt, str) else str(prompt[0])
+        if "input" in body:
+            given = body["input"]
+            return given if isinstance(given, str) else str(given[-1].get("content"))
         return str(body["messages"][-1]["content"])
 
     def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
