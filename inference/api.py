@@ -20,7 +20,7 @@ from .drain import InFlight
 from .errors import GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound, UpstreamTimeout, UpstreamUnreachable
 from .monitor import UpstreamMonitor
 from .openapi import openapi_bytes
-from .operations import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Operation
+from .operations import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES, Operation
 from .providers import Provider
 from .relay import StreamRelay
 from .request import GatewayRequest
@@ -30,7 +30,7 @@ log = Logger()
 
 JSON = b"application/json"
 
-OPERATIONS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
+OPERATIONS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES)
 
 _ROUTES = {path.encode(): path for path in
            (*(op.path for op in OPERATIONS), "/v1/models", "/health", "/health/live", "/health/ready", "/openapi.json")}
@@ -60,12 +60,15 @@ def write_body(request: IRequest, body: bytes, status: int = 200) -> bytes:
 
 
 def write_error(request: IRequest, error: GatewayError) -> bytes:
-    """The error's status, headers and OpenAI-shaped body; the code is kept for the access log and spans."""
+    """The error's status, headers and body, in the shape of the API the request is for (OpenAI's, or Anthropic's
+    on ``/v1/messages``); the code is kept for the access log and spans."""
+    anthropic = False
     if isinstance(request, RequestState):
         request.error_code = error.code
+        anthropic = request.error_style == "anthropic"
     for name, value in error.headers.items():
         request.setHeader(name, value)
-    return write_json(request, error.body(), error.status)
+    return write_json(request, error.anthropic_body() if anthropic else error.body(), error.status)
 
 
 class Gateway:
@@ -119,10 +122,15 @@ class Gateway:
     async def responses(self, request: GatewayRequest) -> bytes | None:
         return await self._serve(request, RESPONSES)
 
+    @app.route(MESSAGES.path, methods=["POST"])
+    async def messages(self, request: GatewayRequest) -> bytes | None:
+        return await self._serve(request, MESSAGES)
+
     async def _serve(self, request: GatewayRequest, operation: Operation) -> bytes | None:
         """Every API call's steps: auth, parse, resolve the model, admission, deadline, the upstream call, the
         answer or the relayed stream, and the record of it all."""
-        self._authorize(request)
+        request.error_style = operation.error_style
+        self._authorize(request, operation)
         server = self.config.server
         parsed = operation.parse(self._body(request), self.config)
         self.monitor.require_up()
@@ -135,11 +143,16 @@ class Gateway:
             if slot is None:
                 slot = await job.run(self.admission.acquire())
             with slot, self.telemetry.upstream_call(request, operation, parsed.body, parsed.stream, slot) as call:
+                headers = call.headers
+                for name in operation.forward_headers:
+                    value = request.getHeader(name)
+                    if value is not None:
+                        headers = {**headers, name.decode("latin-1"): value.decode("latin-1")}
                 if not parsed.stream or operation.read_event is None:
-                    answer = await job.run(self.provider.call(operation, parsed.body, call.headers))
+                    answer = await job.run(self.provider.call(operation, parsed.body, headers))
                     call.answered(answer.data)
                     return write_body(request, answer.raw)
-                stream = await job.run(self.provider.open_stream(operation, parsed.body, call.headers))
+                stream = await job.run(self.provider.open_stream(operation, parsed.body, headers))
                 job.clear_deadline()
                 relay = StreamRelay(request, stream, operation.read_event, operation.stream_format,
                                     call.capture_content)
@@ -235,7 +248,8 @@ class Gateway:
         path = request.path.decode("utf-8", "replace")
         return self._error(request, RouteNotFound(f"No route {path}. See GET /v1/models, "
                                                   "POST /v1/chat/completions, POST /v1/completions, "
-                                                  "POST /v1/embeddings, POST /v1/responses, GET /health."))
+                                                  "POST /v1/embeddings, POST /v1/responses, POST /v1/messages, "
+                                                  "GET /health."))
 
     @app.handle_errors(RouteMethodNotAllowed)
     def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
@@ -259,8 +273,13 @@ class Gateway:
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
-    def _authorize(self, request: GatewayRequest) -> None:
-        self.keys.check(request.getHeader(b"authorization"))
+    def _authorize(self, request: GatewayRequest, operation: Operation | None = None) -> None:
+        """The gateway key, from ``Authorization: Bearer``; Anthropic's clients send it as ``x-api-key``."""
+        authorization = request.getHeader(b"authorization")
+        if authorization is None and operation is not None and operation.error_style == "anthropic":
+            api_key = request.getHeader(b"x-api-key")
+            authorization = b"Bearer " + api_key if api_key is not None else None
+        self.keys.check(authorization)
 
     def authorize_operator(self, request: GatewayRequest) -> None:
         """Metrics and health need a key only when ``server.protect_metrics`` says so (probes stay simple)."""

@@ -41,6 +41,17 @@ class GatewayError(Exception):
     def to_bytes(self) -> bytes:
         return json.dumps(self.body()).encode("utf-8")
 
+    def anthropic_body(self) -> dict[str, Any]:
+        """The same failure in the shape of Anthropic's Messages API (its ``error.type`` follows the status)."""
+        return {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(self.status, "api_error"),
+                                           "message": self.message}}
+
+
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+                   413: "request_too_large", 414: "invalid_request_error", 429: "rate_limit_error",
+                   431: "invalid_request_error", 503: "overloaded_error", 504: "timeout_error"}
+
 
 class InvalidRequest(GatewayError):
     status, type, code = 400, "invalid_request_error", "invalid_parameter"

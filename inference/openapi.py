@@ -21,8 +21,9 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {JSON_TYPE: {"schema": _ref("Error")}}}
+def _error(description: str, *schemas: str) -> dict[str, Any]:
+    schema = _ref(schemas[0]) if len(schemas) == 1 else {"anyOf": [_ref(name) for name in schemas]}
+    return {"description": description, "content": {JSON_TYPE: {"schema": schema}}}
 
 
 _ERRORS = {
@@ -43,9 +44,16 @@ _ERRORS = {
 _CONNECTION_ERRORS = ("400", "405", "408", "414", "431")  # any route: answered before routing, or by the router
 
 
-def _responses(ok: dict[str, Any], *codes: str, auth: bool) -> dict[str, Any]:
+def _responses(ok: dict[str, Any], *codes: str, auth: bool, error_schema: str = "Error") -> dict[str, Any]:
     wanted = set(codes) | set(_CONNECTION_ERRORS) | ({"401"} if auth else set())
-    return {"200": ok, **{code: _error(_ERRORS[code]) for code in sorted(wanted)}}
+    # Refused before routing (a malformed request, a wrong method), an error is OpenAI-shaped whatever the route;
+    # a 400 may be either that or the route's own.
+    def shapes(code: str) -> tuple[str, ...]:
+        if code not in _CONNECTION_ERRORS or error_schema == "Error":
+            return (error_schema,)
+        return ("Error", error_schema) if code == "400" else ("Error",)
+
+    return {"200": ok, **{code: _error(_ERRORS[code], *shapes(code)) for code in sorted(wanted)}}
 
 
 def _number(minimum: float | None = None, maximum: float | None = None, integer: bool = False,
@@ -84,6 +92,15 @@ _PARAMETERS: dict[str, Any] = {
     "extensions": {"type": "object", "description": "Keys merged into the upstream body"},
 }
 
+
+# /v1/messages (schema.MESSAGES_CHECKS).
+_MESSAGES_PARAMETERS: dict[str, Any] = {
+    "model": _PARAMETERS["model"], "stream": {"type": "boolean"}, "extensions": _PARAMETERS["extensions"],
+    "system": {"oneOf": [{"type": "string"}, {"type": "array"}]}, "temperature": _number(0, 1),
+    "top_p": _number(0, 1), "top_k": _number(0, integer=True), "stop_sequences": {"type": "array"},
+    "tools": {"type": "array"}, "tool_choice": {"type": "object"}, "metadata": {"type": "object"},
+    "thinking": {"type": "object"},
+}
 
 # /v1/completions: the same, with ``logprobs`` a count and its own few fields (schema.COMPLETION_CHECKS).
 _COMPLETION_PARAMETERS: dict[str, Any] = {
@@ -182,6 +199,27 @@ def _schemas(config: Config) -> dict[str, Any]:
                     "properties": {"index": {"type": "integer"}, "object": {"const": "embedding"},
                                    "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}},
                                                            {"type": "string", "description": "base64 float32"}]}}}}}},
+        "AnthropicError": {
+            "type": "object", "required": ["type", "error"],
+            "properties": {"type": {"const": "error"}, "error": {
+                "type": "object", "required": ["type", "message"],
+                "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}},
+        "MessagesRequest": {
+            "type": "object", "required": ["messages", "max_tokens"],
+            "description": "Anthropic's Messages API; fields not listed are passed to the upstream untouched.",
+            "properties": {
+                **{name: _or_null(schema) for name, schema in _MESSAGES_PARAMETERS.items()},
+                "max_tokens": _number(1, integer=True),
+                "messages": {"type": "array", "minItems": 1, "maxItems": config.server.max_messages, "items": {
+                    "type": "object", "required": ["role", "content"],
+                    "properties": {"role": {"enum": ["user", "assistant"]},
+                                   "content": {"oneOf": [{"type": "string"},
+                                                         {"type": "array", "items": {"type": "object"}}]}}}}}},
+        "Message": {
+            "type": "object", "required": ["id", "type", "role", "content", "model"],
+            "properties": {"id": {"type": "string"}, "type": {"const": "message"}, "role": {"const": "assistant"},
+                           "content": {"type": "array"}, "model": {"type": "string"},
+                           "stop_reason": nullable_string, "usage": {"type": "object"}}},
         "ResponsesRequest": {
             "type": "object", "required": ["input"],
             "description": "OpenAI's Responses API; fields not listed are passed to the upstream untouched.",
@@ -236,10 +274,10 @@ def openapi_document(config: Config) -> dict[str, Any]:
     operator_auth = keys and config.server.protect_metrics
     secured: list[dict[str, list[str]]] = [{"bearerAuth": []}] if keys else []
 
-    def operation(summary: str, ok: dict[str, Any], *codes: str, auth: bool, tag: str,
+    def operation(summary: str, ok: dict[str, Any], *codes: str, auth: bool, tag: str, error_schema: str = "Error",
                   **more: Any) -> dict[str, Any]:
         return {"summary": summary, "tags": [tag], "security": secured if auth else [],
-                "responses": _responses(ok, *codes, auth=auth), **more}
+                "responses": _responses(ok, *codes, auth=auth, error_schema=error_schema), **more}
 
     def json_ok(description: str, schema: str) -> dict[str, Any]:
         return {"description": description, "content": {JSON_TYPE: {"schema": _ref(schema)}}}
@@ -273,6 +311,15 @@ def openapi_document(config: Config) -> dict[str, Any]:
                          "text/event-stream": {"schema": _ref("ResponseEvent")}}},
             "413", "429", *upstream, auth=keys, tag="OpenAI", operationId="createResponse",
             requestBody={"required": True, "content": {JSON_TYPE: {"schema": _ref("ResponsesRequest")}}})},
+        "/v1/messages": {"post": operation(
+            "Anthropic's Messages API, relayed to an upstream that serves it (errors in Anthropic's shape; "
+            "`x-api-key` accepted as the key); `stream: true` answers with its events",
+            {"description": "The message (JSON), or its events as SSE",
+             "content": {JSON_TYPE: {"schema": _ref("Message")},
+                         "text/event-stream": {"schema": _ref("ResponseEvent")}}},
+            "413", "429", *upstream, auth=keys, tag="Anthropic", operationId="createMessage",
+            error_schema="AnthropicError",
+            requestBody={"required": True, "content": {JSON_TYPE: {"schema": _ref("MessagesRequest")}}})},
         "/v1/models": {"get": operation("Models this gateway serves", json_ok("The models", "ModelList"),
                                         "502", "503", "504", "500", auth=keys, tag="OpenAI",
                                         operationId="listModels")},

@@ -20,6 +20,7 @@ from .schema import (
     parse_chat_request,
     parse_completion_request,
     parse_embeddings_request,
+    parse_messages_request,
     parse_responses_request,
 )
 from .sse import DONE_EVENT, encode, error_event
@@ -96,6 +97,8 @@ class Operation:
     stream_format: StreamFormat = OPENAI_STREAM
     asks_usage: bool = True  # streams ask for ``stream_options.include_usage`` (chat and completions only)
     span_attributes: tuple[tuple[str, str], ...] = ()  # constant attributes of its CLIENT span
+    error_style: str = "openai"  # the shape of its error answers: ``openai`` or ``anthropic``
+    forward_headers: tuple[bytes, ...] = ()  # client headers passed on upstream (``anthropic-version``)
 
 
 def count(usage: Any, key: str) -> int | None:
@@ -278,3 +281,62 @@ RESPONSES = Operation(
     answer_list="output", input_field="input", read_answer=_responses_answer, read_event=_responses_event,
     stream_format=StreamFormat(failure=_responses_failure, error_event=_responses_error_event, closing=b""),
     asks_usage=False, span_attributes=(("inference.api", "responses"),))
+
+
+# -- Anthropic's Messages API --------------------------------------------------------------------------------------
+
+def _messages_answer(data: dict[str, Any], capture: bool) -> Facts:
+    usage = data.get("usage")
+    facts = _identity(data, Facts(input_tokens=count(usage, "input_tokens"),
+                                  output_tokens=count(usage, "output_tokens")))
+    if isinstance(data.get("stop_reason"), str):
+        facts.finish_reasons = (data["stop_reason"],)
+    if capture:
+        facts.output = [block.get("text") for block in data.get("content") or ()
+                        if isinstance(block, dict) and block.get("type") == "text"]
+    return facts
+
+
+_BLOCK_DELTAS = {"text_delta": "text", "thinking_delta": None, "input_json_delta": None}
+
+
+def _messages_event(event: dict[str, Any], stats: StreamStats) -> None:
+    kind = event.get("type")
+    if kind == "content_block_delta":
+        delta = event.get("delta") or {}
+        if delta.get("type") in _BLOCK_DELTAS:
+            key = _BLOCK_DELTAS[delta["type"]]
+            stats.generated(delta.get(key) if key else None)
+    elif kind == "message_start" and isinstance(event.get("message"), dict):
+        message = event["message"]
+        _identity(message, stats.facts)
+        stats.facts.input_tokens = count(message.get("usage"), "input_tokens")
+    elif kind == "message_delta":
+        reason = (event.get("delta") or {}).get("stop_reason")
+        if isinstance(reason, str):
+            stats.facts.finish_reasons = (reason,)
+        output = count(event.get("usage"), "output_tokens")
+        if output is not None:
+            stats.facts.output_tokens = output
+
+
+def _messages_failure(event: dict[str, Any], payload: bytes) -> GatewayError | None:
+    if event.get("type") != "error":
+        return None
+    error = event.get("error")
+    message = error.get("message") if isinstance(error, dict) else None
+    return UpstreamError(f"upstream stream failed: {message or 'error event'}", kind="server_error")
+
+
+def _messages_error_event(error: GatewayError) -> bytes:
+    """The Messages API's ``error`` event (its streams end with ``message_stop``, or with this)."""
+    return encode(json.dumps(error.anthropic_body()).encode(), b"error")
+
+
+MESSAGES = Operation(
+    name="messages", path="/v1/messages", gen_ai_name="chat", model_kind="llm",
+    parse=lambda raw, config: parse_messages_request(raw, config.server.max_messages),
+    answer_list="content", input_field="messages", read_answer=_messages_answer, read_event=_messages_event,
+    stream_format=StreamFormat(failure=_messages_failure, error_event=_messages_error_event, closing=b""),
+    asks_usage=False, span_attributes=(("inference.api", "messages"),), error_style="anthropic",
+    forward_headers=(b"anthropic-version", b"anthropic-beta"))

@@ -151,6 +151,22 @@ RESPONSES_CHECKS: dict[str, Check] = {
     "tool_choice": _of_type((str, dict), "a string or an object"),
 }
 
+# /v1/messages: Anthropic's parameters (temperature is 0-1 there).
+MESSAGES_CHECKS: dict[str, Check] = {
+    "model": _of_type(str, "a string"),
+    "stream": _of_type(bool, "true or false"),
+    "max_tokens": _number(1, integer=True),
+    "system": _of_type((str, list), "a string or a list of text blocks"),
+    "temperature": _number(0, 1),
+    "top_p": _number(0, 1),
+    "top_k": _number(0, integer=True),
+    "stop_sequences": _of_type(list, "a list of strings"),
+    "tools": _of_type(list, "a list"),
+    "tool_choice": _of_type(dict, "an object"),
+    "metadata": _of_type(dict, "an object"),
+    "thinking": _of_type(dict, "an object"),
+}
+
 # /v1/completions: the same sampling parameters, its own few, and ``logprobs`` as a count (0-5), not a switch.
 COMPLETION_CHECKS: dict[str, Check] = {
     **{key: check for key, check in CHECKS.items() if key not in ("logprobs", "top_logprobs", "tools")},
@@ -210,6 +226,27 @@ def parse_responses_request(raw: bytes) -> ParsedRequest:
     if not (isinstance(given, str) or (isinstance(given, list) and given and all(isinstance(i, dict) for i in given))):
         raise InvalidRequest("'input' must be a string or a non-empty list of input items (objects)", param="input")
     return ParsedRequest(model=check_fields(body, RESPONSES_CHECKS), stream=bool(body.get("stream")), body=body)
+
+
+def parse_messages_request(raw: bytes, max_messages: int = 0) -> ParsedRequest:
+    """Parse and validate a ``POST /v1/messages`` body (Anthropic's Messages API: ``max_tokens`` is required)."""
+    body = parse_object(raw)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list of messages", param="messages")
+    if max_messages and len(messages) > max_messages:
+        raise InvalidRequest(f"'messages' holds {len(messages)} messages; the gateway accepts at most {max_messages} "
+                             "(server.max_messages)", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise InvalidRequest(f"'messages[{i}]' must be an object whose role is user or assistant",
+                                 param=f"messages[{i}]")
+        if not isinstance(message.get("content"), (str, list)):
+            raise InvalidRequest(f"'messages[{i}].content' must be a string or a list of content blocks",
+                                 param=f"messages[{i}].content")
+    if body.get("max_tokens") is None:
+        raise InvalidRequest("'max_tokens' is required", param="max_tokens")
+    return ParsedRequest(model=check_fields(body, MESSAGES_CHECKS), stream=bool(body.get("stream")), body=body)
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:

@@ -23,7 +23,7 @@ async def test_the_document_follows_the_configuration(start_gateway):
     document = reply.json()
     assert document["openapi"] == "3.1.0"
     assert set(document["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
-                                      "/v1/models",
+                                      "/v1/messages", "/v1/models",
                                       "/v1/models/{model}",
                                       "/health", "/health/live", "/health/ready", "/openapi.json", "/metrics"}
     assert "securitySchemes" not in document["components"]

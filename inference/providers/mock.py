@@ -19,6 +19,7 @@ from ..config import MockConfig
 from ..operations import Operation
 from ..sse import DONE
 from .base import ChatStream, Completion, EventConsumer, Provider
+from .mock_messages import message_events, message_object
 from .mock_responses import response_events, response_object
 
 
@@ -38,7 +39,7 @@ def prompt_words(operation: Operation, body: dict[str, Any]) -> list[str]:
         prompt = body["prompt"]
         first = prompt if isinstance(prompt, str) else prompt[0]
         return first.split() if isinstance(first, str) else [f"<{len(prompt)} tokens>"]
-    messages = body["input"] if operation.name == "responses" else body["messages"]
+    messages = body["input"] if operation.name == "responses" else body["messages"]  # chat and Anthropic's
     if isinstance(messages, str):
         return messages.split()
     last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
@@ -91,6 +92,11 @@ class MockProvider(Provider):
                    headers: dict[str, str] | None = None) -> Completion:
         if operation.name == "embeddings":
             return _embeddings(body)
+        if operation.name == "messages":
+            words, finish_reason = reply_words(operation, body)
+            data = message_object(f"msg_mock_{next(self._ids)}", body["model"], words, finish_reason,
+                                  _message_tokens(body))
+            return Completion(data, jsonio.dumps(data))
         if operation.name == "responses":
             words, finish_reason = reply_words(operation, body)
             data = response_object(f"resp_mock_{next(self._ids)}", body, int(self._reactor.seconds()), words,
@@ -114,6 +120,10 @@ class MockProvider(Provider):
     async def open_stream(self, operation: Operation, body: dict[str, Any],
                           headers: dict[str, str] | None = None) -> ChatStream:
         words, finish_reason = reply_words(operation, body)
+        if operation.name == "messages":
+            named = message_events(f"msg_mock_{next(self._ids)}", body["model"], words, finish_reason,
+                                   _message_tokens(body))
+            return MockEventStream(self._reactor, named, self._config.latency_secs, self._config.token_delay_secs)
         if operation.name == "responses":
             named = response_events(f"resp_mock_{next(self._ids)}", body, int(self._reactor.seconds()), words,
                                     finish_reason, len(prompt_words(operation, body)))
@@ -140,6 +150,11 @@ def _usage(operation: Operation, body: dict[str, Any], words: list[str]) -> dict
         prompt_tokens = sum(len(words_of(m.get("content"))) for m in body["messages"])
     return {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
             "total_tokens": prompt_tokens + len(words)}
+
+
+def _message_tokens(body: dict[str, Any]) -> int:
+    system = body.get("system")
+    return sum(len(words_of(m.get("content"))) for m in body["messages"]) + len(words_of(system))
 
 
 EMBEDDING_DIMENSIONS = 64

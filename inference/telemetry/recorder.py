@@ -38,6 +38,7 @@ class RequestState:
     span: Span | None = None
     recorded: bool = False
     error_code: str | None = None  # the error the client was told about (a status or an SSE error event)
+    error_style: str = "openai"  # the shape errors are answered in (``anthropic`` on /v1/messages)
     stream_failed: bool = False
     overhead_before: float = 0.0  # gateway time from arrival to the upstream call
     answered_at: float | None = None  # when the upstream's answer was complete

@@ -24,6 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
+from inference.providers.mock_messages import message_events, message_object
 from inference.providers.mock_responses import response_events, response_object
 
 
@@ -134,6 +135,16 @@ class FakeLMStudio(Resource):
             native = [{"id": m, "object": "model", "type": self.native_types.get(m, "llm"), "state": "loaded",
                        "max_context_length": 4096, "publisher": "fake"} for m in self.models]
             return self._json(request, 200, {"object": "list", "data": native})
+        if got.path == "/v1/messages" and got.method == "POST" and not self.chat_only:
+            words = f"echo: {self._said(body)}".split(" ")
+            if isinstance(body, dict) and body.get("stream") and self.chat.mode == "normal":
+                request.setHeader(b"content-type", b"text/event-stream")
+                events = message_events("msg_fake123", body["model"], words, "stop", 5)
+                if self.chat.stream == "error_event":  # a few events, then Anthropic's error event
+                    events = events[:4] + [(b'{"type": "error", "error": {"type": "overloaded_error", '
+                                            b'"message": "model crashed"}}', b"error")]
+                return b"".join(b"event: " + name + b"\ndata: " + data + b"\n\n" for data, name in events if name)
+            return self._answer(request, self.chat, message_object("msg_fake123", body["model"], words, "stop", 5))
         if got.path == "/v1/responses" and got.method == "POST" and not self.chat_only:
             words = f"echo: {self._said(body)}".split(" ")
             if isinstance(body, dict) and body.get("stream") and self.chat.mode == "normal":
@@ -175,8 +186,12 @@ class FakeLMStudio(Resource):
             return prompt if isinstance(prompt, str) else str(prompt[0])
         if "input" in body:
             given = body["input"]
-            return given if isinstance(given, str) else str(given[-1].get("content"))
-        return str(body["messages"][-1]["content"])
+            content = given if isinstance(given, str) else given[-1].get("content")
+        else:
+            content = body["messages"][-1]["content"]
+        if isinstance(content, list):  # content blocks / parts
+            return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+        return str(content)
 
     def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
         text = f"echo: {self._said(body)}"
