@@ -147,7 +147,8 @@ def _choice_events(output_of: Callable[[dict[str, Any]], tuple[bool, Any]]) -> E
             reason = choice.get("finish_reason")
             if reason and isinstance(reason, str):
                 stats.facts.finish_reasons += (reason,)
-        _stream_usage(chunk, stats)
+        if "usage" in chunk:  # the last chunk only: no call for the others
+            _stream_usage(chunk, stats)
 
     return read
 

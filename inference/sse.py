@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import NamedTuple
 
 from .errors import GatewayError
 
@@ -11,12 +10,9 @@ DONE = b"[DONE]"
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
-class Event(NamedTuple):
-    """One server-sent event: its ``data`` payload and its ``event:`` name, if it had one (the Responses and
-    Messages APIs name every event; chat streams name none)."""
-
-    data: bytes
-    name: bytes | None = None
+Event = tuple[bytes, "bytes | None"]
+"""One server-sent event: its ``data`` payload and its ``event:`` name, if it had one (the Responses and Messages
+APIs name every event; chat streams name none). A plain tuple: one is made per relayed event."""
 
 
 class SSEParser:
@@ -48,7 +44,7 @@ class SSEParser:
                 line = line[:-1]
             if not line:
                 if self._data:
-                    events.append(Event(b"\n".join(self._data), self._name))
+                    events.append((b"\n".join(self._data), self._name))
                     self._data, self._data_size = [], 0
                 self._name = None  # a name belongs to the event it is in, even one without data
             elif line.startswith(b"data:"):

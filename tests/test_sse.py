@@ -23,7 +23,7 @@ def parse_events(pieces: list[bytes]) -> list[Event]:
 
 
 def parse(pieces: list[bytes]) -> list[bytes]:
-    return [event.data for event in parse_events(pieces)]
+    return [data for data, _ in parse_events(pieces)]
 
 
 def test_whole_stream():
@@ -57,8 +57,8 @@ def test_event_names_are_kept_with_their_event_only():
               b"data: {\"b\": 2}\n\n"
               b"event: ping\n\n"  # a named event without data is no event, and its name goes with it
               b"event:message_stop\r\ndata: {}\r\n\r\n")
-    assert parse_events([stream]) == [Event(b'{"a": 1}', b"response.created"), Event(b'{"b": 2}'),
-                                      Event(b"{}", b"message_stop")]
+    assert parse_events([stream]) == [(b'{"a": 1}', b"response.created"), (b'{"b": 2}', None),
+                                      (b"{}", b"message_stop")]
     assert [e for cut in range(1, len(stream)) for e in parse_events([stream[:cut], stream[cut:]])] == \
         parse_events([stream]) * (len(stream) - 1)
 

@@ -408,10 +408,10 @@ class UpstreamEventStream(_BodyReader, ChatStream):
             self.fail(UpstreamError(f"upstream stream is malformed: {e}"))
             return
         consumer = self._delivering_to()
-        for event in events:
+        for payload, name in events:
             if self._failed():  # the consumer may have failed the stream on the previous event
                 break
-            consumer.event(event.data, event.name)
+            consumer.event(payload, name)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
@@ -421,8 +421,8 @@ class UpstreamEventStream(_BodyReader, ChatStream):
             self.done.errback(self._failure)
         elif reason.check(ResponseDone, PotentialDataLoss):
             consumer = self._delivering_to()
-            for event in self._parser.close():
-                consumer.event(event.data, event.name)
+            for payload, name in self._parser.close():
+                consumer.event(payload, name)
             if self._failed():  # the last events may have been unusable
                 self.done.errback(self._failure)
             else:
