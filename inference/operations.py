@@ -227,10 +227,15 @@ EMBEDDINGS = Operation(
 
 # -- the Responses API ---------------------------------------------------------------------------------------------
 
-def _responses_answer(data: dict[str, Any], capture: bool) -> Facts:
+def _typed_facts(data: dict[str, Any]) -> Facts:
+    """The id, model and token counts of a Responses API or Messages API answer (both count input and output)."""
     usage = data.get("usage")
-    facts = _identity(data, Facts(input_tokens=count(usage, "input_tokens"),
-                                  output_tokens=count(usage, "output_tokens")))
+    return _identity(data, Facts(input_tokens=count(usage, "input_tokens"),
+                                 output_tokens=count(usage, "output_tokens")))
+
+
+def _responses_answer(data: dict[str, Any], capture: bool) -> Facts:
+    facts = _typed_facts(data)
     if isinstance(data.get("status"), str):
         facts.finish_reasons = (data["status"],)
     if capture:
@@ -287,9 +292,7 @@ RESPONSES = Operation(
 # -- Anthropic's Messages API --------------------------------------------------------------------------------------
 
 def _messages_answer(data: dict[str, Any], capture: bool) -> Facts:
-    usage = data.get("usage")
-    facts = _identity(data, Facts(input_tokens=count(usage, "input_tokens"),
-                                  output_tokens=count(usage, "output_tokens")))
+    facts = _typed_facts(data)
     if isinstance(data.get("stop_reason"), str):
         facts.finish_reasons = (data["stop_reason"],)
     if capture:

@@ -231,12 +231,7 @@ def parse_responses_request(raw: bytes) -> ParsedRequest:
 def parse_messages_request(raw: bytes, max_messages: int = 0) -> ParsedRequest:
     """Parse and validate a ``POST /v1/messages`` body (Anthropic's Messages API: ``max_tokens`` is required)."""
     body = parse_object(raw)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' must be a non-empty list of messages", param="messages")
-    if max_messages and len(messages) > max_messages:
-        raise InvalidRequest(f"'messages' holds {len(messages)} messages; the gateway accepts at most {max_messages} "
-                             "(server.max_messages)", param="messages")
+    messages = _message_list(body.get("messages"), max_messages)
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
             raise InvalidRequest(f"'messages[{i}]' must be an object whose role is user or assistant",
@@ -344,7 +339,8 @@ def _is_token(value: Any) -> bool:
     return whole and not isinstance(value, bool) and value >= 0
 
 
-def _check_messages(messages: Any, limit: int) -> None:
+def _message_list(messages: Any, limit: int) -> list[Any]:
+    """A conversation: a non-empty list of at most ``limit`` (0: any number) messages, each checked by the caller."""
     if messages is None:
         raise InvalidRequest("'messages' is required", param="messages")
     if not isinstance(messages, list) or not messages:
@@ -352,7 +348,11 @@ def _check_messages(messages: Any, limit: int) -> None:
     if limit and len(messages) > limit:
         raise InvalidRequest(f"'messages' holds {len(messages)} messages; the gateway accepts at most {limit} "
                              "(server.max_messages)", param="messages")
-    for i, message in enumerate(messages):
+    return messages
+
+
+def _check_messages(messages: Any, limit: int) -> None:
+    for i, message in enumerate(_message_list(messages, limit)):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise InvalidRequest(f"'{where}' must be an object with 'role' and 'content'", param=where)
