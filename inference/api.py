@@ -32,6 +32,7 @@ JSON = b"application/json"
 
 OPERATIONS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES)
 
+_POST_ROUTES = ", ".join(f"POST {op.path}" for op in OPERATIONS)
 _ROUTES = {path.encode(): path for path in
            (*(op.path for op in OPERATIONS), "/v1/models", "/health", "/health/live", "/health/ready", "/openapi.json")}
 
@@ -246,10 +247,7 @@ class Gateway:
     @app.handle_errors(RouteNotFoundError)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
         path = request.path.decode("utf-8", "replace")
-        return self._error(request, RouteNotFound(f"No route {path}. See GET /v1/models, "
-                                                  "POST /v1/chat/completions, POST /v1/completions, "
-                                                  "POST /v1/embeddings, POST /v1/responses, POST /v1/messages, "
-                                                  "GET /health."))
+        return self._error(request, RouteNotFound(f"No route {path}. See GET /v1/models, {_POST_ROUTES}, GET /health."))
 
     @app.handle_errors(RouteMethodNotAllowed)
     def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from inference.providers.mock_messages import message_events, message_object
 from inference.providers.mock_responses import response_events, response_object
+from inference.sse import encode
 
 
 @dataclass
@@ -143,7 +144,7 @@ class FakeLMStudio(Resource):
                 if self.chat.stream == "error_event":  # a few events, then Anthropic's error event
                     events = events[:4] + [(b'{"type": "error", "error": {"type": "overloaded_error", '
                                             b'"message": "model crashed"}}', b"error")]
-                return b"".join(b"event: " + name + b"\ndata: " + data + b"\n\n" for data, name in events if name)
+                return b"".join(encode(data, name) for data, name in events)
             return self._answer(request, self.chat, message_object("msg_fake123", body["model"], words, "stop", 5))
         if got.path == "/v1/responses" and got.method == "POST" and not self.chat_only:
             words = f"echo: {self._said(body)}".split(" ")
@@ -153,7 +154,7 @@ class FakeLMStudio(Resource):
                 if self.chat.stream == "error_event":  # a few events, then the Responses API's error event
                     events = events[:5] + [(b'{"type": "error", "code": "server_error", "message": "model crashed"}',
                                             b"error")]
-                return b"".join(b"event: " + name + b"\ndata: " + data + b"\n\n" for data, name in events if name)
+                return b"".join(encode(data, name) for data, name in events)
             return self._answer(request, self.chat, response_object("resp_fake123", body, 1700000000, words, "stop", 5))
         if got.path == "/v1/embeddings" and got.method == "POST":
             return self._answer(request, self.chat, self._embeddings(body))
