@@ -12,6 +12,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config
+from .openapi_typed import MESSAGE_ITEM, MESSAGES_PARAMETERS, MESSAGES_SCHEMAS, RESPONSES_PARAMETERS, RESPONSES_SCHEMAS
 from .schema import ROLES
 
 JSON_TYPE = "application/json"
@@ -96,10 +97,9 @@ _PARAMETERS: dict[str, Any] = {
 # /v1/messages (schema.MESSAGES_CHECKS).
 _MESSAGES_PARAMETERS: dict[str, Any] = {
     "model": _PARAMETERS["model"], "stream": {"type": "boolean"}, "extensions": _PARAMETERS["extensions"],
-    "system": {"oneOf": [{"type": "string"}, {"type": "array"}]}, "temperature": _number(0, 1),
-    "top_p": _number(0, 1), "top_k": _number(0, integer=True), "stop_sequences": {"type": "array"},
-    "tools": {"type": "array"}, "tool_choice": {"type": "object"}, "metadata": {"type": "object"},
-    "thinking": {"type": "object"},
+    "temperature": _number(0, 1), "top_p": _number(0, 1), "top_k": _number(0, integer=True),
+    "stop_sequences": {"type": "array"}, "metadata": {"type": "object"}, "thinking": {"type": "object"},
+    **MESSAGES_PARAMETERS,
 }
 
 # /v1/completions: the same, with ``logprobs`` a count and its own few fields (schema.COMPLETION_CHECKS).
@@ -115,8 +115,7 @@ _RESPONSES_PARAMETERS: dict[str, Any] = {
                                             "min_p", "repeat_penalty", "ttl", "draft_model", "extensions")},
     "instructions": {"type": "string"}, "max_output_tokens": _number(1, integer=True), "reasoning": {"type": "object"},
     "previous_response_id": {"type": "string"}, "store": {"type": "boolean"}, "metadata": {"type": "object"},
-    "text": {"type": "object"}, "parallel_tool_calls": {"type": "boolean"},
-    "tool_choice": {"oneOf": [{"type": "string"}, {"type": "object"}]},
+    "parallel_tool_calls": {"type": "boolean"}, **RESPONSES_PARAMETERS,
 }
 
 
@@ -210,11 +209,9 @@ def _schemas(config: Config) -> dict[str, Any]:
             "properties": {
                 **{name: _or_null(schema) for name, schema in _MESSAGES_PARAMETERS.items()},
                 "max_tokens": _number(1, integer=True),
-                "messages": {"type": "array", "minItems": 1, "maxItems": config.server.max_messages, "items": {
-                    "type": "object", "required": ["role", "content"],
-                    "properties": {"role": {"enum": ["user", "assistant"]},
-                                   "content": {"oneOf": [{"type": "string"},
-                                                         {"type": "array", "items": {"type": "object"}}]}}}}}},
+                "messages": {"type": "array", "minItems": 1, "maxItems": config.server.max_messages,
+                             "items": MESSAGE_ITEM}}},
+        **MESSAGES_SCHEMAS, **RESPONSES_SCHEMAS,
         "Message": {
             "type": "object", "required": ["id", "type", "role", "content", "model"],
             "properties": {"id": {"type": "string"}, "type": {"const": "message"}, "role": {"const": "assistant"},
@@ -224,8 +221,8 @@ def _schemas(config: Config) -> dict[str, Any]:
             "type": "object", "required": ["input"],
             "description": "OpenAI's Responses API; fields not listed are passed to the upstream untouched.",
             "properties": {**{name: _or_null(schema) for name, schema in _RESPONSES_PARAMETERS.items()},
-                           "input": {"oneOf": [{"type": "string"},
-                                               {"type": "array", "minItems": 1, "items": {"type": "object"}}]}}},
+                           "input": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1,
+                                                                    "items": _ref("ResponsesInputItem")}]}}},
         "Response": {
             "type": "object", "required": ["id", "object", "model", "output"],
             "properties": {"id": {"type": "string"}, "object": {"const": "response"}, "model": {"type": "string"},
@@ -304,15 +301,16 @@ def openapi_document(config: Config) -> dict[str, Any]:
             operationId="createEmbedding",
             requestBody={"required": True, "content": {JSON_TYPE: {"schema": _ref("EmbeddingsRequest")}}})},
         "/v1/responses": {"post": operation(
-            "OpenAI's Responses API, relayed to an upstream that serves it; `stream: true` answers with its typed "
-            "events",
+            "OpenAI's Responses API, relayed to an upstream that serves it, else served through its chat "
+            "completions; `stream: true` answers with its typed events",
             {"description": "The response (JSON), or its events as SSE",
              "content": {JSON_TYPE: {"schema": _ref("Response")},
                          "text/event-stream": {"schema": _ref("ResponseEvent")}}},
             "413", "429", *upstream, auth=keys, tag="OpenAI", operationId="createResponse",
             requestBody={"required": True, "content": {JSON_TYPE: {"schema": _ref("ResponsesRequest")}}})},
         "/v1/messages": {"post": operation(
-            "Anthropic's Messages API, relayed to an upstream that serves it (errors in Anthropic's shape; "
+            "Anthropic's Messages API, relayed to an upstream that serves it, else served through its chat "
+            "completions (errors in Anthropic's shape; "
             "`x-api-key` accepted as the key); `stream: true` answers with its events",
             {"description": "The message (JSON), or its events as SSE",
              "content": {JSON_TYPE: {"schema": _ref("Message")},

@@ -24,6 +24,7 @@ from .schema import (
     parse_responses_request,
 )
 from .sse import DONE_EVENT, encode, error_event
+from .translation import MESSAGES_VIA_CHAT, RESPONSES_VIA_CHAT, Translation
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Operation:
     span_attributes: tuple[tuple[str, str], ...] = ()  # constant attributes of its CLIENT span
     error_style: str = "openai"  # the shape of its error answers: ``openai`` or ``anthropic``
     forward_headers: tuple[bytes, ...] = ()  # client headers passed on upstream (``anthropic-version``)
+    translation: Translation | None = None  # how it is served through chat completions by upstreams that lack it
 
 
 def count(usage: Any, key: str) -> int | None:
@@ -286,13 +288,24 @@ RESPONSES = Operation(
     parse=lambda raw, config: parse_responses_request(raw),
     answer_list="output", input_field="input", read_answer=_responses_answer, read_event=_responses_event,
     stream_format=StreamFormat(failure=_responses_failure, error_event=_responses_error_event, closing=b""),
-    asks_usage=False, span_attributes=(("inference.api", "responses"),))
+    asks_usage=False, span_attributes=(("inference.api", "responses"),), translation=RESPONSES_VIA_CHAT)
 
 
 # -- Anthropic's Messages API --------------------------------------------------------------------------------------
 
+def _anthropic_input(usage: Any) -> int | None:
+    """The prompt's size: Anthropic counts the tokens read from or written to its cache apart from
+    ``input_tokens``."""
+    counted = count(usage, "input_tokens")
+    if counted is None:
+        return None
+    return counted + (count(usage, "cache_read_input_tokens") or 0) + (count(usage, "cache_creation_input_tokens")
+                                                                       or 0)
+
+
 def _messages_answer(data: dict[str, Any], capture: bool) -> Facts:
     facts = _typed_facts(data)
+    facts.input_tokens = _anthropic_input(data.get("usage"))
     if isinstance(data.get("stop_reason"), str):
         facts.finish_reasons = (data["stop_reason"],)
     if capture:
@@ -314,14 +327,17 @@ def _messages_event(event: dict[str, Any], stats: StreamStats) -> None:
     elif kind == "message_start" and isinstance(event.get("message"), dict):
         message = event["message"]
         _identity(message, stats.facts)
-        stats.facts.input_tokens = count(message.get("usage"), "input_tokens")
-    elif kind == "message_delta":
+        stats.facts.input_tokens = _anthropic_input(message.get("usage"))
+    elif kind == "message_delta":  # its counts are totals so far, and may restate the prompt's
         reason = (event.get("delta") or {}).get("stop_reason")
         if isinstance(reason, str):
             stats.facts.finish_reasons = (reason,)
-        output = count(event.get("usage"), "output_tokens")
+        usage = event.get("usage")
+        output, prompt = count(usage, "output_tokens"), _anthropic_input(usage)
         if output is not None:
             stats.facts.output_tokens = output
+        if prompt is not None:
+            stats.facts.input_tokens = prompt
 
 
 def _messages_failure(event: dict[str, Any], payload: bytes) -> GatewayError | None:
@@ -343,4 +359,4 @@ MESSAGES = Operation(
     answer_list="content", input_field="messages", read_answer=_messages_answer, read_event=_messages_event,
     stream_format=StreamFormat(failure=_messages_failure, error_event=_messages_error_event, closing=b""),
     asks_usage=False, span_attributes=(("inference.api", "messages"),), error_style="anthropic",
-    forward_headers=(b"anthropic-version", b"anthropic-beta"))
+    forward_headers=(b"anthropic-version", b"anthropic-beta"), translation=MESSAGES_VIA_CHAT)

@@ -236,8 +236,8 @@ def parse_messages_request(raw: bytes, max_messages: int = 0) -> ParsedRequest:
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
             raise InvalidRequest(f"'messages[{i}]' must be an object whose role is user or assistant",
                                  param=f"messages[{i}]")
-        if not isinstance(message.get("content"), (str, list)):
-            raise InvalidRequest(f"'messages[{i}].content' must be a string or a list of content blocks",
+        if not isinstance(message.get("content"), (str, list)) or message["content"] == []:
+            raise InvalidRequest(f"'messages[{i}].content' must be a string or a non-empty list of content blocks",
                                  param=f"messages[{i}].content")
     if body.get("max_tokens") is None:
         raise InvalidRequest("'max_tokens' is required", param="max_tokens")

@@ -18,10 +18,10 @@ def client_for(url: str) -> OpenAI:
     return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
 
-def sdk_round_trip(client: OpenAI, model: str) -> tuple[object, list[str], list[str], object]:
+def sdk_round_trip(client: OpenAI, model: str, **more: str) -> tuple[object, list[str], list[str], object]:
     """One answer and one stream through the openai SDK's own parsers."""
     answer = client.responses.create(model=model, input="tell me a story", instructions="Be brief.",
-                                     max_output_tokens=50, previous_response_id="resp_earlier")
+                                     max_output_tokens=50, **more)
     kinds, deltas, completed = [], [], None
     for event in client.responses.create(model=model, input=[{"role": "user", "content": "hello there"}],
                                          stream=True):
@@ -35,7 +35,8 @@ def sdk_round_trip(client: OpenAI, model: str) -> tuple[object, list[str], list[
 
 @pytest_twisted.ensureDeferred
 async def test_the_openai_sdk_reads_answers_and_streams_relayed_from_lm_studio(fake, lmstudio):
-    answer, kinds, deltas, completed = await deferToThread(sdk_round_trip, client_for(lmstudio.url), "qwen")
+    answer, kinds, deltas, completed = await deferToThread(sdk_round_trip, client_for(lmstudio.url), "qwen",
+                                                           previous_response_id="resp_earlier")
     assert answer.output_text == "echo: tell me a story" and answer.model == MODEL and answer.status == "completed"
     assert "".join(deltas) == "echo: hello there" and completed.usage.output_tokens == 3
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
@@ -110,7 +111,7 @@ async def test_bad_responses_requests_are_400s_naming_the_field(fake, lmstudio, 
 async def test_the_mock_answers_the_responses_api(start_gateway):
     gateway = start_gateway({"INFERENCE_INFERENCE_PROVIDER": "mock"})
     answer, kinds, deltas, completed = await deferToThread(sdk_round_trip, client_for(gateway.url), "mock-model")
-    assert answer.output_text == "You said: tell me a story" and answer.usage.input_tokens == 4
+    assert answer.output_text == "You said: tell me a story" and answer.usage.input_tokens == 4 + 2  # instructions
     assert "".join(deltas) == "You said: hello there" and completed.status == "completed"
     assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
                      "response.content_part.added", *["response.output_text.delta"] * 4, "response.output_text.done",

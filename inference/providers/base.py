@@ -22,6 +22,7 @@ class Completion:
 
     data: dict[str, Any]
     raw: bytes
+    translated: bool = False  # served through chat completions (the upstream lacks the operation's own API)
 
 
 class EventConsumer(Protocol):
@@ -38,6 +39,8 @@ class ChatStream(abc.ABC):
     while the client is slow, ``stopProducing`` abandons the stream (the client left) and ``fail`` ends it
     with an error (the relay found the events unusable).
     """
+
+    translated = False  # the events were translated from a chat completion stream
 
     @abc.abstractmethod
     def begin(self, consumer: EventConsumer) -> Deferred[None]:

@@ -9,6 +9,7 @@ from ..config import InferenceConfig
 from ..errors import UpstreamError, from_upstream
 from ..operations import Operation
 from .base import ChatStream, Completion, Provider
+from .translated import call_translated, open_translated
 from .upstream import Answer, UpstreamClient, UpstreamEventStream
 
 
@@ -21,6 +22,7 @@ class OpenAICompatibleProvider(Provider):
         self._reactor = reactor
         self._idle_timeout = config.http.timeout_secs
         self._first_seen: dict[str, int] = {}
+        self._missing = MissingRoutes(reactor, config.models_cache_secs)
 
     async def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:
         answer = await self.client.request("GET", "/v1/models", timeout=timeout)
@@ -45,8 +47,12 @@ class OpenAICompatibleProvider(Provider):
 
     async def call(self, operation: Operation, body: dict[str, Any],
                    headers: dict[str, str] | None = None) -> Completion:
+        if self._missing.lacks(operation):
+            return await call_translated(self, operation, body, headers)
         answer = await self.client.request("POST", operation.path, jsonio.dumps(self.prepare(operation, body)),
                                            headers=headers)
+        if self._missing.says_missing(operation, answer):
+            return await call_translated(self, operation, body, headers)
         data = _json_answer(answer)
         if not isinstance(data.get(operation.answer_list), list):
             raise UpstreamError(f"upstream answer has no '{operation.answer_list}'")
@@ -54,18 +60,48 @@ class OpenAICompatibleProvider(Provider):
 
     async def open_stream(self, operation: Operation, body: dict[str, Any],
                           headers: dict[str, str] | None = None) -> ChatStream:
+        if self._missing.lacks(operation):
+            return await open_translated(self, operation, body, headers)
         body = self.prepare(operation, body)
         payload = {**body, "stream": True}
         if operation.asks_usage:  # the client's last chunk then carries usage, and metrics count real tokens
             payload["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         response = await self.client.open("POST", operation.path, jsonio.dumps(payload), headers=headers)
         if isinstance(response, Answer):  # an error, or JSON where a stream was due (LM Studio's error in a 200)
+            if self._missing.says_missing(operation, response):
+                return await open_translated(self, operation, body, headers)
             _json_answer(response)
             raise UpstreamError("upstream answered a streaming request with JSON instead of an event stream")
         return UpstreamEventStream(response, self._reactor, self._idle_timeout)
 
     async def close(self) -> None:
         await self.client.close()
+
+
+class MissingRoutes:
+    """Which of the upstream's routes answered "no such route", so that calls go straight to chat completions
+    (for ``recheck_secs``: then the route is tried again, in case the upstream was upgraded)."""
+
+    def __init__(self, reactor: Any, recheck_secs: float) -> None:
+        self._reactor = reactor
+        self._recheck_secs = recheck_secs
+        self._until: dict[str, float] = {}  # path -> when to try it again
+
+    def lacks(self, operation: Operation) -> bool:
+        until = self._until.get(operation.path)
+        return until is not None and self._reactor.seconds() < until
+
+    def says_missing(self, operation: Operation, answer: Answer) -> bool:
+        """Whether ``answer`` says the upstream has no such route (and the operation can do without it); if so,
+        remember it. A 404 about the model (OpenAI's ``model_not_found``) is not about the route."""
+        if operation.translation is None:
+            return False
+        body = answer.body[:2048]
+        missing = (answer.status in (404, 405) and b"model_not_found" not in body) or \
+            b"Unexpected endpoint" in body  # LM Studio's words, with a 200 in some versions
+        if missing:
+            self._until[operation.path] = self._reactor.seconds() + self._recheck_secs
+        return missing
 
 
 def _json_answer(answer: Answer) -> dict[str, Any]:

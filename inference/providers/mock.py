@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
+import json
 import math
 import random
 import struct
@@ -16,11 +17,11 @@ from twisted.internet.task import deferLater
 
 from .. import jsonio
 from ..config import MockConfig
-from ..operations import Operation
+from ..operations import CHAT, Operation
 from ..sse import DONE
+from ..translation.chat import as_object
 from .base import ChatStream, Completion, EventConsumer, Provider
-from .mock_messages import message_events, message_object
-from .mock_responses import response_events, response_object
+from .translated import call_translated, open_translated
 
 
 def words_of(content: Any) -> list[str]:
@@ -39,19 +40,42 @@ def prompt_words(operation: Operation, body: dict[str, Any]) -> list[str]:
         prompt = body["prompt"]
         first = prompt if isinstance(prompt, str) else prompt[0]
         return first.split() if isinstance(first, str) else [f"<{len(prompt)} tokens>"]
-    messages = body["input"] if operation.name == "responses" else body["messages"]  # chat and Anthropic's
-    if isinstance(messages, str):
-        return messages.split()
-    last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+    last_user = next((m for m in reversed(body["messages"]) if m.get("role") == "user"), None)
     return words_of(last_user.get("content")) if last_user else []
 
 
 def reply_words(operation: Operation, body: dict[str, Any]) -> tuple[list[str], str]:
-    """The mock's answer: it echoes what it was given, cut to ``max_tokens`` words (one word, one token)."""
-    said = prompt_words(operation, body)
-    words = ["You", "said:", *said] if said else ["Hello", "from", "the", "mock", "model."]
-    limit = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or len(words)
+    """The mock's answer: it echoes what it was given (a tool's result, after a tool call), cut to ``max_tokens``
+    words (one word, one token)."""
+    last = body["messages"][-1] if operation.name == "chat" else {}
+    if last.get("role") == "tool":
+        words = ["The", "tool", "said:", *words_of(last.get("content"))]
+    else:
+        said = prompt_words(operation, body)
+        words = ["You", "said:", *said] if said else ["Hello", "from", "the", "mock", "model."]
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or len(words)
     return (words[:limit], "length") if len(words) > limit else (words, "stop")
+
+
+def tool_call(body: dict[str, Any]) -> tuple[str, str] | None:
+    """The tool the mock calls, and its arguments: the one ``tool_choice`` names, else the first, when the
+    request offers tools and the conversation is not waiting on a tool's result. Every required argument is
+    filled: text with the user's words, numbers with their count."""
+    tools = [t["function"] for t in body.get("tools") or () if isinstance(t, dict) and isinstance(t.get("function"),
+                                                                                             dict)]
+    choice = body.get("tool_choice")
+    if not tools or choice == "none" or body["messages"][-1].get("role") == "tool":
+        return None
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    tool = next((t for t in tools if t.get("name") == named), tools[0])
+    schema = as_object(tool.get("parameters"))
+    properties = as_object(schema.get("properties"))
+    said = prompt_words(CHAT, body)
+    samples: dict[Any, Any] = {"string": " ".join(said), "integer": len(said), "number": len(said),
+                               "boolean": True, "array": [], "object": {}}
+    required = [name for name in schema.get("required") or () if name in properties] or list(properties)[:1]
+    arguments = {name: samples.get(as_object(properties[name]).get("type"), " ".join(said)) for name in required}
+    return str(tool.get("name")), json.dumps(arguments)
 
 
 class _Shape:
@@ -92,42 +116,36 @@ class MockProvider(Provider):
                    headers: dict[str, str] | None = None) -> Completion:
         if operation.name == "embeddings":
             return _embeddings(body)
-        if operation.name == "messages":
-            words, finish_reason = reply_words(operation, body)
-            data = message_object(f"msg_mock_{next(self._ids)}", body["model"], words, finish_reason,
-                                  _message_tokens(body))
-            return Completion(data, jsonio.dumps(data))
-        if operation.name == "responses":
-            words, finish_reason = reply_words(operation, body)
-            data = response_object(f"resp_mock_{next(self._ids)}", body, int(self._reactor.seconds()), words,
-                                   finish_reason, len(prompt_words(operation, body)))
-            return Completion(data, jsonio.dumps(data))
+        if operation.translation is not None:  # the mock serves the Responses and Messages APIs as chat
+            return await call_translated(self, operation, body, headers)
         shape = _SHAPES[operation.name]
         words, finish_reason = reply_words(operation, body)
+        call = tool_call(body) if operation is CHAT else None
         delay = self._config.latency_secs + self._config.token_delay_secs * len(words)
         if delay:
             await deferLater(self._reactor, delay, lambda: None)
+        choice = {"index": 0, "finish_reason": finish_reason, **shape.choice(" ".join(words))}
+        if call is not None:
+            calls = [{"id": f"call_mock_{next(self._ids)}", "type": "function",
+                      "function": {"name": call[0], "arguments": call[1]}}]
+            choice = {"index": 0, "finish_reason": "tool_calls",
+                      "message": {"role": "assistant", "content": None, "tool_calls": calls}}
+            words = _argument_pieces(call[1])
         data = {
             "id": f"{shape.prefix}-mock-{next(self._ids)}",
             "object": shape.kind,
             "created": int(self._reactor.seconds()),
             "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": finish_reason, **shape.choice(" ".join(words))}],
+            "choices": [choice],
             "usage": _usage(operation, body, words),
         }
         return Completion(data, jsonio.dumps(data))
 
     async def open_stream(self, operation: Operation, body: dict[str, Any],
                           headers: dict[str, str] | None = None) -> ChatStream:
+        if operation.translation is not None:
+            return await open_translated(self, operation, body, headers)
         words, finish_reason = reply_words(operation, body)
-        if operation.name == "messages":
-            named = message_events(f"msg_mock_{next(self._ids)}", body["model"], words, finish_reason,
-                                   _message_tokens(body))
-            return MockEventStream(self._reactor, named, self._config.latency_secs, self._config.token_delay_secs)
-        if operation.name == "responses":
-            named = response_events(f"resp_mock_{next(self._ids)}", body, int(self._reactor.seconds()), words,
-                                    finish_reason, len(prompt_words(operation, body)))
-            return MockEventStream(self._reactor, named, self._config.latency_secs, self._config.token_delay_secs)
         shape = _SHAPES[operation.name]
         head = {"id": f"{shape.prefix}-mock-{next(self._ids)}", "object": shape.chunk_kind,
                 "created": int(self._reactor.seconds()), "model": body["model"]}
@@ -135,12 +153,25 @@ class MockProvider(Provider):
         def chunk(choice: dict[str, Any], finish: str | None = None) -> bytes:
             return jsonio.dumps({**head, "choices": [{"index": 0, **choice, "finish_reason": finish}]})
 
-        events = [chunk(shape.first)]
-        events += [chunk(shape.delta(word if i == 0 else " " + word)) for i, word in enumerate(words)]
+        call = tool_call(body) if operation is CHAT else None
+        if call is None:
+            deltas = [shape.delta(word if i == 0 else " " + word) for i, word in enumerate(words)]
+        else:  # a tool call streams as OpenAI's do: its id and name first, then its arguments in pieces
+            words, finish_reason = _argument_pieces(call[1]), "tool_calls"
+            opening = {"index": 0, "id": f"call_mock_{next(self._ids)}", "type": "function",
+                       "function": {"name": call[0], "arguments": ""}}
+            deltas = [{"delta": {"tool_calls": [opening]}}]
+            deltas += [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}} for piece in words]
+        events = [chunk(shape.first)] + [chunk(delta) for delta in deltas]
         events += [chunk(shape.delta(""), finish_reason),
                    jsonio.dumps({**head, "choices": [], "usage": _usage(operation, body, words)}), DONE]
         return MockEventStream(self._reactor, [(event, None) for event in events], self._config.latency_secs,
                                self._config.token_delay_secs)
+
+
+def _argument_pieces(arguments: str) -> list[str]:
+    """A tool call's arguments cut in pieces of about eight characters (the deltas a model would stream)."""
+    return [arguments[i:i + 8] for i in range(0, len(arguments), 8)]
 
 
 def _usage(operation: Operation, body: dict[str, Any], words: list[str]) -> dict[str, int]:
@@ -150,11 +181,6 @@ def _usage(operation: Operation, body: dict[str, Any], words: list[str]) -> dict
         prompt_tokens = sum(len(words_of(m.get("content"))) for m in body["messages"])
     return {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
             "total_tokens": prompt_tokens + len(words)}
-
-
-def _message_tokens(body: dict[str, Any]) -> int:
-    system = body.get("system")
-    return sum(len(words_of(m.get("content"))) for m in body["messages"]) + len(words_of(system))
 
 
 EMBEDDING_DIMENSIONS = 64

@@ -17,7 +17,7 @@ from twisted.internet.defer import CancelledError, Deferred
 
 from ..config import ObservabilityConfig
 from ..errors import GatewayError
-from ..operations import Facts, Operation, StreamStats
+from ..operations import CHAT, Facts, Operation, StreamStats
 from .metrics import Metrics, method_label
 from .tracing import Tracing
 
@@ -48,6 +48,7 @@ class RequestState:
     time_to_first_token: float | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
+    via: str | None = None  # the upstream route that served a translated call (``/v1/chat/completions``)
 
     trace_id: str | None = None  # the span's, as 32 hex digits (logs and exemplars)
     exemplar: dict[str, str] | None = None  # ``{"trace_id": ...}`` for histograms, when the trace is sampled
@@ -167,6 +168,7 @@ class UpstreamCall:
         self._model = body["model"]
         self._stream = stream
         self._ended = False
+        self.translated = False  # served through chat completions (the upstream lacks the operation's API)
         request.overhead_before = self.started - request.started - queued
         tracing = telemetry.tracing
         self.capture_content = tracing.capture_content
@@ -266,6 +268,8 @@ class UpstreamCall:
         if output_tokens is None and chunks is not None:
             output_tokens, usage_source = chunks, "counted"
         request.model, request.input_tokens, request.output_tokens = model, input_tokens, output_tokens
+        if self.translated:
+            request.via = CHAT.path
         if first_token_at is not None:
             request.time_to_first_token = first_token_at - request.started
         if input_tokens is not None:
@@ -292,6 +296,8 @@ class UpstreamCall:
         if span is None:
             return
         attributes: dict[str, Any] = dict(facts.attributes)
+        if self._operation.translation is not None:
+            attributes["inference.api.translated"] = self.translated
         if facts.response_id is not None:
             attributes["gen_ai.response.id"] = facts.response_id
         if facts.response_model is not None:

@@ -24,9 +24,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
-from inference.providers.mock_messages import message_events, message_object
-from inference.providers.mock_responses import response_events, response_object
 from inference.sse import encode
+
+from .messages_api import message_events, message_object
+from .responses_api import response_events, response_object
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Behaviour:
     connection is cut), stall (two words, then silence), garbage (two words, then a broken event),
     error_event (two words, then an ``error`` event), flood (large events for ``flood_bytes``, obeying flow
     control), comments (SSE comments and CRLF line ends between events), named (an ``event:`` line on every
-    event but ``[DONE]``), huge_event (two words, then one
+    event but ``[DONE]``), reasoning (three reasoning deltas before the words), huge_event (two words, then one
     event of ``huge_bytes`` that never ends).
     """
 
@@ -194,8 +195,19 @@ class FakeLMStudio(Resource):
             return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
         return str(content)
 
+    @staticmethod
+    def _tool_call(body: dict[str, Any]) -> tuple[str, str] | None:
+        """The tool the fake calls (the one ``tool_choice`` names, else the first) and its arguments, unless the
+        request offers none or the conversation ends with a tool's result (then the fake echoes that)."""
+        tools, choice = body.get("tools"), body.get("tool_choice")
+        if "messages" not in body or not tools or choice == "none" or body["messages"][-1]["role"] == "tool":
+            return None
+        name = choice["function"]["name"] if isinstance(choice, dict) else tools[0]["function"]["name"]
+        return name, json.dumps({"echo": FakeLMStudio._said(body)})
+
     def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
         text = f"echo: {self._said(body)}"
+        call = self._tool_call(body)
         if "prompt" in body:
             return {"id": "cmpl-fake123", "object": "text_completion", "created": 1700000000, "model": body["model"],
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
@@ -203,8 +215,12 @@ class FakeLMStudio(Resource):
         return {
             "id": "chatcmpl-fake123", "object": "chat.completion", "created": 1700000000,
             "model": body["model"], "system_fingerprint": body["model"],
-            "choices": [{"index": 0, "logprobs": None, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": text, **self.chat.extra_message_fields}}],
+            "choices": [{"index": 0, "logprobs": None, "finish_reason": "tool_calls" if call else "stop",
+                         "message": {"role": "assistant", "content": None if call else text,
+                                     **({"tool_calls": [{"id": "call_fake1", "type": "function",
+                                                         "function": {"name": call[0], "arguments": call[1]}}]}
+                                        if call else {}),
+                                     **self.chat.extra_message_fields}}],
             "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
             "stats": {}, "runtime": "llama.cpp",
         }
@@ -276,7 +292,18 @@ class FakeLMStudio(Resource):
         words = f"echo: {self._said(body)}".split(" ")
         pieces = [] if text_completion else \
             [event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
-        pieces += [delta(w if i == 0 else " " + w, reasoning="") for i, w in enumerate(words)]
+        call = self._tool_call(body)
+        if call is not None:  # the call's id and name, then its arguments in two pieces
+            half = len(call[1]) // 2
+            opening = {"index": 0, "id": "call_fake1", "type": "function",
+                       "function": {"name": call[0], "arguments": ""}}
+            calls = [[opening], *[[{"index": 0, "function": {"arguments": piece}}] for piece in
+                                  (call[1][:half], call[1][half:])]]
+            pieces += [event([{"index": 0, "delta": {"tool_calls": c}, "finish_reason": None}]) for c in calls]
+        elif mode == "reasoning":  # LM Studio's reasoning deltas first, then the answer
+            pieces += [delta("", reasoning=w) for w in ("let", " me", " think")]
+        if call is None:
+            pieces += [delta(w if i == 0 else " " + w, reasoning="") for i, w in enumerate(words)]
         if mode in ("die", "stall", "garbage", "error_event", "huge_event"):
             request.write(b"".join(pieces[:3]))
             if mode == "die":  # the process dies: what was sent arrives, then the connection closes
@@ -298,7 +325,7 @@ class FakeLMStudio(Resource):
         if mode == "empty":
             return b""
         pieces.append(event([{"index": 0, "text": "", "finish_reason": "stop"} if text_completion else
-                             {"index": 0, "delta": {}, "finish_reason": "stop"}]))
+                             {"index": 0, "delta": {}, "finish_reason": "tool_calls" if call else "stop"}]))
         wants_usage = (body.get("stream_options") or {}).get("include_usage")
         if wants_usage and mode != "no_usage":
             pieces.append(event([], usage={"prompt_tokens": 12, "completion_tokens": len(words),

@@ -1,10 +1,10 @@
-"""The mock's Messages API answers: a ``message`` object, or the events Anthropic streams it as."""
+"""The fake LM Studio's native Messages API answers: a ``message`` object, or the events Anthropic streams it as."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .. import jsonio
+from inference import jsonio
 
 
 def message_object(message_id: str, model: str, words: list[str], finish: str, input_tokens: int,

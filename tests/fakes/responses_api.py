@@ -1,10 +1,10 @@
-"""The mock's Responses API answers: a ``response`` object, or the typed events OpenAI streams it as."""
+"""The fake LM Studio's native Responses API: a ``response`` object, or the typed events OpenAI streams it as."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .. import jsonio
+from inference import jsonio
 
 
 def response_object(response_id: str, body: dict[str, Any], created: int, words: list[str], finish: str,

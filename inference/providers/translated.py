@@ -1,0 +1,86 @@
+"""Calls served through chat completions: an operation's request translated to chat, and the answer (or each
+event of the stream) translated back, by the operation's :class:`~inference.translation.Translation`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from .. import jsonio
+from ..operations import CHAT, Operation
+from ..sse import DONE
+from ..translation import Translation
+from ..translation.chat import ChatStreamReader, Event
+from .base import ChatStream, Completion, EventConsumer, Provider
+
+
+def _translation(operation: Operation) -> Translation:
+    if operation.translation is None:
+        raise ValueError(f"{operation.name} has no translation to chat completions")
+    return operation.translation
+
+
+async def call_translated(provider: Provider, operation: Operation, body: dict[str, Any],
+                          headers: dict[str, str] | None = None) -> Completion:
+    """``operation``'s call, made as a chat completion."""
+    translation = _translation(operation)
+    answer = await provider.call(CHAT, translation.chat_request(body), headers)
+    data = translation.translate_answer(answer.data, body)
+    return Completion(data, jsonio.dumps(data), translated=True)
+
+
+async def open_translated(provider: Provider, operation: Operation, body: dict[str, Any],
+                          headers: dict[str, str] | None = None) -> ChatStream:
+    """``operation``'s stream, opened as a chat completion stream."""
+    translation = _translation(operation)
+    chat = await provider.open_stream(CHAT, translation.chat_request(body), headers)
+    return TranslatedStream(chat, translation.stream_reader(body))
+
+
+class TranslatedStream(ChatStream):
+    """A chat completion stream whose events are delivered as another API's; flow control passes straight through
+    to the chat stream underneath."""
+
+    translated = True
+
+    def __init__(self, chat: ChatStream, reader: ChatStreamReader) -> None:
+        self._chat = chat
+        self._reader = reader
+        self._consumer: EventConsumer | None = None
+
+    def begin(self, consumer: EventConsumer) -> Deferred[None]:
+        self._consumer = consumer
+        ended = self._chat.begin(self)
+        ended.addCallback(lambda _: self._send(self._reader.end()))
+        return ended
+
+    def event(self, payload: bytes, name: bytes | None = None) -> None:
+        """One chat event, delivered as the events it translates to."""
+        if payload == DONE:
+            return self._send(self._reader.done())
+        try:
+            chunk = jsonio.loads(payload)
+        except ValueError:
+            return self._send(self._reader.broken("upstream sent an event that is not JSON"))
+        if not isinstance(chunk, dict):
+            return self._send(self._reader.broken("upstream sent an event that is not a JSON object"))
+        self._send(self._reader.chunk(chunk))
+
+    def _send(self, events: list[Event]) -> None:
+        consumer = self._consumer
+        assert consumer is not None  # begin() set it
+        for data, name in events:
+            consumer.event(jsonio.dumps(data), name.encode())
+
+    def fail(self, error: Exception) -> None:
+        self._chat.fail(error)
+
+    def pauseProducing(self) -> None:
+        self._chat.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._chat.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._chat.stopProducing()
