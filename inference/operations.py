@@ -295,12 +295,14 @@ RESPONSES = Operation(
 
 def _anthropic_input(usage: Any) -> int | None:
     """The prompt's size: Anthropic counts the tokens read from or written to its cache apart from
-    ``input_tokens``."""
+    ``input_tokens``. No prompt is 0 tokens long: 0 is what a stream starts with when the count comes later, or
+    never (a translated stream from an upstream that counts nothing), so it is no count."""
     counted = count(usage, "input_tokens")
     if counted is None:
         return None
-    return counted + (count(usage, "cache_read_input_tokens") or 0) + (count(usage, "cache_creation_input_tokens")
-                                                                       or 0)
+    total = counted + (count(usage, "cache_read_input_tokens") or 0) + (count(usage, "cache_creation_input_tokens")
+                                                                        or 0)
+    return total or None
 
 
 def _messages_answer(data: dict[str, Any], capture: bool) -> Facts:

@@ -268,6 +268,23 @@ async def test_what_chat_cannot_carry_is_an_anthropic_400(fake, chat_only, body,
     assert not chat_calls(fake)
 
 
+@pytest.mark.parametrize("route, body", [
+    ("/v1/messages", {"max_tokens": 10, "messages": [{"role": "user", "content": "one two"}]}),
+    ("/v1/responses", {"input": "one two"}),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_chat_stream_without_usage_invents_no_prompt_count(fake, chat_only, access_events, route, body):
+    fake.chat.stream = "no_usage"  # llama.cpp's Python server
+    reply = await call("POST", chat_only.url + route, {"model": MODEL, "stream": True, **body})
+    assert reply.status == 200
+    line = access_events[0]
+    assert (line["input_tokens"], line["output_tokens"], line["via"]) == (None, 3, "/v1/chat/completions")
+    m = await chat_only.metrics()
+    labels = {"operation": route.rpartition("/")[2], "provider": "lmstudio", "model": MODEL}
+    assert m.value("inference_tokens_total", **labels, type="input") is None
+    assert m.value("inference_tokens_total", **labels, type="output") == 3
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_chat_stream_cut_short_is_anthropics_error_event(fake, chat_only):
     fake.chat.stream = "die"
