@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="inference",
@@ -9,7 +9,8 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["inference", "inference.providers", "inference.telemetry", "twisted.plugins"],
+    # Every package under inference/ (a new one is installed without a change here), and the twistd plugin.
+    packages=[*find_packages(include=["inference", "inference.*"]), "twisted.plugins"],
     install_requires=[
         "twisted[tls]>=24.7",
         "klein>=24.8",
