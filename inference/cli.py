@@ -54,10 +54,11 @@ class Report:
 def describe_settings(report: Report, config: Any, sources: Mapping[str, str], environ: Mapping[str, str]) -> None:
     report.line("settings (key, value, where it came from; each has an INFERENCE_* variable, see the README):")
     for key, value in settings(config):
-        source = sources.get(key) or "default"
+        source = sources.get(key) or sources.get(key.partition("[")[0]) or "default"  # a host's: its list's
         if key == "inference.api_key" and source == "default" and value and environ.get("OPENAI_API_KEY"):
             source = "from OPENAI_API_KEY"
-        shown = "<set>" if key in SECRET_KEYS and value else repr(value)
+        secret = key in SECRET_KEYS or key.endswith(".api_key")  # a host's key too
+        shown = "<set>" if secret and value else repr(value)
         report.line(f"  {key:<42} {shown:<24} {source}")
 
 

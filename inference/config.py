@@ -114,6 +114,7 @@ class HttpConfig:
     keep_alive_secs: float = _opt(_range(0), 30.0)
     max_idle_connections: int = _opt(_range(0), 10)
     max_retries: int = _opt(_range(0, 10), 2)
+    load_timeout_secs: float = _opt(_range(0, above=True), 300.0)  # first byte from a host loading the model
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,24 @@ class MockConfig:
     embedding_models: list[str] = _opt(None, ["mock-embedding"])
     latency_secs: float = _opt(_range(0), 0.0)
     token_delay_secs: float = _opt(_range(0), 0.0)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One host of a fleet (``inference.upstreams``)."""
+
+    base_url: str = _opt(_http_url, "http://localhost:1234")
+    name: str = _opt(None, "")  # empty: host:port of base_url (names label metrics, so they stay few)
+    api_key: str | None = _opt(None, None)
+    max_concurrent: int = _opt(_range(1), 4)  # LM Studio's parallel predictions: its prompt-cache slots too
+    weight: float = _opt(_range(0, above=True), 1.0)  # a share of new conversations, relative to the others
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    # A conversation leaves the host holding its prefix only when that host has this many more requests in
+    # flight than the least loaded candidate.
+    load_bound: int = _opt(_range(0), 2)
 
 
 @dataclass(frozen=True)
@@ -138,6 +157,14 @@ class InferenceConfig:
     health_check_secs: float = _opt(_range(0), 10.0)  # 0: no background probe, no fail-fast
     http: HttpConfig = field(default_factory=HttpConfig)
     mock: MockConfig = field(default_factory=MockConfig)
+    upstreams: list[UpstreamConfig] = _opt(None, [])  # several hosts; empty: base_url (and api_key) alone
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    def hosts(self) -> list[UpstreamConfig]:
+        """The hosts calls go to: ``upstreams``, or the one ``base_url`` names."""
+        if self.upstreams:
+            return list(self.upstreams)
+        return [UpstreamConfig(base_url=self.base_url, name=host_name(self.base_url), api_key=self.api_key)]
 
 
 @dataclass(frozen=True)
@@ -212,7 +239,12 @@ def settings(config: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, Any]]
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         keys = prefix + (f.name,)
-        out += settings(value, keys) if dataclasses.is_dataclass(value) else [(".".join(keys), value)]
+        if dataclasses.is_dataclass(value):
+            out += settings(value, keys)
+        elif f.name == "upstreams" and value:  # each host's settings, so that its key is shown as a secret
+            out += [item for i, host in enumerate(value) for item in settings(host, (*prefix, f"upstreams[{i}]"))]
+        else:
+            out.append((".".join(keys), value))
     return out
 
 
@@ -351,9 +383,38 @@ def _build(cls: Any, data: Any, path: tuple[str, ...], sources: Mapping[str, str
         keys = path + (f.name,)
         if dataclasses.is_dataclass(kind):
             values[f.name] = _build(kind, data[f.name], keys, sources)
+        elif f.name == "upstreams":
+            values[f.name] = _upstreams(data[f.name], keys, sources)
         else:
             values[f.name] = _value(kind, f.metadata.get("check"), data[f.name], keys, sources)
     return cls(**values)
+
+
+def host_name(base_url: str) -> str:
+    """A host's name when the configuration gives none: ``host:port`` of its URL."""
+    parts = urlsplit(base_url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+def _upstreams(raw: Any, keys: tuple[str, ...], sources: Mapping[str, str]) -> list[UpstreamConfig]:
+    """``inference.upstreams``: a list of hosts (mappings, or bare URLs), or URLs separated by commas (the
+    environment's form); each named, by its name or its host:port, and no two alike."""
+    dotted = ".".join(keys)
+    if isinstance(raw, str):
+        raw = [url.strip() for url in raw.split(",") if url.strip()]
+    if not isinstance(raw, list):
+        raise ConfigError(f"{dotted} {sources.get(dotted, '')}".rstrip() + ": expected a list of hosts (each a URL "
+                          "or a mapping with base_url, name, api_key, max_concurrent, weight)")
+    hosts = []
+    for i, item in enumerate(raw):
+        at = keys[:-1] + (f"{keys[-1]}[{i}]",)
+        host = _build(UpstreamConfig, {"base_url": item} if isinstance(item, str) else item, at, sources)
+        hosts.append(host if host.name else dataclasses.replace(host, name=host_name(host.base_url)))
+    names = [host.name for host in hosts]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"{dotted}: two hosts are named {twice[0]}; give each a distinct name")
+    return hosts
 
 
 def _value(kind: Any, check: Check | None, raw: Any, keys: tuple[str, ...], sources: Mapping[str, str]) -> Any:

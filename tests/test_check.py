@@ -109,3 +109,14 @@ async def test_check_warns_when_the_port_is_taken(fake):
     assert code == 0  # the gateway may be the one holding it
     (warning,) = [line for line in verdicts(output) if line.startswith("warn")]
     assert warning.endswith("(Address already in use); is a gateway already running there?")
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_shows_each_host_of_a_fleet_and_hides_their_keys(fake, tmp_path):
+    config = tmp_path / "fleet.yaml"
+    config.write_text("inference:\n  upstreams:\n"
+                      f"    - {{name: mac, base_url: '{fake.url}', api_key: sk-very-secret}}\n")
+    code, output = await check({}, "--config", str(config))
+    assert f"inference.upstreams[0].name                'mac'                    in {config}" in output
+    assert f"inference.upstreams[0].api_key             <set>                    in {config}" in output
+    assert "sk-very-secret" not in output

@@ -146,3 +146,42 @@ def test_the_example_configs_load(name):
     path = os.path.join(os.path.dirname(__file__), "..", "examples", name)
     config = load(path, {})
     assert config.inference.provider == name.split(".")[0]
+
+
+def test_a_fleet_of_hosts_from_yaml_and_from_one_variable(yaml_file):
+    path = yaml_file("inference:\n  upstreams:\n"
+                     "    - {name: mac, base_url: 'http://mac.local:1234', max_concurrent: 2, api_key: sk-1}\n"
+                     "    - http://pc1:1234\n")
+    hosts = load(path, {}).inference.hosts()
+    assert [(h.name, h.base_url, h.max_concurrent, h.weight) for h in hosts] == [
+        ("mac", "http://mac.local:1234", 2, 1.0), ("pc1:1234", "http://pc1:1234", 4, 1.0)]
+    from_env = load(None, {"INFERENCE_INFERENCE_UPSTREAMS": "http://mac:1234, https://pc1"}).inference.hosts()
+    assert [h.name for h in from_env] == ["mac:1234", "pc1:443"]
+    alone = load(None, {"INFERENCE_INFERENCE_BASE_URL": "http://box:1234"}).inference.hosts()
+    assert [(h.name, h.base_url) for h in alone] == [("box:1234", "http://box:1234")]  # the one-host shorthand
+
+
+@pytest.mark.parametrize("text, message", [
+    ("inference:\n  upstreams: [http://a:1, http://a:1]\n", "two hosts are named a:1"),
+    ("inference:\n  upstreams: [ftp://a]\n", "inference.upstreams[0].base_url"),
+    ("inference:\n  upstreams: [{base_url: 'http://a:1', max_concurrent: 0}]\n",
+     "inference.upstreams[0].max_concurrent"),
+    ("inference:\n  upstreams: [{url: 'http://a:1'}]\n", "unknown config key inference.upstreams[0].url"),
+    ("inference:\n  upstreams: {a: 1}\n", "expected a list of hosts"),
+])
+def test_a_bad_fleet_fails_at_start_with_one_line(yaml_file, text, message):
+    with pytest.raises(ConfigError) as raised:
+        load(yaml_file(text), {})
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_one_configured_host_is_served_and_several_are_refused_until_routing_exists():
+    from twisted.internet import reactor
+
+    from inference.providers import make_provider
+
+    one = load(None, {"INFERENCE_INFERENCE_UPSTREAMS": "http://box:1234"}).inference
+    assert make_provider(reactor, one).base_url.startswith("http://box:1234")
+    several = load(None, {"INFERENCE_INFERENCE_UPSTREAMS": "http://a:1,http://b:1"}).inference
+    with pytest.raises(ConfigError, match="2 hosts are configured"):
+        make_provider(reactor, several)
