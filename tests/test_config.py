@@ -173,15 +173,3 @@ def test_a_bad_fleet_fails_at_start_with_one_line(yaml_file, text, message):
     with pytest.raises(ConfigError) as raised:
         load(yaml_file(text), {})
     assert message in str(raised.value) and "\n" not in str(raised.value)
-
-
-def test_one_configured_host_is_served_and_several_are_refused_until_routing_exists():
-    from twisted.internet import reactor
-
-    from inference.providers import make_provider
-
-    one = load(None, {"INFERENCE_INFERENCE_UPSTREAMS": "http://box:1234"}).inference
-    assert make_provider(reactor, one).base_url.startswith("http://box:1234")
-    several = load(None, {"INFERENCE_INFERENCE_UPSTREAMS": "http://a:1,http://b:1"}).inference
-    with pytest.raises(ConfigError, match="2 hosts are configured"):
-        make_provider(reactor, several)

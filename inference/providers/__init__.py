@@ -5,20 +5,25 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import ConfigError, InferenceConfig
+from ..config import InferenceConfig, UpstreamConfig
 from .base import Provider
 
 
 def make_provider(reactor: Any, config: InferenceConfig) -> Provider:
-    """Build the configured provider."""
-    hosts = config.hosts()
-    if len(hosts) > 1:
-        raise ConfigError(f"inference.upstreams: {len(hosts)} hosts are configured, and routing across several "
-                          "hosts is not served yet; configure one (or use inference.base_url)")
-    config = dataclasses.replace(config, base_url=hosts[0].base_url, api_key=hosts[0].api_key or config.api_key)
+    """Build the configured provider: the mock, one host's, or a fleet's routing across several hosts."""
     if config.provider == "mock":
         from .mock import MockProvider
         return MockProvider(reactor, config.mock)
+    hosts = config.hosts()
+    if len(hosts) == 1:
+        return _host_provider(reactor, config, hosts[0])
+    from .fleet import FleetProvider, Host
+    return FleetProvider([Host(host, _host_provider(reactor, config, host)) for host in hosts],
+                         config.routing.load_bound)
+
+
+def _host_provider(reactor: Any, config: InferenceConfig, host: UpstreamConfig) -> Provider:
+    config = dataclasses.replace(config, base_url=host.base_url, api_key=host.api_key or config.api_key)
     if config.provider == "openai":
         from .openai import OpenAIProvider
         return OpenAIProvider(reactor, config)

@@ -60,6 +60,35 @@ class ChatStream(abc.ABC):
     def stopProducing(self) -> None: ...
 
 
+class WrappedStream(ChatStream):
+    """A stream that hands another's events on (``event`` may change them), with flow control and failure passed
+    straight through to the stream underneath."""
+
+    def __init__(self, inner: ChatStream) -> None:
+        self._inner = inner
+        self._consumer: EventConsumer | None = None
+
+    def begin(self, consumer: EventConsumer) -> Deferred[None]:
+        self._consumer = consumer
+        return self._inner.begin(self)
+
+    def event(self, payload: bytes, name: bytes | None = None) -> None:
+        assert self._consumer is not None  # begin() set it
+        self._consumer.event(payload, name)
+
+    def fail(self, error: Exception) -> None:
+        self._inner.fail(error)
+
+    def pauseProducing(self) -> None:
+        self._inner.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._inner.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._inner.stopProducing()
+
+
 class Provider(abc.ABC):
     """A model server: lists models and answers the operations of :mod:`inference.operations`.
 

@@ -12,7 +12,7 @@ from ..operations import CHAT, Operation
 from ..sse import DONE
 from ..translation import Translation
 from ..translation.chat import ChatStreamReader, Event
-from .base import ChatStream, Completion, EventConsumer, Provider
+from .base import ChatStream, Completion, EventConsumer, Provider, WrappedStream
 
 
 def _translation(operation: Operation) -> Translation:
@@ -38,20 +38,17 @@ async def open_translated(provider: Provider, operation: Operation, body: dict[s
     return TranslatedStream(chat, translation.stream_reader(body))
 
 
-class TranslatedStream(ChatStream):
-    """A chat completion stream whose events are delivered as another API's; flow control passes straight through
-    to the chat stream underneath."""
+class TranslatedStream(WrappedStream):
+    """A chat completion stream whose events are delivered as another API's."""
 
     translated = True
 
     def __init__(self, chat: ChatStream, reader: ChatStreamReader) -> None:
-        self._chat = chat
+        super().__init__(chat)
         self._reader = reader
-        self._consumer: EventConsumer | None = None
 
     def begin(self, consumer: EventConsumer) -> Deferred[None]:
-        self._consumer = consumer
-        ended = self._chat.begin(self)
+        ended = super().begin(consumer)
         ended.addCallback(lambda _: self._send(self._reader.end()))
         return ended
 
@@ -68,19 +65,5 @@ class TranslatedStream(ChatStream):
         self._send(self._reader.chunk(chunk))
 
     def _send(self, events: list[Event]) -> None:
-        consumer = self._consumer
-        assert consumer is not None  # begin() set it
         for data, name in events:
-            consumer.event(jsonio.dumps(data), name.encode())
-
-    def fail(self, error: Exception) -> None:
-        self._chat.fail(error)
-
-    def pauseProducing(self) -> None:
-        self._chat.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self._chat.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self._chat.stopProducing()
+            super().event(jsonio.dumps(data), name.encode())

@@ -1,0 +1,187 @@
+"""Several hosts behind one gateway: each call goes to the host the routing policies pick (``inference.routing``),
+and to the next in their ranking when a host fails before answering.
+
+Nothing is retried once a stream has been handed to the relay (a byte may have reached the client); a host's
+4xx is the client's answer, not the host's failure.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, cast
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.python.failure import Failure
+
+from ..config import UpstreamConfig
+from ..errors import GatewayError, UpstreamClientError, UpstreamError, UpstreamUnreachable
+from ..operations import Operation
+from ..routing.conversation import conversation_key
+from ..routing.memory import PrefixMemory
+from ..routing.picker import HostView, Pick, pick
+from .base import ChatStream, Completion, EventConsumer, Provider, WrappedStream
+
+# LM Studio's words when a host cannot serve the model right now (another host may).
+_NOT_LOADED = ("not loaded", "no models loaded", "model is loading", "failed to load")
+
+
+def is_host_failure(error: GatewayError) -> bool:
+    """Whether another host may well answer what this one could not: it refused or timed out the connection,
+    reset it before answering, failed (5xx, 503 "loading") or has the model unloaded. A request it refused (4xx)
+    would be refused anywhere; one it did not answer in time may still be running there (no second copy)."""
+    if isinstance(error, UpstreamUnreachable):
+        return True
+    if isinstance(error, UpstreamClientError):
+        return error.status == 503 or any(words in error.message.lower() for words in _NOT_LOADED)
+    return isinstance(error, UpstreamError) and error.kind in ("server_error", "interrupted")
+
+
+class Host:
+    """One host: its provider, and what routing knows of it (``view``)."""
+
+    def __init__(self, config: UpstreamConfig, provider: Provider) -> None:
+        self.config = config
+        self.provider = provider
+        self.view = HostView(config.name, config.max_concurrent, config.weight)
+
+
+class FleetProvider(Provider):
+    """The hosts of ``inference.upstreams`` as one provider: their models together, each call routed."""
+
+    def __init__(self, hosts: list[Host], load_bound: int, rng: random.Random | None = None) -> None:
+        self.hosts = hosts
+        self.name = hosts[0].provider.name
+        self.base_url = "fleet:" + ",".join(host.view.name for host in hosts)
+        self._by_name = {host.view.name: host for host in hosts}
+        self._load_bound = load_bound
+        self._rng = rng or random.Random()
+        self.memory = PrefixMemory(lambda name: self._by_name[name].view.max_concurrent)
+        self._waiting: list[Deferred[None]] = []  # calls waiting for a host to free a slot
+
+    async def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Every host's models together (each model once, with the names of the hosts serving it); a host that
+        does not answer serves nothing until it answers again."""
+        asked = [Deferred.fromCoroutine(host.provider.list_models(timeout)) for host in self.hosts]
+        answers = await DeferredList(asked, consumeErrors=True)
+        merged: dict[str, dict[str, Any]] = {}
+        failures: list[Failure] = []
+        for host, (ok, result) in zip(self.hosts, answers, strict=True):
+            host.view.up = ok
+            if not ok:
+                failures.append(cast(Failure, result))
+                host.view.models = {}
+                continue
+            host.view.models = {model["id"]: model.get("state") for model in result}
+            for model in result:
+                entry = merged.setdefault(model["id"], {**model, "hosts": []})
+                entry["hosts"].append(host.view.name)
+        if len(failures) == len(self.hosts):
+            failures[0].raiseException()
+        return list(merged.values())
+
+    async def call(self, operation: Operation, body: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> Completion:
+        key, ranking = await self._ranking(operation, body)
+        failure: GatewayError | None = None
+        for host in ranking.hosts:
+            host.view.outstanding += 1
+            try:
+                answer = await host.provider.call(operation, body, headers)
+            except GatewayError as e:
+                if not is_host_failure(e):
+                    raise
+                failure = e
+                continue
+            finally:
+                self._release(host)
+            self._served(host, key)
+            return answer
+        assert failure is not None  # a ranking is never empty
+        raise failure
+
+    async def open_stream(self, operation: Operation, body: dict[str, Any],
+                          headers: dict[str, str] | None = None) -> ChatStream:
+        key, ranking = await self._ranking(operation, body)
+        failure: GatewayError | None = None
+        for host in ranking.hosts:
+            host.view.outstanding += 1
+            try:
+                stream = await host.provider.open_stream(operation, body, headers)
+            except GatewayError as e:
+                self._release(host)
+                if not is_host_failure(e):
+                    raise
+                failure = e
+                continue
+            except BaseException:
+                self._release(host)
+                raise
+            self._served(host, key)
+            return HostStream(stream, partial(self._release, host))
+        assert failure is not None
+        raise failure
+
+    async def _ranking(self, operation: Operation, body: dict[str, Any]) -> tuple[bytes | None, Ranking]:
+        """The conversation's key and the hosts to try, once one of them has a free slot."""
+        model = body["model"]
+        key = conversation_key(operation.name, model, body)
+        while True:
+            views = [host.view for host in self.hosts]
+            try:
+                chosen: Pick | None = pick(views, model, key, self.memory, self._load_bound, self._rng)
+            except LookupError:
+                raise UpstreamUnreachable(f"no host that serves '{model}' is up") from None
+            if chosen is not None:
+                return key, Ranking([self._by_name[view.name] for view in chosen.hosts], chosen.reason)
+            waiting: Deferred[None] = Deferred(self._give_up)
+            self._waiting.append(waiting)
+            await waiting
+
+    def _give_up(self, waiting: Deferred[None]) -> None:
+        """A waiting call was cancelled (its deadline, or its client left)."""
+        if waiting in self._waiting:
+            self._waiting.remove(waiting)
+
+    def _served(self, host: Host, key: bytes | None) -> None:
+        if key is not None:
+            self.memory.remember(host.view.name, key)
+
+    def _release(self, host: Host) -> None:
+        host.view.outstanding -= 1
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:  # each looks again; those that find every host busy wait again
+            d.callback(None)
+
+    async def close(self) -> None:
+        for host in self.hosts:
+            await host.provider.close()
+
+
+@dataclass(frozen=True)
+class Ranking:
+    hosts: list[Host]  # the chosen host first, then the others to fail over to
+    reason: str
+
+
+class HostStream(WrappedStream):
+    """A host's stream that gives the host's slot back when it ends, however it ends."""
+
+    def __init__(self, inner: ChatStream, release: Callable[[], None]) -> None:
+        super().__init__(inner)
+        self.translated = inner.translated
+        self._release = release
+        self._released = False
+
+    def begin(self, consumer: EventConsumer) -> Deferred[None]:
+        ended = super().begin(consumer)
+        ended.addBoth(self._done)
+        return ended
+
+    def _done(self, result: Any) -> Any:
+        if not self._released:
+            self._released = True
+            self._release()
+        return result

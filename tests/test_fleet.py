@@ -1,0 +1,137 @@
+"""Several fake LM Studio hosts behind one gateway: their models together, conversations kept on one host,
+failover before the first byte and never after it, slots per host."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, DeferredList
+
+from .conftest import call
+from .fakes.lmstudio import FakeLMStudio
+
+QWEN = "qwen2.5-7b-instruct"
+
+
+@pytest.fixture
+def hosts():
+    fakes = [FakeLMStudio([QWEN]), FakeLMStudio([QWEN]), FakeLMStudio([QWEN, "gemma-3-4b"])]
+    for fake in fakes:
+        fake.listen()
+    yield fakes
+    pytest_twisted.blockon(DeferredList([fake.stop() for fake in fakes if fake.port.connected]))
+
+
+def fleet_env(hosts, **more: str) -> dict[str, str]:
+    return {"INFERENCE_INFERENCE_UPSTREAMS": ",".join(fake.url for fake in hosts),
+            "INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "0", **more}
+
+
+def chats(fake: FakeLMStudio) -> list:
+    return [r for r in fake.received if r.path == "/v1/chat/completions"]
+
+
+def turn(*said: str, model: str = QWEN, **extra) -> dict:
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i, text in enumerate(said):
+        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": text})
+    return {"model": model, "messages": messages, **extra}
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_models_of_every_host_are_served_together(hosts, start_gateway):
+    gateway = start_gateway(fleet_env(hosts))
+    listed = (await call("GET", gateway.url + "/v1/models")).json()["data"]
+    assert sorted(m["id"] for m in listed) == ["gemma-3-4b", QWEN]  # each once
+    ports = [fake.port.getHost().port for fake in hosts]
+    gemma = next(m for m in listed if m["id"] == "gemma-3-4b")
+    assert gemma["hosts"] == [f"127.0.0.1:{ports[2]}"]
+    for _ in range(3):
+        assert (await gateway.post_chat(turn("hi", model="gemma"))).status == 200
+    assert [len(chats(fake)) for fake in hosts] == [0, 0, 3]  # the only host that serves it
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_conversation_stays_on_one_host_turn_after_turn(hosts, start_gateway):
+    gateway = start_gateway(fleet_env(hosts))
+    said = ["Plan a trip to Rome"]
+    for reply in ("Sure.", "Three days.", "Fine."):
+        assert (await gateway.post_chat(turn(*said))).status == 200
+        said += [reply, "And then?"]
+    assert sorted(len(chats(fake)) for fake in hosts) == [0, 0, 3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_gateway_processes_send_a_new_conversation_to_the_same_host(hosts, start_gateway):
+    first, second = start_gateway(fleet_env(hosts)), start_gateway(fleet_env(hosts))
+    for text in ("Plan a trip to Oslo", "Write a poem", "Count to ten", "Name three rivers"):
+        before = [len(chats(fake)) for fake in hosts]
+        assert (await first.post_chat(turn(text))).status == 200
+        assert (await second.post_chat(turn(text))).status == 200
+        grew = [len(chats(fake)) - n for fake, n in zip(hosts, before, strict=True)]
+        assert sorted(grew) == [0, 0, 2]  # both processes picked the one host
+
+
+@pytest.mark.parametrize("mode, status, message", [
+    ("error_object", 500, "internal error"),
+    ("error_object", 503, "busy"),
+    ("error_string", 400, "No models loaded. Please load a model in the developer page or use the `lms load` "
+                          "command."),
+    ("reset", 0, ""),  # a TCP RST instead of an answer
+    ("drop", 0, ""),  # the connection closed without an answer
+])
+@pytest_twisted.ensureDeferred
+async def test_a_host_that_is_down_or_failing_costs_no_request(hosts, start_gateway, mode, status, message):
+    gateway = start_gateway(fleet_env(hosts))
+    await call("GET", gateway.url + "/v1/models")
+    await hosts[0].stop()  # refuses connections
+    hosts[1].chat.mode, hosts[1].chat.status, hosts[1].chat.message = mode, status, message
+    for i in range(6):
+        reply = await gateway.post_chat(turn(f"conversation {i}"))
+        assert reply.status == 200
+    assert len(chats(hosts[2])) == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_the_host_refuses_is_the_clients_answer_not_a_failover(hosts, start_gateway):
+    gateway = start_gateway(fleet_env(hosts))
+    for fake in hosts:
+        fake.chat.mode, fake.chat.status, fake.chat.message = "error_object", 400, "bad tool schema"
+    reply = await gateway.post_chat(turn("hi"))
+    assert reply.status == 400 and reply.error["message"] == "bad tool schema"
+    assert sum(len(chats(fake)) for fake in hosts) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_is_retried_after_the_stream_started(hosts, start_gateway):
+    gateway = start_gateway(fleet_env(hosts))
+    for fake in hosts:
+        fake.chat.stream = "die"  # two words, then the connection is cut
+    reply = await gateway.post_chat(turn("one two three", stream=True))
+    assert reply.status == 200 and b'"error"' in reply.body
+    assert sum(len(chats(fake)) for fake in hosts) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_host_spills_to_the_next_and_a_call_waits_when_all_are_full(hosts, start_gateway):
+    two = hosts[:2]
+    gateway = start_gateway({**fleet_env(two), "INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS": "10"})
+    provider = gateway.site.gateway.provider
+    for host in provider.hosts:
+        host.view.max_concurrent = 1  # one slot each
+    await call("GET", gateway.url + "/v1/models")  # so that the next arrivals are the chats
+    for fake in two:
+        fake.chat.mode = "hang"
+    arrivals = [fake.next_arrival() for fake in two]
+    held = [Deferred.fromCoroutine(gateway.post_chat(turn(f"conversation {i}"))) for i in range(2)]
+    await DeferredList(arrivals)  # one on each host: the second spilled
+    third = Deferred.fromCoroutine(gateway.post_chat(turn("conversation 2")))
+    assert [len(chats(fake)) for fake in two] == [1, 1]  # the third waits in the gateway
+    arrived = DeferredList([fake.next_arrival() for fake in two], fireOnOneCallback=True)
+    two[0].chat.mode = "normal"
+    two[0].release()  # host 0 answers and frees its slot: the waiting call goes there
+    await arrived
+    assert [len(chats(fake)) for fake in two] == [2, 1]
+    two[1].release()
+    replies = await DeferredList([*held, third])
+    assert [reply.status for _, reply in replies] == [200, 200, 200]
