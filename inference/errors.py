@@ -18,6 +18,7 @@ class GatewayError(Exception):
     code: str | None = "internal_error"
     kind: str | None = None
     """How the upstream failed, for ``inference_upstream_errors_total``; None when the upstream is not to blame."""
+    route: Any = None  # the fleet's Route to the host that failed last (providers.base.Route)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  status: int | None = None, type: str | None = None,

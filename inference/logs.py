@@ -220,6 +220,9 @@ def log_access(request: Any, status: int | None) -> None:
         if ttft is not None:  # only streams have a first token to time
             text += f" ttft_ms={fields['ttft_ms']}"
         text += f" tokens={_or_dash(request.input_tokens)}/{_or_dash(request.output_tokens)}"
+        if request.upstream is not None:  # the host of a fleet that served it
+            fields["upstream"] = request.upstream
+            text += f" upstream={request.upstream}"
         if request.via is not None:  # the upstream lacks the API: the gateway translated the call
             fields["via"] = request.via
             text += f" via={request.via}"

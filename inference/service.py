@@ -6,6 +6,7 @@ import gc
 import os
 import signal
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from twisted.application import service
@@ -27,6 +28,7 @@ from .errors import GatewayError, MethodNotAllowed, RouteNotFound
 from .listen import describe, server_endpoint
 from .logs import LogFile, TextSink, make_observer
 from .providers import make_provider
+from .providers.fleet import FleetProvider
 from .request import GatewayRequest
 from .telemetry import Metrics, Telemetry
 
@@ -97,6 +99,11 @@ def build_site(config: Config, reactor: Any, environ: Mapping[str, str] | None =
     provider = make_provider(reactor, config.inference)
     telemetry = Telemetry(config.observability, provider.name, provider.base_url,
                           os.environ if environ is None else environ, reactor)
+    if isinstance(provider, FleetProvider):
+        telemetry.metrics.track_hosts({host.view.name: partial(getattr, host.view, "outstanding")
+                                       for host in provider.hosts}, provider.waiting)
+    else:  # one host: every call is its
+        telemetry.upstream = "mock" if config.inference.provider == "mock" else config.inference.hosts()[0].name
     return GatewaySite(Gateway(config, provider, reactor, telemetry))
 
 

@@ -7,8 +7,12 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList
 
+from inference.routing.conversation import conversation_key
+from inference.routing.rendezvous import rank
+
 from .conftest import call
 from .fakes.lmstudio import FakeLMStudio
+from .test_tracing import collector  # noqa: F401 (a fixture)
 
 QWEN = "qwen2.5-7b-instruct"
 
@@ -135,3 +139,34 @@ async def test_a_full_host_spills_to_the_next_and_a_call_waits_when_all_are_full
     two[1].release()
     replies = await DeferredList([*held, third])
     assert [reply.status for _, reply in replies] == [200, 200, 200]
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_spans_and_access_lines_name_the_host(hosts, start_gateway, collector,  # noqa: F811
+                                                            access_events):
+    gateway = start_gateway(fleet_env(hosts, INFERENCE_OBSERVABILITY_TRACING_EXPORTER="otlp",
+                                      INFERENCE_OBSERVABILITY_TRACING_ENDPOINT=collector.grpc_endpoint))
+    await call("GET", gateway.url + "/v1/models")
+    by_name = {f"127.0.0.1:{fake.port.getHost().port}": fake for fake in hosts}
+    key = conversation_key("chat", QWEN, turn("hi"))
+    first_choice, second_choice, _ = [view.name for view in rank(key, [h.view for h in
+                                                                          gateway.site.gateway.provider.hosts])]
+    by_name[first_choice].chat.mode, by_name[first_choice].chat.status = "error_object", 500
+    assert (await gateway.post_chat(turn("hi"))).status == 200  # its first choice failed: the second served
+    assert (await gateway.post_chat(turn("hi", "hello", "again"))).status == 200  # the same conversation
+    m = await gateway.metrics()
+    assert m.value("inference_routing_decisions_total", upstream=second_choice, reason="failover") == 1
+    assert m.value("inference_routing_decisions_total", upstream=second_choice, reason="affinity") == 1
+    assert m.value("inference_upstream_errors_total", provider="lmstudio", upstream=first_choice,
+                   kind="server_error") == 1
+    assert {m.value("inference_upstream_in_flight", upstream=name) for name in by_name} == {0.0}
+    assert [e["upstream"] for e in access_events if e["route"] == "/v1/chat/completions"] == [second_choice] * 2
+    await gateway.site.gateway.telemetry.tracing.flush()
+    await collector.wait_for(lambda spans: len(collector.named(f"chat {QWEN}")) >= 2)
+    first, second = collector.named(f"chat {QWEN}")
+    assert first.attributes["inference.upstream.name"] == second.attributes["inference.upstream.name"] == \
+        second_choice
+    assert (first.attributes["inference.routing.reason"], second.attributes["inference.routing.reason"]) == (
+        "failover", "affinity")
+    assert [dict(e.attributes) for e in first.events if e.name == "failover"] == [
+        {"inference.upstream.name": first_choice, "error.type": "server_error"}]

@@ -115,7 +115,7 @@ async def test_upstream_errors_are_counted_by_kind(fake, lmstudio, setup, code, 
     reply = await lmstudio.post_chat(chat())
     assert str(reply.status) == code
     m = await lmstudio.metrics()
-    assert m.value("inference_upstream_errors_total", provider="lmstudio", kind=kind) == 1
+    assert m.total("inference_upstream_errors_total", provider="lmstudio", kind=kind) == 1
     assert m.total("inference_upstream_errors_total") == 1
     assert m.value("inference_http_requests_total", method="POST", route=CHAT, code=code) == 1
     assert m.value("inference_request_duration_seconds_count", **LABELS, stream="false",
@@ -130,7 +130,7 @@ async def test_a_stream_that_fails_after_the_200_counts_as_an_error(fake, lmstud
     reply = await lmstudio.post_chat(chat(stream=True))
     assert reply.status == 200 and b'"error"' in reply.body
     m = await lmstudio.metrics()
-    assert m.value("inference_upstream_errors_total", provider="lmstudio", kind=kind) == 1
+    assert m.total("inference_upstream_errors_total", provider="lmstudio", kind=kind) == 1
     assert m.value("inference_request_duration_seconds_count", **LABELS, stream="true",
                    outcome="error") == 1
     assert m.value("inference_time_to_first_token_seconds_count", **LABELS) == 1
@@ -144,7 +144,7 @@ async def test_a_timeout_is_counted(fake, start_gateway):
     fake.chat.mode = "hang"
     assert (await gateway.post_chat(chat())).status == 504
     m = await gateway.metrics()
-    assert m.value("inference_upstream_errors_total", provider="lmstudio", kind="timeout") == 1
+    assert m.total("inference_upstream_errors_total", provider="lmstudio", kind="timeout") == 1
     assert m.value("inference_upstream_up", provider="lmstudio") == 1  # slow is not down
 
 
@@ -156,7 +156,7 @@ async def test_an_unreachable_upstream_is_counted_and_marked_down(fake, start_ga
     await fake.stop()
     assert (await gateway.post_chat(chat())).status == 502
     m = await gateway.metrics()
-    assert m.value("inference_upstream_errors_total", provider="lmstudio", kind="unreachable") == 1
+    assert m.total("inference_upstream_errors_total", provider="lmstudio", kind="unreachable") == 1
     assert m.value("inference_upstream_up", provider="lmstudio") == 0
     fake.listen()  # for the fixture's teardown
 

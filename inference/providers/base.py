@@ -14,6 +14,16 @@ from ..operations import Operation
 
 
 @dataclass(frozen=True)
+class Route:
+    """Which host of a fleet served a call, why it was picked, and the hosts that failed before it (name, and how:
+    the error's kind, as ``inference_upstream_errors_total`` counts it)."""
+
+    host: str
+    reason: str  # affinity, least_loaded, failover or only_choice
+    failed: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Completion:
     """A non-streaming answer: ``data`` for the gateway to look at, ``raw`` (the same JSON) for the client.
 
@@ -23,6 +33,7 @@ class Completion:
     data: dict[str, Any]
     raw: bytes
     translated: bool = False  # served through chat completions (the upstream lacks the operation's own API)
+    route: Route | None = None  # set by a fleet
 
 
 class EventConsumer(Protocol):
@@ -41,6 +52,7 @@ class ChatStream(abc.ABC):
     """
 
     translated = False  # the events were translated from a chat completion stream
+    route: Route | None = None  # set by a fleet
 
     @abc.abstractmethod
     def begin(self, consumer: EventConsumer) -> Deferred[None]:

@@ -7,6 +7,7 @@ Nothing is retried once a stream has been handed to the relay (a byte may have r
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from ..operations import Operation
 from ..routing.conversation import conversation_key
 from ..routing.memory import PrefixMemory
 from ..routing.picker import HostView, Pick, pick
-from .base import ChatStream, Completion, EventConsumer, Provider, WrappedStream
+from .base import ChatStream, Completion, EventConsumer, Provider, Route, WrappedStream
 
 # LM Studio's words when a host cannot serve the model right now (another host may).
 _NOT_LOADED = ("not loaded", "no models loaded", "model is loading", "failed to load")
@@ -85,44 +86,47 @@ class FleetProvider(Provider):
     async def call(self, operation: Operation, body: dict[str, Any],
                    headers: dict[str, str] | None = None) -> Completion:
         key, ranking = await self._ranking(operation, body)
-        failure: GatewayError | None = None
+        failed: list[tuple[str, str]] = []
         for host in ranking.hosts:
             host.view.outstanding += 1
             try:
                 answer = await host.provider.call(operation, body, headers)
             except GatewayError as e:
-                if not is_host_failure(e):
-                    raise
-                failure = e
+                self._failed(e, host, ranking, failed)
                 continue
             finally:
                 self._release(host)
             self._served(host, key)
-            return answer
-        assert failure is not None  # a ranking is never empty
-        raise failure
+            return dataclasses.replace(answer, route=_route(host, ranking, failed))
+        raise AssertionError("unreachable: the last host's failure is raised")
 
     async def open_stream(self, operation: Operation, body: dict[str, Any],
                           headers: dict[str, str] | None = None) -> ChatStream:
         key, ranking = await self._ranking(operation, body)
-        failure: GatewayError | None = None
+        failed: list[tuple[str, str]] = []
         for host in ranking.hosts:
             host.view.outstanding += 1
             try:
                 stream = await host.provider.open_stream(operation, body, headers)
             except GatewayError as e:
                 self._release(host)
-                if not is_host_failure(e):
-                    raise
-                failure = e
+                self._failed(e, host, ranking, failed)
                 continue
             except BaseException:
                 self._release(host)
                 raise
             self._served(host, key)
-            return HostStream(stream, partial(self._release, host))
-        assert failure is not None
-        raise failure
+            return HostStream(stream, partial(self._release, host), _route(host, ranking, failed))
+        raise AssertionError("unreachable: the last host's failure is raised")
+
+    @staticmethod
+    def _failed(error: GatewayError, host: Host, ranking: Ranking, failed: list[tuple[str, str]]) -> None:
+        """Go on to the next host when another may answer (record this one's failure), else raise ``error``;
+        raise it too when no host is left. The error names the host that failed last."""
+        error.route = _route(host, ranking, failed)
+        if not is_host_failure(error) or host is ranking.hosts[-1]:
+            raise error
+        failed.append((host.view.name, error.kind or error.code or type(error).__name__))
 
     async def _ranking(self, operation: Operation, body: dict[str, Any]) -> tuple[bytes | None, Ranking]:
         """The conversation's key and the hosts to try, once one of them has a free slot."""
@@ -145,6 +149,10 @@ class FleetProvider(Provider):
         if waiting in self._waiting:
             self._waiting.remove(waiting)
 
+    def waiting(self) -> int:
+        """How many calls wait for a host to free a slot."""
+        return len(self._waiting)
+
     def _served(self, host: Host, key: bytes | None) -> None:
         if key is not None:
             self.memory.remember(host.view.name, key)
@@ -160,6 +168,10 @@ class FleetProvider(Provider):
             await host.provider.close()
 
 
+def _route(host: Host, ranking: Ranking, failed: list[tuple[str, str]]) -> Route:
+    return Route(host.view.name, "failover" if failed else ranking.reason, tuple(failed))
+
+
 @dataclass(frozen=True)
 class Ranking:
     hosts: list[Host]  # the chosen host first, then the others to fail over to
@@ -169,9 +181,10 @@ class Ranking:
 class HostStream(WrappedStream):
     """A host's stream that gives the host's slot back when it ends, however it ends."""
 
-    def __init__(self, inner: ChatStream, release: Callable[[], None]) -> None:
+    def __init__(self, inner: ChatStream, release: Callable[[], None], route: Route) -> None:
         super().__init__(inner)
         self.translated = inner.translated
+        self.route = route
         self._release = release
         self._released = False
 

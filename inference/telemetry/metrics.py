@@ -71,7 +71,18 @@ class Metrics:
             registry=registry)
         self.upstream_errors = Counter(
             "inference_upstream_errors", "Upstream failures by kind (unreachable, timeout, rejected, "
-            "server_error, bad_response, interrupted)", ["provider", "kind"], registry=registry)
+            "server_error, bad_response, interrupted), on which host", ["provider", "upstream", "kind"],
+            registry=registry)
+        self.routing_decisions = Counter(
+            "inference_routing_decisions", "Hosts picked for calls, by host and why: affinity (the host holding "
+            "the conversation's prefix, or its rendezvous pick), least_loaded, failover, only_choice",
+            ["upstream", "reason"], registry=registry)
+        self.upstream_in_flight = Gauge(
+            "inference_upstream_in_flight", "Calls in flight on each host of a fleet", ["upstream"],
+            registry=registry)
+        self.upstream_waiting = Gauge(
+            "inference_upstream_waiting", "Calls waiting for a host of the fleet to free a slot", ["provider"],
+            registry=registry)
         self.client_disconnects = Counter(
             "inference_client_disconnects", "Chat completions whose client left before the answer ended",
             ["provider"], registry=registry)
@@ -103,6 +114,12 @@ class Metrics:
         """Read the gauges of load from the admission control at scrape time (nothing to do per request)."""
         self.in_flight.labels(self.provider).set_function(in_flight)
         self.queue_length.labels(self.provider).set_function(queued)
+
+    def track_hosts(self, in_flight: dict[str, Callable[[], int]], waiting: Callable[[], int]) -> None:
+        """Read each host's load, and the calls waiting for one, at scrape time."""
+        for name, read in in_flight.items():
+            self.upstream_in_flight.labels(name).set_function(read)
+        self.upstream_waiting.labels(self.provider).set_function(waiting)
 
     def set_upstream_up(self, up: bool) -> None:
         self.upstream_up_child.set(1 if up else 0)

@@ -49,6 +49,7 @@ class RequestState:
     input_tokens: int | None = None
     output_tokens: int | None = None
     via: str | None = None  # the upstream route that served a translated call (``/v1/chat/completions``)
+    upstream: str | None = None  # the host of a fleet that served the call
 
     trace_id: str | None = None  # the span's, as 32 hex digits (logs and exemplars)
     exemplar: dict[str, str] | None = None  # ``{"trace_id": ...}`` for histograms, when the trace is sampled
@@ -62,6 +63,7 @@ class Telemetry:
         self.metrics = Metrics(provider_name)
         self.tracing = Tracing(config.tracing, environ, reactor)
         self.provider = provider_name
+        self.upstream = "fleet"  # the one host's name; a fleet's calls say which host served them (their Route)
         self.metrics_path: bytes | None = config.metrics.path.encode() if config.metrics.enabled else None
         self.metrics_route = config.metrics.path
         self._config = config
@@ -169,6 +171,7 @@ class UpstreamCall:
         self._stream = stream
         self._ended = False
         self.translated = False  # served through chat completions (the upstream lacks the operation's API)
+        self.route: Any = None  # a fleet's Route: the host that served the call, why, and who failed first
         request.overhead_before = self.started - request.started - queued
         tracing = telemetry.tracing
         self.capture_content = tracing.capture_content
@@ -285,8 +288,15 @@ class UpstreamCall:
         elif not self._stream and outcome == "success":
             self._observe_speed(generated, ended - self.started, exemplar)
 
+        route = self.route if error is None else (error.route or self.route)
+        upstream = route.host if route is not None else telemetry.upstream
+        if route is not None:
+            metrics.child(metrics.routing_decisions, route.host, route.reason).inc()
+            request.upstream = route.host
+            for failed, kind in route.failed:  # the hosts tried before, each its own failure
+                metrics.child(metrics.upstream_errors, provider, failed, kind).inc()
         if error is not None and error.kind is not None:
-            metrics.child(metrics.upstream_errors, provider, error.kind).inc()
+            metrics.child(metrics.upstream_errors, provider, upstream, error.kind).inc()
         if error is not None and error.kind == "unreachable":
             metrics.set_upstream_up(False)
         elif outcome == "success" or (error is not None and error.kind in ("rejected", "server_error")):
@@ -296,6 +306,11 @@ class UpstreamCall:
         if span is None:
             return
         attributes: dict[str, Any] = dict(facts.attributes)
+        if route is not None:
+            attributes["inference.upstream.name"] = route.host
+            attributes["inference.routing.reason"] = route.reason
+            for failed, kind in route.failed:
+                span.add_event("failover", {"inference.upstream.name": failed, "error.type": kind})
         if self._operation.translation is not None:
             attributes["inference.api.translated"] = self.translated
         if facts.response_id is not None:
