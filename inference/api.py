@@ -238,7 +238,11 @@ class Gateway:
             self.telemetry.set_upstream_up(False)
             return {"reachable": False, "error": e.message, "models": []}
         self.telemetry.set_upstream_up(True)
-        return {"reachable": True, "error": None, "models": [m["id"] for m in models]}
+        answer = {"reachable": True, "error": None, "models": [m["id"] for m in models]}
+        hosts = self.provider.host_status()
+        if hosts:  # a fleet: reachable while one host answers; each host says how it is
+            answer["hosts"] = hosts
+        return answer
 
     # -- errors --------------------------------------------------------------------------------------------------
 

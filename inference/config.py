@@ -114,7 +114,6 @@ class HttpConfig:
     keep_alive_secs: float = _opt(_range(0), 30.0)
     max_idle_connections: int = _opt(_range(0), 10)
     max_retries: int = _opt(_range(0, 10), 2)
-    load_timeout_secs: float = _opt(_range(0, above=True), 300.0)  # first byte from a host loading the model
 
 
 @dataclass(frozen=True)

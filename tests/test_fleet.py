@@ -170,3 +170,18 @@ async def test_metrics_spans_and_access_lines_name_the_host(hosts, start_gateway
         "failover", "affinity")
     assert [dict(e.attributes) for e in first.events if e.name == "failover"] == [
         {"inference.upstream.name": first_choice, "error.type": "server_error"}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_reports_each_host_and_is_ready_while_one_serves(hosts, start_gateway):
+    gateway = start_gateway(fleet_env(hosts))
+    await hosts[0].stop()
+    health = await call("GET", gateway.url + "/health")
+    assert health.status == 200 and health.json()["status"] == "healthy"
+    up = {host["name"]: host["up"] for host in health.json()["upstream"]["hosts"]}
+    assert sorted(up.values()) == [False, True, True]
+    assert (await call("GET", gateway.url + "/health/ready")).status == 200
+    for fake in hosts[1:]:
+        await fake.stop()
+    assert (await call("GET", gateway.url + "/health")).status == 503
+    assert (await call("GET", gateway.url + "/health/ready")).status == 503

@@ -128,6 +128,10 @@ class Provider(abc.ABC):
                           headers: dict[str, str] | None = None) -> ChatStream:
         """Start a streaming call; return once the server accepted it (errors before that are raised)."""
 
+    def host_status(self) -> list[dict[str, Any]]:
+        """Each host's state, for ``/health`` (a fleet's hosts; one server says nothing more than its probe)."""
+        return []
+
     def prepare(self, operation: Operation, body: dict[str, Any]) -> dict[str, Any]:
         """Shape a validated request body for this server (hook for quirks); the default sends it as is."""
         return body

@@ -149,6 +149,11 @@ class FleetProvider(Provider):
         if waiting in self._waiting:
             self._waiting.remove(waiting)
 
+    def host_status(self) -> list[dict[str, Any]]:
+        return [{"name": host.view.name, "base_url": host.provider.base_url, "up": host.view.up,
+                 "in_flight": host.view.outstanding, "max_concurrent": host.view.max_concurrent,
+                 "models": sorted(host.view.models)} for host in self.hosts]
+
     def waiting(self) -> int:
         """How many calls wait for a host to free a slot."""
         return len(self._waiting)
