@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.python.failure import Failure
@@ -24,6 +24,8 @@ from ..routing.conversation import conversation_key
 from ..routing.memory import PrefixMemory
 from ..routing.picker import HostView, Pick, pick
 from .base import ChatStream, Completion, EventConsumer, Provider, Route, WrappedStream
+
+T = TypeVar("T")
 
 # LM Studio's words when a host cannot serve the model right now (another host may).
 _NOT_LOADED = ("not loaded", "no models loaded", "model is loading", "failed to load")
@@ -85,38 +87,35 @@ class FleetProvider(Provider):
 
     async def call(self, operation: Operation, body: dict[str, Any],
                    headers: dict[str, str] | None = None) -> Completion:
-        key, ranking = await self._ranking(operation, body)
-        failed: list[tuple[str, str]] = []
-        for host in ranking.hosts:
-            host.view.outstanding += 1
-            try:
-                answer = await host.provider.call(operation, body, headers)
-            except GatewayError as e:
-                self._failed(e, host, ranking, failed)
-                continue
-            finally:
-                self._release(host)
-            self._served(host, key)
-            return dataclasses.replace(answer, route=_route(host, ranking, failed))
-        raise AssertionError("unreachable: the last host's failure is raised")
+        host, answer, route = await self._first_answer(operation, body,
+                                                       lambda host: host.provider.call(operation, body, headers))
+        self._release(host)
+        return dataclasses.replace(answer, route=route)
 
     async def open_stream(self, operation: Operation, body: dict[str, Any],
                           headers: dict[str, str] | None = None) -> ChatStream:
+        host, stream, route = await self._first_answer(
+            operation, body, lambda host: host.provider.open_stream(operation, body, headers))
+        return HostStream(stream, partial(self._release, host), route)  # the slot is the stream's until it ends
+
+    async def _first_answer(self, operation: Operation, body: dict[str, Any],
+                            attempt: Callable[[Host], Coroutine[Any, Any, T]]) -> tuple[Host, T, Route]:
+        """``attempt`` on the ranked hosts until one answers; that host's slot is still taken when this returns."""
         key, ranking = await self._ranking(operation, body)
         failed: list[tuple[str, str]] = []
         for host in ranking.hosts:
             host.view.outstanding += 1
             try:
-                stream = await host.provider.open_stream(operation, body, headers)
+                answer = await attempt(host)
             except GatewayError as e:
                 self._release(host)
                 self._failed(e, host, ranking, failed)
                 continue
-            except BaseException:
+            except BaseException:  # cancelled: the client left, or the deadline passed
                 self._release(host)
                 raise
             self._served(host, key)
-            return HostStream(stream, partial(self._release, host), _route(host, ranking, failed))
+            return host, answer, _route(host, ranking, failed)
         raise AssertionError("unreachable: the last host's failure is raised")
 
     @staticmethod

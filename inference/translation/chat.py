@@ -61,6 +61,14 @@ def unsupported(what: str, param: str, route: str) -> InvalidRequest:
                           "serves the call through /v1/chat/completions, which has no such thing", param=param)
 
 
+def string_field(item: dict[str, Any], key: str, where: str) -> str:
+    """``item[key]``, which a request must give as a string (``where`` names ``item`` in the 400)."""
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'{where}.{key}' must be a string", param=f"{where}.{key}")
+    return value
+
+
 def new_id(prefix: str) -> str:
     """An id for an object the upstream did not name (a response, a message, a tool call)."""
     return f"{prefix}{uuid.uuid4().hex}"

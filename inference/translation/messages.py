@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import InvalidRequest
 from . import chat
-from .chat import Block, ChatResult, Event, new_id
+from .chat import Block, ChatResult, Event, new_id, string_field
 
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                  "content_filter": "refusal"}
@@ -62,10 +62,10 @@ def _turn(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
         at = f"{where}.content[{i}]"
         kind = _kind(block, at)
         if kind == "tool_result":
-            results.append({"role": "tool", "tool_call_id": _string(block, "tool_use_id", at),
+            results.append({"role": "tool", "tool_call_id": string_field(block, "tool_use_id", at),
                             "content": _tool_result(block, at)})
         elif kind == "text":
-            parts.append({"type": "text", "text": _string(block, "text", at)})
+            parts.append({"type": "text", "text": string_field(block, "text", at)})
         elif kind == "image":
             parts.append({"type": "image_url", "image_url": {"url": _image_url(block.get("source"), at)}})
         else:
@@ -79,11 +79,11 @@ def _assistant(content: list[Any], where: str) -> dict[str, Any]:
         at = f"{where}.content[{i}]"
         kind = _kind(block, at)
         if kind == "text":
-            texts.append(_string(block, "text", at))
+            texts.append(string_field(block, "text", at))
         elif kind == "tool_use":
             arguments = block.get("input")
-            calls.append({"id": _string(block, "id", at), "type": "function",
-                          "function": {"name": _string(block, "name", at),
+            calls.append({"id": string_field(block, "id", at), "type": "function",
+                          "function": {"name": string_field(block, "name", at),
                                        "arguments": json.dumps(arguments if arguments is not None else {})}})
         elif kind not in ("thinking", "redacted_thinking"):  # earlier reasoning: chat completions takes none back
             raise unsupported(f"A content block of type {kind!r}", at)
@@ -107,7 +107,7 @@ def _text_of(blocks: Any, where: str) -> str:
     for i, block in enumerate(blocks):
         if _kind(block, f"{where}[{i}]") != "text":
             raise unsupported(f"A block of type {block.get('type')!r} here", f"{where}[{i}]")
-        texts.append(_string(block, "text", f"{where}[{i}]"))
+        texts.append(string_field(block, "text", f"{where}[{i}]"))
     return "\n".join(texts)
 
 
@@ -126,18 +126,11 @@ def _kind(block: Any, where: str) -> str:
     return str(block["type"])
 
 
-def _string(block: dict[str, Any], key: str, where: str) -> str:
-    value = block.get(key)
-    if not isinstance(value, str):
-        raise InvalidRequest(f"'{where}.{key}' must be a string", param=f"{where}.{key}")
-    return value
-
-
 def _tool(tool: Any, where: str) -> dict[str, Any]:
     if not isinstance(tool, dict) or tool.get("type") not in (None, "custom") or "input_schema" not in tool:
         kind = tool.get("type") if isinstance(tool, dict) else None
         raise unsupported(f"A tool of type {kind!r} (only client tools with an input_schema are)", where)
-    function = {"name": _string(tool, "name", where), "parameters": tool["input_schema"]}
+    function = {"name": string_field(tool, "name", where), "parameters": tool["input_schema"]}
     if isinstance(tool.get("description"), str):
         function["description"] = tool["description"]
     return {"type": "function", "function": function}

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import InvalidRequest
 from . import chat
-from .chat import Block, ChatResult, Event, new_id
+from .chat import Block, ChatResult, Event, new_id, string_field
 
 # Sampling fields the Responses API shares with chat (and the LM Studio / llama.cpp extensions the gateway checks).
 _SHARED = ("temperature", "top_p", "user", "parallel_tool_calls", "top_k", "min_p", "repeat_penalty", "ttl",
@@ -68,8 +68,8 @@ def _add_item(messages: list[dict[str, Any]], item: dict[str, Any], where: str) 
     if kind == "message":
         messages.append(_message(item, where))
     elif kind == "function_call":
-        call = {"id": _string(item, "call_id", where), "type": "function",
-                "function": {"name": _string(item, "name", where), "arguments": _string(item, "arguments", where)}}
+        function = {"name": string_field(item, "name", where), "arguments": string_field(item, "arguments", where)}
+        call = {"id": string_field(item, "call_id", where), "type": "function", "function": function}
         last = messages[-1] if messages else None
         if last is not None and last["role"] == "assistant":  # one assistant turn: its text and its calls
             last.setdefault("tool_calls", []).append(call)
@@ -78,7 +78,7 @@ def _add_item(messages: list[dict[str, Any]], item: dict[str, Any], where: str) 
     elif kind == "function_call_output":
         output = item.get("output")
         text = output if isinstance(output, str) else _joined_text(output, f"{where}.output")
-        messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where), "content": text})
+        messages.append({"role": "tool", "tool_call_id": string_field(item, "call_id", where), "content": text})
     elif kind == "reasoning":
         return  # a model's earlier reasoning: chat completions takes none back
     else:
@@ -133,18 +133,11 @@ def _joined_text(parts: Any, where: str) -> str:
     return "".join(texts)
 
 
-def _string(item: dict[str, Any], key: str, where: str) -> str:
-    value = item.get(key)
-    if not isinstance(value, str):
-        raise InvalidRequest(f"'{where}.{key}' must be a string", param=f"{where}.{key}")
-    return value
-
-
 def _tool(tool: Any, where: str) -> dict[str, Any]:
     if not isinstance(tool, dict) or tool.get("type") != "function":
         kind = tool.get("type") if isinstance(tool, dict) else None
         raise unsupported(f"A tool of type {kind!r} (only function tools are)", f"{where}.type")
-    function = {"name": _string(tool, "name", where)}
+    function = {"name": string_field(tool, "name", where)}
     function.update((key, tool[key]) for key in ("description", "parameters", "strict") if tool.get(key) is not None)
     return {"type": "function", "function": function}
 
