@@ -59,6 +59,7 @@ class FleetProvider(Provider):
         self.name = hosts[0].provider.name
         self.base_url = "fleet:" + ",".join(host.view.name for host in hosts)
         self._by_name = {host.view.name: host for host in hosts}
+        self._views = [host.view for host in hosts]  # live: each host updates its own view
         self._load_bound = load_bound
         self._rng = rng or random.Random()
         self.memory = PrefixMemory(lambda name: self._by_name[name].view.max_concurrent)
@@ -132,9 +133,8 @@ class FleetProvider(Provider):
         model = body["model"]
         key = conversation_key(operation.name, model, body)
         while True:
-            views = [host.view for host in self.hosts]
             try:
-                chosen: Pick | None = pick(views, model, key, self.memory, self._load_bound, self._rng)
+                chosen: Pick | None = pick(self._views, model, key, self.memory, self._load_bound, self._rng)
             except LookupError:
                 raise UpstreamUnreachable(f"no host that serves '{model}' is up") from None
             if chosen is not None:
