@@ -117,6 +117,16 @@ def sse_payloads(body: bytes) -> list[bytes]:
     return [e[len(b"data: "):] for e in events]
 
 
+def named_events(body: bytes) -> list[tuple[str, Any]]:
+    """The events of a typed-event SSE body (Responses, Messages) as (``event:`` name, decoded ``data``)."""
+    events = []
+    for event in body.decode().strip().split("\n\n"):
+        head, data = event.split("\ndata: ", 1)
+        assert head.startswith("event: "), event
+        events.append((head[len("event: "):], json.loads(data)))
+    return events
+
+
 class Scrape:
     """One ``/metrics`` answer, parsed: look samples up by name and labels."""
 

@@ -9,7 +9,7 @@ import pytest_twisted
 from openai import OpenAI
 from twisted.internet.threads import deferToThread
 
-from .conftest import call, raw_connect, raw_post
+from .conftest import call, named_events, raw_connect, raw_post
 
 MODEL = "qwen2.5-7b-instruct"
 
@@ -49,9 +49,9 @@ async def test_the_openai_sdk_reads_answers_and_streams_relayed_from_lm_studio(f
 @pytest_twisted.ensureDeferred
 async def test_the_stream_is_relayed_with_its_event_names_and_no_done(fake, lmstudio):
     reply = await call("POST", lmstudio.url + "/v1/responses", {"model": MODEL, "input": "a b", "stream": True})
-    events = reply.body.decode().strip().split("\n\n")
-    assert all(e.startswith("event: response.") and "\ndata: {" in e for e in events)
-    assert [json.loads(e.split("\ndata: ", 1)[1])["type"] for e in events][-1] == "response.completed"
+    events = named_events(reply.body)
+    assert all(name.startswith("response.") and isinstance(data, dict) for name, data in events)
+    assert events[-1][1]["type"] == "response.completed"
     assert "[DONE]" not in reply.body.decode()
 
 
@@ -72,12 +72,11 @@ async def test_a_failure_mid_stream_is_the_responses_apis_error_event(fake, lmst
     fake.chat.stream = "error_event"
     reply = await call("POST", lmstudio.url + "/v1/responses", {"model": MODEL, "input": "a b", "stream": True})
     assert reply.status == 200
-    events = reply.body.decode().strip().split("\n\n")
-    name, data = events[-1].split("\ndata: ", 1)
-    assert name == "event: error" and "[DONE]" not in reply.body.decode()
-    error = json.loads(data)
+    events = named_events(reply.body)
+    name, error = events[-1]
+    assert name == "error" and "[DONE]" not in reply.body.decode()
     assert error["type"] == "error" and error["code"] == "upstream_error" and "model crashed" in error["message"]
-    assert [e.split("\n")[0] for e in events[:-1]][-1] == "event: response.output_text.delta"  # what came first
+    assert events[-2][0] == "response.output_text.delta"  # what came first
     m = await lmstudio.metrics()
     assert m.value("inference_request_duration_seconds_count", operation="responses", provider="lmstudio",
                    model=MODEL, stream="true", outcome="error") == 1

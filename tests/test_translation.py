@@ -11,7 +11,7 @@ import pytest_twisted
 from openai import OpenAI
 from twisted.internet.threads import deferToThread
 
-from .conftest import call, raw_connect, raw_post
+from .conftest import call, named_events, raw_connect, raw_post
 from .test_tracing import collector  # noqa: F401 (a fixture)
 
 MODEL = "qwen2.5-7b-instruct"
@@ -160,10 +160,10 @@ async def test_a_chat_failure_mid_stream_is_the_responses_apis_error_event(fake,
     fake.chat.stream = "error_event"
     reply = await call("POST", chat_only.url + "/v1/responses", {"model": MODEL, "input": "a b c", "stream": True})
     assert reply.status == 200
-    events = reply.body.decode().strip().split("\n\n")
-    name, data = events[-1].split("\ndata: ", 1)
-    assert name == "event: error" and "model crashed" in json.loads(data)["message"]
-    assert "response.output_text.delta" in events[-2] and "[DONE]" not in reply.body.decode()
+    events = named_events(reply.body)
+    (name, error), (before, _) = events[-1], events[-2]
+    assert name == "error" and "model crashed" in error["message"]
+    assert before == "response.output_text.delta" and "[DONE]" not in reply.body.decode()
 
 
 # -- Anthropic's Messages API --------------------------------------------------------------------------------------
@@ -290,9 +290,8 @@ async def test_a_chat_stream_cut_short_is_anthropics_error_event(fake, chat_only
     fake.chat.stream = "die"
     reply = await call("POST", chat_only.url + "/v1/messages", {
         "model": MODEL, "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "a b c"}]})
-    events = reply.body.decode().strip().split("\n\n")
-    name, data = events[-1].split("\ndata: ", 1)
-    assert reply.status == 200 and name == "event: error" and json.loads(data)["type"] == "error"
+    name, error = named_events(reply.body)[-1]
+    assert reply.status == 200 and name == "error" and error["type"] == "error"
     assert "message_stop" not in reply.body.decode()
 
 
