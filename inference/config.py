@@ -140,6 +140,11 @@ class RoutingConfig:
     # A conversation leaves the host holding its prefix only when that host has this many more requests in
     # flight than the least loaded candidate.
     load_bound: int = _opt(_range(0), 2)
+    # Passive health: a host that answers 5xx or "no model loaded" this many times in a row (or refuses a
+    # connection once) is left out for eject_secs, doubled for each ejection in a row up to max_eject_secs.
+    eject_after: int = _opt(_range(1), 3)
+    eject_secs: float = _opt(_range(0, above=True), 5.0)
+    max_eject_secs: float = _opt(_range(0, above=True), 300.0)
 
 
 @dataclass(frozen=True)

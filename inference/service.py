@@ -6,7 +6,6 @@ import gc
 import os
 import signal
 from collections.abc import Callable, Mapping
-from functools import partial
 from typing import Any
 
 from twisted.application import service
@@ -100,8 +99,9 @@ def build_site(config: Config, reactor: Any, environ: Mapping[str, str] | None =
     telemetry = Telemetry(config.observability, provider.name, provider.base_url,
                           os.environ if environ is None else environ, reactor)
     if isinstance(provider, FleetProvider):
-        telemetry.metrics.track_hosts({host.view.name: partial(getattr, host.view, "outstanding")
-                                       for host in provider.hosts}, provider.waiting)
+        metrics = telemetry.metrics
+        metrics.track_hosts([host.view for host in provider.hosts], provider.waiting)
+        provider.on_eject = lambda name: metrics.child(metrics.upstream_ejections, name).inc()
     else:  # one host: every call is its
         telemetry.upstream = "mock" if config.inference.provider == "mock" else config.inference.hosts()[0].name
     return GatewaySite(Gateway(config, provider, reactor, telemetry))

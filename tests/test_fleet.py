@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import Clock
 
 from inference.routing.conversation import conversation_key
 from inference.routing.rendezvous import rank
@@ -185,3 +186,71 @@ async def test_health_reports_each_host_and_is_ready_while_one_serves(hosts, sta
         await fake.stop()
     assert (await call("GET", gateway.url + "/health")).status == 503
     assert (await call("GET", gateway.url + "/health/ready")).status == 503
+
+
+def ranked_first(provider, body: dict) -> str:
+    """The host a conversation's rendezvous ranking puts first."""
+    return rank(conversation_key("chat", body["model"], body), [host.view for host in provider.hosts])[0].name
+
+
+def ejected(health) -> dict[str, bool]:
+    return {host["name"]: host["ejected"] for host in health.json()["upstream"]["hosts"]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_host_is_left_out_for_a_growing_cool_down_and_probed_back(hosts, start_gateway):
+    gateway = start_gateway(fleet_env(hosts))
+    provider = gateway.site.gateway.provider
+    provider.clock = clock = Clock()
+    await call("GET", gateway.url + "/v1/models")
+    failing, name = hosts[0], provider.hosts[0].view.name
+    failing.chat.mode, failing.chat.status = "error_object", 500
+    mine = [body for body in (turn(f"conversation {i}") for i in range(60)) if ranked_first(provider, body) == name]
+    for body in mine[:6]:
+        assert (await gateway.post_chat(body)).status == 200  # every one served by another host
+    assert len(chats(failing)) == 3  # three failures in a row eject it: the next three never went there
+    assert ejected(await call("GET", gateway.url + "/health"))[name] is True
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [5.0]  # inference.routing.eject_secs
+
+    clock.advance(5)
+    await provider.hosts[0].comeback  # its model list answers: back in the fleet
+    assert ejected(await call("GET", gateway.url + "/health"))[name] is False
+    for body in mine[6:9]:
+        assert (await gateway.post_chat(body)).status == 200
+    assert len(chats(failing)) == 6
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [5.0 + 10.0]  # out again, for twice as long
+
+    failing.chat.mode = "normal"
+    clock.advance(10)
+    await provider.hosts[0].comeback
+    assert (await gateway.post_chat(mine[9])).status == 200
+    assert len(chats(failing)) == 7  # it serves again
+    m = await gateway.metrics()
+    assert m.value("inference_upstream_ejections_total", upstream=name) == 2
+    assert m.value("inference_upstream_host_up", upstream=name) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_that_refuses_connections_is_left_out_at_once_until_it_listens_again(hosts, start_gateway):
+    gateway = start_gateway(fleet_env(hosts))
+    provider = gateway.site.gateway.provider
+    provider.clock = clock = Clock()
+    await call("GET", gateway.url + "/v1/models")
+    down, name = hosts[0], provider.hosts[0].view.name
+    port = down.port.getHost().port
+    await down.stop()
+    mine = [body for body in (turn(f"conversation {i}") for i in range(60)) if ranked_first(provider, body) == name]
+    for body in mine[:3]:
+        assert (await gateway.post_chat(body)).status == 200
+    m = await gateway.metrics()
+    assert m.value("inference_upstream_errors_total", provider="lmstudio", upstream=name, kind="unreachable") == 1
+    assert m.value("inference_upstream_host_up", upstream=name) == 0  # the first call found it down: left out
+
+    clock.advance(5)
+    await provider.hosts[0].comeback  # still refused: out for twice as long
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [5.0 + 10.0]
+    down.listen(port)
+    clock.advance(10)
+    await provider.hosts[0].comeback
+    assert (await gateway.post_chat(mine[3])).status == 200
+    assert len(chats(down)) == 1

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from inference.routing.conversation import conversation_key
+from inference.routing.ejection import Ejection
 from inference.routing.memory import PrefixMemory
 from inference.routing.picker import HostView, pick
 from inference.routing.rendezvous import rank
@@ -162,3 +163,17 @@ def test_interleaved_conversations_keep_their_hosts_turn_after_turn():
             home[conversation] = name
             memory.remember(name, conversation)
     assert sorted(list(home.values()).count(name) for name in "ab") == [4, 4]
+
+
+# -- passive health ------------------------------------------------------------------------------------------------
+
+def test_failures_in_a_row_eject_a_host_for_a_cool_down_that_doubles_up_to_a_cap():
+    ejection = Ejection(eject_after=3, base_secs=5, max_secs=30)
+    assert [ejection.failed(unreachable=False) for _ in range(3)] == [None, None, 5]
+    assert ejection.failed(unreachable=True) == 10  # a refused connection ejects at once
+    assert [ejection.eject() for _ in range(3)] == [20, 30, 30]  # probed back and still failing
+    ejection.served()
+    assert [ejection.failed(unreachable=False) for _ in range(3)] == [None, None, 5]  # a new run of failures
+    ejection.failed(unreachable=False)
+    ejection.served()  # a call served in between: the run starts again
+    assert ejection.failed(unreachable=False) is None

@@ -19,7 +19,7 @@ def make_provider(reactor: Any, config: InferenceConfig) -> Provider:
         return _host_provider(reactor, config, hosts[0])
     from .fleet import FleetProvider, Host
     return FleetProvider([Host(host, _host_provider(reactor, config, host)) for host in hosts],
-                         config.routing.load_bound)
+                         config.routing, reactor, config.http.connect_timeout_secs)
 
 
 def _host_provider(reactor: Any, config: InferenceConfig, host: UpstreamConfig) -> Provider:

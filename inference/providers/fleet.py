@@ -2,7 +2,8 @@
 and to the next in their ranking when a host fails before answering.
 
 Nothing is retried once a stream has been handed to the relay (a byte may have reached the client); a host's
-4xx is the client's answer, not the host's failure.
+4xx is the client's answer, not the host's failure. A host that keeps failing is ejected for a cool-down
+(``inference.routing.ejection``), then asked for its models: it serves again once it answers.
 """
 
 from __future__ import annotations
@@ -14,18 +15,22 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar, cast
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..config import UpstreamConfig
+from ..config import RoutingConfig, UpstreamConfig
 from ..errors import GatewayError, UpstreamClientError, UpstreamError, UpstreamUnreachable
 from ..operations import Operation
 from ..routing.conversation import conversation_key
+from ..routing.ejection import Ejection
 from ..routing.memory import PrefixMemory
 from ..routing.picker import HostView, Pick, pick
 from .base import ChatStream, Completion, EventConsumer, Provider, Route, WrappedStream
 
 T = TypeVar("T")
+
+log = Logger()
 
 # LM Studio's words when a host cannot serve the model right now (another host may).
 _NOT_LOADED = ("not loaded", "no models loaded", "model is loading", "failed to load")
@@ -49,18 +54,26 @@ class Host:
         self.config = config
         self.provider = provider
         self.view = HostView(config.name, config.max_concurrent, config.weight)
+        self.ejection = Ejection(1, 1.0, 1.0)  # the fleet sets its own from inference.routing
+        self.comeback: Any = None  # while ejected: the timer, then the probe, that may bring it back
 
 
 class FleetProvider(Provider):
     """The hosts of ``inference.upstreams`` as one provider: their models together, each call routed."""
 
-    def __init__(self, hosts: list[Host], load_bound: int, rng: random.Random | None = None) -> None:
+    def __init__(self, hosts: list[Host], routing: RoutingConfig, clock: Any, probe_timeout: float,
+                 rng: random.Random | None = None) -> None:
         self.hosts = hosts
+        for host in hosts:
+            host.ejection = Ejection(routing.eject_after, routing.eject_secs, routing.max_eject_secs)
+        self.clock = clock
+        self._probe_timeout = probe_timeout
+        self.on_eject: Callable[[str], None] = lambda name: None  # telemetry counts ejections
         self.name = hosts[0].provider.name
         self.base_url = "fleet:" + ",".join(host.view.name for host in hosts)
         self._by_name = {host.view.name: host for host in hosts}
         self._views = [host.view for host in hosts]  # live: each host updates its own view
-        self._load_bound = load_bound
+        self._load_bound = routing.load_bound
         self._rng = rng or random.Random()
         self.memory = PrefixMemory(lambda name: self._by_name[name].view.max_concurrent)
         self._waiting: list[Deferred[None]] = []  # calls waiting for a host to free a slot
@@ -78,7 +91,7 @@ class FleetProvider(Provider):
                 failures.append(cast(Failure, result))
                 host.view.models = {}
                 continue
-            host.view.models = {model["id"]: model.get("state") for model in result}
+            host.view.models = _states(result)
             for model in result:
                 entry = merged.setdefault(model["id"], {**model, "hosts": []})
                 entry["hosts"].append(host.view.name)
@@ -110,11 +123,14 @@ class FleetProvider(Provider):
                 answer = await attempt(host)
             except GatewayError as e:
                 self._release(host)
+                if is_host_failure(e):
+                    self._host_failed(host, e)
                 self._failed(e, host, ranking, failed)
                 continue
             except BaseException:  # cancelled: the client left, or the deadline passed
                 self._release(host)
                 raise
+            host.ejection.served()
             self._served(host, key)
             return host, answer, _route(host, ranking, failed)
         raise AssertionError("unreachable: the last host's failure is raised")
@@ -148,9 +164,41 @@ class FleetProvider(Provider):
         if waiting in self._waiting:
             self._waiting.remove(waiting)
 
+    def _host_failed(self, host: Host, error: GatewayError) -> None:
+        cool_down = host.ejection.failed(unreachable=isinstance(error, UpstreamUnreachable))
+        if cool_down is not None and not host.view.ejected:
+            self._eject(host, cool_down, error.message)
+
+    def _eject(self, host: Host, cool_down: float, why: str) -> None:
+        """Leave ``host`` out for ``cool_down`` seconds, then probe it. Its prompt cache is presumed lost (a host
+        that was down may have restarted): its conversations find new homes."""
+        host.view.ejected = True
+        self.memory.forget(host.view.name)
+        self.on_eject(host.view.name)
+        log.warn("upstream host {host} left out for {secs:g}s ({why}); other hosts serve its calls",
+                 host=host.view.name, secs=cool_down, why=why)
+        host.comeback = self.clock.callLater(cool_down, self._probe, host)
+
+    def _probe(self, host: Host) -> None:
+        host.comeback = Deferred.fromCoroutine(self._comeback(host))
+        host.comeback.addErrback(lambda failure: failure.trap(CancelledError))  # closed while probing
+
+    async def _comeback(self, host: Host) -> None:
+        """Back in the fleet when its model list answers; else out again, for twice as long."""
+        try:
+            models = await host.provider.list_models(timeout=self._probe_timeout)
+        except GatewayError as e:
+            self._eject(host, host.ejection.eject(), f"still failing: {e.message}")
+            return
+        host.comeback = None
+        host.view.up, host.view.ejected = True, False
+        host.view.models = _states(models)
+        log.info("upstream host {host} is back, serving {models}", host=host.view.name,
+                 models=", ".join(host.view.models) or "no models yet")
+
     def host_status(self) -> list[dict[str, Any]]:
         return [{"name": host.view.name, "base_url": host.provider.base_url, "up": host.view.up,
-                 "in_flight": host.view.outstanding, "max_concurrent": host.view.max_concurrent,
+                 "ejected": host.view.ejected, "in_flight": host.view.outstanding, "max_concurrent": host.view.max_concurrent,
                  "models": sorted(host.view.models)} for host in self.hosts]
 
     def waiting(self) -> int:
@@ -169,7 +217,14 @@ class FleetProvider(Provider):
 
     async def close(self) -> None:
         for host in self.hosts:
+            if host.comeback is not None:
+                host.comeback.cancel()
             await host.provider.close()
+
+
+def _states(models: list[dict[str, Any]]) -> dict[str, str | None]:
+    """Each model's LM Studio state ("loaded", "not-loaded"), None when the host does not say."""
+    return {model["id"]: model.get("state") for model in models}
 
 
 def _route(host: Host, ranking: Ranking, failed: list[tuple[str, str]]) -> Route:

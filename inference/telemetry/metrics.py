@@ -7,12 +7,16 @@ outside the standard set are folded into ``_OTHER`` and unknown paths into one r
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
 
 from .. import __version__
+
+if TYPE_CHECKING:
+    from ..routing.picker import HostView
 
 # ``*_created`` series would double the series count for a timestamp no dashboard or alert here uses.
 disable_created_metrics()
@@ -80,6 +84,12 @@ class Metrics:
         self.upstream_in_flight = Gauge(
             "inference_upstream_in_flight", "Calls in flight on each host of a fleet", ["upstream"],
             registry=registry)
+        self.upstream_host_up = Gauge(
+            "inference_upstream_host_up", "1 while a host of a fleet is routed to (it answered its last model "
+            "list and is not ejected), 0 while it is not", ["upstream"], registry=registry)
+        self.upstream_ejections = Counter(
+            "inference_upstream_ejections", "Times a host of a fleet was left out after failures in a row",
+            ["upstream"], registry=registry)
         self.upstream_waiting = Gauge(
             "inference_upstream_waiting", "Calls waiting for a host of the fleet to free a slot", ["provider"],
             registry=registry)
@@ -115,10 +125,12 @@ class Metrics:
         self.in_flight.labels(self.provider).set_function(in_flight)
         self.queue_length.labels(self.provider).set_function(queued)
 
-    def track_hosts(self, in_flight: dict[str, Callable[[], int]], waiting: Callable[[], int]) -> None:
-        """Read each host's load, and the calls waiting for one, at scrape time."""
-        for name, read in in_flight.items():
-            self.upstream_in_flight.labels(name).set_function(read)
+    def track_hosts(self, views: list[HostView], waiting: Callable[[], int]) -> None:
+        """Read each host's load and health, and the calls waiting for one, at scrape time."""
+        for view in views:
+            self.upstream_in_flight.labels(view.name).set_function(partial(getattr, view, "outstanding"))
+            self.upstream_host_up.labels(view.name).set_function(partial(_routed_to, view))
+            self.upstream_ejections.labels(view.name)  # present from the start, at 0
         self.upstream_waiting.labels(self.provider).set_function(waiting)
 
     def set_upstream_up(self, up: bool) -> None:
@@ -133,3 +145,7 @@ class Metrics:
 def method_label(method: str) -> str:
     """A client can send any method name; the label keeps the standard ones only (OTel's ``_OTHER`` rule)."""
     return method if method in KNOWN_METHODS else "_OTHER"
+
+
+def _routed_to(view: HostView) -> int:
+    return 1 if view.up and not view.ejected else 0
