@@ -207,10 +207,11 @@ class GatewayService(service.Service):
         self._reactor.stop()
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
-        return Deferred.fromCoroutine(self._stop())
+        return Deferred.fromCoroutine(self._stop(super().stopService()))
 
-    async def _stop(self) -> None:
+    async def _stop(self, closing: Deferred[None] | None) -> None:
+        if closing is not None:
+            await closing  # the port is closed (not just asked to close) before anyone is told so
         gateway = self._site.gateway
         grace = gateway.config.server.shutdown_timeout_secs
         running = len(gateway.inflight)
