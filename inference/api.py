@@ -151,11 +151,11 @@ class Gateway:
                         headers = {**headers, name.decode("latin-1"): value.decode("latin-1")}
                 if not parsed.stream or operation.read_event is None:
                     answer = await job.run(self.provider.call(operation, parsed.body, headers))
-                    call.translated, call.route = answer.translated, answer.route
+                    call.translated, call.route, call.model_load = answer.translated, answer.route, answer.model_load
                     call.answered(answer.data)
                     return write_body(request, answer.raw)
                 stream = await job.run(self.provider.open_stream(operation, parsed.body, headers))
-                call.translated, call.route = stream.translated, stream.route
+                call.translated, call.route, call.model_load = stream.translated, stream.route, stream.model_load
                 job.clear_deadline()
                 relay = StreamRelay(request, stream, operation.read_event, operation.stream_format,
                                     call.capture_content)

@@ -114,6 +114,9 @@ class HttpConfig:
     keep_alive_secs: float = _opt(_range(0), 30.0)
     max_idle_connections: int = _opt(_range(0), 10)
     max_retries: int = _opt(_range(0, 10), 2)
+    # The first-byte deadline instead of timeout_secs when LM Studio says the model is not loaded: it loads
+    # the model first (just in time), which takes from seconds to minutes.
+    load_timeout_secs: float = _opt(_range(0, above=True), 300.0)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ class GatewayError(Exception):
     kind: str | None = None
     """How the upstream failed, for ``inference_upstream_errors_total``; None when the upstream is not to blame."""
     route: Any = None  # the fleet's Route to the host that failed last (providers.base.Route)
+    model_load: float | None = None  # the host was loading the model: the first-byte deadline it was given
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  status: int | None = None, type: str | None = None,

@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from inference.routing.conversation import conversation_key
 from inference.routing.rendezvous import rank
 
-from .conftest import call
+from .conftest import call, named_events
 from .fakes.lmstudio import FakeLMStudio
 from .test_tracing import collector  # noqa: F401 (a fixture)
 
@@ -254,3 +254,76 @@ async def test_a_host_that_refuses_connections_is_left_out_at_once_until_it_list
     await provider.hosts[0].comeback
     assert (await gateway.post_chat(mine[3])).status == 200
     assert len(chats(down)) == 1
+
+
+def responses_of(fake: FakeLMStudio) -> list:
+    return [r for r in fake.received if r.path == "/v1/responses"]
+
+
+async def respond(gateway, text: str, previous: str | None = None, stream: bool = False):
+    body = {"model": QWEN, "input": text, "stream": stream}
+    if previous is not None:
+        body["previous_response_id"] = previous
+    reply = await call("POST", gateway.url + "/v1/responses", body)
+    if stream and reply.status == 200:
+        created = next(data for name, data in named_events(reply.body) if name == "response.created")
+        return reply, created["response"]["id"]
+    return reply, reply.json().get("id")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_previous_response_id_goes_to_the_host_that_holds_it(hosts, start_gateway):
+    gateway = start_gateway(fleet_env(hosts))
+    other = start_gateway(fleet_env(hosts))  # another gateway process: it never saw the ids
+    for stream in (False, True):
+        first, response_id = await respond(gateway, "Plan a trip to Rome", stream=stream)
+        assert first.status == 200
+        holder = next(fake for fake in hosts if response_id in fake.responses)
+        before = [len(responses_of(fake)) for fake in hosts]
+        for i in range(5):  # each turn a new input: its own conversation key, and still the holder
+            reply, response_id = await respond(gateway, f"And then {i}?", previous=response_id, stream=stream)
+            assert reply.status == 200 and response_id in holder.responses
+        asked = [len(responses_of(fake)) - n for fake, n in zip(hosts, before, strict=True)]
+        assert sorted(asked) == [0, 0, 5]  # no other host was asked
+        before = [len(responses_of(fake)) for fake in hosts]
+        reply, _ = await respond(other, "And last?", previous=response_id, stream=stream)
+        assert reply.status == 200  # the hosts that lack it said so, and the next one was asked
+        asked = [len(responses_of(fake)) - n for fake, n in zip(hosts, before, strict=True)]
+        assert asked[hosts.index(holder)] == 1 and sum(asked) <= 3
+
+    reply, _ = await respond(other, "Hello?", previous="resp_nobody_has")
+    assert reply.status == 400 and reply.error["code"] == "previous_response_not_found"
+    assert [responses_of(fake)[-1].body["previous_response_id"] for fake in hosts] == ["resp_nobody_has"] * 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_that_must_load_the_model_first_gets_the_long_deadline(start_gateway, collector):  # noqa: F811
+    loading, other = FakeLMStudio([QWEN]), FakeLMStudio(["gemma-3-4b"])
+    for fake in (loading, other):
+        fake.listen()
+        fake.native_types, fake.chat.mode = {}, "hang"
+    loading.not_loaded = {QWEN}
+    try:
+        gateway = start_gateway(fleet_env([loading, other], INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS="0.2",
+                                          INFERENCE_INFERENCE_HTTP_LOAD_TIMEOUT_SECS="60",
+                                          INFERENCE_OBSERVABILITY_TRACING_EXPORTER="otlp",
+                                          INFERENCE_OBSERVABILITY_TRACING_ENDPOINT=collector.grpc_endpoint))
+        await call("GET", gateway.url + "/v1/models")
+        arrived = loading.next_arrival()
+        loads = Deferred.fromCoroutine(gateway.post_chat(turn("hi")))
+        await arrived
+        answers = await gateway.post_chat(turn("hi", model="gemma-3-4b"))  # sent later, loaded: 0.2 s
+        assert answers.status == 504
+        assert not loads.called  # still waiting for its model to load
+        loading.release()
+        assert (await loads).status == 200
+        assert (await gateway.post_chat(turn("again"))).status == 504  # loaded now: the usual deadline
+
+        await gateway.site.gateway.telemetry.tracing.flush()
+        await collector.wait_for(lambda spans: len(collector.named(f"chat {QWEN}")) >= 2)
+        first, second = collector.named(f"chat {QWEN}")
+        assert [dict(e.attributes) for e in first.events if e.name == "model_load"] == [
+            {"inference.load_timeout_secs": 60.0}]
+        assert [e for e in second.events if e.name == "model_load"] == []
+    finally:
+        await DeferredList([loading.stop(), other.stop()])

@@ -35,6 +35,7 @@ def sdk_round_trip(client: OpenAI, model: str, **more: str) -> tuple[object, lis
 
 @pytest_twisted.ensureDeferred
 async def test_the_openai_sdk_reads_answers_and_streams_relayed_from_lm_studio(fake, lmstudio):
+    fake.responses.append("resp_earlier")  # a response it gave before
     answer, kinds, deltas, completed = await deferToThread(sdk_round_trip, client_for(lmstudio.url), "qwen",
                                                            previous_response_id="resp_earlier")
     assert answer.output_text == "echo: tell me a story" and answer.model == MODEL and answer.status == "completed"
@@ -84,10 +85,10 @@ async def test_a_failure_mid_stream_is_the_responses_apis_error_event(fake, lmst
 
 @pytest_twisted.ensureDeferred
 async def test_an_upstream_error_before_the_stream_is_a_plain_http_error(fake, lmstudio):
-    fake.chat.mode, fake.chat.status, fake.chat.message = "error_object", 400, "previous response not found"
     reply = await call("POST", lmstudio.url + "/v1/responses", {"model": MODEL, "input": "x", "stream": True,
                                                                   "previous_response_id": "resp_gone"})
-    assert reply.status == 400 and reply.error["message"] == "previous response not found"
+    assert reply.status == 400 and reply.error["code"] == "previous_response_not_found"
+    assert reply.error["message"] == "Previous response with id 'resp_gone' not found."
 
 
 @pytest.mark.parametrize("body, param", [

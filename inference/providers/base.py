@@ -34,6 +34,7 @@ class Completion:
     raw: bytes
     translated: bool = False  # served through chat completions (the upstream lacks the operation's own API)
     route: Route | None = None  # set by a fleet
+    model_load: float | None = None  # the host loaded the model first: the first-byte deadline it was given
 
 
 class EventConsumer(Protocol):
@@ -53,6 +54,7 @@ class ChatStream(abc.ABC):
 
     translated = False  # the events were translated from a chat completion stream
     route: Route | None = None  # set by a fleet
+    model_load: float | None = None  # the host loaded the model first: the first-byte deadline it was given
 
     @abc.abstractmethod
     def begin(self, consumer: EventConsumer) -> Deferred[None]:
@@ -79,6 +81,7 @@ class WrappedStream(ChatStream):
     def __init__(self, inner: ChatStream) -> None:
         self._inner = inner
         self._consumer: EventConsumer | None = None
+        self.model_load = inner.model_load
 
     def begin(self, consumer: EventConsumer) -> Deferred[None]:
         self._consumer = consumer

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .. import jsonio
 from ..config import InferenceConfig
-from ..errors import UpstreamError, from_upstream
+from ..errors import GatewayError, UpstreamError, from_upstream
 from ..operations import Operation
 from .base import ChatStream, Completion, Provider
 from .translated import call_translated, open_translated
@@ -21,6 +23,8 @@ class OpenAICompatibleProvider(Provider):
         self.base_url = self.client.base_url
         self._reactor = reactor
         self._idle_timeout = config.http.timeout_secs
+        self._load_timeout = config.http.load_timeout_secs
+        self.states: dict[str, str | None] = {}  # each model's state ("loaded", "not-loaded"), where LM Studio says
         self._first_seen: dict[str, int] = {}
         self._missing = MissingRoutes(reactor, config.models_cache_secs)
 
@@ -49,14 +53,17 @@ class OpenAICompatibleProvider(Provider):
                    headers: dict[str, str] | None = None) -> Completion:
         if self._missing.lacks(operation):
             return await call_translated(self, operation, body, headers)
-        answer = await self.client.request("POST", operation.path, jsonio.dumps(self.prepare(operation, body)),
-                                           headers=headers)
+        loading = self._load_deadline(body["model"])
+        with _loading(loading):
+            answer = await self.client.request("POST", operation.path, jsonio.dumps(self.prepare(operation, body)),
+                                               timeout=loading, headers=headers)
         if self._missing.says_missing(operation, answer):
             return await call_translated(self, operation, body, headers)
         data = _json_answer(answer)
         if not isinstance(data.get(operation.answer_list), list):
             raise UpstreamError(f"upstream answer has no '{operation.answer_list}'")
-        return Completion(data, answer.body)
+        self._loaded(body["model"], loading)
+        return Completion(data, answer.body, model_load=loading)
 
     async def open_stream(self, operation: Operation, body: dict[str, Any],
                           headers: dict[str, str] | None = None) -> ChatStream:
@@ -66,13 +73,28 @@ class OpenAICompatibleProvider(Provider):
         payload = {**body, "stream": True}
         if operation.asks_usage:  # the client's last chunk then carries usage, and metrics count real tokens
             payload["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        response = await self.client.open("POST", operation.path, jsonio.dumps(payload), headers=headers)
+        loading = self._load_deadline(body["model"])
+        with _loading(loading):
+            response = await self.client.open("POST", operation.path, jsonio.dumps(payload), timeout=loading,
+                                              headers=headers)
         if isinstance(response, Answer):  # an error, or JSON where a stream was due (LM Studio's error in a 200)
             if self._missing.says_missing(operation, response):
                 return await open_translated(self, operation, body, headers)
             _json_answer(response)
             raise UpstreamError("upstream answered a streaming request with JSON instead of an event stream")
-        return UpstreamEventStream(response, self._reactor, self._idle_timeout)
+        self._loaded(body["model"], loading)
+        stream = UpstreamEventStream(response, self._reactor, self._idle_timeout, first_timeout=loading)
+        stream.model_load = loading
+        return stream
+
+    def _load_deadline(self, model: str) -> float | None:
+        """``http.load_timeout_secs`` when the server would load the model before answering (LM Studio's JIT
+        loading takes seconds to minutes), else None: the usual deadline."""
+        return self._load_timeout if self.states.get(model) == "not-loaded" else None
+
+    def _loaded(self, model: str, loading: float | None) -> None:
+        if loading is not None:
+            self.states[model] = "loaded"  # it answered: the model is in memory now
 
     async def close(self) -> None:
         await self.client.close()
@@ -102,6 +124,16 @@ class MissingRoutes:
         if missing:
             self._until[operation.path] = self._reactor.seconds() + self._recheck_secs
         return missing
+
+
+@contextmanager
+def _loading(deadline: float | None) -> Iterator[None]:
+    """Mark a failure of a call that was given the loading deadline, so that its span says so."""
+    try:
+        yield
+    except GatewayError as e:
+        e.model_load = deadline
+        raise
 
 
 def _json_answer(answer: Answer) -> dict[str, Any]:

@@ -19,13 +19,14 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .. import jsonio
 from ..config import RoutingConfig, UpstreamConfig
 from ..errors import GatewayError, UpstreamClientError, UpstreamError, UpstreamUnreachable
-from ..operations import Operation
+from ..operations import RESPONSES, Operation
 from ..routing.conversation import conversation_key
 from ..routing.ejection import Ejection
-from ..routing.memory import PrefixMemory
-from ..routing.picker import HostView, Pick, pick
+from ..routing.memory import PrefixMemory, ResponseHomes
+from ..routing.picker import HostView, Pick, pick, serving
 from .base import ChatStream, Completion, EventConsumer, Provider, Route, WrappedStream
 
 T = TypeVar("T")
@@ -34,6 +35,15 @@ log = Logger()
 
 # LM Studio's words when a host cannot serve the model right now (another host may).
 _NOT_LOADED = ("not loaded", "no models loaded", "model is loading", "failed to load")
+
+
+def lacks_response(error: GatewayError) -> bool:
+    """Whether a host said it does not hold the ``previous_response_id`` asked for (another host may)."""
+    if not isinstance(error, UpstreamClientError) or error.status not in (400, 404):
+        return False
+    message = error.message.lower()
+    return error.code == "previous_response_not_found" or (
+        error.param == "previous_response_id" and "not found" in message) or "previous response" in message
 
 
 def is_host_failure(error: GatewayError) -> bool:
@@ -76,6 +86,7 @@ class FleetProvider(Provider):
         self._load_bound = routing.load_bound
         self._rng = rng or random.Random()
         self.memory = PrefixMemory(lambda name: self._by_name[name].view.max_concurrent)
+        self.responses = ResponseHomes()
         self._waiting: list[Deferred[None]] = []  # calls waiting for a host to free a slot
 
     async def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:
@@ -104,13 +115,17 @@ class FleetProvider(Provider):
         host, answer, route = await self._first_answer(operation, body,
                                                        lambda host: host.provider.call(operation, body, headers))
         self._release(host)
+        if operation is RESPONSES and isinstance(answer.data.get("id"), str):
+            self.responses.remember(answer.data["id"], host.view.name)
         return dataclasses.replace(answer, route=route)
 
     async def open_stream(self, operation: Operation, body: dict[str, Any],
                           headers: dict[str, str] | None = None) -> ChatStream:
         host, stream, route = await self._first_answer(
             operation, body, lambda host: host.provider.open_stream(operation, body, headers))
-        return HostStream(stream, partial(self._release, host), route)  # the slot is the stream's until it ends
+        # The slot is the stream's until it ends; a Responses stream names its response in its first event.
+        created = partial(self.responses.remember, host=host.view.name) if operation is RESPONSES else None
+        return HostStream(stream, partial(self._release, host), route, created)
 
     async def _first_answer(self, operation: Operation, body: dict[str, Any],
                             attempt: Callable[[Host], Coroutine[Any, Any, T]]) -> tuple[Host, T, Route]:
@@ -125,36 +140,49 @@ class FleetProvider(Provider):
                 self._release(host)
                 if is_host_failure(e):
                     self._host_failed(host, e)
+                elif not (ranking.elsewhere and lacks_response(e)):
+                    e.route = _route(host, ranking, failed)
+                    raise
                 self._failed(e, host, ranking, failed)
                 continue
             except BaseException:  # cancelled: the client left, or the deadline passed
                 self._release(host)
                 raise
             host.ejection.served()
+            if getattr(answer, "model_load", None) is not None:
+                host.view.models[body["model"]] = "loaded"  # it loaded the model to answer
             self._served(host, key)
             return host, answer, _route(host, ranking, failed)
         raise AssertionError("unreachable: the last host's failure is raised")
 
     @staticmethod
     def _failed(error: GatewayError, host: Host, ranking: Ranking, failed: list[tuple[str, str]]) -> None:
-        """Go on to the next host when another may answer (record this one's failure), else raise ``error``;
-        raise it too when no host is left. The error names the host that failed last."""
+        """Record the host's failure and go on to the next host; raise ``error`` when no host is left. The error
+        names the host that failed last."""
         error.route = _route(host, ranking, failed)
-        if not is_host_failure(error) or host is ranking.hosts[-1]:
+        if host is ranking.hosts[-1]:
             raise error
         failed.append((host.view.name, error.kind or error.code or type(error).__name__))
 
     async def _ranking(self, operation: Operation, body: dict[str, Any]) -> tuple[bytes | None, Ranking]:
-        """The conversation's key and the hosts to try, once one of them has a free slot."""
+        """The conversation's key and the hosts to try, once one of them has a free slot.
+
+        A ``previous_response_id`` the fleet saw given goes to the host holding it alone (waiting for its slot if
+        need be); one it did not see (another gateway process gave it) is asked of each host in turn."""
         model = body["model"]
         key = conversation_key(operation.name, model, body)
+        previous = body.get("previous_response_id") if operation is RESPONSES else None
+        home = self._by_name.get(self.responses.home(previous) or "") if isinstance(previous, str) else None
+        views = [home.view] if home is not None and home.view in serving(self._views, model) else self._views
         while True:
             try:
-                chosen: Pick | None = pick(self._views, model, key, self.memory, self._load_bound, self._rng)
+                chosen: Pick | None = pick(views, model, key, self.memory, self._load_bound, self._rng)
             except LookupError:
                 raise UpstreamUnreachable(f"no host that serves '{model}' is up") from None
             if chosen is not None:
-                return key, Ranking([self._by_name[view.name] for view in chosen.hosts], chosen.reason)
+                hosts = [self._by_name[view.name] for view in chosen.hosts]
+                reason = "affinity" if len(views) == 1 and len(self._views) > 1 else chosen.reason
+                return key, Ranking(hosts, reason, elsewhere=isinstance(previous, str) and len(views) > 1)
             waiting: Deferred[None] = Deferred(self._give_up)
             self._waiting.append(waiting)
             await waiting
@@ -198,8 +226,9 @@ class FleetProvider(Provider):
 
     def host_status(self) -> list[dict[str, Any]]:
         return [{"name": host.view.name, "base_url": host.provider.base_url, "up": host.view.up,
-                 "ejected": host.view.ejected, "in_flight": host.view.outstanding, "max_concurrent": host.view.max_concurrent,
-                 "models": sorted(host.view.models)} for host in self.hosts]
+                 "ejected": host.view.ejected, "in_flight": host.view.outstanding,
+                 "max_concurrent": host.view.max_concurrent, "models": sorted(host.view.models)}
+                for host in self.hosts]
 
     def waiting(self) -> int:
         """How many calls wait for a host to free a slot."""
@@ -235,17 +264,28 @@ def _route(host: Host, ranking: Ranking, failed: list[tuple[str, str]]) -> Route
 class Ranking:
     hosts: list[Host]  # the chosen host first, then the others to fail over to
     reason: str
+    elsewhere: bool = False  # a previous_response_id no host is known to hold: ask the next when one lacks it
 
 
 class HostStream(WrappedStream):
     """A host's stream that gives the host's slot back when it ends, however it ends."""
 
-    def __init__(self, inner: ChatStream, release: Callable[[], None], route: Route) -> None:
+    def __init__(self, inner: ChatStream, release: Callable[[], None], route: Route,
+                 created: Callable[[str], None] | None = None) -> None:
         super().__init__(inner)
         self.translated = inner.translated
         self.route = route
         self._release = release
         self._released = False
+        self._created = created  # told the response's id, from its response.created event
+
+    def event(self, payload: bytes, name: bytes | None = None) -> None:
+        if self._created is not None and name == b"response.created":
+            response = jsonio.loads(payload).get("response")
+            if isinstance(response, dict) and isinstance(response.get("id"), str):
+                self._created(response["id"])
+            self._created = None
+        super().event(payload, name)
 
     def begin(self, consumer: EventConsumer) -> Deferred[None]:
         ended = super().begin(consumer)

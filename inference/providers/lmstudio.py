@@ -21,7 +21,9 @@ class LMStudioProvider(OpenAICompatibleProvider):
         (llm, vlm, embeddings), ``state`` (loaded or not) and ``max_context_length``."""
         listed = await super().list_models(timeout)
         native = await self._native_models(timeout)  # one after the other, on the same pooled connection
-        return [{**model, **native.get(model["id"], {})} for model in listed]
+        models = [{**model, **native.get(model["id"], {})} for model in listed]
+        self.states = {model["id"]: model.get("state") for model in models}
+        return models
 
     async def _native_models(self, timeout: float | None) -> dict[str, dict[str, Any]]:
         """``GET /api/v0/models`` by id; nothing when the upstream has no such API (older LM Studio, llama.cpp)."""

@@ -27,7 +27,7 @@ async def call_translated(provider: Provider, operation: Operation, body: dict[s
     translation = _translation(operation)
     answer = await provider.call(CHAT, translation.chat_request(body), headers)
     data = translation.translate_answer(answer.data, body)
-    return Completion(data, jsonio.dumps(data), translated=True)
+    return Completion(data, jsonio.dumps(data), translated=True, model_load=answer.model_load)
 
 
 async def open_translated(provider: Provider, operation: Operation, body: dict[str, Any],

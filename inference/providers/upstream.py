@@ -351,10 +351,13 @@ class UpstreamEventStream(_BodyReader, ChatStream):
     run longer than that in total, since a long generation is not a stalled one.
     """
 
-    def __init__(self, response: IResponse, reactor: Any, idle_timeout: float) -> None:
+    def __init__(self, response: IResponse, reactor: Any, idle_timeout: float,
+                 first_timeout: float | None = None) -> None:
         self._response = response
         self._reactor = reactor
         self._idle_timeout = idle_timeout
+        self._first_timeout = first_timeout  # to the first bytes, when longer (a model being loaded)
+        self._armed_for = idle_timeout
         self._parser = SSEParser()
         self._timer: Any = None
         self._paused = False
@@ -364,7 +367,7 @@ class UpstreamEventStream(_BodyReader, ChatStream):
 
     def begin(self, consumer: EventConsumer) -> Deferred[None]:
         self._consumer = consumer
-        self._arm()
+        self._arm(self._first_timeout)
         self._response.deliverBody(self)
         return self.done
 
@@ -438,11 +441,12 @@ class UpstreamEventStream(_BodyReader, ChatStream):
     def _failed(self) -> bool:
         return self._failure is not None
 
-    def _arm(self) -> None:
+    def _arm(self, timeout: float | None = None) -> None:
+        timeout = self._armed_for = timeout or self._idle_timeout
         if self._timer is not None and self._timer.active():
-            self._timer.reset(self._idle_timeout)
+            self._timer.reset(timeout)
         else:
-            self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
+            self._timer = self._reactor.callLater(timeout, self._idle)
 
     def _disarm(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -451,4 +455,4 @@ class UpstreamEventStream(_BodyReader, ChatStream):
 
     def _idle(self) -> None:
         self._timer = None
-        self.fail(UpstreamTimeout(f"upstream sent nothing for {self._idle_timeout:g}s mid-stream"))
+        self.fail(UpstreamTimeout(f"upstream sent nothing for {self._armed_for:g}s mid-stream"))

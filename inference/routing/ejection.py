@@ -31,7 +31,7 @@ class Ejection:
         """Eject the host (again): the cool-down, doubled for each ejection in a row."""
         self.failures = 0
         self.ejections += 1
-        return min(self._base_secs * 2 ** (self.ejections - 1), self._max_secs)
+        return min(self._base_secs * 2.0 ** (self.ejections - 1), self._max_secs)
 
     def served(self) -> None:
         self.failures = self.ejections = 0

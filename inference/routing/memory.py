@@ -45,3 +45,21 @@ class PrefixMemory:
         """``host`` restarted or left: its cache is gone."""
         for key in self._held.pop(host, {}):
             del self._holder[key]
+
+
+class ResponseHomes:
+    """The host that gave each stored response (the Responses API's ``previous_response_id`` names one, and only
+    that host holds it), the most recent ``limit`` of them."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._limit = limit
+        self._homes: OrderedDict[str, str] = OrderedDict()
+
+    def home(self, response_id: str) -> str | None:
+        return self._homes.get(response_id)
+
+    def remember(self, response_id: str, host: str) -> None:
+        self._homes[response_id] = host
+        self._homes.move_to_end(response_id)
+        if len(self._homes) > self._limit:
+            self._homes.popitem(last=False)

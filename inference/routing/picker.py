@@ -1,6 +1,7 @@
 """Picking the host for a call: filter, then score, then pick, each step a small policy of its own.
 
-1. Filter: hosts that are up (not ejected) and serve the model; of those, the ones with a free slot (none: the call waits).
+1. Filter: hosts that are up (not ejected) and serve the model; of those, the ones with a free slot (none: the
+   call waits).
 2. Loaded first: hosts with the model in memory over hosts that would load it first (seconds to minutes).
 3. Load bound: hosts no more than ``load_bound`` requests busier than the least busy one.
 4. Prefix affinity: the host that holds the conversation's prefix; a conversation the gateway does not know goes

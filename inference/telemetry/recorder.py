@@ -172,6 +172,7 @@ class UpstreamCall:
         self._ended = False
         self.translated = False  # served through chat completions (the upstream lacks the operation's API)
         self.route: Any = None  # a fleet's Route: the host that served the call, why, and who failed first
+        self.model_load: float | None = None  # the host loaded the model first, with this first-byte deadline
         request.overhead_before = self.started - request.started - queued
         tracing = telemetry.tracing
         self.capture_content = tracing.capture_content
@@ -311,6 +312,10 @@ class UpstreamCall:
             attributes["inference.routing.reason"] = route.reason
             for failed, kind in route.failed:
                 span.add_event("failover", {"inference.upstream.name": failed, "error.type": kind})
+        model_load = self.model_load if error is None else (error.model_load or self.model_load)
+        if model_load is not None:  # the call began with the host loading the model
+            span.add_event("model_load", {"inference.load_timeout_secs": model_load},
+                           timestamp=getattr(span, "start_time", None))
         if self._operation.translation is not None:
             attributes["inference.api.translated"] = self.translated
         if facts.response_id is not None:

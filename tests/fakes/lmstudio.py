@@ -78,9 +78,11 @@ class FakeLMStudio(Resource):
         self.require_key: str | None = None
         self.chat_only = False  # an upstream without the Responses and Messages APIs (llama.cpp, older LM Studio)
         self.native_types: dict[str, str] | None = None  # id -> llm/vlm/embeddings: serve /api/v0/models
+        self.not_loaded: set[str] = set()  # models /api/v0/models says are not loaded (LM Studio loads on use)
         self.gzip = False  # compress answers for clients that accept gzip (as OpenAI does)
         self.set_cookie: str | None = None  # a Set-Cookie header on every answer
         self.received: list[Received] = []
+        self.responses: list[str] = []  # the ids of the responses it gave (a previous_response_id must be one)
         self.pending: list[http.Request] = []  # requests held open by hang / stall_body
         self._arrivals: list[Deferred[Received]] = []
         self._closed: list[Deferred[None]] = []
@@ -134,7 +136,8 @@ class FakeLMStudio(Resource):
             listing = [{"id": m, "object": "model", "owned_by": "organization_owner"} for m in self.models]
             return self._answer(request, self.listing, {"object": "list", "data": listing})
         if got.path == "/api/v0/models" and got.method == "GET" and self.native_types is not None:
-            native = [{"id": m, "object": "model", "type": self.native_types.get(m, "llm"), "state": "loaded",
+            native = [{"id": m, "object": "model", "type": self.native_types.get(m, "llm"),
+                       "state": "not-loaded" if m in self.not_loaded else "loaded",
                        "max_context_length": 4096, "publisher": "fake"} for m in self.models]
             return self._json(request, 200, {"object": "list", "data": native})
         if got.path == "/v1/messages" and got.method == "POST" and not self.chat_only:
@@ -149,14 +152,21 @@ class FakeLMStudio(Resource):
             return self._answer(request, self.chat, message_object("msg_fake123", body["model"], words, "stop", 5))
         if got.path == "/v1/responses" and got.method == "POST" and not self.chat_only:
             words = f"echo: {self._said(body)}".split(" ")
+            previous = body.get("previous_response_id") if isinstance(body, dict) else None
+            if previous is not None and previous not in self.responses:  # as LM Studio and OpenAI answer it
+                return self._json(request, 400, {"error": {
+                    "message": f"Previous response with id '{previous}' not found.", "type": "invalid_request_error",
+                    "param": "previous_response_id", "code": "previous_response_not_found"}})
+            response_id = f"resp_{id(self):x}_{len(self.responses)}"  # each fake host its own
+            self.responses.append(response_id)
             if isinstance(body, dict) and body.get("stream") and self.chat.mode == "normal":
                 request.setHeader(b"content-type", b"text/event-stream")
-                events = response_events("resp_fake123", body, 1700000000, words, "stop", 5)
+                events = response_events(response_id, body, 1700000000, words, "stop", 5)
                 if self.chat.stream == "error_event":  # a few events, then the Responses API's error event
                     events = events[:5] + [(b'{"type": "error", "code": "server_error", "message": "model crashed"}',
                                             b"error")]
                 return b"".join(encode(data, name) for data, name in events)
-            return self._answer(request, self.chat, response_object("resp_fake123", body, 1700000000, words, "stop", 5))
+            return self._answer(request, self.chat, response_object(response_id, body, 1700000000, words, "stop", 5))
         if got.path == "/v1/embeddings" and got.method == "POST":
             return self._answer(request, self.chat, self._embeddings(body))
         if got.path in ("/v1/chat/completions", "/v1/completions") and got.method == "POST":
