@@ -11,8 +11,9 @@ from twisted.internet.task import Clock
 from inference.routing.conversation import conversation_key
 from inference.routing.rendezvous import rank
 
-from .conftest import call, named_events
+from .conftest import call, named_events, scrape, until
 from .fakes.lmstudio import FakeLMStudio
+from .test_daemon import TWISTD, spawn, stop
 from .test_tracing import collector  # noqa: F401 (a fixture)
 
 QWEN = "qwen2.5-7b-instruct"
@@ -327,3 +328,62 @@ async def test_a_host_that_must_load_the_model_first_gets_the_long_deadline(star
         assert [e for e in second.events if e.name == "model_load"] == []
     finally:
         await DeferredList([loading.stop(), other.stop()])
+
+
+def holder_of(hosts: list[FakeLMStudio], first_words: str) -> list[int]:
+    """Which host (index) received each turn of the conversation that began with ``first_words``."""
+    return [i for i, fake in enumerate(hosts) for r in chats(fake) if r.body["messages"][1]["content"] == first_words]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_gateway_processes_keep_conversations_on_one_host_and_a_killed_host_costs_no_request(
+        hosts, tmp_path):
+    if TWISTD is None:
+        pytest.skip("twistd is not installed next to this Python")
+    daemons = [spawn(["--listen", "tcp:0:interface=127.0.0.1"], fleet_env(hosts), str(tmp_path))
+               for _ in range(2)]
+    try:
+        urls = [f"http://127.0.0.1:{await daemon.port()}" for daemon, _ in daemons]
+        starts = [f"Plan trip {i}" for i in range(4)]  # four conversations: no host's four slots overflow
+        said = {start: [start] for start in starts}
+        for turn_number in range(3):  # each turn through the other process
+            for start in starts:
+                reply = await call("POST", urls[turn_number % 2] + "/v1/chat/completions", turn(*said[start]))
+                assert reply.status == 200
+                said[start] += ["Sure.", f"And {turn_number}?"]
+        homes = {start: set(holder_of(hosts, start)) for start in starts}
+        assert all(len(home) == 1 for home in homes.values()), homes  # both processes sent each to one host
+
+        # Every host holds calls; the busiest is killed with its calls in flight (none has streamed a byte).
+        for fake in hosts:
+            fake.chat.mode = "hang"
+        pending = [Deferred.fromCoroutine(call("POST", urls[i % 2] + "/v1/chat/completions", turn(*said[start])))
+                   for i, start in enumerate(starts)]
+        await until(lambda: sum(len(fake.pending) for fake in hosts) == 4)
+        victim = max(hosts, key=lambda fake: len(fake.pending))
+        survivors = [fake for fake in hosts if fake is not victim]
+        for fake in survivors:
+            fake.chat.mode = "normal"
+        killed = len(victim.pending)
+        await victim.stop()
+        for fake in survivors:
+            fake.release()
+        replies = await DeferredList(pending)
+        assert [reply.status for _, reply in replies] == [200] * 4  # the victim's calls were served elsewhere
+
+        moved = [start for start in starts if homes[start] == {hosts.index(victim)}]
+        for start in starts:  # one more turn through each process: both agree on each conversation's new host
+            for url in urls:
+                assert (await call("POST", url + "/v1/chat/completions", turn(*said[start], "Next?"))).status == 200
+        for start in moved:
+            assert len(set(holder_of(survivors, start)[-3:])) == 1  # the failed-over call and both later turns
+        scrapes = [await scrape(url) for url in urls]
+        assert sum(s.value("inference_upstream_host_up", upstream=victim.url[7:]) for s in scrapes) == 0
+        served = {name: sum(s.value("inference_routing_decisions_total", upstream=name, reason=reason) or 0
+                            for s in scrapes for reason in ("affinity", "least_loaded", "failover"))
+                  for name in (fake.url[7:] for fake in hosts)}
+        assert sum(served.values()) == 4 * 3 + 4 + 4 * 2  # every call is counted for the host that served it
+        assert served == {fake.url[7:]: len(chats(fake)) - (killed if fake is victim else 0) for fake in hosts}
+    finally:
+        for daemon, transport in daemons:
+            await stop(daemon, transport)
