@@ -21,6 +21,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 
 from .conftest import call, free_port, raw_connect, raw_post, run_tool, tool
+from .fakes.lmstudio import FakeLMStudio
 
 ASSETS = Path(__file__).resolve().parent.parent / "observability"
 MODEL = "qwen2.5-7b-instruct"
@@ -60,7 +61,7 @@ async def test_promtool_accepts_the_real_metrics_output(fake, lmstudio):
 async def test_alerting_rules_pass_promtool_and_their_unit_tests():
     promtool = tool("promtool")
     code, output = await run_tool(ASSETS, promtool, "check", "rules", "alerts.yml")
-    assert code == 0 and "SUCCESS: 5 rules found" in output, output
+    assert code == 0 and "SUCCESS: 6 rules found" in output, output
     code, output = await run_tool(ASSETS, promtool, "test", "rules", "alerts_test.yml")
     assert code == 0 and "SUCCESS" in output, output
     code, output = await run_tool(ASSETS, promtool, "check", "config", "prometheus.yml")
@@ -76,9 +77,25 @@ def test_the_collector_config_receives_otlp_and_exports_traces():
     assert all(name in config["exporters"] for name in pipeline["exporters"])
 
 
-def dashboard_queries() -> list[tuple[str, str]]:
+FLEET_METRICS = ("inference_upstream_in_flight", "inference_upstream_waiting", "inference_routing_decisions_total",
+                 "inference_upstream_host_up", "inference_upstream_ejections_total")
+
+
+def dashboard_queries(fleet: bool) -> list[tuple[str, str]]:
+    """The dashboard's queries: those of the panels about a fleet's hosts, or all the others."""
     dashboard = json.loads((ASSETS / "grafana" / "inference-dashboard.json").read_text())
-    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]
+            if any(name in target["expr"] for name in FLEET_METRICS) == fleet]
+
+
+async def query_each(server: PrometheusServer, queries: list[tuple[str, str]]) -> None:
+    """Every query returns data ($__rate_interval as Grafana would set it)."""
+    assert queries
+    for title, expr in queries:
+        promql = expr.replace("$__rate_interval", "1m").replace("$instance", ".+")
+        result = await server.until(promql)
+        values = [float(series["value"][1]) for series in result]
+        assert any(not math.isnan(v) for v in values), (title, promql, result)
 
 
 class PrometheusServer(ProcessProtocol):
@@ -152,11 +169,33 @@ async def test_a_real_prometheus_scrapes_the_gateway_and_the_dashboard_queries_r
                                   f"{quote('inference_time_to_first_token_seconds_bucket')}&start=0&end=9999999999")
         exemplars = [e for series in reply.json()["data"] for e in series["exemplars"]]
         assert exemplars and all(len(e["labels"]["trace_id"]) == 32 for e in exemplars)
-        # Every query of the Grafana dashboard returns data ($__rate_interval as Grafana would set it).
-        for title, expr in dashboard_queries():
-            promql = expr.replace("$__rate_interval", "1m").replace("$instance", ".+")
-            result = await server.until(promql)
-            values = [float(series["value"][1]) for series in result]
-            assert any(not math.isnan(v) for v in values), (title, promql, result)
+        await query_each(server, dashboard_queries(fleet=False))  # every panel but the fleet's
     finally:
         await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_dashboard_shows_which_host_of_a_fleet_served_what(tmp_path, start_gateway):
+    binary = tool("prometheus")
+    hosts = [FakeLMStudio([MODEL]), FakeLMStudio([MODEL])]
+    for fake in hosts:
+        fake.listen()
+    gateway = start_gateway({"INFERENCE_INFERENCE_UPSTREAMS": ",".join(fake.url for fake in hosts)})
+    server = PrometheusServer(tmp_path, f"127.0.0.1:{gateway.port.getHost().port}")
+    server.start(binary)
+    try:
+        await server.until('up{job="inference"} == 1')
+        for round_number in range(2):  # a rate() needs two samples of a series
+            for i in range(4):
+                chat = {"model": MODEL, "messages": [{"role": "user", "content": f"conversation {i}"}]}
+                assert (await gateway.post_chat(chat)).status == 200
+            await server.until(f"sum(inference_routing_decisions_total) == {4 * (round_number + 1)}")
+        await query_each(server, dashboard_queries(fleet=True))
+        served = await server.query("sum by (upstream) (inference_routing_decisions_total)")
+        assert {series["metric"]["upstream"]: float(series["value"][1]) for series in served} == {
+            fake.url[7:]: float(len([r for r in fake.received if r.path == "/v1/chat/completions"]))
+            for fake in hosts if any(r.path == "/v1/chat/completions" for r in fake.received)}
+    finally:
+        await server.stop()
+        for fake in hosts:
+            await fake.stop()
