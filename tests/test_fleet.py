@@ -292,6 +292,9 @@ async def test_a_previous_response_id_goes_to_the_host_that_holds_it(hosts, star
         asked = [len(responses_of(fake)) - n for fake, n in zip(hosts, before, strict=True)]
         assert asked[hosts.index(holder)] == 1 and sum(asked) <= 3
 
+    m = await other.metrics()  # hosts that lack a response did not fail: no error, no failover
+    assert [s for s in m.samples if s.name == "inference_upstream_errors_total" and s.value] == []
+    assert m.value("inference_routing_decisions_total", upstream=holder.url[7:], reason="failover") is None
     reply, _ = await respond(other, "Hello?", previous="resp_nobody_has")
     assert reply.status == 400 and reply.error["code"] == "previous_response_not_found"
     assert [responses_of(fake)[-1].body["previous_response_id"] for fake in hosts] == ["resp_nobody_has"] * 3

@@ -17,9 +17,12 @@ def make_provider(reactor: Any, config: InferenceConfig) -> Provider:
     hosts = config.hosts()
     if len(hosts) == 1:
         return _host_provider(reactor, config, hosts[0])
+    from ..routing.ejection import Ejection
     from .fleet import FleetProvider, Host
-    return FleetProvider([Host(host, _host_provider(reactor, config, host)) for host in hosts],
-                         config.routing, reactor, config.http.connect_timeout_secs)
+    routing = config.routing
+    return FleetProvider([Host(host, _host_provider(reactor, config, host),
+                               Ejection(routing.eject_after, routing.eject_secs, routing.max_eject_secs))
+                          for host in hosts], routing, reactor, config.http.connect_timeout_secs)
 
 
 def _host_provider(reactor: Any, config: InferenceConfig, host: UpstreamConfig) -> Provider:

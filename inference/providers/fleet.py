@@ -60,11 +60,11 @@ def is_host_failure(error: GatewayError) -> bool:
 class Host:
     """One host: its provider, and what routing knows of it (``view``)."""
 
-    def __init__(self, config: UpstreamConfig, provider: Provider) -> None:
+    def __init__(self, config: UpstreamConfig, provider: Provider, ejection: Ejection) -> None:
         self.config = config
         self.provider = provider
         self.view = HostView(config.name, config.max_concurrent, config.weight)
-        self.ejection = Ejection(1, 1.0, 1.0)  # the fleet sets its own from inference.routing
+        self.ejection = ejection
         self.comeback: Any = None  # while ejected: the timer, then the probe, that may bring it back
 
 
@@ -74,8 +74,6 @@ class FleetProvider(Provider):
     def __init__(self, hosts: list[Host], routing: RoutingConfig, clock: Any, probe_timeout: float,
                  rng: random.Random | None = None) -> None:
         self.hosts = hosts
-        for host in hosts:
-            host.ejection = Ejection(routing.eject_after, routing.eject_secs, routing.max_eject_secs)
         self.clock = clock
         self._probe_timeout = probe_timeout
         self.on_eject: Callable[[str], None] = lambda name: None  # telemetry counts ejections
@@ -138,12 +136,14 @@ class FleetProvider(Provider):
                 answer = await attempt(host)
             except GatewayError as e:
                 self._release(host)
-                if is_host_failure(e):
+                failure = is_host_failure(e)
+                if failure:
                     self._host_failed(host, e)
-                elif not (ranking.elsewhere and lacks_response(e)):
-                    e.route = _route(host, ranking, failed)
+                if host is ranking.hosts[-1] or not (failure or ranking.elsewhere and lacks_response(e)):
+                    e.route = _route(host, ranking, failed)  # the error names the host that failed last
                     raise
-                self._failed(e, host, ranking, failed)
+                if failure:  # (a host that lacks a previous response did not fail)
+                    failed.append((host.view.name, e.kind or e.code or type(e).__name__))
                 continue
             except BaseException:  # cancelled: the client left, or the deadline passed
                 self._release(host)
@@ -154,15 +154,6 @@ class FleetProvider(Provider):
             self._served(host, key)
             return host, answer, _route(host, ranking, failed)
         raise AssertionError("unreachable: the last host's failure is raised")
-
-    @staticmethod
-    def _failed(error: GatewayError, host: Host, ranking: Ranking, failed: list[tuple[str, str]]) -> None:
-        """Record the host's failure and go on to the next host; raise ``error`` when no host is left. The error
-        names the host that failed last."""
-        error.route = _route(host, ranking, failed)
-        if host is ranking.hosts[-1]:
-            raise error
-        failed.append((host.view.name, error.kind or error.code or type(error).__name__))
 
     async def _ranking(self, operation: Operation, body: dict[str, Any]) -> tuple[bytes | None, Ranking]:
         """The conversation's key and the hosts to try, once one of them has a free slot.
