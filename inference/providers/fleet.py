@@ -203,11 +203,13 @@ class FleetProvider(Provider):
         host.comeback.addErrback(lambda failure: failure.trap(CancelledError))  # closed while probing
 
     async def _comeback(self, host: Host) -> None:
-        """Back in the fleet when its model list answers; else out again, for twice as long."""
+        """Back in the fleet when its model list answers. While it does not, it is asked again every first
+        cool-down: a probe is cheap, and a doubled wait would keep a host that came back out for minutes (the
+        doubling is for hosts that answer their model list but keep failing calls)."""
         try:
             models = await host.provider.list_models(timeout=self._probe_timeout)
-        except GatewayError as e:
-            self._eject(host, host.ejection.eject(), f"still failing: {e.message}")
+        except GatewayError:
+            host.comeback = self.clock.callLater(host.ejection.probe_secs, self._probe, host)
             return
         host.comeback = None
         host.view.up, host.view.ejected = True, False

@@ -4,7 +4,8 @@ Every call that reaches a failing host costs its client a failover (a connect at
 another host answers. A host that refused the connection is out at once (it is not listening); one that answers
 5xx or "no model loaded" is out after ``eject_after`` failures in a row (one bad answer may be a single bad
 request). The cool-down doubles with each ejection in a row, up to ``max_secs``, and the next call the host
-serves resets it.
+serves resets it. A host out of the fleet is probed when its cool-down ends, and every ``base_secs`` after that
+until it answers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class Ejection:
         self._eject_after = eject_after
         self._base_secs = base_secs
         self._max_secs = max_secs
+        self.probe_secs = base_secs  # between probes of a host that is out and does not answer
         self.failures = 0  # in a row, since the host last served a call
         self.ejections = 0  # in a row, since the host last served a call
 
