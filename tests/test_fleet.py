@@ -198,15 +198,23 @@ def ejected(health) -> dict[str, bool]:
     return {host["name"]: host["ejected"] for host in health.json()["upstream"]["hosts"]}
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_failing_host_is_left_out_for_a_growing_cool_down_and_probed_back(hosts, start_gateway):
+async def fleet_on_a_clock(hosts, start_gateway):
+    """A gateway whose cool-downs run on a clock the test moves, the first host's name, and conversations that
+    host ranks first."""
     gateway = start_gateway(fleet_env(hosts))
     provider = gateway.site.gateway.provider
-    provider.clock = clock = Clock()
+    provider.clock = Clock()
     await call("GET", gateway.url + "/v1/models")
-    failing, name = hosts[0], provider.hosts[0].view.name
-    failing.chat.mode, failing.chat.status = "error_object", 500
+    name = provider.hosts[0].view.name
     mine = [body for body in (turn(f"conversation {i}") for i in range(60)) if ranked_first(provider, body) == name]
+    return gateway, provider, provider.clock, name, mine
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_host_is_left_out_for_a_growing_cool_down_and_probed_back(hosts, start_gateway):
+    gateway, provider, clock, name, mine = await fleet_on_a_clock(hosts, start_gateway)
+    failing = hosts[0]
+    failing.chat.mode, failing.chat.status = "error_object", 500
     for body in mine[:6]:
         assert (await gateway.post_chat(body)).status == 200  # every one served by another host
     assert len(chats(failing)) == 3  # three failures in a row eject it: the next three never went there
@@ -233,14 +241,10 @@ async def test_a_failing_host_is_left_out_for_a_growing_cool_down_and_probed_bac
 
 @pytest_twisted.ensureDeferred
 async def test_a_host_that_refuses_connections_is_left_out_at_once_until_it_listens_again(hosts, start_gateway):
-    gateway = start_gateway(fleet_env(hosts))
-    provider = gateway.site.gateway.provider
-    provider.clock = clock = Clock()
-    await call("GET", gateway.url + "/v1/models")
-    down, name = hosts[0], provider.hosts[0].view.name
+    gateway, provider, clock, name, mine = await fleet_on_a_clock(hosts, start_gateway)
+    down = hosts[0]
     port = down.port.getHost().port
     await down.stop()
-    mine = [body for body in (turn(f"conversation {i}") for i in range(60)) if ranked_first(provider, body) == name]
     for body in mine[:3]:
         assert (await gateway.post_chat(body)).status == 200
     m = await gateway.metrics()
