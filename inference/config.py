@@ -136,6 +136,7 @@ class UpstreamConfig:
     api_key: str | None = _opt(None, None)
     max_concurrent: int = _opt(_range(1), 4)  # LM Studio's parallel predictions: its prompt-cache slots too
     weight: float = _opt(_range(0, above=True), 1.0)  # a share of new conversations, relative to the others
+    provider: str | None = _opt(_one_of("lmstudio", "openai"), None)  # None: inference.provider
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,8 @@ def load_with_sources(path: str | None = None,
     config = _build(Config, tree, (), sources)
     if config.inference.provider == "openai":
         config = dataclasses.replace(config, inference=_openai_settings(config.inference, sources, environ))
+    elif any(host.provider == "openai" for host in config.inference.upstreams):
+        config = dataclasses.replace(config, inference=_openai_hosts(config.inference, environ))
     return config, sources
 
 
@@ -268,6 +271,20 @@ def _openai_settings(inference: InferenceConfig, sources: Mapping[str, str],
         raise ConfigError("inference.api_key is not set: provider openai needs an API key "
                           "(inference.api_key, INFERENCE_INFERENCE_API_KEY or OPENAI_API_KEY)")
     return inference
+
+
+def _openai_hosts(inference: InferenceConfig, environ: Mapping[str, str]) -> InferenceConfig:
+    """Hosts of a fleet that are OpenAI's take their key from the host, else ``inference.api_key``, else
+    OPENAI_API_KEY; OpenAI itself without a key fails at start."""
+    hosts = []
+    for i, host in enumerate(inference.upstreams):
+        if host.provider == "openai" and not host.api_key:
+            host = dataclasses.replace(host, api_key=inference.api_key or environ.get("OPENAI_API_KEY"))
+            if not host.api_key and urlsplit(host.base_url).hostname == "api.openai.com":
+                raise ConfigError(f"inference.upstreams[{i}].api_key is not set: host {host.name} (provider openai) "
+                                  "needs an API key (its api_key, inference.api_key or OPENAI_API_KEY)")
+        hosts.append(host)
+    return dataclasses.replace(inference, upstreams=hosts)
 
 
 def resolve_env_name(name: str) -> tuple[str, ...]:
@@ -411,7 +428,7 @@ def _upstreams(raw: Any, keys: tuple[str, ...], sources: Mapping[str, str]) -> l
         raw = [url.strip() for url in raw.split(",") if url.strip()]
     if not isinstance(raw, list):
         raise ConfigError(f"{dotted} {sources.get(dotted, '')}".rstrip() + ": expected a list of hosts (each a URL "
-                          "or a mapping with base_url, name, api_key, max_concurrent, weight)")
+                          "or a mapping with base_url, name, api_key, max_concurrent, weight, provider)")
     hosts = []
     for i, item in enumerate(raw):
         at = keys[:-1] + (f"{keys[-1]}[{i}]",)

@@ -168,8 +168,17 @@ def test_a_fleet_of_hosts_from_yaml_and_from_one_variable(yaml_file):
      "inference.upstreams[0].max_concurrent"),
     ("inference:\n  upstreams: [{url: 'http://a:1'}]\n", "unknown config key inference.upstreams[0].url"),
     ("inference:\n  upstreams: {a: 1}\n", "expected a list of hosts"),
+    ("inference:\n  upstreams: [{base_url: 'http://a:1', provider: mock}]\n", "expected one of lmstudio, openai"),
+    ("inference:\n  upstreams: [http://a:1, {base_url: 'https://api.openai.com', provider: openai}]\n",
+     "inference.upstreams[1].api_key is not set: host api.openai.com:443 (provider openai) needs an API key"),
 ])
 def test_a_bad_fleet_fails_at_start_with_one_line(yaml_file, text, message):
     with pytest.raises(ConfigError) as raised:
         load(yaml_file(text), {})
     assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_an_openai_host_of_a_fleet_takes_the_key_from_openai_api_key(yaml_file):
+    text = "inference:\n  upstreams: [http://a:1, {base_url: 'https://api.openai.com', provider: openai}]\n"
+    hosts = load(yaml_file(text), {"OPENAI_API_KEY": "sk-env"}).inference.upstreams
+    assert [(host.provider, host.api_key) for host in hosts] == [(None, None), ("openai", "sk-env")]

@@ -395,3 +395,21 @@ async def test_two_gateway_processes_keep_conversations_on_one_host_and_a_killed
     finally:
         for daemon, transport in daemons:
             await stop(daemon, transport)
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_host_may_be_of_its_own_kind(hosts, start_gateway, tmp_path):
+    config = tmp_path / "fleet.yaml"
+    config.write_text(f"""inference:
+  upstreams:
+    - {{name: studio, base_url: "{hosts[0].url}"}}
+    - {{name: cloud, base_url: "{hosts[1].url}", provider: openai, api_key: sk-cloud}}
+""")
+    gateway = start_gateway({"INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "0"}, str(config))
+    assert (await call("GET", gateway.url + "/v1/models")).status == 200
+    assert [r.path for r in hosts[0].received] == ["/v1/models", "/api/v0/models"]  # LM Studio's own API asked
+    assert [r.path for r in hosts[1].received] == ["/v1/models"]  # OpenAI has none
+    assert hosts[1].received[0].headers["authorization"] == "Bearer sk-cloud"
+    for i in range(6):
+        assert (await gateway.post_chat(turn(f"conversation {i}"))).status == 200
+    assert len(chats(hosts[0])) + len(chats(hosts[1])) == 6

@@ -26,7 +26,8 @@ def make_provider(reactor: Any, config: InferenceConfig) -> Provider:
 
 
 def _host_provider(reactor: Any, config: InferenceConfig, host: UpstreamConfig) -> Provider:
-    config = dataclasses.replace(config, base_url=host.base_url, api_key=host.api_key or config.api_key)
+    config = dataclasses.replace(config, base_url=host.base_url, api_key=host.api_key or config.api_key,
+                                 provider=host.provider or config.provider)
     if config.provider == "openai":
         from .openai import OpenAIProvider
         return OpenAIProvider(reactor, config)

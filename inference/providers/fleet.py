@@ -77,7 +77,8 @@ class FleetProvider(Provider):
         self.clock = clock
         self._probe_timeout = probe_timeout
         self.on_eject: Callable[[str], None] = lambda name: None  # telemetry counts ejections
-        self.name = hosts[0].provider.name
+        kinds = {host.provider.name for host in hosts}
+        self.name = kinds.pop() if len(kinds) == 1 else "mixed"  # the provider label of metrics and spans
         self.base_url = "fleet:" + ",".join(host.view.name for host in hosts)
         self._by_name = {host.view.name: host for host in hosts}
         self._views = [host.view for host in hosts]  # live: each host updates its own view
