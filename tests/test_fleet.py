@@ -7,6 +7,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 
 from inference.routing.conversation import conversation_key
 from inference.routing.rendezvous import rank
@@ -446,3 +447,27 @@ async def test_a_conversation_leaves_its_host_only_when_that_host_is_busier_than
     m = await gateway.metrics()
     assert m.value("inference_routing_decisions_total", upstream=provider.hosts[1].view.name,
                    reason="least_loaded") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_that_refuses_connections_is_passed_over_without_retrying_it(hosts, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_UPSTREAMS": ",".join(fake.url for fake in hosts)})  # 2 retries
+    provider = gateway.site.gateway.provider
+    await call("GET", gateway.url + "/v1/models")
+    name = provider.hosts[0].view.name
+    await hosts[0].stop()
+    retries: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if "failed before the request was sent" in (event.get("log_format") or ""):
+            retries.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        body = next(body for body in (turn(f"conversation {i}") for i in range(60))
+                    if ranked_first(provider, body) == name)
+        assert (await gateway.post_chat(body)).status == 200
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert retries == []  # the next host was the retry
+    assert sum(len(chats(fake)) for fake in hosts[1:]) == 1

@@ -16,23 +16,25 @@ def make_provider(reactor: Any, config: InferenceConfig) -> Provider:
         return MockProvider(reactor, config.mock)
     hosts = config.hosts()
     if len(hosts) == 1:
-        return _host_provider(reactor, config, hosts[0])
+        return _host_provider(reactor, config, hosts[0], retry_connect=True)
     from ..routing.ejection import Ejection
     from .fleet import FleetProvider, Host
     routing = config.routing
-    return FleetProvider([Host(host, _host_provider(reactor, config, host),
+    # A host that cannot be connected to is passed over at once (the next host is the retry); a pooled
+    # connection that failed before the request went out is still retried on the same host.
+    return FleetProvider([Host(host, _host_provider(reactor, config, host, retry_connect=False),
                                Ejection(routing.eject_after, routing.eject_secs, routing.max_eject_secs))
                           for host in hosts], routing, reactor, config.http.connect_timeout_secs)
 
 
-def _host_provider(reactor: Any, config: InferenceConfig, host: UpstreamConfig) -> Provider:
+def _host_provider(reactor: Any, config: InferenceConfig, host: UpstreamConfig, retry_connect: bool) -> Provider:
     config = dataclasses.replace(config, base_url=host.base_url, api_key=host.api_key or config.api_key,
                                  provider=host.provider or config.provider)
     if config.provider == "openai":
         from .openai import OpenAIProvider
-        return OpenAIProvider(reactor, config)
+        return OpenAIProvider(reactor, config, retry_connect)
     from .lmstudio import LMStudioProvider
-    return LMStudioProvider(reactor, config)
+    return LMStudioProvider(reactor, config, retry_connect=retry_connect)
 
 
 __all__ = ["Provider", "make_provider"]

@@ -18,8 +18,9 @@ from .upstream import Answer, UpstreamClient, UpstreamEventStream
 class OpenAICompatibleProvider(Provider):
     name = "openai-compatible"
 
-    def __init__(self, reactor: Any, config: InferenceConfig, headers: dict[str, str] | None = None) -> None:
-        self.client = UpstreamClient(reactor, config.base_url, config.http, headers)
+    def __init__(self, reactor: Any, config: InferenceConfig, headers: dict[str, str] | None = None,
+                 retry_connect: bool = True) -> None:
+        self.client = UpstreamClient(reactor, config.base_url, config.http, headers, retry_connect)
         self.base_url = self.client.base_url
         self._reactor = reactor
         self._idle_timeout = config.http.timeout_secs

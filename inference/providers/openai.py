@@ -11,6 +11,6 @@ from .compatible import OpenAICompatibleProvider
 class OpenAIProvider(OpenAICompatibleProvider):
     name = "openai"
 
-    def __init__(self, reactor: Any, config: InferenceConfig) -> None:
+    def __init__(self, reactor: Any, config: InferenceConfig, retry_connect: bool = True) -> None:
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        super().__init__(reactor, config, headers)
+        super().__init__(reactor, config, headers, retry_connect)

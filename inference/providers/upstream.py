@@ -47,6 +47,7 @@ MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 # generation twice. A connection that dies after the request went out (ResponseNeverReceived) is not here.
 _NOT_SENT = (neterror.ConnectError, neterror.DNSLookupError, _newclient.RequestNotSent,
              _newclient.RequestTransmissionFailed)
+_NO_CONNECTION = (neterror.ConnectError, neterror.DNSLookupError)
 
 
 @dataclass
@@ -70,9 +71,10 @@ class UpstreamClient:
     """Talks HTTP to one upstream over a pool sized and timed by the ``http:`` config."""
 
     def __init__(self, reactor: Any, base_url: str, http: HttpConfig,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, retry_connect: bool = True) -> None:
         self._reactor: IReactorTime = reactor
         self._http = http
+        self._retry_connect = retry_connect  # a fleet's host does not: the next host is the retry
         self.base_url = normalise_base_url(base_url)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = http.max_idle_connections
@@ -159,7 +161,8 @@ class UpstreamClient:
                     cookies=_NO_COOKIES, allow_redirects=False, unbuffered=True)
                 break
             except _NOT_SENT as e:
-                if state.stopped or attempt >= self._http.max_retries:
+                if state.stopped or attempt >= self._http.max_retries or (
+                        not self._retry_connect and isinstance(e, _NO_CONNECTION)):
                     raise
                 delay = min(0.1 * 2 ** attempt, 2.0)
                 attempt += 1
