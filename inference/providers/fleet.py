@@ -275,7 +275,10 @@ class HostStream(WrappedStream):
 
     def event(self, payload: bytes, name: bytes | None = None) -> None:
         if self._created is not None and name == b"response.created":
-            response = jsonio.loads(payload).get("response")
+            try:
+                response = jsonio.loads(payload).get("response")
+            except (ValueError, AttributeError):  # not a response event: the relay reports the stream broken
+                response = None
             if isinstance(response, dict) and isinstance(response.get("id"), str):
                 self._created(response["id"])
             self._created = None
