@@ -471,3 +471,22 @@ async def test_a_host_that_refuses_connections_is_passed_over_without_retrying_i
         globalLogPublisher.removeObserver(observe)
     assert retries == []  # the next host was the retry
     assert sum(len(chats(fake)) for fake in hosts[1:]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_that_cuts_a_call_is_checked_at_once_and_left_out_when_it_is_gone(hosts, start_gateway):
+    gateway = start_gateway(fleet_env(hosts))
+    provider = gateway.site.gateway.provider
+    await call("GET", gateway.url + "/v1/models")
+    crashing = hosts[0]
+    body = next(body for body in (turn(f"conversation {i}") for i in range(60))
+                if ranked_first(provider, body) == provider.hosts[0].view.name)
+    crashing.chat.mode = "hang"
+    arrived = crashing.next_arrival()
+    reply = Deferred.fromCoroutine(gateway.post_chat(body))
+    await arrived
+    await crashing.stop()  # the process dies with the call in flight
+    assert (await reply).status == 200  # served by another host
+    await until(lambda: provider.hosts[0].view.ejected)  # one cut call, then its model list refused: out
+    health = await call("GET", gateway.url + "/health")
+    assert ejected(health)[provider.hosts[0].view.name] is True

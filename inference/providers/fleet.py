@@ -186,8 +186,23 @@ class FleetProvider(Provider):
 
     def _host_failed(self, host: Host, error: GatewayError) -> None:
         cool_down = host.ejection.failed(unreachable=isinstance(error, UpstreamUnreachable))
-        if cool_down is not None and not host.view.ejected:
+        if host.view.ejected or host.comeback is not None:  # out already, or being checked
+            return
+        if cool_down is not None:
             self._eject(host, cool_down, error.message)
+        elif error.kind == "interrupted":  # the connection broke mid-answer: a crashed host is known at once
+            host.comeback = Deferred.fromCoroutine(self._check(host, error.message))
+            host.comeback.addErrback(lambda failure: failure.trap(CancelledError))  # closed while checking
+
+    async def _check(self, host: Host, why: str) -> None:
+        """Ask the model list of a host that cut a call; out if that fails too."""
+        try:
+            await host.provider.list_models(timeout=self._probe_timeout)
+        except GatewayError as e:
+            host.comeback = None
+            self._eject(host, host.ejection.eject(), f"{why}; then {e.message}")
+            return
+        host.comeback = None
 
     def _eject(self, host: Host, cool_down: float, why: str) -> None:
         """Leave ``host`` out for ``cool_down`` seconds, then probe it. Its prompt cache is presumed lost (a host
