@@ -11,7 +11,7 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -207,11 +207,10 @@ class GatewayService(service.Service):
         self._reactor.stop()
 
     def stopService(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._stop(super().stopService()))
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
 
-    async def _stop(self, closing: Deferred[None] | None) -> None:
-        if closing is not None:
-            await closing  # the port is closed (not just asked to close) before anyone is told so
+    async def _stop(self) -> None:
         gateway = self._site.gateway
         grace = gateway.config.server.shutdown_timeout_secs
         running = len(gateway.inflight)
@@ -239,6 +238,18 @@ class _Daemon(service.MultiService):
         if isinstance(parent, Componentized) and self._observer is not None:
             parent.setComponent(ILogObserver, self._observer)
         return super().setServiceParent(parent)
+
+    def stopService(self) -> Deferred[Any]:
+        """The ports first, and closed (not only asked to close) before the drain says it accepts no more: a
+        client that connects after that line is refused. (MultiService stops its children all at once.)"""
+        service.Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_children())
+
+    async def _stop_children(self) -> None:
+        children = list(reversed(list(self)))
+        ports = [child for child in children if isinstance(child, _Listener)]
+        await DeferredList([maybeDeferred(child.stopService) for child in ports])
+        await DeferredList([maybeDeferred(child.stopService) for child in children if child not in ports])
 
 
 def make_service(config: Config, listen: str | None = None, reactor: Any = None,
