@@ -490,3 +490,11 @@ async def test_a_host_that_cuts_a_call_is_checked_at_once_and_left_out_when_it_i
     await until(lambda: provider.hosts[0].view.ejected)  # one cut call, then its model list refused: out
     health = await call("GET", gateway.url + "/health")
     assert ejected(health)[provider.hosts[0].view.name] is True
+    ready = await call("GET", gateway.url + "/health/ready")
+    assert ready.status == 200 and list(ready.json()["hosts"].values()) == ["ejected", "serving", "serving"]
+    for fake in hosts[1:]:
+        fake.chat.mode, fake.chat.status = "error_object", 500
+    for i in range(12):  # every call fails on both: three in a row leave each out
+        await gateway.post_chat(turn(f"failing {i}"))
+    ready = await call("GET", gateway.url + "/health/ready")  # their model lists answer, but no host serves
+    assert ready.status == 503 and set(ready.json()["hosts"].values()) == {"ejected"}
