@@ -329,12 +329,28 @@ async def test_a_host_that_must_load_the_model_first_gets_the_long_deadline(star
         assert (await loads).status == 200
         assert (await gateway.post_chat(turn("again"))).status == 504  # loaded now: the usual deadline
 
+        # A stream whose headers come at once and whose first event waits for the load: the same deadline.
+        for fake in (loading, other):
+            fake.chat.mode, fake.chat.stream = "normal", "late"
+        loading.not_loaded = {QWEN}
+        await gateway.site.gateway.provider.list_models()  # LM Studio says it is not loaded again
+        arrived = loading.next_arrival()
+        loads = Deferred.fromCoroutine(gateway.post_chat(turn("story", stream=True)))
+        await arrived
+        cut = await gateway.post_chat(turn("hi", model="gemma-3-4b", stream=True))
+        assert b"sent nothing for 0.2s" in cut.body  # the loaded model's stream: silent past timeout_secs
+        assert not loads.called
+        loading.release()
+        streamed = await loads
+        assert streamed.status == 200 and b"[DONE]" in streamed.body and b'"error"' not in streamed.body
+
         await gateway.site.gateway.telemetry.tracing.flush()
-        await collector.wait_for(lambda spans: len(collector.named(f"chat {QWEN}")) >= 2)
-        first, second = collector.named(f"chat {QWEN}")
+        await collector.wait_for(lambda spans: len(collector.named(f"chat {QWEN}")) >= 3)
+        first, second, streamed_span = collector.named(f"chat {QWEN}")
         assert [dict(e.attributes) for e in first.events if e.name == "model_load"] == [
             {"inference.load_timeout_secs": 60.0}]
         assert [e for e in second.events if e.name == "model_load"] == []
+        assert [e.name for e in streamed_span.events if e.name == "model_load"] == ["model_load"]
     finally:
         await DeferredList([loading.stop(), other.stop()])
 

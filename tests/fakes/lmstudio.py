@@ -53,7 +53,7 @@ class Behaviour:
     error_event (two words, then an ``error`` event), flood (large events for ``flood_bytes``, obeying flow
     control), comments (SSE comments and CRLF line ends between events), named (an ``event:`` line on every
     event but ``[DONE]``), reasoning (three reasoning deltas before the words), huge_event (two words, then one
-    event of ``huge_bytes`` that never ends).
+    event of ``huge_bytes`` that never ends), late (the headers, then nothing until ``release()``).
     """
 
     mode: str = "normal"
@@ -83,7 +83,8 @@ class FakeLMStudio(Resource):
         self.set_cookie: str | None = None  # a Set-Cookie header on every answer
         self.received: list[Received] = []
         self.responses: list[str] = []  # the ids of the responses it gave (a previous_response_id must be one)
-        self.pending: list[http.Request] = []  # requests held open by hang / stall_body
+        self.pending: list[http.Request] = []  # requests held open by hang / stall_body / late
+        self._late: dict[http.Request, bytes] = {}  # the events of a late stream, sent when released
         self._arrivals: list[Deferred[Received]] = []
         self._closed: list[Deferred[None]] = []
         self.site = Site(self)
@@ -346,13 +347,21 @@ class FakeLMStudio(Resource):
             pieces = [b": keep-alive\r\n" + p.replace(b"\n", b"\r\n") for p in pieces]
         if mode == "named":
             pieces = [b"event: completion\n" + p for p in pieces[:-1]] + pieces[-1:]
+        if mode == "late":  # the headers now, the events when released (as while a model is being loaded)
+            request.write(b"")
+            self._late[request] = b"".join(pieces)
+            self.pending.append(request)
+            request.notifyFinish().addBoth(self._held_closed, request)
+            return NOT_DONE_YET
         return b"".join(pieces)
 
     def release(self) -> None:
         """Answer every held request normally (the ones waiting in ``hang`` mode)."""
         for request in list(self.pending):
             self.pending.remove(request)
-            request.write(self._json(request, 200, self._completion(json.loads(request.content.getvalue()))))
+            late = self._late.pop(request, None)  # a stream held before its first event
+            request.write(late if late is not None else
+                          self._json(request, 200, self._completion(json.loads(request.content.getvalue()))))
             request.finish()
 
     def reset_held(self) -> None:
