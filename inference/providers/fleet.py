@@ -191,8 +191,16 @@ class FleetProvider(Provider):
         if cool_down is not None:
             self._eject(host, cool_down, error.message)
         elif error.kind == "interrupted":  # the connection broke mid-answer: a crashed host is known at once
-            host.comeback = Deferred.fromCoroutine(self._check(host, error.message))
-            host.comeback.addErrback(lambda failure: failure.trap(CancelledError))  # closed while checking
+            self._in_background(host, self._check(host, error.message))
+
+    @staticmethod
+    def _in_background(host: Host, work: Coroutine[Any, Any, None]) -> None:
+        """Run a check of ``host`` as its ``comeback`` (cancelled at close); work that ended at once has already
+        set ``comeback`` to what comes next."""
+        running = Deferred.fromCoroutine(work)
+        running.addErrback(lambda failure: failure.trap(CancelledError))  # closed while it ran
+        if not running.called:
+            host.comeback = running
 
     async def _check(self, host: Host, why: str) -> None:
         """Ask the model list of a host that cut a call; out if that fails too."""
@@ -215,8 +223,7 @@ class FleetProvider(Provider):
         host.comeback = self.clock.callLater(cool_down, self._probe, host)
 
     def _probe(self, host: Host) -> None:
-        host.comeback = Deferred.fromCoroutine(self._comeback(host))
-        host.comeback.addErrback(lambda failure: failure.trap(CancelledError))  # closed while probing
+        self._in_background(host, self._comeback(host))
 
     async def _comeback(self, host: Host) -> None:
         """Back in the fleet when its model list answers. While it does not, it is asked again every first
