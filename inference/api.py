@@ -15,7 +15,7 @@ from . import __version__, jsonio
 from .admission import Admission
 from .auth import ApiKeys
 from .catalog import ModelCatalog
-from .config import Config
+from .config import DEFAULT_MAX_OUTPUT_TOKENS, Config
 from .drain import InFlight
 from .errors import GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound, UpstreamTimeout, UpstreamUnreachable
 from .monitor import UpstreamMonitor
@@ -74,7 +74,10 @@ def write_error(request: IRequest, error: GatewayError) -> bytes:
         anthropic = request.error_style == "anthropic"
     for name, value in error.headers.items():
         request.setHeader(name, value)
-    return write_json(request, error.anthropic_body() if anthropic else error.body(), error.status)
+    if anthropic:  # Anthropic's errors name the request they answer
+        body = {**error.anthropic_body(), "request_id": getattr(request, "request_id", None)}
+        return write_json(request, body, error.status)
+    return write_json(request, error.body(), error.status)
 
 
 class Gateway:
@@ -112,6 +115,14 @@ class Gateway:
 
     # -- OpenAI API ----------------------------------------------------------------------------------------------
 
+    @app.route("/", methods=["GET", "HEAD"])
+    def root(self, request: GatewayRequest) -> bytes:
+        """What this server is, in a few words: clients (Claude Code) check that the base URL answers."""
+        return write_json(request, {"name": "inference", "version": __version__,
+                                    "description": "OpenAI- and Anthropic-compatible inference gateway",
+                                    "routes": [f"POST {op.path}" for op in OPERATIONS] + ["GET /v1/models"],
+                                    "docs": "/openapi.json", "health": "/health"})
+
     @app.route(CHAT.path, methods=["POST"])
     async def chat_completions(self, request: GatewayRequest) -> bytes | None:
         return await self._serve(request, CHAT)
@@ -136,6 +147,8 @@ class Gateway:
         """Every API call's steps: auth, parse, resolve the model, admission, deadline, the upstream call, the
         answer or the relayed stream, and the record of it all."""
         request.error_style = operation.error_style
+        if operation.error_style == "anthropic":  # Anthropic's clients read the request's id from this header
+            request.setHeader(b"request-id", request.request_id)
         self._authorize(request, operation)
         server = self.config.server
         parsed = operation.parse(self._body(request), self.config)
@@ -145,6 +158,8 @@ class Gateway:
             kind = operation.model_kind
             model = self.catalog.cached(parsed.model, kind) or await job.run(self.catalog.resolve(parsed.model, kind))
             parsed.body["model"] = model
+            if operation.output_limits:
+                operation.limit_output(parsed.body, self._output_cap(parsed.body["model"]))
             slot = self.admission.try_acquire()
             if slot is None:
                 slot = await job.run(self.admission.acquire())
@@ -288,6 +303,12 @@ class Gateway:
         return write_error(request, error)
 
     # -- helpers -------------------------------------------------------------------------------------------------
+
+    def _output_cap(self, model: str) -> int:
+        """``inference.limits.max_output_tokens``, else the model's loaded context length (LM Studio says it), else
+        the default: no call may ask a model to write more than its context holds."""
+        configured = self.config.inference.limits.max_output_tokens
+        return configured or self.catalog.context_length(model) or DEFAULT_MAX_OUTPUT_TOKENS
 
     def _authorize(self, request: GatewayRequest, operation: Operation | None = None) -> None:
         """The gateway key, from ``Authorization: Bearer``; Anthropic's clients send it as ``x-api-key``."""

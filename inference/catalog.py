@@ -78,6 +78,14 @@ class ModelCatalog:
                     return model
         raise self._not_found(model_id, upstream)
 
+    def context_length(self, model_id: str) -> int | None:
+        """The context length ``model_id`` is loaded with, where the upstream says (LM Studio's native API)."""
+        for model in self._upstream or ():
+            if model["id"] == model_id:
+                length = model.get("loaded_context_length")
+                return length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
+        return None
+
     def _not_found(self, name: str, upstream: list[dict[str, Any]], kind: str | None = None) -> ModelNotFound:
         served = self._candidates(upstream, kind)
         available = ", ".join(served) or "none (is a model loaded?)"

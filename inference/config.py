@@ -152,6 +152,24 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    # The most output tokens a call may ask for: a larger ask is lowered to it (on every generating route), and a
+    # Responses call that asks none gets it. None: the model's loaded context length where LM Studio says it,
+    # else DEFAULT_MAX_OUTPUT_TOKENS.
+    max_output_tokens: int | None = _opt(_range(1), None)
+
+
+DEFAULT_MAX_OUTPUT_TOKENS = 32768
+
+
+@dataclass(frozen=True)
+class TranslationConfig:
+    # Hosted tools (web_search, code_interpreter ...) in a call served through chat completions, which cannot
+    # run them: drop them (named on the span), or reject the call with a 400.
+    unsupported_tools: str = _opt(_one_of("drop", "reject"), "drop")
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
     provider: str = _opt(_one_of("lmstudio", "openai", "mock"), "lmstudio")
     base_url: str = _opt(_http_url, "http://localhost:1234")
@@ -167,6 +185,8 @@ class InferenceConfig:
     mock: MockConfig = field(default_factory=MockConfig)
     upstreams: list[UpstreamConfig] = _opt(None, [])  # several hosts; empty: base_url (and api_key) alone
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    translation: TranslationConfig = field(default_factory=TranslationConfig)
 
     def hosts(self) -> list[UpstreamConfig]:
         """The hosts calls go to: ``upstreams``, or the one ``base_url`` names."""

@@ -7,6 +7,7 @@ DESIGN.md lives here and nowhere else.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 
@@ -144,6 +145,10 @@ class UpstreamTimeout(GatewayError):
     kind = "timeout"
 
 
+# How LM Studio, llama.cpp's server and llama.cpp's Python server say that a prompt does not fit the context.
+_CONTEXT_OVERFLOW = re.compile(r"context (length|window|size)|exceeds? the available context|n_ctx", re.IGNORECASE)
+
+
 def from_upstream(status: int, body: bytes) -> GatewayError:
     """Normalise an upstream error answer, whose ``error`` may be a string or an object (LM Studio sends both)."""
     message, error_type, code, param = _parse_error_body(body)
@@ -153,6 +158,8 @@ def from_upstream(status: int, body: bytes) -> GatewayError:
     if 400 <= status < 500:
         if code is None and status == 404 and "model" in message.lower():
             code = "model_not_found"
+        if code is None and _CONTEXT_OVERFLOW.search(message):  # OpenAI's code: agents compact their history on it
+            code = "context_length_exceeded"
         return UpstreamClientError(message, status=status, type=error_type or "invalid_request_error",
                                    code=code, param=param)
     return UpstreamError(f"upstream error (HTTP {status}): {message}", kind="server_error")

@@ -51,6 +51,8 @@ class StreamStats:
     text: list[str] | None = None  # the generated text, kept only when the operator captures content
     error: GatewayError | None = None
     client_gone: bool = False
+    opening: dict[str, Any] | None = None  # a typed-event stream's opening object (the Responses API's response)
+    sequence: int = -1  # the last ``sequence_number`` a typed-event stream gave
 
     def generated(self, text: Any = None) -> None:
         """A delta that carries generated output (text, reasoning or a tool call) arrived."""
@@ -71,7 +73,7 @@ class StreamFormat:
     streams end with ``data: [DONE]`` and carry ``{"error": ...}`` events; typed-event APIs have their own."""
 
     failure: Callable[[dict[str, Any], bytes], GatewayError | None]  # (event, its bytes) -> the failure it reports
-    error_event: Callable[[GatewayError], bytes]  # what the gateway writes when the stream fails after its 200
+    error_event: Callable[[GatewayError, StreamStats], bytes]  # written when the stream fails after its 200
     closing: bytes  # written last, after the upstream's events (and the error event, if any)
 
 
@@ -79,7 +81,8 @@ def _error_field(chunk: dict[str, Any], payload: bytes) -> GatewayError | None:
     return from_upstream(500, payload) if chunk.get("error") is not None else None
 
 
-OPENAI_STREAM = StreamFormat(failure=_error_field, error_event=error_event, closing=DONE_EVENT)
+OPENAI_STREAM = StreamFormat(failure=_error_field, error_event=lambda error, stats: error_event(error),
+                             closing=DONE_EVENT)
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,20 @@ class Operation:
     error_style: str = "openai"  # the shape of its error answers: ``openai`` or ``anthropic``
     forward_headers: tuple[bytes, ...] = ()  # client headers passed on upstream (``anthropic-version``)
     translation: Translation | None = None  # how it is served through chat completions by upstreams that lack it
+    output_limits: tuple[str, ...] = ()  # the fields that ask for at most so many output tokens
+    fills_output_limit: bool = False  # a call that asks no limit gets the cap (agents write long answers)
+
+    def limit_output(self, body: dict[str, Any], cap: int) -> None:
+        """Lower every output limit ``body`` asks above ``cap`` to it, and fill the cap in where this API does."""
+        asked = False
+        for key in self.output_limits:
+            value = body.get(key)
+            if value is not None:
+                asked = True
+                if value > cap:
+                    body[key] = cap
+        if not asked and self.fills_output_limit:
+            body[self.output_limits[0]] = cap
 
 
 def count(usage: Any, key: str) -> int | None:
@@ -172,7 +189,7 @@ CHAT = Operation(
     name="chat", path="/v1/chat/completions", gen_ai_name="chat", model_kind="llm",
     parse=lambda raw, config: parse_chat_request(raw, config.inference.defaults, config.server.max_messages),
     answer_list="choices", input_field="messages", read_answer=_chat_answer,
-    read_event=_choice_events(_chat_delta))
+    read_event=_choice_events(_chat_delta), output_limits=("max_tokens", "max_completion_tokens"))
 
 
 # -- text completions ----------------------------------------------------------------------------------------------
@@ -192,7 +209,7 @@ COMPLETIONS = Operation(
     name="text_completion", path="/v1/completions", gen_ai_name="text_completion", model_kind="llm",
     parse=lambda raw, config: parse_completion_request(raw, config.inference.defaults),
     answer_list="choices", input_field="prompt", read_answer=_completion_answer,
-    read_event=_choice_events(_completion_text))
+    read_event=_choice_events(_completion_text), output_limits=("max_tokens",))
 
 
 # -- embeddings ----------------------------------------------------------------------------------------------------
@@ -238,6 +255,7 @@ def _typed_facts(data: dict[str, Any]) -> Facts:
 
 def _responses_answer(data: dict[str, Any], capture: bool) -> Facts:
     facts = _typed_facts(data)
+    facts.input_tokens = facts.input_tokens or None  # no prompt is 0 tokens long: 0 is an upstream that counted none
     if isinstance(data.get("status"), str):
         facts.finish_reasons = (data["status"],)
     if capture:
@@ -254,10 +272,14 @@ _ENDINGS = ("response.completed", "response.incomplete")
 
 def _responses_event(event: dict[str, Any], stats: StreamStats) -> None:
     kind = event.get("type")
+    sequence = event.get("sequence_number")
+    if isinstance(sequence, int) and not isinstance(sequence, bool):
+        stats.sequence = sequence
     if kind in _OUTPUT_DELTAS:
         stats.generated(event.get("delta") if kind == "response.output_text.delta" else None)
     elif kind == "response.created" and isinstance(event.get("response"), dict):
         _identity(event["response"], stats.facts)
+        stats.opening = event["response"]
     elif kind in _ENDINGS and isinstance(event.get("response"), dict):
         answer = _responses_answer(event["response"], False)
         stats.facts.input_tokens, stats.facts.output_tokens = answer.input_tokens, answer.output_tokens
@@ -277,10 +299,17 @@ def _responses_failure(event: dict[str, Any], payload: bytes) -> GatewayError | 
     return None
 
 
-def _responses_error_event(error: GatewayError) -> bytes:
-    """The Responses API's ``error`` event (its streams have no ``[DONE]``)."""
-    return encode(json.dumps({"type": "error", "code": error.code, "message": error.message,
-                              "param": error.param}).encode(), b"error")
+def _responses_error_event(error: GatewayError, stats: StreamStats) -> bytes:
+    """The spec's ending of a failed Responses stream (it has no ``[DONE]``): an ``error`` event numbered after the
+    last event, then ``response.failed`` for the response the stream opened, so that clients end it as failed."""
+    sequence = stats.sequence + 1
+    events = encode(json.dumps({"type": "error", "sequence_number": sequence, "code": error.code,
+                                "message": error.message, "param": error.param}).encode(), b"error")
+    if stats.opening is not None:
+        failed = {**stats.opening, "status": "failed", "error": {"code": "server_error", "message": error.message}}
+        events += encode(json.dumps({"type": "response.failed", "sequence_number": sequence + 1,
+                                     "response": failed}).encode(), b"response.failed")
+    return events
 
 
 RESPONSES = Operation(
@@ -288,7 +317,8 @@ RESPONSES = Operation(
     parse=lambda raw, config: parse_responses_request(raw),
     answer_list="output", input_field="input", read_answer=_responses_answer, read_event=_responses_event,
     stream_format=StreamFormat(failure=_responses_failure, error_event=_responses_error_event, closing=b""),
-    asks_usage=False, span_attributes=(("inference.api", "responses"),), translation=RESPONSES_VIA_CHAT)
+    asks_usage=False, span_attributes=(("inference.api", "responses"),), translation=RESPONSES_VIA_CHAT,
+    output_limits=("max_output_tokens",), fills_output_limit=True)
 
 
 # -- Anthropic's Messages API --------------------------------------------------------------------------------------
@@ -350,7 +380,7 @@ def _messages_failure(event: dict[str, Any], payload: bytes) -> GatewayError | N
     return UpstreamError(f"upstream stream failed: {message or 'error event'}", kind="server_error")
 
 
-def _messages_error_event(error: GatewayError) -> bytes:
+def _messages_error_event(error: GatewayError, stats: StreamStats) -> bytes:
     """The Messages API's ``error`` event (its streams end with ``message_stop``, or with this)."""
     return encode(json.dumps(error.anthropic_body()).encode(), b"error")
 
@@ -361,4 +391,5 @@ MESSAGES = Operation(
     answer_list="content", input_field="messages", read_answer=_messages_answer, read_event=_messages_event,
     stream_format=StreamFormat(failure=_messages_failure, error_event=_messages_error_event, closing=b""),
     asks_usage=False, span_attributes=(("inference.api", "messages"),), error_style="anthropic",
-    forward_headers=(b"anthropic-version", b"anthropic-beta"), translation=MESSAGES_VIA_CHAT)
+    forward_headers=(b"anthropic-version", b"anthropic-beta"), translation=MESSAGES_VIA_CHAT,
+    output_limits=("max_tokens",))

@@ -50,9 +50,7 @@ class StreamRelay:
         try:
             await self._stream.begin(self)
             if not (self._upstream_done or self.stats.facts.finish_reasons):
-                raise UpstreamError("upstream ended the stream without finishing it (for LM Studio and "
-                                    "llama.cpp this often means the prompt does not fit the context)",
-                                    kind="interrupted")
+                raise UpstreamError("upstream ended the stream without finishing it", kind="interrupted")
         except CancelledError:
             if self.stats.error is None:  # Klein cancelled us: the client went away
                 self.stats.client_gone = True
@@ -68,7 +66,8 @@ class StreamRelay:
             self.stats.client_gone = True
             return self.stats
         if self.stats.error is not None:
-            request.write(self._format.error_event(self.stats.error))
+            ending = self._stream.failure_events(self.stats.error)  # a translated stream's own, in its API's shape
+            request.write(ending if ending is not None else self._format.error_event(self.stats.error, self.stats))
         if self._format.closing:
             request.write(self._format.closing)
         return self.stats

@@ -229,16 +229,22 @@ def parse_responses_request(raw: bytes) -> ParsedRequest:
 
 
 def parse_messages_request(raw: bytes, max_messages: int = 0) -> ParsedRequest:
-    """Parse and validate a ``POST /v1/messages`` body (Anthropic's Messages API: ``max_tokens`` is required)."""
+    """Parse and validate a ``POST /v1/messages`` body (Anthropic's Messages API: ``max_tokens`` is required).
+
+    A ``system`` message may stand anywhere in ``messages``: Claude Code sends them mid-conversation (the beta
+    ``mid-conversation-system``)."""
     body = parse_object(raw)
     messages = _message_list(body.get("messages"), max_messages)
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-            raise InvalidRequest(f"'messages[{i}]' must be an object whose role is user or assistant",
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+            raise InvalidRequest(f"'messages[{i}]' must be an object whose role is user, assistant or system",
                                  param=f"messages[{i}]")
         if not isinstance(message.get("content"), (str, list)) or message["content"] == []:
             raise InvalidRequest(f"'messages[{i}].content' must be a string or a non-empty list of content blocks",
                                  param=f"messages[{i}].content")
+    if all(message["role"] == "system" for message in messages):
+        raise InvalidRequest("'messages' must hold a user or assistant message, not system messages alone",
+                             param="messages")
     if body.get("max_tokens") is None:
         raise InvalidRequest("'max_tokens' is required", param="max_tokens")
     return ParsedRequest(model=check_fields(body, MESSAGES_CHECKS), stream=bool(body.get("stream")), body=body)

@@ -85,7 +85,7 @@ FAULTS = [
     Fault("die-mid-stream", behave(stream="die"), True, 200, "upstream_error"),
     Fault("invalid-sse", behave(stream="garbage"), True, 200, "upstream_error"),
     Fault("enormous-event", behave(stream="huge_event", huge_bytes=5 * 1024 * 1024), True, 200, "upstream_error"),
-    Fault("empty-stream", behave(stream="empty"), True, 200, "upstream_error"),
+    Fault("empty-stream", behave(stream="empty"), True, 200, "context_length_exceeded"),  # asked again whole
     Fault("error-event", behave(stream="error_event"), True, 200, "upstream_error"),
 ]
 

@@ -48,6 +48,8 @@ async def test_the_anthropic_sdk_reads_messages_and_streams_relayed_from_lm_stud
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}, {}, 400, "invalid_request_error"),
     ({"model": MODEL, "max_tokens": 5, "messages": []}, {}, 400, "invalid_request_error"),
     ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, {}, 400,
+     "invalid_request_error"),  # system messages alone: nothing to answer
+    ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "tool", "content": "x"}]}, {}, 400,
      "invalid_request_error"),
     ({"model": MODEL, "max_tokens": 5, "temperature": 1.5, "messages": [{"role": "user", "content": "x"}]}, {},
      400, "invalid_request_error"),
@@ -62,8 +64,9 @@ async def test_errors_on_this_route_are_in_anthropics_shape(fake, start_gateway,
     reply = await call("POST", gateway.url + "/v1/messages", body, headers={"x-api-key": "gw-key", **headers})
     assert reply.status == status
     error = reply.json()
-    assert set(error) == {"type", "error"} and error["type"] == "error"
+    assert set(error) == {"type", "error", "request_id"} and error["type"] == "error"
     assert error["error"]["type"] == kind and error["error"]["message"]
+    assert error["request_id"] == reply.headers.getRawHeaders(b"request-id")[0].decode()  # as Anthropic names it
 
 
 @pytest_twisted.ensureDeferred

@@ -74,10 +74,13 @@ async def test_a_failure_mid_stream_is_the_responses_apis_error_event(fake, lmst
     reply = await call("POST", lmstudio.url + "/v1/responses", {"model": MODEL, "input": "a b", "stream": True})
     assert reply.status == 200
     events = named_events(reply.body)
-    name, error = events[-1]
+    (name, error), (last, failed) = events[-2], events[-1]
     assert name == "error" and "[DONE]" not in reply.body.decode()
     assert error["type"] == "error" and error["code"] == "upstream_error" and "model crashed" in error["message"]
-    assert events[-2][0] == "response.output_text.delta"  # what came first
+    assert events[-3][0] == "response.output_text.delta"  # what came first
+    assert error["sequence_number"] == events[-3][1]["sequence_number"] + 1  # numbered after the last one relayed
+    assert last == "response.failed" and failed["sequence_number"] == error["sequence_number"] + 1
+    assert failed["response"]["status"] == "failed" and failed["response"]["id"] == events[0][1]["response"]["id"]
     m = await lmstudio.metrics()
     assert m.value("inference_request_duration_seconds_count", operation="responses", provider="lmstudio",
                    model=MODEL, stream="true", outcome="error") == 1

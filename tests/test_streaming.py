@@ -119,7 +119,6 @@ async def test_upstream_without_done_but_finished_is_complete(fake, lmstudio):
     ("die", "connection was lost mid-stream"),
     ("garbage", "not JSON"),
     ("error_event", "model crashed"),
-    ("empty", "without finishing it"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_failure_mid_stream_ends_with_an_error_event_then_done(fake, lmstudio, mode, message):
@@ -134,6 +133,18 @@ async def test_failure_mid_stream_ends_with_an_error_event_then_done(fake, lmstu
     fake.chat.stream = "normal"
     assert text_of(sse_payloads((await lmstudio.post_chat(stream_body())).body)) == "echo: hello there"
     await fake.connections.wait_open(1)  # the broken upstream connection was not kept in the pool
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_empty_stream_is_asked_again_whole_and_says_the_upstreams_reason(fake, lmstudio):
+    fake.chat.stream = "empty"  # what LM Studio and llama.cpp send when the prompt does not fit the context
+    reply = await lmstudio.post_chat(stream_body())
+    assert reply.status == 200
+    payloads = sse_payloads(reply.body)
+    assert payloads[-1] == b"[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert "context length of only 4096 tokens" in error["message"]  # the upstream's reason, asked without streaming
+    assert [r.body.get("stream") for r in fake.received if r.path == "/v1/chat/completions"] == [True, None]
 
 
 @pytest_twisted.ensureDeferred

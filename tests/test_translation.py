@@ -107,7 +107,7 @@ async def test_function_calls_go_both_ways_through_chat(fake, chat_only):
         "name": "get_weather", "description": "The weather in a city", "parameters": WEATHER}}]
     assert sent[0]["tool_choice"] == "required"
     assert sent[1]["messages"][1:] == [
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_fake1", "type": "function", "function": {
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_fake1", "type": "function", "function": {
             "name": "get_weather", "arguments": called.arguments}}]},
         {"role": "tool", "tool_call_id": "call_fake1", "content": "sunny, 21C"}]
 
@@ -141,7 +141,6 @@ async def test_reasoning_streams_as_a_reasoning_item_before_the_message(fake, ch
 
 @pytest.mark.parametrize("body, param", [
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
-    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file_1"}]}]},
      "input[0].content[0]"),
@@ -159,11 +158,27 @@ async def test_what_chat_cannot_carry_is_a_400_naming_the_field(fake, chat_only,
 async def test_a_chat_failure_mid_stream_is_the_responses_apis_error_event(fake, chat_only):
     fake.chat.stream = "error_event"
     reply = await call("POST", chat_only.url + "/v1/responses", {"model": MODEL, "input": "a b c", "stream": True})
-    assert reply.status == 200
-    events = named_events(reply.body)
-    (name, error), (before, _) = events[-1], events[-2]
-    assert name == "error" and "model crashed" in error["message"]
-    assert before == "response.output_text.delta" and "[DONE]" not in reply.body.decode()
+    assert reply.status == 200 and "[DONE]" not in reply.body.decode()
+    names = [name for name, _ in named_events(reply.body)]
+    at = names.index("error")  # the spec's ending: the error, the open item closed as cut short, response.failed
+    assert names[at - 1] == "response.output_text.delta" and names[at + 1:] == [
+        "response.output_text.done", "response.content_part.done", "response.output_item.done", "response.failed"]
+    events = [event for _, event in named_events(reply.body)]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert "model crashed" in events[at]["message"] and events[at + 3]["item"]["status"] == "incomplete"
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and "model crashed" in failed["error"]["message"]
+    assert failed["output"][0]["content"][0]["text"] == "echo: a"  # what was generated before, kept
+
+    def final() -> object:  # the SDK's accumulator ends the stream as failed, with what was generated
+        with openai_client(chat_only.url).responses.stream(model=MODEL, input="a b c") as stream:
+            for event in stream:
+                if event.type == "response.failed":
+                    return event.response
+        return None
+
+    response = await deferToThread(final)
+    assert response.status == "failed" and response.output[0].content[0].text == "echo: a"
 
 
 # -- Anthropic's Messages API --------------------------------------------------------------------------------------
@@ -214,7 +229,7 @@ async def test_tool_use_goes_both_ways_through_chat(fake, chat_only):
     got = await deferToThread(messages_tool_loop, anthropic_client(chat_only.url), "qwen")
     use = got["use"]
     assert got["first"].stop_reason == "tool_use" and use.name == "get_weather"
-    assert use.input == {"echo": "weather in Paris"} and use.id == "call_fake1"
+    assert use.input == {"echo": "weather in Paris"} and use.id == "toolu_fake1"
     assert got["second"].content[0].text == "echo: sunny, 21C" and got["second"].stop_reason == "end_turn"
     (streamed,) = got["streamed"].content
     assert streamed.type == "tool_use" and streamed.input == {"echo": "weather in Rome"} and len(got["partial"]) == 2
@@ -223,9 +238,9 @@ async def test_tool_use_goes_both_ways_through_chat(fake, chat_only):
     assert sent[0]["tool_choice"] == "required" and sent[0]["parallel_tool_calls"] is False
     assert sent[0]["tools"][0]["function"]["parameters"] == WEATHER
     assert sent[1]["messages"][1:] == [
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_fake1", "type": "function", "function": {
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "toolu_fake1", "type": "function", "function": {
             "name": "get_weather", "arguments": json.dumps({"echo": "weather in Paris"})}}]},
-        {"role": "tool", "tool_call_id": "call_fake1", "content": "sunny, 21C"}]
+        {"role": "tool", "tool_call_id": "toolu_fake1", "content": "sunny, 21C"}]
 
 
 @pytest_twisted.ensureDeferred
@@ -253,7 +268,6 @@ async def test_images_reach_chat_as_image_parts(fake, chat_only):
 
 @pytest.mark.parametrize("body, param", [
     ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, "messages[0].content[0]"),
-    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0]"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}]},
      "messages[0].content[0].source"),
     ({"tool_choice": {"type": "sometimes"}}, "tool_choice"),
@@ -262,8 +276,9 @@ async def test_images_reach_chat_as_image_parts(fake, chat_only):
 async def test_what_chat_cannot_carry_is_an_anthropic_400(fake, chat_only, body, param):
     request = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}], **body}
     reply = await call("POST", chat_only.url + "/v1/messages", request)
-    assert reply.status == 400 and reply.json() == {"type": "error", "error": {
-        "type": "invalid_request_error", "message": reply.json()["error"]["message"]}}
+    assert reply.status == 400 and reply.json() == {"type": "error", "request_id": reply.json()["request_id"],
+                                                    "error": {"type": "invalid_request_error",
+                                                              "message": reply.json()["error"]["message"]}}
     assert f"'{param}'" in reply.json()["error"]["message"]  # Anthropic's errors have no param: the text names it
     assert not chat_calls(fake)
 

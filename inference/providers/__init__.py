@@ -11,6 +11,13 @@ from .base import Provider
 
 def make_provider(reactor: Any, config: InferenceConfig) -> Provider:
     """Build the configured provider: the mock, one host's, or a fleet's routing across several hosts."""
+    provider = _make(reactor, config)
+    for each in (provider, *(host.provider for host in getattr(provider, "hosts", ()))):
+        each.reject_unsupported_tools = config.translation.unsupported_tools == "reject"
+    return provider
+
+
+def _make(reactor: Any, config: InferenceConfig) -> Provider:
     if config.provider == "mock":
         from .mock import MockProvider
         return MockProvider(reactor, config.mock)

@@ -64,6 +64,11 @@ class ChatStream(abc.ABC):
     def fail(self, error: Exception) -> None:
         """Stop the stream and make ``begin``'s Deferred fail with ``error``."""
 
+    def failure_events(self, error: Exception) -> bytes | None:
+        """The events that end this stream when it fails with ``error`` after its 200 (None: the operation's
+        usual error event). A translated stream knows what it sent, so it can close that properly."""
+        return None
+
     @abc.abstractmethod
     def pauseProducing(self) -> None: ...
 
@@ -94,6 +99,9 @@ class WrappedStream(ChatStream):
     def fail(self, error: Exception) -> None:
         self._inner.fail(error)
 
+    def failure_events(self, error: Exception) -> bytes | None:
+        return self._inner.failure_events(error)
+
     def pauseProducing(self) -> None:
         self._inner.pauseProducing()
 
@@ -113,6 +121,8 @@ class Provider(abc.ABC):
 
     name: str = "provider"
     base_url: str = ""
+    # A call served through chat completions that offers hosted tools: a 400 (True), or the tools left out.
+    reject_unsupported_tools: bool = False
 
     @abc.abstractmethod
     async def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:

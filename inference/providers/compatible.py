@@ -4,15 +4,31 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
+
+from twisted.logger import Logger
 
 from .. import jsonio
 from ..config import InferenceConfig
 from ..errors import GatewayError, UpstreamError, from_upstream
-from ..operations import Operation
+from ..operations import CHAT, Operation
 from .base import ChatStream, Completion, Provider
+from .quirks import (
+    LATE_SYSTEM,
+    STREAMED_TOOLS,
+    Quirks,
+    fold_late_system,
+    has_late_system,
+    refuses_late_system,
+    refuses_streamed_tools,
+    with_tool_call_content,
+)
+from .replay import AnsweredIfEmpty, PreparedStream, answer_events
 from .translated import call_translated, open_translated
 from .upstream import Answer, UpstreamClient, UpstreamEventStream
+
+log = Logger()
 
 
 class OpenAICompatibleProvider(Provider):
@@ -28,6 +44,7 @@ class OpenAICompatibleProvider(Provider):
         self.states: dict[str, str | None] = {}  # each model's state ("loaded", "not-loaded"), where LM Studio says
         self._first_seen: dict[str, int] = {}
         self._missing = MissingRoutes(reactor, config.models_cache_secs)
+        self.quirks = Quirks(reactor, config.models_cache_secs)
 
     async def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:
         answer = await self.client.request("GET", "/v1/models", timeout=timeout)
@@ -54,13 +71,19 @@ class OpenAICompatibleProvider(Provider):
                    headers: dict[str, str] | None = None) -> Completion:
         if self._missing.lacks(operation):
             return await call_translated(self, operation, body, headers)
+        body = self._shaped(operation, body)
         loading = self._load_deadline(body["model"])
         with _loading(loading):
             answer = await self.client.request("POST", operation.path, jsonio.dumps(self.prepare(operation, body)),
                                                timeout=loading, headers=headers)
         if self._missing.says_missing(operation, answer):
             return await call_translated(self, operation, body, headers)
-        data = _json_answer(answer)
+        try:
+            data = _json_answer(answer)
+        except GatewayError as e:
+            if self._refused_late_system(operation, body, e):
+                return await self.call(operation, body, headers)
+            raise
         if not isinstance(data.get(operation.answer_list), list):
             raise UpstreamError(f"upstream answer has no '{operation.answer_list}'")
         self._loaded(body["model"], loading)
@@ -70,6 +93,9 @@ class OpenAICompatibleProvider(Provider):
                           headers: dict[str, str] | None = None) -> ChatStream:
         if self._missing.lacks(operation):
             return await open_translated(self, operation, body, headers)
+        body = self._shaped(operation, body)
+        if operation is CHAT and body.get("tools") and self.quirks.has(STREAMED_TOOLS, body["model"]):
+            return await self._answer_as_stream(body, headers)
         body = self.prepare(operation, body)
         payload = {**body, "stream": True}
         if operation.asks_usage:  # the client's last chunk then carries usage, and metrics count real tokens
@@ -81,11 +107,61 @@ class OpenAICompatibleProvider(Provider):
         if isinstance(response, Answer):  # an error, or JSON where a stream was due (LM Studio's error in a 200)
             if self._missing.says_missing(operation, response):
                 return await open_translated(self, operation, body, headers)
-            _json_answer(response)
+            try:
+                _json_answer(response)
+            except GatewayError as e:
+                if self._refused_late_system(operation, body, e):
+                    return await self.open_stream(operation, body, headers)
+                if operation is CHAT and body.get("tools") and refuses_streamed_tools(e):
+                    self.quirks.note(STREAMED_TOOLS, body["model"])
+                    return await self._answer_as_stream(body, headers)
+                raise
             raise UpstreamError("upstream answered a streaming request with JSON instead of an event stream")
         self._loaded(body["model"], loading)
         stream = UpstreamEventStream(response, self._reactor, self._idle_timeout, first_timeout=loading)
         stream.model_load = loading
+        if operation is CHAT:  # an empty stream is asked again whole: the answer, or the reason there is none
+            tools = bool(body.get("tools"))
+            return AnsweredIfEmpty(stream, partial(self._answer_events, body, headers, tools), also_if_cut=tools,
+                                   clock=self._reactor)
+        return stream
+
+    def _shaped(self, operation: Operation, body: dict[str, Any]) -> dict[str, Any]:
+        """A chat body as every local server takes it: tool-call turns with ``""`` content, and late system turns
+        folded where this model's template refused them."""
+        if operation is not CHAT:
+            return body
+        messages = with_tool_call_content(body["messages"])
+        if self.quirks.has(LATE_SYSTEM, body["model"]) and has_late_system(messages):
+            messages = fold_late_system(messages)
+        return body if messages is body["messages"] else {**body, "messages": messages}
+
+    def _refused_late_system(self, operation: Operation, body: dict[str, Any], error: GatewayError) -> bool:
+        """Whether the upstream's template refused a late system turn that was not folded yet (then it is, from
+        now on for this model, and the caller asks again)."""
+        if operation is not CHAT or self.quirks.has(LATE_SYSTEM, body["model"]):
+            return False
+        if not (has_late_system(body["messages"]) and refuses_late_system(error)):
+            return False
+        log.info("upstream {upstream} refuses a system turn after the first for {model} ({error}); such turns are "
+                 "folded into the user's turns", upstream=self.base_url, model=body["model"], error=error.message)
+        self.quirks.note(LATE_SYSTEM, body["model"])
+        return True
+
+    async def _answer_events(self, body: dict[str, Any], headers: dict[str, str] | None,
+                             tools: bool) -> list[tuple[bytes, bytes | None]]:
+        """The whole answer to a chat stream that ended before its first event, as a stream's events."""
+        if tools:
+            log.info("upstream {upstream} sent an empty stream for a call with tools to {model}: it cannot stream "
+                     "tool calls; such calls are asked without streaming", upstream=self.base_url,
+                     model=body["model"])
+            self.quirks.note(STREAMED_TOOLS, body["model"])
+        return answer_events((await self.call(CHAT, _whole(body), headers)).data)
+
+    async def _answer_as_stream(self, body: dict[str, Any], headers: dict[str, str] | None) -> ChatStream:
+        answer = await self.call(CHAT, _whole(body), headers)
+        stream = PreparedStream(self._reactor, answer_events(answer.data), 0.0, 0.0)
+        stream.model_load = answer.model_load
         return stream
 
     def _load_deadline(self, model: str) -> float | None:
@@ -125,6 +201,11 @@ class MissingRoutes:
         if missing:
             self._until[operation.path] = self._reactor.seconds() + self._recheck_secs
         return missing
+
+
+def _whole(body: dict[str, Any]) -> dict[str, Any]:
+    """A streaming call's body, to ask for the whole answer instead."""
+    return {key: value for key, value in body.items() if key not in ("stream", "stream_options")}
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from ..errors import GatewayError
 from ..operations import Operation
 from .compatible import OpenAICompatibleProvider
 
-NATIVE_FIELDS = ("type", "state", "max_context_length")
+NATIVE_FIELDS = ("type", "state", "max_context_length", "loaded_context_length")
 JSON_OBJECT_SCHEMA = {"type": "json_schema", "json_schema": {"name": "json_object", "schema": {"type": "object"}}}
 
 

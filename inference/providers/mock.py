@@ -12,7 +12,6 @@ import struct
 import time
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from .. import jsonio
@@ -20,7 +19,8 @@ from ..config import MockConfig
 from ..operations import CHAT, Operation
 from ..sse import DONE
 from ..translation.chat import as_object
-from .base import ChatStream, Completion, EventConsumer, Provider
+from .base import ChatStream, Completion, Provider
+from .replay import PreparedStream
 from .translated import call_translated, open_translated
 
 
@@ -44,10 +44,15 @@ def prompt_words(operation: Operation, body: dict[str, Any]) -> list[str]:
     return words_of(last_user.get("content")) if last_user else []
 
 
+def _last_turn(body: dict[str, Any]) -> dict[str, Any]:
+    """The conversation's last turn that is not a system one (agents add system notes after tool results)."""
+    return next((m for m in reversed(body["messages"]) if m.get("role") not in ("system", "developer")), {})
+
+
 def reply_words(operation: Operation, body: dict[str, Any]) -> tuple[list[str], str]:
     """The mock's answer: it echoes what it was given (a tool's result, after a tool call), cut to ``max_tokens``
     words (one word, one token)."""
-    last = body["messages"][-1] if operation.name == "chat" else {}
+    last = _last_turn(body) if operation.name == "chat" else {}
     if last.get("role") == "tool":
         words = ["The", "tool", "said:", *words_of(last.get("content"))]
     else:
@@ -58,19 +63,24 @@ def reply_words(operation: Operation, body: dict[str, Any]) -> tuple[list[str], 
 
 
 def tool_call(body: dict[str, Any]) -> tuple[str, str] | None:
-    """The tool the mock calls, and its arguments: the one ``tool_choice`` names, else the first, when the
-    request offers tools and the conversation is not waiting on a tool's result. Every required argument is
-    filled: text with the user's words, numbers with their count."""
+    """The tool the mock calls, and its arguments, when the request offers tools and the conversation is not
+    waiting on a tool's result: the one ``tool_choice`` names, else the last one the user's message names (its
+    text arguments are then the words after the name: "Read /etc/hostname" reads that file), else the first.
+    Every required argument is filled: text with the user's words, numbers with their count."""
     tools = [t["function"] for t in body.get("tools") or () if isinstance(t, dict) and isinstance(t.get("function"),
                                                                                              dict)]
     choice = body.get("tool_choice")
-    if not tools or choice == "none" or body["messages"][-1].get("role") == "tool":
+    if not tools or choice == "none" or _last_turn(body).get("role") == "tool":
         return None
+    said = prompt_words(CHAT, body)
+    names = {t.get("name"): t for t in tools}
     named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    tool = next((t for t in tools if t.get("name") == named), tools[0])
+    mentioned = next((i for i in range(len(said) - 1, -1, -1) if said[i] in names), None)
+    if named is None and mentioned is not None:
+        named, said = said[mentioned], said[mentioned + 1:]
+    tool = names.get(named, tools[0])
     schema = as_object(tool.get("parameters"))
     properties = as_object(schema.get("properties"))
-    said = prompt_words(CHAT, body)
     samples: dict[Any, Any] = {"string": " ".join(said), "integer": len(said), "number": len(said),
                                "boolean": True, "array": [], "object": {}}
     required = [name for name in schema.get("required") or () if name in properties] or list(properties)[:1]
@@ -165,7 +175,7 @@ class MockProvider(Provider):
         events = [chunk(shape.first)] + [chunk(delta) for delta in deltas]
         events += [chunk(shape.delta(""), finish_reason),
                    jsonio.dumps({**head, "choices": [], "usage": _usage(operation, body, words)}), DONE]
-        return MockEventStream(self._reactor, [(event, None) for event in events], self._config.latency_secs,
+        return PreparedStream(self._reactor, [(event, None) for event in events], self._config.latency_secs,
                                self._config.token_delay_secs)
 
 
@@ -208,58 +218,3 @@ def _embeddings(body: dict[str, Any]) -> Completion:
     answer = {"object": "list", "data": data, "model": body["model"],
               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
     return Completion(answer, jsonio.dumps(answer))
-
-
-class MockEventStream(ChatStream):
-    """Plays prepared events (payload and ``event:`` name): the first after ``latency``, each content word
-    ``token_delay`` after the last."""
-
-    def __init__(self, reactor: Any, events: list[tuple[bytes, bytes | None]], latency: float,
-                 token_delay: float) -> None:
-        self._reactor = reactor
-        self._events = events
-        self._next = 0
-        self._latency = latency
-        self._token_delay = token_delay
-        self._paused = False
-        self._timer: Any = None
-        self._consumer: EventConsumer | None = None
-        self.done: Deferred[None] = Deferred(lambda _: self.stopProducing())
-
-    def begin(self, consumer: EventConsumer) -> Deferred[None]:
-        self._consumer = consumer
-        self._timer = self._reactor.callLater(self._latency, self._play)
-        return self.done
-
-    def _play(self) -> None:
-        self._timer = None
-        consumer = self._consumer
-        assert consumer is not None  # begin() set it
-        while not self._paused and not self.done.called and self._next < len(self._events):
-            consumer.event(*self._events[self._next])
-            self._next += 1
-            if self._token_delay and 1 < self._next < len(self._events) - 2:  # between content words
-                self._timer = self._reactor.callLater(self._token_delay, self._play)
-                return
-        if self._next == len(self._events) and not self.done.called:
-            self.done.callback(None)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        if self._timer is None and not self.done.called:
-            self._timer = self._reactor.callLater(0, self._play)
-
-    def stopProducing(self) -> None:
-        # The client is gone: stop playing. ``done`` is left to the canceller (Klein cancels the handler).
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self._next = len(self._events)
-
-    def fail(self, error: Exception) -> None:
-        self.stopProducing()
-        if not self.done.called:
-            self.done.errback(error)

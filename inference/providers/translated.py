@@ -8,8 +8,9 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from .. import jsonio
-from ..operations import CHAT, Operation
-from ..sse import DONE
+from ..errors import GatewayError, UpstreamError
+from ..operations import CHAT, OPENAI_STREAM, Operation
+from ..sse import DONE, encode
 from ..translation import Translation
 from ..translation.chat import ChatStreamReader, Event
 from .base import ChatStream, Completion, EventConsumer, Provider, WrappedStream
@@ -25,7 +26,7 @@ async def call_translated(provider: Provider, operation: Operation, body: dict[s
                           headers: dict[str, str] | None = None) -> Completion:
     """``operation``'s call, made as a chat completion."""
     translation = _translation(operation)
-    answer = await provider.call(CHAT, translation.chat_request(body), headers)
+    answer = await provider.call(CHAT, translation.chat_request(body, provider.reject_unsupported_tools), headers)
     data = translation.translate_answer(answer.data, body)
     return Completion(data, jsonio.dumps(data), translated=True, model_load=answer.model_load)
 
@@ -34,18 +35,26 @@ async def open_translated(provider: Provider, operation: Operation, body: dict[s
                           headers: dict[str, str] | None = None) -> ChatStream:
     """``operation``'s stream, opened as a chat completion stream."""
     translation = _translation(operation)
-    chat = await provider.open_stream(CHAT, translation.chat_request(body), headers)
+    chat = await provider.open_stream(CHAT, translation.chat_request(body, provider.reject_unsupported_tools),
+                                      headers)
     return TranslatedStream(chat, translation.stream_reader(body))
 
 
 class TranslatedStream(WrappedStream):
-    """A chat completion stream whose events are delivered as another API's."""
+    """A chat completion stream whose events are delivered as another API's.
+
+    A failure after the 200 (an upstream error event, a broken event, a cut connection) fails the stream; its
+    ending is then the API's own failure events from the reader, which knows the blocks it opened."""
 
     translated = True
 
     def __init__(self, chat: ChatStream, reader: ChatStreamReader) -> None:
         super().__init__(chat)
         self._reader = reader
+
+    def failure_events(self, error: Exception) -> bytes | None:
+        message = error.message if isinstance(error, GatewayError) else str(error)
+        return b"".join(encode(jsonio.dumps(data), name.encode()) for data, name in self._reader.broken(message))
 
     def begin(self, consumer: EventConsumer) -> Deferred[None]:
         ended = super().begin(consumer)
@@ -59,9 +68,12 @@ class TranslatedStream(WrappedStream):
         try:
             chunk = jsonio.loads(payload)
         except ValueError:
-            return self._send(self._reader.broken("upstream sent an event that is not JSON"))
+            return self.fail(UpstreamError("upstream sent an event that is not JSON"))
         if not isinstance(chunk, dict):
-            return self._send(self._reader.broken("upstream sent an event that is not a JSON object"))
+            return self.fail(UpstreamError("upstream sent an event that is not a JSON object"))
+        failure = OPENAI_STREAM.failure(chunk, payload)
+        if failure is not None:
+            return self.fail(failure)
         self._send(self._reader.chunk(chunk))
 
     def _send(self, events: list[Event]) -> None:

@@ -14,12 +14,15 @@ from urllib.parse import urlsplit
 
 from opentelemetry.trace import Span, Status, StatusCode
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
 
 from ..config import ObservabilityConfig
 from ..errors import GatewayError
 from ..operations import CHAT, Facts, Operation, StreamStats
 from .metrics import Metrics, method_label
 from .tracing import Tracing
+
+log = Logger()
 
 # Request parameters recorded on the CLIENT span, as GenAI semantic-convention attributes.
 _REQUEST_ATTRIBUTES = {"max_tokens": "gen_ai.request.max_tokens", "max_output_tokens": "gen_ai.request.max_tokens",
@@ -272,8 +275,14 @@ class UpstreamCall:
         if output_tokens is None and chunks is not None:
             output_tokens, usage_source = chunks, "counted"
         request.model, request.input_tokens, request.output_tokens = model, input_tokens, output_tokens
+        dropped: list[str] = []
         if self.translated:
             request.via = CHAT.path
+            translation = self._operation.translation
+            dropped = translation.dropped(self._body) if translation is not None else []
+            if dropped:
+                log.debug("{route} served through {via}, which has no words for {dropped}: left out",
+                          route=self._operation.path, via=CHAT.path, dropped=", ".join(dropped))
         if first_token_at is not None:
             request.time_to_first_token = first_token_at - request.started
         if input_tokens is not None:
@@ -318,6 +327,8 @@ class UpstreamCall:
                            timestamp=getattr(span, "start_time", None))
         if self._operation.translation is not None:
             attributes["inference.api.translated"] = self.translated
+        if dropped:
+            attributes["inference.translation.dropped"] = dropped
         if facts.response_id is not None:
             attributes["gen_ai.response.id"] = facts.response_id
         if facts.response_model is not None:

@@ -61,6 +61,12 @@ def unsupported(what: str, param: str, route: str) -> InvalidRequest:
                           "serves the call through /v1/chat/completions, which has no such thing", param=param)
 
 
+def unsupported_tool(kind: Any, param: str, route: str) -> InvalidRequest:
+    """The 400 for a hosted tool (web search, code execution ...) an upstream without ``route`` cannot run."""
+    return unsupported(f"A tool of type {kind!r} (only function tools are; hosted tools are left out unless "
+                       "inference.translation.unsupported_tools is reject)", param, route)
+
+
 def string_field(item: dict[str, Any], key: str, where: str) -> str:
     """``item[key]``, which a request must give as a string (``where`` names ``item`` in the 400)."""
     value = item.get(key)
@@ -146,7 +152,7 @@ class StreamWriter(Protocol):
 
     def finished(self, result: ChatResult) -> list[Event]: ...
 
-    def failed(self, message: str) -> Event: ...
+    def failed(self, message: str, result: ChatResult) -> list[Event]: ...
 
 
 class ChatStreamReader:
@@ -172,7 +178,7 @@ class ChatStreamReader:
             self._over = True
             error = data["error"]
             message = error.get("message") if isinstance(error, dict) else error
-            return [self._writer.failed(str(message or "error event"))]
+            return self._writer.failed(str(message or "error event"), self.result)
         events: list[Event] = []
         if not self._started:
             self._started = True
@@ -248,4 +254,4 @@ class ChatStreamReader:
         if self._over:
             return []
         self._over = True
-        return [self._writer.failed(message)]
+        return self._writer.failed(message, self.result)

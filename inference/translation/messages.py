@@ -1,20 +1,28 @@
 """Anthropic's Messages API served by an upstream that has only chat completions: the request, the answer, the
-stream. Tool results become ``tool`` messages, images become image parts, and the answer's blocks and stop
-reason are Anthropic's; server tools and documents, which chat completions cannot carry, are refused with a 400.
+stream. Tool results become ``tool`` messages, images become image parts, a system message inside ``messages``
+(Claude Code sends them) keeps its place, and the answer's blocks, ids and stop reason are Anthropic's.
+
+What chat completions has no words for is left out, and named for the span (:func:`dropped`): extended thinking,
+context management, output effort, cache hints, and server tools (web search, code execution), which are refused
+with a 400 instead under ``inference.translation.unsupported_tools: reject``. Documents are refused with a 400.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from typing import Any
 
 from ..errors import InvalidRequest
 from . import chat
-from .chat import Block, ChatResult, Event, new_id, string_field
+from .chat import Block, ChatResult, Event, new_id, string_field, unsupported_tool
 
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                  "content_filter": "refusal"}
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+# Request fields that shape what Anthropic's servers do and that chat completions has no words for.
+_DROPPED_FIELDS = ("thinking", "context_management", "output_config", "container", "mcp_servers", "service_tier")
 
 
 def unsupported(what: str, param: str) -> InvalidRequest:
@@ -23,8 +31,15 @@ def unsupported(what: str, param: str) -> InvalidRequest:
 
 # -- the request ---------------------------------------------------------------------------------------------------
 
-def chat_request(body: dict[str, Any]) -> dict[str, Any]:
-    """The chat completion request that asks what ``body`` (a checked Messages API request) asks."""
+def dropped(body: dict[str, Any]) -> list[str]:
+    """What a translated request leaves out: the fields above and the server tools (by type)."""
+    return [key for key in _DROPPED_FIELDS if body.get(key) is not None] + \
+        [str(tool.get("type")) for tool in body.get("tools") or () if isinstance(tool, dict) and not _is_client(tool)]
+
+
+def chat_request(body: dict[str, Any], reject_unsupported: bool = False) -> dict[str, Any]:
+    """The chat completion request that asks what ``body`` (a checked Messages API request) asks; server tools are
+    left out (``reject_unsupported``: refused with a 400)."""
     messages: list[dict[str, Any]] = []
     system = body.get("system")
     if system:
@@ -36,12 +51,16 @@ def chat_request(body: dict[str, Any]) -> dict[str, Any]:
     chat.update((key, body[key]) for key in ("temperature", "top_p", "top_k") if body.get(key) is not None)
     if body.get("stop_sequences"):
         chat["stop"] = body["stop_sequences"]
-    if body.get("tools"):
-        chat["tools"] = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(body["tools"])]
+    tools = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(body.get("tools") or ())
+             if _is_client(tool) or reject_unsupported]
+    if tools:
+        chat["tools"] = tools
     choice = body.get("tool_choice")
     if choice is not None:
-        chat["tool_choice"] = _tool_choice(choice)
-        if choice.get("disable_parallel_tool_use"):
+        chosen = _tool_choice(choice)
+        if tools or chosen in ("auto", "none"):  # (a choice among tools that were all left out is none)
+            chat["tool_choice"] = chosen
+        if tools and choice.get("disable_parallel_tool_use"):
             chat["parallel_tool_calls"] = False
     user = (body.get("metadata") or {}).get("user_id")
     if isinstance(user, str):
@@ -49,11 +68,19 @@ def chat_request(body: dict[str, Any]) -> dict[str, Any]:
     return chat
 
 
+def _is_client(tool: Any) -> bool:
+    """A tool the client runs (a name and an input schema), not one of Anthropic's server tools."""
+    return isinstance(tool, dict) and tool.get("type") in (None, "custom") and "input_schema" in tool
+
+
 def _turn(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
-    """One Anthropic message as chat messages: a user turn's tool results come first, as ``tool`` messages."""
+    """One Anthropic message as chat messages: a user turn's tool results come first, as ``tool`` messages (with
+    the images a tool returned in a user turn after them: a tool message carries text only)."""
     role, content = message["role"], message["content"]
     if isinstance(content, str):
         return [{"role": role, "content": content}]
+    if role == "system":
+        return [{"role": "system", "content": _text_of(content, f"{where}.content")}]
     if role == "assistant":
         return [_assistant(content, where)]
     results: list[dict[str, Any]] = []
@@ -62,15 +89,20 @@ def _turn(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
         at = f"{where}.content[{i}]"
         kind = _kind(block, at)
         if kind == "tool_result":
-            results.append({"role": "tool", "tool_call_id": string_field(block, "tool_use_id", at),
-                            "content": _tool_result(block, at)})
+            text, images = _tool_result(block, at)
+            results.append({"role": "tool", "tool_call_id": string_field(block, "tool_use_id", at), "content": text})
+            parts += images
         elif kind == "text":
             parts.append({"type": "text", "text": string_field(block, "text", at)})
         elif kind == "image":
-            parts.append({"type": "image_url", "image_url": {"url": _image_url(block.get("source"), at)}})
+            parts.append(_image_part(block, at))
         else:
             raise unsupported(f"A content block of type {kind!r}", at)
     return results + ([{"role": "user", "content": parts}] if parts else [])
+
+
+def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": _image_url(block.get("source"), where)}}
 
 
 def _assistant(content: list[Any], where: str) -> dict[str, Any]:
@@ -87,16 +119,24 @@ def _assistant(content: list[Any], where: str) -> dict[str, Any]:
                                        "arguments": json.dumps(arguments if arguments is not None else {})}})
         elif kind not in ("thinking", "redacted_thinking"):  # earlier reasoning: chat completions takes none back
             raise unsupported(f"A content block of type {kind!r}", at)
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
+    # A turn of tool calls alone says "": local servers (llama.cpp's Python server) refuse null content.
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
     if calls:
         message["tool_calls"] = calls
     return message
 
 
-def _tool_result(block: dict[str, Any], where: str) -> str:
+def _tool_result(block: dict[str, Any], where: str) -> tuple[str, list[dict[str, Any]]]:
+    """A tool's result as text, and the images it returned (as image parts)."""
     content = block.get("content")
+    images: list[dict[str, Any]] = []
+    if isinstance(content, list):
+        at = f"{where}.content"
+        images = [_image_part(b, f"{at}[{i}]") for i, b in enumerate(content) if _kind(b, f"{at}[{i}]") == "image"]
+        content = [b for b in content if b.get("type") != "image"]
     text = content if isinstance(content, str) else "" if content is None else _text_of(content, f"{where}.content")
-    return f"(tool error) {text}" if block.get("is_error") else text  # chat has no error flag: say it in words
+    text = f"(tool error) {text}" if block.get("is_error") else text  # chat has no error flag: say it in words
+    return text, images
 
 
 def _text_of(blocks: Any, where: str) -> str:
@@ -127,9 +167,8 @@ def _kind(block: Any, where: str) -> str:
 
 
 def _tool(tool: Any, where: str) -> dict[str, Any]:
-    if not isinstance(tool, dict) or tool.get("type") not in (None, "custom") or "input_schema" not in tool:
-        kind = tool.get("type") if isinstance(tool, dict) else None
-        raise unsupported(f"A tool of type {kind!r} (only client tools with an input_schema are)", where)
+    if not _is_client(tool):
+        raise unsupported_tool(tool.get("type") if isinstance(tool, dict) else None, where, "/v1/messages")
     function = {"name": string_field(tool, "name", where), "parameters": tool["input_schema"]}
     if isinstance(tool.get("description"), str):
         function["description"] = tool["description"]
@@ -159,19 +198,33 @@ def _tool_input(arguments: str) -> Any:
         return arguments
 
 
+def tool_use_id(call_id: str) -> str:
+    """A tool call's id in Anthropic's form (``toolu_...``); the client sends it back, and the upstream takes any."""
+    return call_id if call_id.startswith("toolu_") else "toolu_" + call_id.removeprefix("call_")
+
+
+def signature(thinking: str) -> str:
+    """A thinking block's signature: clients require one, and send it back with the block; the gateway does not
+    check it (earlier thinking is not sent upstream), so it is a digest of the text, not a secret."""
+    return base64.b64encode(hashlib.sha256(thinking.encode()).digest()).decode()
+
+
 def _content(block: Block) -> dict[str, Any]:
     if block.kind == "tool_call":
-        return {"type": "tool_use", "id": block.call_id, "name": block.name, "input": _tool_input(block.text)}
+        return {"type": "tool_use", "id": tool_use_id(block.call_id), "name": block.name,
+                "input": _tool_input(block.text)}
     if block.kind == "reasoning":
-        return {"type": "thinking", "thinking": block.text, "signature": ""}
+        return {"type": "thinking", "thinking": block.text, "signature": signature(block.text)}
     return {"type": "text", "text": block.text}
 
 
 def _usage(result: ChatResult) -> dict[str, int]:
-    """Anthropic counts cached prompt tokens apart from ``input_tokens``; chat counts them in its prompt tokens."""
+    """Anthropic counts cached prompt tokens apart from ``input_tokens``; chat counts them in its prompt tokens.
+    An upstream that counted nothing (llama.cpp's Python server streams no usage) has its output counted as the
+    gateway counts it, one token per delta, and its prompt as 0 (not guessed)."""
     usage = result.usage
-    if usage is None:  # the upstream counted nothing (llama.cpp's Python server streams no usage): as the gateway
-        return {"output_tokens": result.deltas}  # counts then, one token per delta
+    if usage is None:
+        return {"input_tokens": 0, "output_tokens": result.deltas}
     counts = {"input_tokens": usage.input - usage.cached, "output_tokens": usage.output}
     if usage.cached:
         counts["cache_read_input_tokens"] = usage.cached
@@ -186,7 +239,7 @@ def answer(result: ChatResult, body: dict[str, Any]) -> dict[str, Any]:
     """The Messages API's answer to ``body`` from a whole chat answer."""
     return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": result.model or body["model"],
             "content": [_content(block) for block in result.blocks], "stop_reason": _stop_reason(result),
-            "stop_sequence": None, "usage": {"input_tokens": 0, **_usage(result)}}
+            "stop_sequence": None, "usage": _usage(result)}
 
 
 # -- the stream ----------------------------------------------------------------------------------------------------
@@ -197,7 +250,8 @@ _DELTAS = {"text": ("text_delta", "text"), "refusal": ("text_delta", "text"),
 
 class MessageEvents:
     """The Messages API's stream events, in Anthropic's order. Chat streams count tokens only at their end, so
-    ``message_start`` says 0 and ``message_delta`` carries the counts (Anthropic's SDK takes them from there)."""
+    ``message_start`` says 0 and ``message_delta`` carries the counts, the prompt's too (Anthropic's SDK and
+    Claude Code take them from there)."""
 
     def __init__(self, body: dict[str, Any]) -> None:
         self._body = body
@@ -211,7 +265,8 @@ class MessageEvents:
 
     def opened(self, block: Block, index: int) -> list[Event]:
         if block.kind == "tool_call":
-            start: dict[str, Any] = {"type": "tool_use", "id": block.call_id, "name": block.name, "input": {}}
+            start: dict[str, Any] = {"type": "tool_use", "id": tool_use_id(block.call_id), "name": block.name,
+                                     "input": {}}
         elif block.kind == "reasoning":
             start = {"type": "thinking", "thinking": "", "signature": ""}
         else:
@@ -224,12 +279,17 @@ class MessageEvents:
                  "content_block_delta")]
 
     def closed(self, block: Block, index: int) -> list[Event]:
-        return [({"type": "content_block_stop", "index": index}, "content_block_stop")]
+        events: list[Event] = []
+        if block.kind == "reasoning":
+            events.append(({"type": "content_block_delta", "index": index,
+                            "delta": {"type": "signature_delta", "signature": signature(block.text)}},
+                           "content_block_delta"))
+        return events + [({"type": "content_block_stop", "index": index}, "content_block_stop")]
 
     def finished(self, result: ChatResult) -> list[Event]:
         delta = {"type": "message_delta", "delta": {"stop_reason": _stop_reason(result), "stop_sequence": None},
                  "usage": _usage(result)}
         return [(delta, "message_delta"), ({"type": "message_stop"}, "message_stop")]
 
-    def failed(self, message: str) -> Event:
-        return {"type": "error", "error": {"type": "api_error", "message": message}}, "error"
+    def failed(self, message: str, result: ChatResult) -> list[Event]:
+        return [({"type": "error", "error": {"type": "api_error", "message": message}}, "error")]

@@ -30,6 +30,11 @@ from .messages_api import message_events, message_object
 from .responses_api import response_events, response_object
 
 
+CONTEXT_OVERFLOW = ("Trying to keep the first 5120 tokens when context the overflows. However, the model is loaded "
+                    "with context length of only 4096 tokens, which is not enough. Try to load the model with a "
+                    "larger context length, or provide a shorter input")
+
+
 @dataclass
 class Received:
     method: str
@@ -48,8 +53,9 @@ class Behaviour:
     huge (a 200 JSON body of ``huge_bytes``), redirect (a 307 to ``location``).
 
     ``stream`` shapes a 200 stream (``stream: true`` with mode normal): normal, no_usage (ignores
-    include_usage), no_done (ends without ``[DONE]``), empty (no events at all), die (two words, then the
+    include_usage), no_done (ends without ``[DONE]``), die (two words, then the
     connection is cut), stall (two words, then silence), garbage (two words, then a broken event),
+    empty (no events at all, and a non-streamed call is refused: a prompt longer than the context),
     error_event (two words, then an ``error`` event), flood (large events for ``flood_bytes``, obeying flow
     control), comments (SSE comments and CRLF line ends between events), named (an ``event:`` line on every
     event but ``[DONE]``), reasoning (three reasoning deltas before the words), huge_event (two words, then one
@@ -173,6 +179,8 @@ class FakeLMStudio(Resource):
         if got.path in ("/v1/chat/completions", "/v1/completions") and got.method == "POST":
             if self.chat.mode == "normal" and isinstance(body, dict) and body.get("stream"):
                 return self._stream(request, body)
+            if self.chat.mode == "normal" and self.chat.stream == "empty":  # as LM Studio answers a prompt too long
+                return self._json(request, 400, {"error": CONTEXT_OVERFLOW})
             return self._answer(request, self.chat, self._completion(body))
         return self._json(request, 404, {"error": f"Unexpected endpoint or method. ({got.method} {got.path})"})
 
