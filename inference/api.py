@@ -253,12 +253,18 @@ class Gateway:
     async def probe_upstream(self) -> dict[str, Any]:
         """Ask the upstream for its models, waiting no longer than a connect would (a probe must be quick).
 
-        The answer also sets ``inference_upstream_up``.
+        A probe that times out while calls are in flight means busy, not down: llama.cpp's Python server, and LM
+        Studio with one parallel slot, answer their model list only after the running generation. Down is a
+        refused or reset connection, or a probe that times out with no call in flight. The answer also sets
+        ``inference_upstream_up``.
         """
         timeout = self.config.inference.http.connect_timeout_secs
         try:
             models = await self.provider.list_models(timeout=timeout)
         except UpstreamTimeout:
+            if self.admission.active:  # busy, not down: a one-slot server answers its list after the generation
+                self.telemetry.set_upstream_up(True)
+                return {"reachable": True, "busy": True, "error": None, "models": self.monitor.models}
             self.telemetry.set_upstream_up(False)
             return {"reachable": False, "error": f"upstream did not answer within {timeout:g}s", "models": []}
         except GatewayError as e:

@@ -21,6 +21,7 @@ class Route:
     host: str
     reason: str  # affinity, least_loaded, failover or only_choice
     failed: tuple[tuple[str, str], ...] = ()
+    key_source: str | None = None  # what the conversation's key was made from: prompt_cache_key, session, first_turn
 
 
 @dataclass(frozen=True)

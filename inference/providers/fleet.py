@@ -21,9 +21,9 @@ from twisted.python.failure import Failure
 
 from .. import jsonio
 from ..config import RoutingConfig, UpstreamConfig
-from ..errors import GatewayError, UpstreamClientError, UpstreamError, UpstreamUnreachable
+from ..errors import GatewayError, UpstreamClientError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from ..operations import RESPONSES, Operation
-from ..routing.conversation import conversation_key
+from ..routing.conversation import conversation
 from ..routing.ejection import Ejection
 from ..routing.memory import PrefixMemory, ResponseHomes
 from ..routing.picker import HostView, Pick, pick, serving
@@ -66,6 +66,7 @@ class Host:
         self.view = HostView(config.name, config.max_concurrent, config.weight)
         self.ejection = ejection
         self.comeback: Any = None  # while ejected: the timer, then the probe, that may bring it back
+        self.models: list[dict[str, Any]] = []  # its model list, as it last answered it
 
 
 class FleetProvider(Provider):
@@ -96,12 +97,15 @@ class FleetProvider(Provider):
         merged: dict[str, dict[str, Any]] = {}
         failures: list[Failure] = []
         for host, (ok, result) in zip(self.hosts, answers, strict=True):
+            if not ok and _busy(host, cast(Failure, result)):
+                ok, result = True, host.models  # busy, not down: it serves what it served
             host.view.up = ok
             if not ok:
                 failures.append(cast(Failure, result))
                 host.view.models = {}
                 continue
             host.view.models = _states(result)
+            host.models = result
             for model in result:
                 entry = merged.setdefault(model["id"], {**model, "hosts": []})
                 entry["hosts"].append(host.view.name)
@@ -162,7 +166,7 @@ class FleetProvider(Provider):
         A ``previous_response_id`` the fleet saw given goes to the host holding it alone (waiting for its slot if
         need be); one it did not see (another gateway process gave it) is asked of each host in turn."""
         model = body["model"]
-        key = conversation_key(operation.name, model, body)
+        key, source = conversation(operation.name, model, body)
         previous = body.get("previous_response_id") if operation is RESPONSES else None
         home = self._by_name.get(self.responses.home(previous) or "") if isinstance(previous, str) else None
         views = [home.view] if home is not None and home.view in serving(self._views, model) else self._views
@@ -174,7 +178,8 @@ class FleetProvider(Provider):
             if chosen is not None:
                 hosts = [self._by_name[view.name] for view in chosen.hosts]
                 reason = "affinity" if len(views) == 1 and len(self._views) > 1 else chosen.reason
-                return key, Ranking(hosts, reason, elsewhere=isinstance(previous, str) and len(views) > 1)
+                return key, Ranking(hosts, reason, elsewhere=isinstance(previous, str) and len(views) > 1,
+                                    key_source=source)
             waiting: Deferred[None] = Deferred(self._give_up)
             self._waiting.append(waiting)
             await waiting
@@ -208,7 +213,8 @@ class FleetProvider(Provider):
             await host.provider.list_models(timeout=self._probe_timeout)
         except GatewayError as e:
             host.comeback = None
-            self._eject(host, host.ejection.eject(), f"{why}; then {e.message}")
+            if not _busy(host, Failure(e)):
+                self._eject(host, host.ejection.eject(), f"{why}; then {e.message}")
             return
         host.comeback = None
 
@@ -267,13 +273,19 @@ class FleetProvider(Provider):
             await host.provider.close()
 
 
+def _busy(host: Host, failure: Failure) -> bool:
+    """Whether a host's model list failed because the host is busy, not down: it timed out while calls to it are in
+    flight (llama.cpp's Python server, and LM Studio with one slot, answer it after the running generation)."""
+    return bool(failure.check(UpstreamTimeout)) and host.view.outstanding > 0
+
+
 def _states(models: list[dict[str, Any]]) -> dict[str, str | None]:
     """Each model's LM Studio state ("loaded", "not-loaded"), None when the host does not say."""
     return {model["id"]: model.get("state") for model in models}
 
 
 def _route(host: Host, ranking: Ranking, failed: list[tuple[str, str]]) -> Route:
-    return Route(host.view.name, "failover" if failed else ranking.reason, tuple(failed))
+    return Route(host.view.name, "failover" if failed else ranking.reason, tuple(failed), ranking.key_source)
 
 
 @dataclass(frozen=True)
@@ -281,6 +293,7 @@ class Ranking:
     hosts: list[Host]  # the chosen host first, then the others to fail over to
     reason: str
     elsewhere: bool = False  # a previous_response_id no host is known to hold: ask the next when one lacks it
+    key_source: str | None = None  # what the conversation's key was made from
 
 
 class HostStream(WrappedStream):

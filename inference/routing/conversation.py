@@ -3,11 +3,16 @@
 A conversation's later turns repeat its beginning (system prompt or instructions, and the first user turn), so a
 hash of the model and that beginning names the conversation on every turn, while two conversations that share
 only a system prompt get different keys. Only the beginning is hashed: a long conversation costs no more.
+
+Coding agents name their sessions themselves, and that name is the better key: Codex sends ``prompt_cache_key``
+(its session's id) on every Responses call, Claude Code ``metadata.user_id``, a JSON string holding its
+``session_id``. A session keeps its key while its context grows and is compacted, when its first turn may change.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import orjson
@@ -37,13 +42,39 @@ def _leading(operation: str, body: dict[str, Any]) -> Any:
     return None
 
 
-def conversation_key(operation: str, model: str, body: dict[str, Any]) -> bytes | None:
-    """The key of the conversation ``body`` continues (None for calls no prompt cache helps: embeddings)."""
+def _session(operation: str, body: dict[str, Any]) -> tuple[str, str] | None:
+    """The session an agent named (where the name came from, the name), if it named one."""
+    cache_key = body.get("prompt_cache_key")
+    if operation in ("responses", "chat") and isinstance(cache_key, str) and cache_key:
+        return "prompt_cache_key", cache_key
+    user = (body.get("metadata") or {}).get("user_id") if isinstance(body.get("metadata"), dict) else None
+    if operation == "messages" and isinstance(user, str) and user.startswith("{"):
+        try:
+            session = json.loads(user).get("session_id")
+        except (ValueError, AttributeError):
+            return None
+        if isinstance(session, str) and session:
+            return "session", session
+    return None
+
+
+def conversation(operation: str, model: str, body: dict[str, Any]) -> tuple[bytes | None, str | None]:
+    """The key of the conversation ``body`` continues and what it was made from (``prompt_cache_key``, ``session``
+    or ``first_turn``); (None, None) for calls no prompt cache helps (embeddings)."""
+    session = _session(operation, body)
+    if session is not None:
+        source, name = session
+        return hashlib.blake2b(f"{model}\0{source}\0{name}".encode(), digest_size=16).digest(), source
     leading = _leading(operation, body)
     if leading is None:
-        return None
+        return None, None
     try:
         text = orjson.dumps(leading, option=orjson.OPT_SORT_KEYS)
     except TypeError:  # an integer beyond 64 bits: the standard library's JSON says it just as well
         text = repr(leading).encode()
-    return hashlib.blake2b(model.encode() + b"\0" + text, digest_size=16).digest()
+    return hashlib.blake2b(model.encode() + b"\0" + text, digest_size=16).digest(), "first_turn"
+
+
+def conversation_key(operation: str, model: str, body: dict[str, Any]) -> bytes | None:
+    """The key of the conversation ``body`` continues (None for calls no prompt cache helps: embeddings)."""
+    return conversation(operation, model, body)[0]

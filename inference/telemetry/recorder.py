@@ -319,6 +319,8 @@ class UpstreamCall:
         if route is not None:
             attributes["inference.upstream.name"] = route.host
             attributes["inference.routing.reason"] = route.reason
+            if route.key_source is not None:
+                attributes["inference.routing.key_source"] = route.key_source
             for failed, kind in route.failed:
                 span.add_event("failover", {"inference.upstream.name": failed, "error.type": kind})
         model_load = self.model_load if error is None else (error.model_load or self.model_load)

@@ -29,7 +29,6 @@ from inference.sse import encode
 from .messages_api import message_events, message_object
 from .responses_api import response_events, response_object
 
-
 CONTEXT_OVERFLOW = ("Trying to keep the first 5120 tokens when context the overflows. However, the model is loaded "
                     "with context length of only 4096 tokens, which is not enough. Try to load the model with a "
                     "larger context length, or provide a shorter input")
@@ -83,6 +82,10 @@ class FakeLMStudio(Resource):
         self.listing = Behaviour()
         self.require_key: str | None = None
         self.chat_only = False  # an upstream without the Responses and Messages APIs (llama.cpp, older LM Studio)
+        self.llama_cpp_python = False  # its quirks: see like_llama_cpp_python()
+        self._held_listings: list[http.Request] = []  # model lists asked while a generation is held (one slot)
+        self.generating_elsewhere = False  # a generation another client asked runs (one slot: lists wait for it)
+        self.loaded_context: int | None = None  # /api/v0/models says each loaded model's loaded_context_length
         self.native_types: dict[str, str] | None = None  # id -> llm/vlm/embeddings: serve /api/v0/models
         self.not_loaded: set[str] = set()  # models /api/v0/models says are not loaded (LM Studio loads on use)
         self.gzip = False  # compress answers for clients that accept gzip (as OpenAI does)
@@ -96,6 +99,15 @@ class FakeLMStudio(Resource):
         self.site = Site(self)
         self.connections = _ConnectionTracker(self.site)
         self.url = ""
+
+    def like_llama_cpp_python(self) -> FakeLMStudio:
+        """Behave as llama-cpp-python's server (0.3.x, one slot) does: chat completions only; ``content: null`` or no
+        content on an assistant turn is a 500; a system turn after the first is refused by the chat template; a
+        streamed call with tools that the model answers with a tool call (``tool_choice`` auto) is an empty 200;
+        the model list waits for the running generation (hold one with ``chat.mode = "hang"``)."""
+        self.chat_only = True
+        self.llama_cpp_python = True
+        return self
 
     # -- what tests wait on --------------------------------------------------------------------------------------
 
@@ -139,13 +151,21 @@ class FakeLMStudio(Resource):
             return self._json(request, 401, {"error": {"message": "Incorrect API key provided",
                                                        "type": "invalid_request_error",
                                                        "code": "invalid_api_key"}})
+        if got.path == "/v1/models" and got.method == "GET" and self.llama_cpp_python and (
+                self.pending or self.generating_elsewhere):
+            self._held_listings.append(request)  # one slot: the list comes after the running generation
+            request.notifyFinish().addBoth(lambda _: request in self._held_listings and
+                                           self._held_listings.remove(request))
+            return NOT_DONE_YET
         if got.path == "/v1/models" and got.method == "GET":
             listing = [{"id": m, "object": "model", "owned_by": "organization_owner"} for m in self.models]
             return self._answer(request, self.listing, {"object": "list", "data": listing})
         if got.path == "/api/v0/models" and got.method == "GET" and self.native_types is not None:
             native = [{"id": m, "object": "model", "type": self.native_types.get(m, "llm"),
                        "state": "not-loaded" if m in self.not_loaded else "loaded",
-                       "max_context_length": 4096, "publisher": "fake"} for m in self.models]
+                       "max_context_length": 4096, "publisher": "fake",
+                       **({"loaded_context_length": self.loaded_context} if self.loaded_context else {})}
+                      for m in self.models]
             return self._json(request, 200, {"object": "list", "data": native})
         if got.path == "/v1/messages" and got.method == "POST" and not self.chat_only:
             words = f"echo: {self._said(body)}".split(" ")
@@ -177,12 +197,35 @@ class FakeLMStudio(Resource):
         if got.path == "/v1/embeddings" and got.method == "POST":
             return self._answer(request, self.chat, self._embeddings(body))
         if got.path in ("/v1/chat/completions", "/v1/completions") and got.method == "POST":
+            refused = self._llama_cpp_python_refuses(body) if self.llama_cpp_python else None
+            if refused is not None:
+                return self._json(request, refused[0], {"error": {"message": refused[1], "type": "server_error"}})
+            if self.llama_cpp_python and isinstance(body, dict) and body.get("stream") and \
+                    self._tool_call(body) is not None and \
+                    body.get("tool_choice", "auto") == "auto":
+                request.setHeader(b"content-type", b"text/event-stream")  # "Automatic streaming tool choice is
+                return b""  # not supported": the server logs it and sends an empty stream
             if self.chat.mode == "normal" and isinstance(body, dict) and body.get("stream"):
                 return self._stream(request, body)
             if self.chat.mode == "normal" and self.chat.stream == "empty":  # as LM Studio answers a prompt too long
                 return self._json(request, 400, {"error": CONTEXT_OVERFLOW})
             return self._answer(request, self.chat, self._completion(body))
         return self._json(request, 404, {"error": f"Unexpected endpoint or method. ({got.method} {got.path})"})
+
+    @staticmethod
+    def _llama_cpp_python_refuses(body: Any) -> tuple[int, str] | None:
+        """What llama-cpp-python's server refuses in a chat request: (status, its message), or None."""
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list):
+            return None
+        for message in messages:
+            if message.get("role") == "assistant" and not isinstance(message.get("content"), str):
+                return 500, "can only concatenate str (not \"NoneType\") to str"
+        roles = [message.get("role") for message in messages]
+        first_other = next((i for i, role in enumerate(roles) if role != "system"), len(roles))
+        if "system" in roles[first_other:]:
+            return 400, "System message must be at the beginning."
+        return None
 
     @staticmethod
     def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
@@ -370,6 +413,11 @@ class FakeLMStudio(Resource):
             late = self._late.pop(request, None)  # a stream held before its first event
             request.write(late if late is not None else
                           self._json(request, 200, self._completion(json.loads(request.content.getvalue()))))
+            request.finish()
+        listings, self._held_listings = self._held_listings, []
+        for request in listings:
+            listing = [{"id": m, "object": "model", "owned_by": "organization_owner"} for m in self.models]
+            request.write(self._json(request, 200, {"object": "list", "data": listing}))
             request.finish()
 
     def reset_held(self) -> None:
