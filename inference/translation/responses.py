@@ -209,13 +209,13 @@ class ToolNames:
             ns = namespace if isinstance(namespace, str) and namespace else None
             self._tools[_flat_name(ns, tool["name"])] = (ns, tool["name"], tool.get("type") == "custom")
 
-    def call_item(self, block: Block, item_id: str, done: bool) -> dict[str, Any]:
-        """A tool call block as the output item the client's tool is called by."""
+    def call_item(self, block: Block, item_id: str, done: bool, status: str) -> dict[str, Any]:
+        """A tool call block as the output item the client's tool is called by (a custom tool's call has no
+        status)."""
         namespace, name, custom = self._tools.get(block.name, (None, block.name, False))
-        status = "completed" if done else "in_progress"
         if custom:
             item = {"id": item_id, "type": "custom_tool_call", "call_id": block.call_id, "name": name,
-                    "input": custom_input(block.text) if done else "", "status": status}
+                    "input": custom_input(block.text) if done else ""}
         else:
             item = {"id": item_id, "type": "function_call", "call_id": block.call_id, "name": name,
                     "arguments": block.text if done else "", "status": status}
@@ -225,9 +225,6 @@ class ToolNames:
 
     def is_custom(self, block: Block) -> bool:
         return self._tools.get(block.name, (None, "", False))[2]
-
-    def name(self, block: Block) -> str:
-        return self._tools.get(block.name, (None, block.name, False))[1]
 
 
 def custom_input(arguments: str) -> str:
@@ -289,7 +286,7 @@ def _item(block: Block, item_id: str, tools: ToolNames, done: bool = True, cut: 
     ``cut``: the item the output limit or a failure ended)."""
     status = "incomplete" if cut else "completed" if done else "in_progress"
     if block.kind == "tool_call":
-        return {**tools.call_item(block, item_id, done), "status": status}
+        return tools.call_item(block, item_id, done, status)
     if block.kind == "reasoning":
         return {"id": item_id, "type": "reasoning", "summary": [],
                 "content": [_part(block)] if done else [], "status": status}
@@ -334,7 +331,7 @@ def _response(result: ChatResult, body: dict[str, Any], ids: _Ids, tools: ToolNa
                                else "content_filter"} if status == "incomplete" else None,
         "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
         "parallel_tool_calls": body.get("parallel_tool_calls", True), "previous_response_id": None,
-        "reasoning": body.get("reasoning"), "store": False,
+        "reasoning": body.get("reasoning"), "prompt_cache_key": body.get("prompt_cache_key"),
         "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
         "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [], "text": text,
         "truncation": "disabled", "user": body.get("user"), "metadata": body.get("metadata") or {},
@@ -406,8 +403,7 @@ class ResponseEvents:
             done = [self._event("response.custom_tool_call_input.delta", **where, delta=item["input"]),
                     self._event("response.custom_tool_call_input.done", **where, input=item["input"])]
         elif block.kind == "tool_call":
-            done = [self._event("response.function_call_arguments.done", **where, name=self._tools.name(block),
-                                arguments=block.text)]
+            done = [self._event("response.function_call_arguments.done", **where, arguments=block.text)]
         else:
             key = "refusal" if block.kind == "refusal" else "text"
             extra: dict[str, Any] = {"logprobs": []} if block.kind == "text" else {}

@@ -84,6 +84,7 @@ class FakeLMStudio(Resource):
         self.chat_only = False  # an upstream without the Responses and Messages APIs (llama.cpp, older LM Studio)
         self.llama_cpp_python = False  # its quirks: see like_llama_cpp_python()
         self._held_listings: list[http.Request] = []  # model lists asked while a generation is held (one slot)
+        self.parallel_calls = False  # call every tool offered (up to two) at once, not only the first
         self.generating_elsewhere = False  # a generation another client asked runs (one slot: lists wait for it)
         self.loaded_context: int | None = None  # /api/v0/models says each loaded model's loaded_context_length
         self.native_types: dict[str, str] | None = None  # id -> llm/vlm/embeddings: serve /api/v0/models
@@ -267,8 +268,23 @@ class FakeLMStudio(Resource):
         name = choice["function"]["name"] if isinstance(choice, dict) else tools[0]["function"]["name"]
         return name, json.dumps({"echo": FakeLMStudio._said(body)})
 
+    def _calls(self, body: dict[str, Any]) -> list[tuple[str, str]]:
+        """The tool calls the fake makes: the one of ``_tool_call``, or (``parallel_calls``) one per tool offered."""
+        call = self._tool_call(body)
+        if call is None or not self.parallel_calls:
+            return [call] if call is not None else []
+        return [(tool["function"]["name"], call[1]) for tool in body["tools"][:2]]
+
+    @staticmethod
+    def _words(body: dict[str, Any]) -> tuple[list[str], str]:
+        """The words the fake answers, cut to ``max_tokens`` (one word, one token), and its finish reason."""
+        words = f"echo: {FakeLMStudio._said(body)}".split(" ")
+        limit = body.get("max_tokens")
+        return (words[:limit], "length") if isinstance(limit, int) and len(words) > limit else (words, "stop")
+
     def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
-        text = f"echo: {self._said(body)}"
+        words, finish = self._words(body)
+        text = " ".join(words)
         call = self._tool_call(body)
         if "prompt" in body:
             return {"id": "cmpl-fake123", "object": "text_completion", "created": 1700000000, "model": body["model"],
@@ -277,10 +293,11 @@ class FakeLMStudio(Resource):
         return {
             "id": "chatcmpl-fake123", "object": "chat.completion", "created": 1700000000,
             "model": body["model"], "system_fingerprint": body["model"],
-            "choices": [{"index": 0, "logprobs": None, "finish_reason": "tool_calls" if call else "stop",
+            "choices": [{"index": 0, "logprobs": None, "finish_reason": "tool_calls" if call else finish,
                          "message": {"role": "assistant", "content": None if call else text,
-                                     **({"tool_calls": [{"id": "call_fake1", "type": "function",
-                                                         "function": {"name": call[0], "arguments": call[1]}}]}
+                                     **({"tool_calls": [{"id": f"call_fake{i + 1}", "type": "function",
+                                                         "function": {"name": name, "arguments": arguments}}
+                                                        for i, (name, arguments) in enumerate(self._calls(body))]}
                                         if call else {}),
                                      **self.chat.extra_message_fields}}],
             "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
@@ -351,18 +368,18 @@ class FakeLMStudio(Resource):
                 return event([{"index": 0, "text": content, "logprobs": None, "finish_reason": None}])
             return event([{"index": 0, "delta": {"content": content, **more}, "finish_reason": None}])
 
-        words = f"echo: {self._said(body)}".split(" ")
+        words, finish = self._words(body)
         pieces = [] if text_completion else \
             [event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
         call = self._tool_call(body)
-        if call is not None:  # the call's id and name, then its arguments in two pieces
-            half = len(call[1]) // 2
-            opening = {"index": 0, "id": "call_fake1", "type": "function",
-                       "function": {"name": call[0], "arguments": ""}}
-            calls = [[opening], *[[{"index": 0, "function": {"arguments": piece}}] for piece in
-                                  (call[1][:half], call[1][half:])]]
+        for i, (name, arguments) in enumerate(self._calls(body)):  # each call's id and name, then its arguments
+            half = len(arguments) // 2  # in two pieces
+            opening = {"index": i, "id": f"call_fake{i + 1}", "type": "function",
+                       "function": {"name": name, "arguments": ""}}
+            calls = [[opening], *[[{"index": i, "function": {"arguments": piece}}] for piece in
+                                  (arguments[:half], arguments[half:])]]
             pieces += [event([{"index": 0, "delta": {"tool_calls": c}, "finish_reason": None}]) for c in calls]
-        elif mode == "reasoning":  # LM Studio's reasoning deltas first, then the answer
+        if call is None and mode == "reasoning":  # LM Studio's reasoning deltas first, then the answer
             pieces += [delta("", reasoning=w) for w in ("let", " me", " think")]
         if call is None:
             pieces += [delta(w if i == 0 else " " + w, reasoning="") for i, w in enumerate(words)]
@@ -387,7 +404,7 @@ class FakeLMStudio(Resource):
         if mode == "empty":
             return b""
         pieces.append(event([{"index": 0, "text": "", "finish_reason": "stop"} if text_completion else
-                             {"index": 0, "delta": {}, "finish_reason": "tool_calls" if call else "stop"}]))
+                             {"index": 0, "delta": {}, "finish_reason": "tool_calls" if call else finish}]))
         wants_usage = (body.get("stream_options") or {}).get("include_usage")
         if wants_usage and mode != "no_usage":
             pieces.append(event([], usage={"prompt_tokens": 12, "completion_tokens": len(words),
