@@ -279,10 +279,11 @@ def tool(name: str, package: str = "prometheus") -> str:
     return path
 
 
-async def run_tool(cwd: Any, *command: str, stdin: bytes = b"") -> tuple[int, str]:
+async def run_tool(cwd: Any, *command: str, stdin: bytes = b"",
+                   env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run a command in ``cwd`` without blocking the reactor: its exit code and its output (stdout + stderr)."""
     collector = _Collect(stdin)
-    reactor.spawnProcess(collector, command[0], list(command), env=dict(os.environ), path=str(cwd))
+    reactor.spawnProcess(collector, command[0], list(command), env={**os.environ, **(env or {})}, path=str(cwd))
     return await collector.done
 
 
