@@ -156,7 +156,16 @@ class OpenAICompatibleProvider(Provider):
                      "tool calls; such calls are asked without streaming", upstream=self.base_url,
                      model=body["model"])
             self.quirks.note(STREAMED_TOOLS, body["model"])
-        return answer_events((await self.call(CHAT, _whole(body), headers)).data)
+        try:
+            answer = await self.call(CHAT, _whole(body), headers)
+        except UpstreamError as e:
+            if e.kind != "interrupted":
+                raise
+            # llama.cpp's Python server closes the connection its empty stream came on, and the pool may hand that
+            # connection to this call before its close is read: the server says "disconnected before llm invoked",
+            # so asking again (on a new connection) runs the generation once.
+            answer = await self.call(CHAT, _whole(body), headers)
+        return answer_events(answer.data)
 
     async def _answer_as_stream(self, body: dict[str, Any], headers: dict[str, str] | None) -> ChatStream:
         answer = await self.call(CHAT, _whole(body), headers)

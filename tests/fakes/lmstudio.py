@@ -204,8 +204,14 @@ class FakeLMStudio(Resource):
             if self.llama_cpp_python and isinstance(body, dict) and body.get("stream") and \
                     self._tool_call(body) is not None and \
                     body.get("tool_choice", "auto") == "auto":
-                request.setHeader(b"content-type", b"text/event-stream")  # "Automatic streaming tool choice is
-                return b""  # not supported": the server logs it and sends an empty stream
+                # "Automatic streaming tool choice is not supported": the server raises inside its stream, which
+                # ends empty, and closes the connection (a pooled client finds it closed on its next request).
+                request.setHeader(b"content-type", b"text/event-stream")
+                transport = request.channel.transport
+                request.write(b"")
+                request.finish()
+                transport.loseConnection()
+                return NOT_DONE_YET
             if self.chat.mode == "normal" and isinstance(body, dict) and body.get("stream"):
                 return self._stream(request, body)
             if self.chat.mode == "normal" and self.chat.stream == "empty":  # as LM Studio answers a prompt too long
