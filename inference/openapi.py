@@ -210,7 +210,7 @@ def _schemas(config: Config) -> dict[str, Any]:
                 **{name: _or_null(schema) for name, schema in _MESSAGES_PARAMETERS.items()},
                 "max_tokens": _number(1, integer=True),
                 "messages": {"type": "array", "minItems": 1, "maxItems": config.server.max_messages,
-                             "items": MESSAGE_ITEM}}},
+                             "items": MESSAGE_ITEM, "contains": {"anyOf": MESSAGE_ITEM["anyOf"][:2]}}}},
         **MESSAGES_SCHEMAS, **RESPONSES_SCHEMAS,
         "Message": {
             "type": "object", "required": ["id", "type", "role", "content", "model"],
@@ -259,6 +259,9 @@ def _schemas(config: Config) -> dict[str, Any]:
                                   "provider": {"type": "string"}, "base_url": {"type": "string"},
                                   "http_config": {"type": "object"}, "upstream": {"type": "object"},
                                   "observability": {"type": "object"}}},
+        "About": {"type": "object", "required": ["name", "version"],
+                  "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                                 "routes": {"type": "array", "items": {"type": "string"}}}},
         "Probe": {"type": "object", "required": ["status"],
                   "properties": {"status": {"enum": ["ok", "ready", "not ready"]},
                                  "error": nullable_string}},
@@ -329,6 +332,9 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "/health": {"get": operation(
             "Gateway and upstream status (503 with the same shape when the upstream is unreachable)",
             json_ok("Healthy", "Health"), auth=operator_auth, tag="Operations", operationId="health")},
+        "/": {"get": operation("What this server is (clients check that the base URL answers; HEAD too)",
+                               json_ok("A short description", "About"), auth=False, tag="Operations",
+                               operationId="about")},
         "/health/live": {"get": operation("Liveness: the process answers", json_ok("Alive", "Probe"),
                                           auth=operator_auth, tag="Operations", operationId="live")},
         "/health/ready": {"get": operation("Readiness: the upstream answers and the gateway is not stopping",

@@ -25,7 +25,7 @@ async def test_the_document_follows_the_configuration(start_gateway):
     assert set(document["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
                                       "/v1/messages", "/v1/models",
                                       "/v1/models/{model}",
-                                      "/health", "/health/live", "/health/ready", "/openapi.json", "/metrics"}
+                                      "/", "/health", "/health/live", "/health/ready", "/openapi.json", "/metrics"}
     assert "securitySchemes" not in document["components"]
     request = document["components"]["schemas"]["ChatCompletionRequest"]
     assert request["properties"]["messages"]["maxItems"] == 1000
