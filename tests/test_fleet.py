@@ -3,6 +3,8 @@ failover before the first byte and never after it, slots per host."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList
@@ -514,3 +516,63 @@ async def test_a_host_that_cuts_a_call_is_checked_at_once_and_left_out_when_it_i
         await gateway.post_chat(turn(f"failing {i}"))
     ready = await call("GET", gateway.url + "/health/ready")  # their model lists answer, but no host serves
     assert ready.status == 503 and set(ready.json()["hosts"].values()) == {"ejected"}
+
+
+# -- coding agents -------------------------------------------------------------------------------------------------
+
+def responses_calls(fake: FakeLMStudio) -> list:
+    return [r for r in fake.received if r.path == "/v1/responses"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_agents_session_stays_on_one_host_while_its_context_changes(hosts, start_gateway,
+                                                                             collector):  # noqa: F811
+    gateway = start_gateway(fleet_env(hosts, INFERENCE_OBSERVABILITY_TRACING_EXPORTER="otlp",
+                                      INFERENCE_OBSERVABILITY_TRACING_ENDPOINT=collector.grpc_endpoint))
+    for session in ("session-a", "session-b", "session-c"):
+        for turn_number in range(3):  # Codex compacts: the first turn itself changes, the session does not
+            reply = await call("POST", gateway.url + "/v1/responses", {
+                "model": QWEN, "prompt_cache_key": session, "input": f"summary {turn_number} of {session}"})
+            assert reply.status == 200
+    served = [len(responses_calls(fake)) for fake in hosts]
+    assert sum(served) == 9 and all(n % 3 == 0 for n in served)  # each session's three turns on one host
+    claude = json.dumps({"device_id": "d", "account_uuid": "", "session_id": "claude-1"})
+    for text in ("first", "second, after compaction"):
+        assert (await call("POST", gateway.url + "/v1/messages", {
+            "model": QWEN, "max_tokens": 10, "metadata": {"user_id": claude},
+            "messages": [{"role": "user", "content": text}]})).status == 200
+    homes = [fake for fake in hosts if any(r.path == "/v1/messages" for r in fake.received)]
+    assert len(homes) == 1
+    await gateway.site.gateway.telemetry.tracing.flush()
+    spans = await collector.wait_for(lambda spans: len([s for s in spans if s.kind == "CLIENT"]) >= 11)
+    sources = [s.attributes.get("inference.routing.key_source") for s in spans if s.kind == "CLIENT"]
+    assert sources.count("prompt_cache_key") == 9 and sources.count("session") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_busy_one_slot_host_is_not_called_down(start_gateway):
+    fakes = [FakeLMStudio([QWEN]).like_llama_cpp_python(), FakeLMStudio([QWEN]).like_llama_cpp_python()]
+    for fake in fakes:
+        fake.listen()
+        fake.chat.mode = "hang"  # whichever host the call goes to holds it: a long generation
+    try:
+        gateway = start_gateway(fleet_env(fakes, INFERENCE_INFERENCE_HTTP_CONNECT_TIMEOUT_SECS="0.2"))
+        running = Deferred.fromCoroutine(gateway.post_chat(turn("a long answer")))
+        await until(lambda: any(fake.pending for fake in fakes))
+        busy = next(fake for fake in fakes if fake.pending)
+
+        async def hosts_up() -> list[bool]:  # /health asks every host's model list, within the connect timeout
+            health = (await call("GET", gateway.url + "/health")).json()
+            return [host["up"] for host in health["upstream"]["hosts"]]
+
+        assert await hosts_up() == [True, True]  # the busy host's list timed out: busy, not down
+        assert sorted((await call("GET", gateway.url + "/health/ready")).json()["hosts"].values()) == [
+            "serving", "serving"]
+        busy.release()
+        assert (await running).status == 200
+        busy.generating_elsewhere = True  # its list times out with no call of ours in flight: down
+        assert sorted(await hosts_up()) == [False, True]
+        busy.generating_elsewhere = False
+        busy.release()
+    finally:
+        await DeferredList([fake.stop() for fake in fakes])
