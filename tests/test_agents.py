@@ -252,3 +252,15 @@ async def test_the_cap_is_the_models_loaded_context_where_lm_studio_says_it(fake
                                                                "max_output_tokens": 20000})
     assert reply.status == 200
     assert [r.body["max_output_tokens"] for r in fake.received if r.path == "/v1/responses"] == [8192]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_empty_stream_from_a_prompt_too_long_is_not_taken_for_a_tool_call(fake, lmstudio):
+    fake.chat.stream = "empty"  # LM Studio: an empty stream, and a whole answer that says the context overflows
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    for _ in range(2):
+        reply = await lmstudio.post_chat({"model": MODEL, "stream": True, "tools": tools,
+                                          "messages": [{"role": "user", "content": "a very long prompt"}]})
+        error = json.loads(reply.body.split(b"data: ")[1])["error"]
+        assert error["code"] == "context_length_exceeded" and "context length" in error["message"]
+    assert [body.get("stream") for body in chat_calls(fake)] == [True, None, True, None]  # streamed again

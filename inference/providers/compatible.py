@@ -150,12 +150,8 @@ class OpenAICompatibleProvider(Provider):
 
     async def _answer_events(self, body: dict[str, Any], headers: dict[str, str] | None,
                              tools: bool) -> list[tuple[bytes, bytes | None]]:
-        """The whole answer to a chat stream that ended before its first event, as a stream's events."""
-        if tools:
-            log.info("upstream {upstream} sent an empty stream for a call with tools to {model}: it cannot stream "
-                     "tool calls; such calls are asked without streaming", upstream=self.base_url,
-                     model=body["model"])
-            self.quirks.note(STREAMED_TOOLS, body["model"])
+        """The whole answer to a chat stream that ended before its first event, as a stream's events. When that
+        answer calls a tool, the upstream cannot stream tool calls: such calls are asked whole from now on."""
         try:
             answer = await self.call(CHAT, _whole(body), headers)
         except UpstreamError as e:
@@ -165,6 +161,11 @@ class OpenAICompatibleProvider(Provider):
             # connection to this call before its close is read: the server says "disconnected before llm invoked",
             # so asking again (on a new connection) runs the generation once.
             answer = await self.call(CHAT, _whole(body), headers)
+        if tools and not self.quirks.has(STREAMED_TOOLS, body["model"]) and _calls_tools(answer.data):
+            log.info("upstream {upstream} sent an empty stream for a call of {model} that calls a tool: it cannot "
+                     "stream tool calls; such calls are asked without streaming", upstream=self.base_url,
+                     model=body["model"])
+            self.quirks.note(STREAMED_TOOLS, body["model"])
         return answer_events(answer.data)
 
     async def _answer_as_stream(self, body: dict[str, Any], headers: dict[str, str] | None) -> ChatStream:
@@ -210,6 +211,13 @@ class MissingRoutes:
         if missing:
             self._until[operation.path] = self._reactor.seconds() + self._recheck_secs
         return missing
+
+
+def _calls_tools(answer: dict[str, Any]) -> bool:
+    choices = answer.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    message = choice.get("message")
+    return isinstance(message, dict) and bool(message.get("tool_calls"))
 
 
 def _whole(body: dict[str, Any]) -> dict[str, Any]:

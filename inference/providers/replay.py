@@ -7,7 +7,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from .. import jsonio
@@ -43,15 +43,14 @@ class PreparedStream(ChatStream):
     """Plays prepared events (payload and ``event:`` name): the first after ``latency``, each content word
     ``token_delay`` after the last (the mock's answers, and answers asked for whole and streamed to the client)."""
 
-    def __init__(self, reactor: Any, events: list[tuple[bytes, bytes | None]], latency: float,
-                 token_delay: float) -> None:
+    def __init__(self, reactor: IReactorTime, events: Events, latency: float, token_delay: float) -> None:
         self._reactor = reactor
         self._events = events
         self._next = 0
         self._latency = latency
         self._token_delay = token_delay
         self._paused = False
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._consumer: EventConsumer | None = None
         self.done: Deferred[None] = Deferred(lambda _: self.stopProducing())
 
