@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 from .. import jsonio
 from ..sse import DONE
 from .base import ChatStream, EventConsumer, WrappedStream
+from .upstream import UpstreamEventStream
 
 Events = list[tuple[bytes, bytes | None]]
 
@@ -97,26 +98,30 @@ class AnsweredIfEmpty(WrappedStream):
     """A chat stream that, if it ends before its first event, is answered by ``ask_whole`` instead: the same call
     made without streaming, its answer played as the stream's events, or its error (the upstream's reason, such
     as a prompt too long for the context) failing the stream. ``also_if_cut``: a connection cut before the first
-    event is answered so too (llama.cpp's Python server may drop a streamed tool call that way)."""
+    event is answered so too (llama.cpp's Python server may drop a streamed tool call that way).
 
-    def __init__(self, inner: ChatStream, ask_whole: Callable[[], Coroutine[Any, Any, Events]],
+    Events go from the upstream stream to the consumer directly (no layer per event): whether any came is the
+    upstream stream's own count."""
+
+    def __init__(self, inner: UpstreamEventStream, ask_whole: Callable[[], Coroutine[Any, Any, Events]],
                  also_if_cut: bool, clock: IReactorTime) -> None:
         super().__init__(inner)
+        self._upstream = inner
         self._ask_whole = ask_whole
         self._also_if_cut = also_if_cut
         self._clock = clock
-        self._events = 0
         self._stopped = False  # failed or abandoned from outside: nothing more is asked
         self._asking: Deferred[Events] | None = None
         self.done: Deferred[None] = Deferred(self._cancel)
 
     def begin(self, consumer: EventConsumer) -> Deferred[None]:
-        super().begin(consumer).addCallbacks(self._ended, self._broke)
+        self._consumer = consumer
+        self._upstream.begin(consumer).addCallbacks(self._ended, self._broke)
         return self.done
 
-    def event(self, payload: bytes, name: bytes | None = None) -> None:
-        self._events += 1
-        super().event(payload, name)
+    @property
+    def _events(self) -> int:
+        return self._upstream.delivered
 
     def _ended(self, _: None) -> None:
         if self._events or self._stopped or self.done.called:

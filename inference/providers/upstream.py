@@ -377,6 +377,7 @@ class UpstreamEventStream(_BodyReader, ChatStream):
         self._paused = False
         self._failure: Exception | None = None
         self._consumer: EventConsumer | None = None
+        self.delivered = 0  # events handed on so far
         self.done: Deferred[None] = Deferred(lambda _: self.stopProducing())
 
     def begin(self, consumer: EventConsumer) -> Deferred[None]:
@@ -425,6 +426,7 @@ class UpstreamEventStream(_BodyReader, ChatStream):
             self.fail(UpstreamError(f"upstream stream is malformed: {e}"))
             return
         consumer = self._delivering_to()
+        self.delivered += len(events)
         for payload, name in events:
             if self._failed():  # the consumer may have failed the stream on the previous event
                 break
@@ -439,6 +441,7 @@ class UpstreamEventStream(_BodyReader, ChatStream):
         elif reason.check(ResponseDone, PotentialDataLoss):
             consumer = self._delivering_to()
             for payload, name in self._parser.close():
+                self.delivered += 1
                 consumer.event(payload, name)
             if self._failed():  # the last events may have been unusable
                 self.done.errback(self._failure)
