@@ -16,6 +16,7 @@ from ..operations import CHAT, Operation
 from .base import ChatStream, Completion, Provider
 from .quirks import (
     LATE_SYSTEM,
+    MISSING_ROUTE,
     STREAMED_TOOLS,
     Quirks,
     fold_late_system,
@@ -43,8 +44,8 @@ class OpenAICompatibleProvider(Provider):
         self._load_timeout = config.http.load_timeout_secs
         self.states: dict[str, str | None] = {}  # each model's state ("loaded", "not-loaded"), where LM Studio says
         self._first_seen: dict[str, int] = {}
-        self._missing = MissingRoutes(reactor, config.models_cache_secs)
         self.quirks = Quirks(reactor, config.models_cache_secs)
+        self._missing = MissingRoutes(self.quirks)
 
     async def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:
         answer = await self.client.request("GET", "/v1/models", timeout=timeout)
@@ -189,16 +190,14 @@ class OpenAICompatibleProvider(Provider):
 
 class MissingRoutes:
     """Which of the upstream's routes answered "no such route", so that calls go straight to chat completions
-    (for ``recheck_secs``: then the route is tried again, in case the upstream was upgraded)."""
+    (for as long as the upstream's quirks are remembered: then the route is tried again, in case the upstream was
+    upgraded)."""
 
-    def __init__(self, reactor: Any, recheck_secs: float) -> None:
-        self._reactor = reactor
-        self._recheck_secs = recheck_secs
-        self._until: dict[str, float] = {}  # path -> when to try it again
+    def __init__(self, quirks: Quirks) -> None:
+        self._quirks = quirks
 
     def lacks(self, operation: Operation) -> bool:
-        until = self._until.get(operation.path)
-        return until is not None and self._reactor.seconds() < until
+        return self._quirks.has(MISSING_ROUTE, operation.path)
 
     def says_missing(self, operation: Operation, answer: Answer) -> bool:
         """Whether ``answer`` says the upstream has no such route (and the operation can do without it); if so,
@@ -209,7 +208,7 @@ class MissingRoutes:
         missing = (answer.status in (404, 405) and b"model_not_found" not in body) or \
             b"Unexpected endpoint" in body  # LM Studio's words, with a 200 in some versions
         if missing:
-            self._until[operation.path] = self._reactor.seconds() + self._recheck_secs
+            self._quirks.note(MISSING_ROUTE, operation.path)
         return missing
 
 

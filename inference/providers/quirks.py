@@ -1,6 +1,8 @@
 """What local model servers refuse, found out from their answers and absorbed: each quirk is remembered per
-upstream and model for a while (``models_cache_secs``, like a missing route), then tried again, in case the
-server or its model changed.
+upstream and model (or route) for a while (``models_cache_secs``), then tried again, in case the server or its
+model changed.
+
+- **A missing route**: an upstream without the Responses or Messages API is served through chat completions.
 
 - **Tool-call turns with null content**: llama.cpp's Python server refuses ``"content": null`` (and a missing
   content) on an assistant turn that only calls tools; ``""`` means the same to every server, so it is always sent.
@@ -21,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from ..errors import GatewayError
 
+MISSING_ROUTE = "missing route"
 LATE_SYSTEM = "late system turn"
 STREAMED_TOOLS = "streamed tool call"
 
@@ -30,19 +33,19 @@ _STREAMED_TOOLS_WORDS = re.compile(r"stream.*tool|tool.*stream", re.IGNORECASE |
 
 
 class Quirks:
-    """The quirks an upstream showed, per model, each remembered for ``recheck_secs``."""
+    """The quirks an upstream showed, each for a model or a route (``key``), remembered for ``recheck_secs``."""
 
     def __init__(self, clock: IReactorTime, recheck_secs: float) -> None:
         self._clock = clock
         self._recheck_secs = recheck_secs
-        self._until: dict[tuple[str, str], float] = {}  # (quirk, model) -> when to try without it again
+        self._until: dict[tuple[str, str], float] = {}  # (quirk, key) -> when to try without it again
 
-    def has(self, quirk: str, model: str) -> bool:
-        until = self._until.get((quirk, model))
+    def has(self, quirk: str, key: str) -> bool:
+        until = self._until.get((quirk, key))
         return until is not None and self._clock.seconds() < until
 
-    def note(self, quirk: str, model: str) -> None:
-        self._until[(quirk, model)] = self._clock.seconds() + self._recheck_secs
+    def note(self, quirk: str, key: str) -> None:
+        self._until[(quirk, key)] = self._clock.seconds() + self._recheck_secs
 
 
 def refuses_late_system(error: GatewayError) -> bool:
