@@ -93,6 +93,7 @@ class ServerConfig:
     max_messages: int = _opt(_range(1), 1000)
     max_embedding_inputs: int = _opt(_range(1), 2048)  # inputs in one embeddings request (OpenAI's limit)
     max_embedding_size: int = _opt(_range(1), 1_000_000)  # characters and token ids in all of them together
+    max_embedding_dimensions: int = _opt(_range(1), 8192)  # the most ``dimensions`` an embeddings request may ask
     request_timeout_secs: float = _opt(_range(0, above=True), 300.0)  # to the answer (a stream: to its start)
     read_timeout_secs: float = _opt(_range(0, above=True), 30.0)  # to receive a whole request, from its 1st byte
     idle_timeout_secs: float = _opt(_range(0, above=True), 75.0)  # keep-alive connection with no request

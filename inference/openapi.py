@@ -60,6 +60,9 @@ def _responses(ok: dict[str, Any], *codes: str, auth: bool, error_schema: str = 
 def _number(minimum: float | None = None, maximum: float | None = None, integer: bool = False,
             exclusive_minimum: float | None = None) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "integer" if integer else "number"}
+    if integer:  # a checked integer beyond 64 bits is a 400 (no model server reads one)
+        minimum = -(2 ** 63) if minimum is None else minimum
+        maximum = 2 ** 63 - 1 if maximum is None else maximum
     if minimum is not None:
         schema["minimum"] = minimum
     if maximum is not None:
@@ -79,7 +82,7 @@ _PARAMETERS: dict[str, Any] = {
     "temperature": _number(0, 2), "top_p": _number(0, 1),
     "presence_penalty": _number(-2, 2), "frequency_penalty": _number(-2, 2),
     "max_tokens": _number(1, integer=True), "max_completion_tokens": _number(1, integer=True),
-    "n": _number(1, integer=True), "seed": {"type": "integer"},
+    "n": _number(1, integer=True), "seed": _number(integer=True),
     "stop": {"oneOf": [{"type": "string"},
                        {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
     "response_format": {"type": "object", "required": ["type"],
@@ -90,7 +93,9 @@ _PARAMETERS: dict[str, Any] = {
     "repeat_penalty": _number(exclusive_minimum=0), "mirostat_mode": {"enum": [0, 1, 2]},
     "mirostat_tau": _number(0), "mirostat_eta": _number(0), "cache_prompt": {"type": "boolean"},
     "ttl": _number(1, integer=True), "draft_model": {"type": "string"},
-    "extensions": {"type": "object", "description": "Keys merged into the upstream body"},
+    "extensions": {"type": "object", "propertyNames": {"minLength": 1},
+                   "description": "Keys merged into the upstream body (a key also given at the top level must "
+                                  "have the same value there)"},
 }
 
 
@@ -178,7 +183,9 @@ def _schemas(config: Config) -> dict[str, Any]:
             "properties": {
                 "model": _or_null(_PARAMETERS["model"]), "extensions": _or_null(_PARAMETERS["extensions"]),
                 "encoding_format": _or_null({"enum": ["float", "base64"]}),
-                "dimensions": _or_null(_number(1, integer=True)), "user": _or_null({"type": "string"}),
+                "dimensions": _or_null({**_number(1, integer=True),
+                                        "maximum": config.server.max_embedding_dimensions}),
+                "user": _or_null({"type": "string"}),
                 "input": {"oneOf": [
                     {"type": "string", "minLength": 1,
                      "maxLength": config.server.max_embedding_size},

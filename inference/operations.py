@@ -240,7 +240,8 @@ def _base64_floats(value: Any) -> int | None:
 EMBEDDINGS = Operation(
     name="embeddings", path="/v1/embeddings", gen_ai_name="embeddings", model_kind="embeddings",
     parse=lambda raw, config: parse_embeddings_request(raw, config.server.max_embedding_inputs,
-                                                       config.server.max_embedding_size),
+                                                       config.server.max_embedding_size,
+                                                       config.server.max_embedding_dimensions),
     answer_list="data", input_field="input", read_answer=_embeddings_answer, read_event=None)
 
 

@@ -44,6 +44,8 @@ def _number(low: float | None = None, high: float | None = None, *, above: bool 
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok_type:
             raise InvalidRequest(f"'{name}' must be {kind}, got {_show(value)}", param=name)
+        if integer and value not in _INT64:
+            raise InvalidRequest(f"'{name}' is an integer beyond 64 bits, which no model server reads", param=name)
         if value != value or (low is not None and (value <= low if above else value < low)) or (
                 high is not None and value > high):
             if low is not None and high is not None:
@@ -189,7 +191,30 @@ def _load(raw: bytes) -> Any:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
             pass
-    return json.loads(raw, parse_constant=_not_json)
+    value = json.loads(raw, parse_constant=_not_json)
+    _no_lone_surrogate(value)  # orjson refuses them; the standard library reads them, and no UTF-8 encodes them
+    return value
+
+
+_INT64 = range(-(2 ** 63), 2 ** 63)  # the integers a checked field may hold: no model server reads a larger one
+
+
+def _no_lone_surrogate(value: Any) -> None:
+    """Refuse a lone surrogate (``"\\ud800"``) anywhere in the body: it is not text, and the upstream request could
+    not be written (a 500 before this check)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _no_lone_surrogate(key)
+            _no_lone_surrogate(item)
+    elif isinstance(value, list):
+        for item in value:
+            _no_lone_surrogate(item)
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidJSON("request body is not valid JSON: a string holds a lone surrogate (\\ud800-\\udfff), "
+                              "which is not text") from None
 
 
 def parse_chat_request(raw: bytes, defaults: DefaultsConfig, max_messages: int = 0) -> ParsedRequest:
@@ -209,11 +234,18 @@ def parse_completion_request(raw: bytes, defaults: DefaultsConfig) -> ParsedRequ
     return _generation(body, COMPLETION_CHECKS, defaults)
 
 
-def parse_embeddings_request(raw: bytes, max_inputs: int, max_size: int) -> ParsedRequest:
-    """Parse and validate a ``POST /v1/embeddings`` body; ``input`` is bounded in count and in total size."""
+def parse_embeddings_request(raw: bytes, max_inputs: int, max_size: int,
+                             max_dimensions: int = 8192) -> ParsedRequest:
+    """Parse and validate a ``POST /v1/embeddings`` body; ``input`` is bounded in count and in total size, and
+    ``dimensions`` too (the answer's size is inputs x dimensions: a billion dimensions once took 14 GB)."""
     body = parse_object(raw)
     body["input"] = _check_input(body.get("input"), max_inputs, max_size)
-    return ParsedRequest(model=check_fields(body, EMBEDDING_CHECKS), stream=False, body=body)
+    model = check_fields(body, EMBEDDING_CHECKS)
+    dimensions = body.get("dimensions")
+    if dimensions is not None and dimensions > max_dimensions:
+        raise InvalidRequest(f"'dimensions' is {dimensions}; the gateway accepts at most {max_dimensions} "
+                             "(server.max_embedding_dimensions)", param="dimensions")
+    return ParsedRequest(model=model, stream=False, body=body)
 
 
 def parse_responses_request(raw: bytes) -> ParsedRequest:
@@ -265,6 +297,8 @@ def parse_object(raw: bytes) -> dict[str, Any]:
         if not isinstance(extensions, dict):
             raise InvalidRequest("'extensions' must be an object", param="extensions")
         for key, value in extensions.items():
+            if not key:
+                raise InvalidRequest("'extensions' keys must be parameter names, not empty", param="extensions")
             if key in body and body[key] != value:  # the same value twice says the same thing
                 raise InvalidRequest(f"'{key}' is given both at the top level and in 'extensions', differently",
                                      param=f"extensions.{key}")

@@ -29,7 +29,8 @@ messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(ROLES), "cont
 # Parameters within the documented ranges: any combination must be accepted and sent on unchanged.
 VALID = {
     "temperature": st.floats(0, 2), "top_p": st.floats(0, 1), "presence_penalty": st.floats(-2, 2),
-    "frequency_penalty": st.floats(-2, 2), "max_tokens": st.integers(1, 10**6), "seed": st.integers(),
+    "frequency_penalty": st.floats(-2, 2), "max_tokens": st.integers(1, 10**6),
+    "seed": st.integers(-(2 ** 63), 2 ** 63 - 1),
     "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=4), "stream": st.booleans(),
     "top_k": st.integers(-1, 1000), "min_p": st.floats(0, 1), "mirostat_mode": st.sampled_from([0, 1, 2]),
     "model": st.text(min_size=1, max_size=20).filter(str.strip), "user": st.text(max_size=10),

@@ -35,9 +35,12 @@ def _make(reactor: Any, config: InferenceConfig) -> Provider:
 
 
 def _host_provider(reactor: Any, config: InferenceConfig, host: UpstreamConfig, retry_connect: bool) -> Provider:
-    config = dataclasses.replace(config, base_url=host.base_url, api_key=host.api_key or config.api_key,
-                                 provider=host.provider or config.provider)
-    if config.provider == "openai":
+    """One host's provider, with its key: the host's own, else ``inference.api_key`` when that was set for hosts
+    of this kind (an OpenAI key, from OPENAI_API_KEY, is never sent to an LM Studio host)."""
+    kind = host.provider or config.provider
+    shared_key = config.api_key if kind == config.provider else None
+    config = dataclasses.replace(config, base_url=host.base_url, api_key=host.api_key or shared_key, provider=kind)
+    if kind == "openai":
         from .openai import OpenAIProvider
         return OpenAIProvider(reactor, config, retry_connect)
     from .lmstudio import LMStudioProvider

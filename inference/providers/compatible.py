@@ -35,8 +35,9 @@ log = Logger()
 class OpenAICompatibleProvider(Provider):
     name = "openai-compatible"
 
-    def __init__(self, reactor: Any, config: InferenceConfig, headers: dict[str, str] | None = None,
-                 retry_connect: bool = True) -> None:
+    def __init__(self, reactor: Any, config: InferenceConfig, retry_connect: bool = True) -> None:
+        # The upstream's key, on every request (LM Studio 0.4 asks one on every route when its authentication is on).
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self.client = UpstreamClient(reactor, config.base_url, config.http, headers, retry_connect)
         self.base_url = self.client.base_url
         self._reactor = reactor

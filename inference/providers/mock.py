@@ -16,6 +16,7 @@ from twisted.internet.task import deferLater
 
 from .. import jsonio
 from ..config import MockConfig
+from ..errors import InvalidRequest
 from ..operations import CHAT, Operation
 from ..sse import DONE
 from ..translation.chat import as_object
@@ -204,10 +205,19 @@ def embedding(text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
     return [x / norm for x in vector]
 
 
+MAX_EMBEDDING_NUMBERS = 262_144
+"""The most numbers (inputs x dimensions) one mock embeddings answer holds: each is computed in the reactor's
+thread, and 256 Ki of them take about a tenth of a second."""
+
+
 def _embeddings(body: dict[str, Any]) -> Completion:
     given = body["input"]
     inputs = [given] if isinstance(given, str) or not isinstance(given[0], (str, list)) else given
     dimensions = body.get("dimensions") or EMBEDDING_DIMENSIONS
+    if len(inputs) * dimensions > MAX_EMBEDDING_NUMBERS:
+        raise InvalidRequest(f"{len(inputs)} inputs of {dimensions} dimensions are {len(inputs) * dimensions} "
+                             f"numbers; the mock answers at most {MAX_EMBEDDING_NUMBERS} per request",
+                             param="dimensions")
     as_base64 = body.get("encoding_format") == "base64"
     data = []
     for index, item in enumerate(inputs):

@@ -1,0 +1,123 @@
+"""No request may make the gateway build an answer larger than a bound it states, nor pass on what no upstream
+reads (issue 20, defects 1 and 5); hosts that ask for a key get it (defect 4)."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+
+from .conftest import call
+from .fakes.lmstudio import FakeLMStudio
+
+MODEL = "qwen2.5-7b-instruct"
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("dimensions, status", [(8192, 200), (8193, 400), (1_000_000_000, 400)])
+@pytest_twisted.ensureDeferred
+async def test_embedding_dimensions_are_bounded(start_gateway, dimensions, status):
+    gateway = start_gateway({"INFERENCE_INFERENCE_PROVIDER": "mock"})
+    reply = await call("POST", gateway.url + "/v1/embeddings", {"model": "mock-embedding", "input": "hi",
+                                                                "dimensions": dimensions})
+    assert reply.status == status
+    if status == 400:
+        assert reply.error["param"] == "dimensions" and "server.max_embedding_dimensions" in reply.error["message"]
+    else:
+        assert len(reply.json()["data"][0]["embedding"]) == 8192
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_mocks_embeddings_answer_is_bounded(start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_PROVIDER": "mock"})
+    reply = await call("POST", gateway.url + "/v1/embeddings", {"model": "mock-embedding", "input": ["a"] * 64,
+                                                                "dimensions": 8192})
+    assert reply.status == 400 and "at most 262144" in reply.error["message"]
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "max_tokens": 10 ** 400}, "max_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "seed": 2 ** 63}, "seed"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "extensions": {"top_k": -(2 ** 63) - 1}}, "top_k"),
+    ("/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 10 ** 30}, "max_output_tokens"),
+    ("/v1/messages", {"model": MODEL, "messages": USER, "max_tokens": 2 ** 64}, "max_tokens"),
+])
+@pytest_twisted.ensureDeferred
+async def test_checked_integers_beyond_64_bits_are_a_400_not_forwarded(fake, lmstudio, route, body, param):
+    reply = await call("POST", lmstudio.url + route, body)
+    assert reply.status == 400 and "64 bits" in reply.json()["error"]["message"]
+    assert reply.json()["error"].get("param", param) == param
+    assert not [r for r in fake.received if r.method == "POST"]
+    fine = await call("POST", lmstudio.url + "/v1/chat/completions",
+                      {"model": MODEL, "messages": USER, "seed": 2 ** 63 - 1})
+    assert fine.status == 200  # the largest 64-bit integer is one
+
+
+@pytest.mark.parametrize("route, template", [
+    ("/v1/chat/completions", b'{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud800"}]}'),
+    ("/v1/embeddings", b'{"model": "%s", "input": "\\udfff"}'),
+    ("/v1/responses", b'{"model": "%s", "input": "x", "user": "\\ud83d"}'),
+    ("/v1/messages", b'{"model": "%s", "max_tokens": 5, "messages": [{"role": "user", "content": "\\ud800"}]}'),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_lone_surrogate_is_a_400_in_the_routes_shape(fake, lmstudio, route, template):
+    reply = await call("POST", lmstudio.url + route, raw=template % MODEL.encode())
+    assert reply.status == 400
+    body = reply.json()
+    error = body["error"]
+    if route == "/v1/messages":
+        assert body["type"] == "error" and error["type"] == "invalid_request_error"
+    else:
+        assert error["code"] == "invalid_json"
+    assert "lone surrogate" in error["message"]
+    assert not [r for r in fake.received if r.method == "POST"]
+    pair = await call("POST", lmstudio.url + "/v1/chat/completions", raw=b'{"model": "%s", "messages": [{"role": '
+                      b'"user", "content": "\\ud83d\\ude00"}]}' % MODEL.encode())
+    assert pair.status == 200  # a surrogate pair is a character (an emoji)
+
+
+@pytest_twisted.ensureDeferred
+async def test_lm_studio_hosts_get_their_key_on_every_route(fake, start_gateway):
+    fake.require_key = "lm-token-1"  # LM Studio 0.4 with authentication on
+    fake.native_types = {MODEL: "llm"}
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url, "INFERENCE_INFERENCE_API_KEY": "lm-token-1"})
+    assert (await gateway.post_chat({"model": MODEL, "messages": USER})).status == 200
+    asked = {r.path: r.headers.get("authorization") for r in fake.received}
+    assert asked == {"/v1/models": "Bearer lm-token-1", "/api/v0/models": "Bearer lm-token-1",
+                     "/v1/chat/completions": "Bearer lm-token-1"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_fleet_host_gets_its_own_key_and_no_openai_key_reaches_lm_studio(start_gateway, tmp_path):
+    hosts = [FakeLMStudio([MODEL]), FakeLMStudio([MODEL])]
+    for host, key in zip(hosts, ("key-a", "key-b"), strict=True):
+        host.require_key = key
+        host.listen()
+    config = tmp_path / "fleet.yaml"
+    config.write_text(f"""inference:
+  upstreams:
+    - {{name: a, base_url: "{hosts[0].url}", api_key: key-a}}
+    - {{name: b, base_url: "{hosts[1].url}", api_key: key-b}}
+""")
+    try:
+        gateway = start_gateway({"INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "0"}, str(config))
+        for i in range(4):
+            assert (await gateway.post_chat({"model": MODEL, "messages": [
+                {"role": "user", "content": f"conversation {i}"}]})).status == 200
+        for host, key in zip(hosts, ("key-a", "key-b"), strict=True):
+            assert {r.headers.get("authorization") for r in host.received} == {f"Bearer {key}"}
+        lm_studio = FakeLMStudio([MODEL])
+        lm_studio.listen()
+        mixed = tmp_path / "mixed.yaml"
+        mixed.write_text(f"""inference:
+  provider: openai
+  upstreams:
+    - {{name: cloud, base_url: "{hosts[0].url}", api_key: key-a}}
+    - {{name: box, base_url: "{lm_studio.url}", provider: lmstudio}}
+""")
+        mixed_gateway = start_gateway({"OPENAI_API_KEY": "sk-openai-secret"}, str(mixed))
+        assert (await call("GET", mixed_gateway.url + "/health")).status == 200
+        assert lm_studio.received and all("authorization" not in r.headers for r in lm_studio.received)
+        await lm_studio.stop()
+    finally:
+        for host in hosts:
+            await host.stop()
