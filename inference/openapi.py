@@ -103,7 +103,8 @@ _PARAMETERS: dict[str, Any] = {
 _MESSAGES_PARAMETERS: dict[str, Any] = {
     "model": _PARAMETERS["model"], "stream": {"type": "boolean"}, "extensions": _PARAMETERS["extensions"],
     "temperature": _number(0, 1), "top_p": _number(0, 1), "top_k": _number(0, integer=True),
-    "stop_sequences": {"type": "array"}, "metadata": {"type": "object"}, "thinking": {"type": "object"},
+    "stop_sequences": {"type": "array"}, "metadata": {"type": "object"},
+    "thinking": {"type": "object", "properties": {"budget_tokens": _number(1024, integer=True)}},
     **MESSAGES_PARAMETERS,
 }
 

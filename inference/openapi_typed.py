@@ -54,7 +54,8 @@ MESSAGES_SCHEMAS: dict[str, Any] = {
 MESSAGES_PARAMETERS: dict[str, Any] = {
     "system": _string_or_list(_TEXT_BLOCK),
     "tools": {"type": "array", "items": _either(
-        _object(["name", "input_schema"], name=_STRING, type={"enum": ["custom", None]}),
+        _object(["name", "input_schema"], name=_STRING, type={"enum": ["custom", None]},
+                input_schema={"type": "object"}),
         {**_object(["type", "name"], type=_STRING, name=_STRING),
          "description": "a server tool (web search ...): left out where the upstream has no Messages API, or a 400 "
                         "under inference.translation.unsupported_tools: reject"})},
@@ -89,7 +90,8 @@ RESPONSES_SCHEMAS: dict[str, Any] = {
                                      "image_generation_call", "mcp_call", "mcp_list_tools", "local_shell_call",
                                      "local_shell_call_output", "compaction"))),
 }
-_FUNCTION_TOOL = _object(["type", "name"], type=_kind("function", "custom"), name=_STRING)
+_FUNCTION_TOOL = _object(["type", "name"], type=_kind("function", "custom"), name=_STRING,
+                         parameters={"type": ["object", "null"]})
 RESPONSES_PARAMETERS: dict[str, Any] = {
     "tools": {"type": "array", "items": _either(
         _FUNCTION_TOOL,

@@ -257,7 +257,15 @@ def parse_responses_request(raw: bytes) -> ParsedRequest:
         raise InvalidRequest("'input' is required", param="input")
     if not (isinstance(given, str) or (isinstance(given, list) and given and all(isinstance(i, dict) for i in given))):
         raise InvalidRequest("'input' must be a string or a non-empty list of input items (objects)", param="input")
-    return ParsedRequest(model=check_fields(body, RESPONSES_CHECKS), stream=bool(body.get("stream")), body=body)
+    model = check_fields(body, RESPONSES_CHECKS)
+    for i, tool in enumerate(body.get("tools") or ()):
+        inner = tool.get("tools") if isinstance(tool, dict) and tool.get("type") == "namespace" else None
+        for j, function in enumerate(inner if isinstance(inner, list) else [tool]):
+            where = f"tools[{i}].tools[{j}]" if inner is not None else f"tools[{i}]"
+            if isinstance(function, dict) and function.get("type") == "function" and \
+                    function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+                raise InvalidRequest(f"'{where}.parameters' must be a JSON Schema object", param=f"{where}.parameters")
+    return ParsedRequest(model=model, stream=bool(body.get("stream")), body=body)
 
 
 def parse_messages_request(raw: bytes, max_messages: int = 0) -> ParsedRequest:
@@ -279,7 +287,27 @@ def parse_messages_request(raw: bytes, max_messages: int = 0) -> ParsedRequest:
                              param="messages")
     if body.get("max_tokens") is None:
         raise InvalidRequest("'max_tokens' is required", param="max_tokens")
-    return ParsedRequest(model=check_fields(body, MESSAGES_CHECKS), stream=bool(body.get("stream")), body=body)
+    model = check_fields(body, MESSAGES_CHECKS)
+    _check_anthropic_tools(body)
+    return ParsedRequest(model=model, stream=bool(body.get("stream")), body=body)
+
+
+def _check_anthropic_tools(body: dict[str, Any]) -> None:
+    """What Anthropic's API refuses about tools and thinking: an ``input_schema`` that is not an object, a
+    ``tool_choice`` whose name is not a string, a thinking budget below Anthropic's 1024 tokens."""
+    for i, tool in enumerate(body.get("tools") or ()):
+        if not isinstance(tool, dict):
+            raise InvalidRequest(f"'tools[{i}]' must be an object", param=f"tools[{i}]")
+        if "input_schema" in tool and not isinstance(tool["input_schema"], dict):
+            raise InvalidRequest(f"'tools[{i}].input_schema' must be a JSON Schema object",
+                                 param=f"tools[{i}].input_schema")
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "tool" and not isinstance(choice.get("name"), str):
+        raise InvalidRequest("'tool_choice.name' must be a string", param="tool_choice.name")
+    thinking = body.get("thinking")
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+    if budget is not None:
+        _number(1024, integer=True)("thinking.budget_tokens", budget)
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:

@@ -121,3 +121,21 @@ async def test_each_fleet_host_gets_its_own_key_and_no_openai_key_reaches_lm_stu
     finally:
         for host in hosts:
             await host.stop()
+
+
+@pytest.mark.parametrize("route, body, named", [
+    ("/v1/messages", {"tools": [{"name": "f", "input_schema": "object"}]}, "tools[0].input_schema"),
+    ("/v1/messages", {"tools": [{"name": "f", "input_schema": {"type": "object"}}],
+                      "tool_choice": {"type": "tool", "name": {}}}, "tool_choice.name"),
+    ("/v1/messages", {"thinking": {"type": "enabled", "budget_tokens": -1}}, "thinking.budget_tokens"),
+    ("/v1/responses", {"tools": [{"type": "function", "name": "f", "parameters": 5}]}, "tools[0].parameters"),
+    ("/v1/responses", {"tools": [{"type": "namespace", "name": "n", "tools": [
+        {"type": "function", "name": "f", "parameters": []}]}]}, "tools[0].tools[0].parameters"),
+])
+@pytest_twisted.ensureDeferred
+async def test_checked_tool_fields_that_no_api_accepts_are_400s(fake, lmstudio, route, body, named):
+    base = {"model": MODEL, "max_tokens": 2000, "messages": USER} if route == "/v1/messages" else \
+        {"model": MODEL, "input": "hi"}
+    reply = await call("POST", lmstudio.url + route, {**base, **body})
+    assert reply.status == 400 and f"'{named}" in reply.json()["error"]["message"]
+    assert not [r for r in fake.received if r.method == "POST"]
