@@ -7,6 +7,7 @@ import os
 import signal
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -23,7 +24,7 @@ from .api import Gateway, route_of, write_error
 from .channel import GatewayChannel
 from .config import Config
 from .cors import Cors
-from .errors import GatewayError, MethodNotAllowed, RouteNotFound
+from .errors import GatewayError, InvalidRequest, MethodNotAllowed, RouteNotFound
 from .listen import describe, server_endpoint
 from .logs import LogFile, TextSink, make_observer
 from .providers import make_provider
@@ -87,6 +88,11 @@ class GatewaySite(Site):
     def getResourceFor(self, request: Any) -> Any:
         if request.path == self._metrics_path:
             return self._metrics
+        if b"%" in request.path:  # Klein would answer a path not UTF-8 with text/html; every answer here is JSON
+            try:
+                unquote_to_bytes(request.path).decode("utf-8")
+            except UnicodeDecodeError:
+                return _NOT_UTF8
         return super().getResourceFor(request)
 
 
@@ -129,6 +135,19 @@ class _OnlyAt(Resource):
             return write_error(request, RouteNotFound(f"Only {self._path.decode()} is served on this port"))
         body: bytes = self._resource.render(request)
         return body
+
+
+class _NotUtf8(Resource):
+    """The answer to a path that is not UTF-8 (``/v1/models/%ff``): a 400 in OpenAI's error shape."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return write_error(request, InvalidRequest("The URL's path is not UTF-8 once its %-escapes are decoded",
+                                                   code="invalid_url"))
+
+
+_NOT_UTF8 = _NotUtf8()
 
 
 class _Listener(StreamServerEndpointService):

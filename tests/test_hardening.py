@@ -139,3 +139,12 @@ async def test_checked_tool_fields_that_no_api_accepts_are_400s(fake, lmstudio, 
     reply = await call("POST", lmstudio.url + route, {**base, **body})
     assert reply.status == 400 and f"'{named}" in reply.json()["error"]["message"]
     assert not [r for r in fake.received if r.method == "POST"]
+
+
+@pytest.mark.parametrize("path", ["/v1/models/%ff", "/%c3%28", "/v1/chat/completions%80"])
+@pytest_twisted.ensureDeferred
+async def test_a_path_that_is_not_utf8_is_a_json_400(lmstudio, path):
+    reply = await call("GET", lmstudio.url + path)
+    assert reply.status == 400 and reply.header(b"content-type") == b"application/json"
+    assert reply.error["code"] == "invalid_url" and "UTF-8" in reply.error["message"]
+    assert (await call("GET", lmstudio.url + "/v1/models/qwen%32.5-7b-instruct")).status == 200  # escapes are fine
