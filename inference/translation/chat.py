@@ -171,14 +171,9 @@ class ChatStreamReader:
         self._over = False
 
     def chunk(self, data: dict[str, Any]) -> list[Event]:
-        """One chunk's events."""
+        """One chunk's events (an ``error`` chunk fails the stream before it gets here: see :meth:`broken`)."""
         if self._over:
             return []
-        if data.get("error") is not None:
-            self._over = True
-            error = data["error"]
-            message = error.get("message") if isinstance(error, dict) else error
-            return self._writer.failed(str(message or "error event"), self.result)
         events: list[Event] = []
         if not self._started:
             self._started = True
