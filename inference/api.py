@@ -60,11 +60,6 @@ def write_body(request: IRequest, body: bytes, status: int = 200) -> bytes:
     return body
 
 
-def _host_state(host: dict[str, Any]) -> str:
-    """One host of a fleet for ``/health/ready``: serving, ejected (left out after failures) or down."""
-    return "ejected" if host["ejected"] else "serving" if host["up"] else "down"
-
-
 def write_error(request: IRequest, error: GatewayError) -> bytes:
     """The error's status, headers and body, in the shape of the API the request is for (OpenAI's, or Anthropic's
     on ``/v1/messages``); the code is kept for the access log and spans."""
@@ -241,7 +236,7 @@ class Gateway:
             reachable, error = upstream["reachable"], upstream["error"]
         hosts = self.provider.host_status()
         if hosts:  # a fleet: ready while one host serves (answers, and is not left out after failures)
-            states = {host["name"]: _host_state(host) for host in hosts}
+            states = {host["name"]: host["state"] for host in hosts}
             if reachable and "serving" in states.values():
                 return write_json(request, {"status": "ready", "hosts": states})
             error = error or "no host serves: each is down or left out after failures"

@@ -145,11 +145,17 @@ class RoutingConfig:
     # A conversation leaves the host holding its prefix only when that host has this many more requests in
     # flight than the least loaded candidate.
     load_bound: int = _opt(_range(0), 2)
-    # Passive health: a host that answers 5xx or "no model loaded" this many times in a row (or refuses a
-    # connection once) is left out for eject_secs, doubled for each ejection in a row up to max_eject_secs.
+    # Passive health (routing/health.py): a host whose calls fail this many times in a row (5xx, "no model
+    # loaded", no answer in time) is left out for eject_secs times the times it was ejected, up to
+    # max_eject_secs; never more than max_ejection_percent of the hosts at once (at least one).
     eject_after: int = _opt(_range(1), 3)
     eject_secs: float = _opt(_range(0, above=True), 5.0)
     max_eject_secs: float = _opt(_range(0, above=True), 300.0)
+    max_ejection_percent: int = _opt(_range(0, 100), 50)
+    # How long a host's model list may take: a probe (checks, refreshes, a host coming back) waits no longer.
+    probe_timeout_secs: float = _opt(_range(0, above=True), 2.0)
+    # Calls waiting for a host of the fleet to free a slot; one more is answered 429 with Retry-After.
+    max_waiting: int = _opt(_range(1), 1024)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ import random
 import pytest
 
 from inference.routing.conversation import conversation_key
-from inference.routing.ejection import Ejection
 from inference.routing.memory import PrefixMemory
 from inference.routing.picker import HostView, pick
 from inference.routing.rendezvous import rank
@@ -83,7 +82,7 @@ def test_a_host_holds_its_last_conversations_one_per_slot():
 
 def test_only_hosts_that_are_up_and_serve_the_model_are_candidates():
     views = hosts("a", "b", "c")
-    views[0].up = False
+    views[0].routed = False  # down, ejected or being checked
     views[1].models = {"llama": "loaded"}
     chosen = pick(views, "qwen", None, memory_of(views), 2, random.Random(1))
     assert chosen is not None and [h.name for h in chosen.hosts] == ["c"] and chosen.reason == "only_choice"
@@ -163,17 +162,3 @@ def test_interleaved_conversations_keep_their_hosts_turn_after_turn():
             home[conversation] = name
             memory.remember(name, conversation)
     assert sorted(list(home.values()).count(name) for name in "ab") == [4, 4]
-
-
-# -- passive health ------------------------------------------------------------------------------------------------
-
-def test_failures_in_a_row_eject_a_host_for_a_cool_down_that_doubles_up_to_a_cap():
-    ejection = Ejection(eject_after=3, base_secs=5, max_secs=30)
-    assert [ejection.failed(unreachable=False) for _ in range(3)] == [None, None, 5]
-    assert ejection.failed(unreachable=True) == 10  # a refused connection ejects at once
-    assert [ejection.eject() for _ in range(3)] == [20, 30, 30]  # probed back and still failing
-    ejection.served()
-    assert [ejection.failed(unreachable=False) for _ in range(3)] == [None, None, 5]  # a new run of failures
-    ejection.failed(unreachable=False)
-    ejection.served()  # a call served in between: the run starts again
-    assert ejection.failed(unreachable=False) is None

@@ -24,14 +24,11 @@ def _make(reactor: Any, config: InferenceConfig) -> Provider:
     hosts = config.hosts()
     if len(hosts) == 1:
         return _host_provider(reactor, config, hosts[0], retry_connect=True)
-    from ..routing.ejection import Ejection
     from .fleet import FleetProvider, Host
-    routing = config.routing
     # A host that cannot be connected to is passed over at once (the next host is the retry); a pooled
     # connection that failed before the request went out is still retried on the same host.
-    return FleetProvider([Host(host, _host_provider(reactor, config, host, retry_connect=False),
-                               Ejection(routing.eject_after, routing.eject_secs, routing.max_eject_secs))
-                          for host in hosts], routing, reactor, config.http.connect_timeout_secs)
+    return FleetProvider([Host(host, _host_provider(reactor, config, host, retry_connect=False))
+                          for host in hosts], config.routing, reactor)
 
 
 def _host_provider(reactor: Any, config: InferenceConfig, host: UpstreamConfig, retry_connect: bool) -> Provider:

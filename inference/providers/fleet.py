@@ -1,30 +1,34 @@
 """Several hosts behind one gateway: each call goes to the host the routing policies pick (``inference.routing``),
 and to the next in their ranking when a host fails before answering.
 
-Nothing is retried once a stream has been handed to the relay (a byte may have reached the client); a host's
-4xx is the client's answer, not the host's failure. A host that keeps failing is ejected for a cool-down
-(``inference.routing.ejection``), then asked for its models: it serves again once it answers.
+A call moves to the next host only while no byte of its answer has arrived: nothing is retried once a stream has
+been handed to the relay, nor after a deadline passed (the call may still run there); a host's 4xx is the
+client's answer, not the host's failure. Each host's health is its own state machine (``routing.health``): what
+calls and probes report decides whether it is routed to. Model lists are refreshed in the background, each host
+within ``probe_timeout_secs``: no call waits for a host it is not sent to.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import jsonio
 from ..config import RoutingConfig, UpstreamConfig
-from ..errors import GatewayError, UpstreamClientError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from ..errors import GatewayError, Overloaded, UpstreamClientError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from ..operations import RESPONSES, Operation
 from ..routing.conversation import conversation
-from ..routing.ejection import Ejection
+from ..routing.health import DOWN, EJECTED, SERVING, HealthRules, HostHealth
 from ..routing.memory import PrefixMemory, ResponseHomes
 from ..routing.picker import HostView, Pick, pick, serving
 from .base import ChatStream, Completion, EventConsumer, Provider, Route, WrappedStream
@@ -58,25 +62,27 @@ def is_host_failure(error: GatewayError) -> bool:
 
 
 class Host:
-    """One host: its provider, and what routing knows of it (``view``)."""
+    """One host: its provider, what routing knows of it (``view``) and its health (set by the fleet)."""
 
-    def __init__(self, config: UpstreamConfig, provider: Provider, ejection: Ejection) -> None:
+    health: HostHealth
+
+    def __init__(self, config: UpstreamConfig, provider: Provider) -> None:
         self.config = config
         self.provider = provider
         self.view = HostView(config.name, config.max_concurrent, config.weight)
-        self.ejection = ejection
-        self.comeback: Any = None  # while ejected: the timer, then the probe, that may bring it back
         self.models: list[dict[str, Any]] = []  # its model list, as it last answered it
+
+
+RETRY_AFTER_SECS = 1
 
 
 class FleetProvider(Provider):
     """The hosts of ``inference.upstreams`` as one provider: their models together, each call routed."""
 
-    def __init__(self, hosts: list[Host], routing: RoutingConfig, clock: Any, probe_timeout: float,
+    def __init__(self, hosts: list[Host], routing: RoutingConfig, clock: IReactorTime,
                  rng: random.Random | None = None) -> None:
         self.hosts = hosts
-        self.clock = clock
-        self._probe_timeout = probe_timeout
+        self._probe_timeout = routing.probe_timeout_secs
         self.on_eject: Callable[[str], None] = lambda name: None  # telemetry counts ejections
         kinds = {host.provider.name for host in hosts}
         self.name = kinds.pop() if len(kinds) == 1 else "mixed"  # the provider label of metrics and spans
@@ -84,34 +90,81 @@ class FleetProvider(Provider):
         self._by_name = {host.view.name: host for host in hosts}
         self._views = [host.view for host in hosts]  # live: each host updates its own view
         self._load_bound = routing.load_bound
+        self._max_ejected = max(1, len(hosts) * routing.max_ejection_percent // 100) \
+            if routing.max_ejection_percent else 0
+        self._max_waiting = routing.max_waiting
         self._rng = rng or random.Random()
         self.memory = PrefixMemory(lambda name: self._by_name[name].view.max_concurrent)
         self.responses = ResponseHomes()
-        self._waiting: list[Deferred[None]] = []  # calls waiting for a host to free a slot
+        self._waiting: deque[tuple[str, Deferred[None]]] = deque()  # calls (and their model) waiting for a slot
+        self._listed = False  # whether the hosts' model lists were asked once
+        rules = HealthRules(routing.eject_after, routing.eject_secs, routing.max_eject_secs)
+        for host in hosts:
+            host.health = HostHealth(clock, rules, probe=partial(self._probe, host),
+                                     busy=partial(lambda view: view.outstanding > 0, host.view),
+                                     may_eject=self._may_eject)
+            host.health.on_change = partial(self._health_changed, host)
+            host.health.on_models = partial(self._learn_models, host)
 
     async def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:
-        """Every host's models together (each model once, with the names of the hosts serving it); a host that
-        does not answer serves nothing until it answers again."""
-        asked = [Deferred.fromCoroutine(host.provider.list_models(timeout)) for host in self.hosts]
-        answers = await DeferredList(asked, consumeErrors=True)
+        """Every host's models together (each model once, with the names of the hosts serving it).
+
+        The lists are refreshed in the background, each host within ``probe_timeout_secs``, and the last answers
+        served meanwhile: a host that hangs slows no call. Only the first list, and a probe (``timeout``: the
+        health monitor, ``/health``), waits for the answers."""
+        asked = DeferredList([host.health.refresh() for host in self.hosts])
+        if timeout is not None or not self._listed:
+            await asked
+            self._listed = True
+        return self._merged()
+
+    def _merged(self) -> list[dict[str, Any]]:
         merged: dict[str, dict[str, Any]] = {}
-        failures: list[Failure] = []
-        for host, (ok, result) in zip(self.hosts, answers, strict=True):
-            if not ok and _busy(host, cast(Failure, result)):
-                ok, result = True, host.models  # busy, not down: it serves what it served
-            host.view.up = ok
-            if not ok:
-                failures.append(cast(Failure, result))
-                host.view.models = {}
-                continue
-            host.view.models = _states(result)
-            host.models = result
-            for model in result:
+        answering = [host for host in self.hosts if host.health.state != DOWN and host.health.answered]
+        if not answering:
+            errors = "; ".join(f"{host.view.name}: {host.health.error or host.health.state}" for host in self.hosts)
+            raise UpstreamUnreachable(f"no host of the fleet answers its model list ({errors})")
+        for host in answering:
+            for model in host.models:
                 entry = merged.setdefault(model["id"], {**model, "hosts": []})
                 entry["hosts"].append(host.view.name)
-        if len(failures) == len(self.hosts):
-            failures[0].raiseException()
         return list(merged.values())
+
+    def _probe(self, host: Host) -> Deferred[list[dict[str, Any]]]:
+        return Deferred.fromCoroutine(host.provider.list_models(timeout=self._probe_timeout))
+
+    def _learn_models(self, host: Host, models: list[dict[str, Any]]) -> None:
+        host.models = models
+        host.view.models = _states(models)
+
+    def _may_eject(self) -> bool:
+        """Envoy's max_ejection_percent: a cause every host shares (the same bad call failing everywhere) must not
+        leave the fleet empty."""
+        return sum(host.health.state == EJECTED for host in self.hosts) < self._max_ejected
+
+    def _health_changed(self, host: Host, old: str, new: str) -> None:
+        """What a host's change of state means for routing: its view, its conversations, the waiting calls, the
+        log and the metrics."""
+        name, health = host.view.name, host.health
+        host.view.routed = new == SERVING
+        if new == SERVING:
+            log.info("upstream host {host} is back, serving {models}", host=name,
+                     models=", ".join(host.view.models) or "no models yet")
+            for _ in range(host.view.max_concurrent - host.view.outstanding):
+                self._wake_one(host)
+            return
+        if old == SERVING:  # a host that was out may have restarted: its prompt cache is presumed lost
+            self.memory.forget(name)
+        if new == EJECTED:
+            self.on_eject(name)
+            log.warn("upstream host {host} left out for {secs:g}s ({why}); other hosts serve its calls",
+                     host=name, secs=health.cool_down, why=health.why)
+        elif new == DOWN and old != "probing":
+            log.warn("upstream host {host} does not answer its model list ({error}); left out, asked again "
+                     "every second", host=name, error=health.error)
+        elif new == "checking":
+            log.info("upstream host {host} is asked for its model list at once ({why})", host=name, why=health.why)
+        self._wake_all()  # calls waiting for it look again: another host may serve them, or none
 
     async def call(self, operation: Operation, body: dict[str, Any],
                    headers: dict[str, str] | None = None) -> Completion:
@@ -128,7 +181,7 @@ class FleetProvider(Provider):
             operation, body, lambda host: host.provider.open_stream(operation, body, headers))
         # The slot is the stream's until it ends; a Responses stream names its response in its first event.
         created = partial(self.responses.remember, host=host.view.name) if operation is RESPONSES else None
-        return HostStream(stream, partial(self._release, host), route, created)
+        return HostStream(stream, partial(self._stream_ended, host), route, created)
 
     async def _first_answer(self, operation: Operation, body: dict[str, Any],
                             attempt: Callable[[Host], Coroutine[Any, Any, T]]) -> tuple[Host, T, Route]:
@@ -140,10 +193,9 @@ class FleetProvider(Provider):
             try:
                 answer = await attempt(host)
             except GatewayError as e:
+                self._report(host, e)
                 self._release(host)
                 failure = is_host_failure(e)
-                if failure:
-                    self._host_failed(host, e)
                 if host is ranking.hosts[-1] or not (failure or ranking.elsewhere and lacks_response(e)):
                     e.route = _route(host, ranking, failed)  # the error names the host that failed last
                     raise
@@ -153,7 +205,7 @@ class FleetProvider(Provider):
             except BaseException:  # cancelled: the client left, or the deadline passed
                 self._release(host)
                 raise
-            host.ejection.served()
+            host.health.call_answered()
             if getattr(answer, "model_load", None) is not None:
                 host.view.models[body["model"]] = "loaded"  # it loaded the model to answer
             self._served(host, key)
@@ -180,76 +232,58 @@ class FleetProvider(Provider):
                 reason = "affinity" if len(views) == 1 and len(self._views) > 1 else chosen.reason
                 return key, Ranking(hosts, reason, elsewhere=isinstance(previous, str) and len(views) > 1,
                                     key_source=source)
+            if len(self._waiting) >= self._max_waiting:
+                raise Overloaded(f"{len(self._waiting)} calls already wait for a host of the fleet to free a slot "
+                                 "(inference.routing.max_waiting); retry shortly",
+                                 headers={"Retry-After": str(RETRY_AFTER_SECS)})
             waiting: Deferred[None] = Deferred(self._give_up)
-            self._waiting.append(waiting)
+            self._waiting.append((model, waiting))
             await waiting
 
     def _give_up(self, waiting: Deferred[None]) -> None:
         """A waiting call was cancelled (its deadline, or its client left)."""
-        if waiting in self._waiting:
-            self._waiting.remove(waiting)
+        for entry in self._waiting:
+            if entry[1] is waiting:
+                self._waiting.remove(entry)
+                return
 
-    def _host_failed(self, host: Host, error: GatewayError) -> None:
-        cool_down = host.ejection.failed(unreachable=isinstance(error, UpstreamUnreachable))
-        if host.view.ejected or host.comeback is not None:  # out already, or being checked
+    def _wake_one(self, host: Host) -> None:
+        """A slot of ``host`` is free: the longest-waiting call for a model it serves looks again (one call, not
+        every waiting one: at 2,000 waiting, waking all cost 10 ms of CPU per freed slot)."""
+        if not host.view.routed or host.view.outstanding >= host.view.max_concurrent:
             return
-        if cool_down is not None:
-            self._eject(host, cool_down, error.message)
-        elif error.kind == "interrupted":  # the connection broke mid-answer: a crashed host is known at once
-            self._in_background(host, self._check(host, error.message))
+        for entry in self._waiting:
+            if entry[0] in host.view.models:
+                self._waiting.remove(entry)
+                entry[1].callback(None)
+                return
 
-    @staticmethod
-    def _in_background(host: Host, work: Coroutine[Any, Any, None]) -> None:
-        """Run a check of ``host`` as its ``comeback`` (cancelled at close); work that ended at once has already
-        set ``comeback`` to what comes next."""
-        running = Deferred.fromCoroutine(work)
-        running.addErrback(lambda failure: failure.trap(CancelledError))  # closed while it ran
-        if not running.called:
-            host.comeback = running
+    def _wake_all(self) -> None:
+        """Every waiting call looks again (a host left or joined the fleet: rare)."""
+        waiting, self._waiting = self._waiting, deque()
+        for _, d in waiting:
+            d.callback(None)
 
-    async def _check(self, host: Host, why: str) -> None:
-        """Ask the model list of a host that cut a call; out if that fails too."""
-        try:
-            await host.provider.list_models(timeout=self._probe_timeout)
-        except GatewayError as e:
-            host.comeback = None
-            if not _busy(host, Failure(e)):
-                self._eject(host, host.ejection.eject(), f"{why}; then {e.message}")
-            return
-        host.comeback = None
+    def _report(self, host: Host, error: GatewayError) -> None:
+        """Tell a host's health what a call's error says of the host (a 4xx says nothing of it)."""
+        if isinstance(error, UpstreamUnreachable) or error.kind == "interrupted":
+            host.health.connection_lost(error.message)
+        elif isinstance(error, UpstreamTimeout) or is_host_failure(error):
+            host.health.call_failed(error.message)
 
-    def _eject(self, host: Host, cool_down: float, why: str) -> None:
-        """Leave ``host`` out for ``cool_down`` seconds, then probe it. Its prompt cache is presumed lost (a host
-        that was down may have restarted): its conversations find new homes."""
-        host.view.ejected = True
-        self.memory.forget(host.view.name)
-        self.on_eject(host.view.name)
-        log.warn("upstream host {host} left out for {secs:g}s ({why}); other hosts serve its calls",
-                 host=host.view.name, secs=cool_down, why=why)
-        host.comeback = self.clock.callLater(cool_down, self._probe, host)
-
-    def _probe(self, host: Host) -> None:
-        self._in_background(host, self._comeback(host))
-
-    async def _comeback(self, host: Host) -> None:
-        """Back in the fleet when its model list answers. While it does not, it is asked again every first
-        cool-down: a probe is cheap, and a doubled wait would keep a host that came back out for minutes (the
-        doubling is for hosts that answer their model list but keep failing calls)."""
-        try:
-            models = await host.provider.list_models(timeout=self._probe_timeout)
-        except GatewayError:
-            host.comeback = self.clock.callLater(host.ejection.probe_secs, self._probe, host)
-            return
-        host.comeback = None
-        host.view.up, host.view.ejected = True, False
-        host.view.models = _states(models)
-        log.info("upstream host {host} is back, serving {models}", host=host.view.name,
-                 models=", ".join(host.view.models) or "no models yet")
+    def _stream_ended(self, host: Host, result: object) -> None:
+        """A stream of ``host`` ended: cut or stalled says something of the host; its slot is free."""
+        if isinstance(result, Failure) and isinstance(result.value, GatewayError):
+            error = result.value
+            if error.kind in ("interrupted", "timeout"):  # (a client that left is not the host's fault)
+                self._report(host, error)
+        self._release(host)
 
     def host_status(self) -> list[dict[str, Any]]:
-        return [{"name": host.view.name, "base_url": host.provider.base_url, "up": host.view.up,
-                 "ejected": host.view.ejected, "in_flight": host.view.outstanding,
-                 "max_concurrent": host.view.max_concurrent, "models": sorted(host.view.models)}
+        return [{"name": host.view.name, "base_url": host.provider.base_url, "state": host.health.state,
+                 "up": host.health.state != DOWN, "ejected": host.health.state == EJECTED,
+                 "in_flight": host.view.outstanding, "max_concurrent": host.view.max_concurrent,
+                 "models": sorted(host.view.models), **({"error": host.health.error} if host.health.error else {})}
                 for host in self.hosts]
 
     def waiting(self) -> int:
@@ -262,21 +296,12 @@ class FleetProvider(Provider):
 
     def _release(self, host: Host) -> None:
         host.view.outstanding -= 1
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:  # each looks again; those that find every host busy wait again
-            d.callback(None)
+        self._wake_one(host)
 
     async def close(self) -> None:
         for host in self.hosts:
-            if host.comeback is not None:
-                host.comeback.cancel()
+            host.health.stop()
             await host.provider.close()
-
-
-def _busy(host: Host, failure: Failure) -> bool:
-    """Whether a host's model list failed because the host is busy, not down: it timed out while calls to it are in
-    flight (llama.cpp's Python server, and LM Studio with one slot, answer it after the running generation)."""
-    return bool(failure.check(UpstreamTimeout)) and host.view.outstanding > 0
 
 
 def _states(models: list[dict[str, Any]]) -> dict[str, str | None]:
@@ -297,14 +322,14 @@ class Ranking:
 
 
 class HostStream(WrappedStream):
-    """A host's stream that gives the host's slot back when it ends, however it ends."""
+    """A host's stream that gives the host's slot back when it ends, however it ends, and says how."""
 
-    def __init__(self, inner: ChatStream, release: Callable[[], None], route: Route,
+    def __init__(self, inner: ChatStream, ended: Callable[[object], None], route: Route,
                  created: Callable[[str], None] | None = None) -> None:
         super().__init__(inner)
         self.translated = inner.translated
         self.route = route
-        self._release = release
+        self._ended = ended  # told how the stream ended (None, or its Failure); gives the slot back
         self._released = False
         self._created = created  # told the response's id, from its response.created event
 
@@ -327,5 +352,5 @@ class HostStream(WrappedStream):
     def _done(self, result: Any) -> Any:
         if not self._released:
             self._released = True
-            self._release()
+            self._ended(result)
         return result

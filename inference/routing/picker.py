@@ -1,7 +1,7 @@
 """Picking the host for a call: filter, then score, then pick, each step a small policy of its own.
 
-1. Filter: hosts that are up (not ejected) and serve the model; of those, the ones with a free slot (none: the
-   call waits).
+1. Filter: hosts that are routed to (serving, by their health) and serve the model; of those, the ones with a
+   free slot (none: the call waits).
 2. Loaded first: hosts with the model in memory over hosts that would load it first (seconds to minutes).
 3. Load bound: hosts no more than ``load_bound`` requests busier than the least busy one.
 4. Prefix affinity: the host that holds the conversation's prefix; a conversation the gateway does not know goes
@@ -29,8 +29,7 @@ class HostView:
     max_concurrent: int
     weight: float = 1.0
     outstanding: int = 0  # calls in flight there
-    up: bool = True  # answered its last model list
-    ejected: bool = False  # left out after failures in a row (inference.routing.ejection), until probed back
+    routed: bool = True  # its health (routing/health.py) is serving: not down, ejected or being checked
     models: dict[str, str | None] = field(default_factory=dict)  # id -> LM Studio's state ("loaded", ...) or None
 
 
@@ -41,7 +40,7 @@ class Pick:
 
 
 def serving(hosts: Sequence[HostView], model: str) -> list[HostView]:
-    return [host for host in hosts if host.up and not host.ejected and model in host.models]
+    return [host for host in hosts if host.routed and model in host.models]
 
 
 def with_free_slot(hosts: Sequence[HostView]) -> list[HostView]:

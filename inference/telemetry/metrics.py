@@ -148,4 +148,4 @@ def method_label(method: str) -> str:
 
 
 def _routed_to(view: HostView) -> int:
-    return 1 if view.up and not view.ejected else 0
+    return 1 if view.routed else 0

@@ -1,0 +1,113 @@
+"""A fleet under faults, over sockets: one bad host slows no other, is left out in time and comes back (issue 20,
+defects 2, 3, 7 and 8). The health rules themselves are driven on a Clock in test_health.py."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, DeferredList
+
+from inference.providers import fleet as fleet_module
+
+from .conftest import call, until
+from .fakes.lmstudio import FakeLMStudio
+from .test_fleet import QWEN, chats, fleet_env, hosts, ranked_first, turn  # noqa: F401 (hosts is a fixture)
+
+
+def conversations_for(provider, index: int, count: int) -> list[dict]:
+    """Conversations the ``index``-th host ranks first."""
+    name = provider.hosts[index].view.name
+    bodies = (turn(f"conversation {i}") for i in range(200))
+    return [body for body in bodies if ranked_first(provider, body) == name][:count]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_whose_model_list_hangs_slows_no_call(hosts, start_gateway):  # noqa: F811
+    gateway = start_gateway(fleet_env(hosts, INFERENCE_INFERENCE_MODELS_CACHE_SECS="0",
+                                      INFERENCE_INFERENCE_ROUTING_PROBE_TIMEOUT_SECS="60"))
+    provider = gateway.site.gateway.provider
+    assert (await call("GET", gateway.url + "/v1/models")).status == 200
+    frozen = hosts[2]
+    frozen.listing.mode = "hang"  # its model list never answers (a SIGSTOPped process accepts, then says nothing)
+    for i in range(6):  # each call refreshes the lists (models_cache_secs 0): none waits for the frozen host's
+        assert (await gateway.post_chat(turn(f"call {i}"))).status == 200
+    listed = await call("GET", gateway.url + "/v1/models")
+    assert listed.status == 200 and {m["id"] for m in listed.json()["data"]} == {QWEN, "gemma-3-4b"}
+    asked = [r for r in frozen.received if r.path == "/v1/models"]
+    assert len(asked) == 2 and len(frozen.pending) == 1  # one probe at a time, still unanswered
+    assert provider.hosts[2].health.state == "serving"  # no answer yet is not a failure
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_that_accepts_calls_but_never_answers_is_left_out(hosts, start_gateway):  # noqa: F811
+    gateway = start_gateway(fleet_env(hosts, INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS="0.3"))
+    provider = gateway.site.gateway.provider
+    await call("GET", gateway.url + "/v1/models")
+    stuck = hosts[0]
+    stuck.chat.mode = "hang"
+    mine = conversations_for(provider, 0, 6)
+    replies = [await gateway.post_chat(body) for body in mine]
+    assert [r.status for r in replies] == [504, 504, 504, 200, 200, 200]  # sent there: not re-run elsewhere
+    assert len(chats(stuck)) == 3
+    ready = await call("GET", gateway.url + "/health/ready")
+    assert ready.json()["hosts"][provider.hosts[0].view.name] == "ejected"
+    m = await gateway.metrics()
+    assert m.value("inference_upstream_ejections_total", upstream=provider.hosts[0].view.name) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_cut_by_a_crashed_host_has_it_checked_at_once(hosts, start_gateway):  # noqa: F811
+    gateway = start_gateway(fleet_env(hosts))  # no periodic check in tests: only the cut can reveal the crash
+    provider = gateway.site.gateway.provider
+    await call("GET", gateway.url + "/v1/models")
+    crashing = hosts[0]
+    crashing.chat.stream = "stall"  # a few events, then it holds the stream
+    streaming = Deferred.fromCoroutine(gateway.post_chat({**conversations_for(provider, 0, 1)[0], "stream": True}))
+    await until(lambda: crashing.pending)  # its first events are sent
+    await crashing.stop()  # the process dies mid-answer
+    reply = await streaming
+    assert reply.status == 200 and b"error" in reply.body  # the stream had begun: it ends with an error
+    await until(lambda: provider.hosts[0].health.state == "down")
+    ready = await call("GET", gateway.url + "/health/ready")
+    assert ready.json()["hosts"][provider.hosts[0].view.name] == "down"
+
+
+@pytest.fixture
+def one_slot_fleet(tmp_path, start_gateway):
+    """Two one-slot hosts that hold every call, behind a gateway that lets 20 calls wait."""
+    fakes = [FakeLMStudio([QWEN]), FakeLMStudio([QWEN])]
+    for fake in fakes:
+        fake.listen()
+        fake.chat.mode = "hang"
+    config = tmp_path / "fleet.yaml"
+    config.write_text("inference:\n  routing: {max_waiting: 20}\n  upstreams:\n" + "".join(
+        f'    - {{base_url: "{fake.url}", max_concurrent: 1}}\n' for fake in fakes))
+    yield start_gateway({"INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "0"}, str(config)), fakes
+    pytest_twisted.blockon(DeferredList([fake.stop() for fake in fakes]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_freed_slot_wakes_one_waiting_call_and_calls_past_max_waiting_are_told_to_retry(
+        one_slot_fleet, monkeypatch):
+    gateway, fakes = one_slot_fleet
+    provider = gateway.site.gateway.provider
+    await call("GET", gateway.url + "/v1/models")
+    calls = [Deferred.fromCoroutine(gateway.post_chat(turn(f"call {i}"))) for i in range(22)]
+    await until(lambda: provider.waiting() == 20 and all(fake.pending for fake in fakes))
+    refused = await gateway.post_chat(turn("one too many"))
+    assert refused.status == 429 and refused.headers.getRawHeaders(b"retry-after") == [b"1"]
+    assert refused.error["code"] == "overloaded" and "inference.routing.max_waiting" in refused.error["message"]
+
+    picks: list[str] = []
+    real_pick = fleet_module.pick
+    monkeypatch.setattr(fleet_module, "pick", lambda *a: picks.append("pick") or real_pick(*a))
+    fakes[0].release()  # one slot frees: one waiting call looks again, not twenty
+    await until(lambda: provider.waiting() == 19 and len(fakes[0].pending) == 1)
+    assert len(picks) == 1
+    await until(lambda: any(d.called for d in calls))
+    assert [d.result.status for d in calls if d.called] == [200]
+    for fake in fakes:  # hang no more: every call is answered, in turn
+        fake.chat.mode = "normal"
+        fake.release()
+    replies = await DeferredList(calls)
+    assert all(ok and reply.status == 200 for ok, reply in replies)
