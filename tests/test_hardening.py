@@ -1,10 +1,16 @@
 """No request may make the gateway build an answer larger than a bound it states, nor pass on what no upstream
-reads (issue 20, defects 1 and 5); hosts that ask for a key get it (defect 4)."""
+reads (issue 20, defects 1 and 5); hosts that ask for a key get it (defect 4); a reused connection lost before
+any answer byte costs no call (defect 9)."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
 
 from .conftest import call
 from .fakes.lmstudio import FakeLMStudio
@@ -148,3 +154,50 @@ async def test_a_path_that_is_not_utf8_is_a_json_400(lmstudio, path):
     assert reply.status == 400 and reply.header(b"content-type") == b"application/json"
     assert reply.error["code"] == "invalid_url" and "UTF-8" in reply.error["message"]
     assert (await call("GET", lmstudio.url + "/v1/models/qwen%32.5-7b-instruct")).status == 200  # escapes are fine
+
+
+class OneAnswerPerConnection(Protocol):
+    """Answers the first request on a connection and keeps it open, then closes it without a byte when the next
+    request arrives: what llama-cpp-python's server did after a stream it aborted."""
+
+    def __init__(self, dropped: list[bytes]) -> None:
+        self.dropped = dropped
+        self.answered = False
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        head, complete, body = self.buffer.partition(b"\r\n\r\n")
+        if self.answered:
+            self.dropped.append(head.split(b" ")[1])
+            self.transport.loseConnection()
+            return
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        if not complete or len(body) < (int(length.group(1)) if length else 0):
+            return  # not all of it yet
+        path = head.split(b" ")[1]
+        answer = {b"/v1/models": {"object": "list", "data": [{"id": MODEL, "object": "model"}]},
+                  b"/v1/chat/completions": {"id": "c", "object": "chat.completion", "model": MODEL, "choices": [
+                      {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}}
+        payload = json.dumps(answer.get(path, {"error": "no such route"})).encode()
+        status = b"200 OK" if path in answer else b"404 Not Found"
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        self.answered, self.buffer = True, b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reused_connection_the_upstream_closes_before_answering_is_retried_once_on_a_new_one(
+        start_gateway):
+    dropped: list[bytes] = []
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: OneAnswerPerConnection(dropped)),
+                             interface="127.0.0.1")
+    try:
+        gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": f"http://127.0.0.1:{port.getHost().port}",
+                                 "INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "0"})
+        for _ in range(3):
+            reply = await call("POST", gateway.url + "/v1/chat/completions", {"model": MODEL, "messages": USER})
+            assert reply.status == 200 and reply.json()["choices"][0]["message"]["content"] == "hi"
+        assert dropped.count(b"/v1/chat/completions") >= 2  # each went out on a reused connection first
+    finally:
+        await port.stopListening()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 from hyperlink import EncodedURL
@@ -28,7 +29,13 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import _newclient
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ResponseDone,
+    _RetryingHTTP11ClientProtocol,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
@@ -77,10 +84,9 @@ class UpstreamClient:
         self._http = http
         self._retry_connect = retry_connect  # a fleet's host does not: the next host is the retry
         self.base_url = normalise_base_url(base_url)
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = _Pool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = http.max_idle_connections
         self.pool.cachedConnectionTimeout = http.keep_alive_secs  # type: ignore[assignment]  # (a float works)
-        self.pool.retryAutomatically = False  # our own retry rule applies, and to POST as well
         agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, http.connect_timeout_secs), self.pool)
         self.treq = HTTPClient(agent, cookiejar=_NO_COOKIES, data_to_body_producer=BytesProducer)
         self._headers = {"Accept": "application/json", **(headers or {})}
@@ -190,6 +196,41 @@ class UpstreamClient:
         """Close idle pooled connections (on shutdown, so no keep-alive socket outlives the service)."""
         closed: Deferred[None] = self.pool.closeCachedConnections()
         return closed
+
+
+class _Pool(HTTPConnectionPool):
+    """The connection pool, with one retry Twisted's own makes only for GET: a call whose reused keep-alive
+    connection is lost before any byte of the answer (the upstream timed it out as the request went out, or closed
+    it after aborting a stream) is sent once more on a new connection, POST included: no answer of it was seen,
+    and our bodies are bytes in memory (:class:`BytesProducer`) that can be written again. A connection lost that
+    way on its first request is not retried: that host may have crashed on the request."""
+
+    retryAutomatically = False  # (Twisted's rule: idempotent methods without a body only)
+
+    def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:
+        # As HTTPConnectionPool.getConnection, wrapping a reused connection in our retry rule.
+        connections = self._connections.get(key)
+        while connections:
+            connection = connections.pop(0)
+            self._timeouts.pop(connection).cancel()
+            if connection.state == "QUIESCENT":
+                return succeed(_RetryOnce(connection, partial(self._newConnection, key, endpoint)))
+        new: Deferred[Any] = self._newConnection(key, endpoint)
+        return new
+
+
+class _RetryOnce(_RetryingHTTP11ClientProtocol):
+    """A reused connection: its request is sent once more if the connection is lost before any answer byte."""
+
+    def _shouldRetry(self, method: bytes, exception: Exception, bodyProducer: Any) -> bool:
+        if bodyProducer is not None and not isinstance(bodyProducer, BytesProducer):
+            return False  # a body that cannot be written twice
+        # Twisted's other checks (no answer byte came, not cancelled), with the method and body taken as retryable
+        retry = bool(super()._shouldRetry(b"GET", exception, None))
+        if retry:
+            log.info("upstream closed a reused connection before answering ({error}); sent again on a new "
+                     "connection", error=_describe(exception))
+        return retry
 
 
 class _EncodedOnce(EncodedURL):
