@@ -17,7 +17,7 @@ from .auth import ApiKeys
 from .catalog import ModelCatalog
 from .config import DEFAULT_MAX_OUTPUT_TOKENS, Config
 from .drain import InFlight
-from .errors import GatewayError, MethodNotAllowed, RequestTooLarge, RouteNotFound, UpstreamTimeout, UpstreamUnreachable
+from .errors import GatewayError, MethodNotAllowed, RouteNotFound, UpstreamTimeout, UpstreamUnreachable
 from .monitor import UpstreamMonitor
 from .openapi import openapi_bytes
 from .operations import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES, Operation
@@ -324,9 +324,6 @@ class Gateway:
         if self._protect_operator_routes:
             self.keys.check(request.getHeader(b"authorization"))
 
-    def _body(self, request: GatewayRequest) -> bytes:
-        if request.body_too_large:
-            limit = self.config.server.max_body_bytes
-            raise RequestTooLarge(f"Request body is larger than the limit of {limit} bytes "
-                                  "(server.max_body_bytes)")
+    @staticmethod
+    def _body(request: GatewayRequest) -> bytes:
         return request.content.read() if request.content is not None else b""

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
 
-from .errors import BadHTTPRequest, GatewayError, HeadersTooLarge, RequestReadTimeout, URLTooLong
+from .errors import BadHTTPRequest, GatewayError, HeadersTooLarge, RequestReadTimeout, RequestTooLarge, URLTooLong
 
 log = Logger()
+
+LINGER_SECS = 2.0
+"""How long a connection refused for a body too large reads (and drops) what its client still sends."""
 
 
 class GatewayChannel(HTTPChannel):
@@ -27,6 +31,7 @@ class GatewayChannel(HTTPChannel):
 
     site: Any
     _read_timer: Any | None = None
+    _linger: Any | None = None
     _refused = False
 
     def connectionMade(self) -> None:
@@ -56,16 +61,21 @@ class GatewayChannel(HTTPChannel):
     # -- the time to receive a request ---------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._read_timer is None and not self._handlingRequest and not self._refused:
+        if self._refused:
+            return  # answered already: what the client still sends (a body refused as too large) is dropped
+        if self._read_timer is None and not self._handlingRequest:
             self._read_timer = self.callLater(self.read_timeout, self._read_timed_out)
         super().dataReceived(data)
 
     def allContentReceived(self) -> None:
         self._stop_read_timer()
-        super().allContentReceived()
+        if not self._refused:  # (the end of a body refused as too large, in the same read: not a request)
+            super().allContentReceived()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_read_timer()
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
         super().connectionLost(reason)
 
     def _stop_read_timer(self) -> None:
@@ -130,4 +140,11 @@ class GatewayChannel(HTTPChannel):
         peer = transport.getPeer()
         log.info("refused a request from {client}: {status} {message}", client=getattr(peer, "host", "-"),
                  status=error.status, message=error.message)
+        if isinstance(error, RequestTooLarge) and ITCPTransport.providedBy(transport):
+            # The client may still be sending its body: closing now, with its bytes unread, would reset the
+            # connection and could lose the answer. The answer is ended with a FIN, what still comes is dropped,
+            # and the connection closed when the client closes it, or after LINGER_SECS.
+            transport.loseWriteConnection()
+            self._linger = self.callLater(LINGER_SECS, transport.abortConnection)
+            return
         self.loseConnection()

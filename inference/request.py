@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING, Any, cast
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from .errors import RequestTooLarge
 from .logs import CURRENT_IDS, log_access, request_id_for
 from .telemetry import RequestState
 
 if TYPE_CHECKING:
+    from .channel import GatewayChannel
     from .service import GatewaySite
 
 
@@ -19,11 +21,11 @@ class GatewayRequest(RequestState, Request):
     """A request whose body is kept in memory and stops growing at ``max_body_bytes``, and that is measured.
 
     twisted.web spools bodies over 100 kB to a temporary file (blocking disk I/O on the reactor) and has no
-    size limit; here an oversized body is dropped as it arrives and the handler answers 413. Every request is
-    timed and traced from here, so errors Klein answers itself (404, 405) are counted like the rest.
+    size limit; here a body larger than ``server.max_body_bytes`` is refused with a 413 as soon as it is known to
+    be: from its ``Content-Length``, or when a chunked body passes the limit. Every request is timed and traced
+    from here, so errors Klein answers itself (404, 405) are counted like the rest.
     """
 
-    body_too_large = False
     request_id = ""
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
@@ -71,15 +73,18 @@ class GatewayRequest(RequestState, Request):
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
         if length is not None and length > self.gateway_site.max_body_bytes:
-            self.body_too_large = True
+            self._too_large()  # said at once: the client need not send what will be refused
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self.body_too_large:
-            return
         content = self.content
         assert content is not None  # gotLength made it
         if content.tell() + len(data) > self.gateway_site.max_body_bytes:
-            self.body_too_large = True
             self.content = BytesIO()
+            self._too_large()  # a chunked body, as soon as it passes the limit
             return
         content.write(data)
+
+    def _too_large(self) -> None:
+        limit = self.gateway_site.max_body_bytes
+        cast("GatewayChannel", self.channel).refuse(RequestTooLarge(
+            f"Request body is larger than the limit of {limit} bytes (server.max_body_bytes)"))

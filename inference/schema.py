@@ -224,6 +224,12 @@ def parse_chat_request(raw: bytes, defaults: DefaultsConfig, max_messages: int =
     """
     body = parse_object(raw)
     _check_messages(body.get("messages"), max_messages)
+    choice = body.get("tool_choice")
+    function = choice.get("function") if isinstance(choice, dict) else None
+    if isinstance(function, dict) and isinstance(function.get("name"), str):
+        tools = [tool.get("function") for tool in body.get("tools") or () if isinstance(tool, dict)]
+        _check_offered(function["name"], [tool.get("name") for tool in tools if isinstance(tool, dict)],
+                       "tool_choice.function.name")
     return _generation(body, CHECKS, defaults)
 
 
@@ -265,7 +271,22 @@ def parse_responses_request(raw: bytes) -> ParsedRequest:
             if isinstance(function, dict) and function.get("type") == "function" and \
                     function.get("parameters") is not None and not isinstance(function["parameters"], dict):
                 raise InvalidRequest(f"'{where}.parameters' must be a JSON Schema object", param=f"{where}.parameters")
+    choice = body.get("tool_choice")
+    named = isinstance(choice, dict) and choice.get("type") in ("function", "custom")
+    if named and isinstance(choice, dict) and isinstance(choice.get("name"), str):
+        tools = [tool for tool in body.get("tools") or () if isinstance(tool, dict)]
+        offered = [inner.get("name") for tool in tools if tool.get("type") == "namespace"
+                   for inner in tool.get("tools") or () if isinstance(inner, dict)]
+        _check_offered(choice["name"], offered + [tool.get("name") for tool in tools], "tool_choice.name")
     return ParsedRequest(model=model, stream=bool(body.get("stream")), body=body)
+
+
+def _check_offered(name: str, offered: list[Any], param: str) -> None:
+    """A ``tool_choice`` must name a tool the request offers: the model cannot be made to call another."""
+    if name not in offered:
+        names = ", ".join(repr(n) for n in offered if isinstance(n, str)) or "none"
+        raise InvalidRequest(f"'{param}' is {name!r}, a tool that 'tools' does not offer (offered: {names})",
+                             param=param)
 
 
 def parse_messages_request(raw: bytes, max_messages: int = 0) -> ParsedRequest:
@@ -294,7 +315,7 @@ def parse_messages_request(raw: bytes, max_messages: int = 0) -> ParsedRequest:
 
 def _check_anthropic_tools(body: dict[str, Any]) -> None:
     """What Anthropic's API refuses about tools and thinking: an ``input_schema`` that is not an object, a
-    ``tool_choice`` whose name is not a string, a thinking budget below Anthropic's 1024 tokens."""
+    ``tool_choice`` whose name is not a string or not an offered tool's, a thinking budget below 1024 tokens."""
     for i, tool in enumerate(body.get("tools") or ()):
         if not isinstance(tool, dict):
             raise InvalidRequest(f"'tools[{i}]' must be an object", param=f"tools[{i}]")
@@ -302,8 +323,10 @@ def _check_anthropic_tools(body: dict[str, Any]) -> None:
             raise InvalidRequest(f"'tools[{i}].input_schema' must be a JSON Schema object",
                                  param=f"tools[{i}].input_schema")
     choice = body.get("tool_choice")
-    if isinstance(choice, dict) and choice.get("type") == "tool" and not isinstance(choice.get("name"), str):
-        raise InvalidRequest("'tool_choice.name' must be a string", param="tool_choice.name")
+    if isinstance(choice, dict) and choice.get("type") == "tool":
+        if not isinstance(choice.get("name"), str):
+            raise InvalidRequest("'tool_choice.name' must be a string", param="tool_choice.name")
+        _check_offered(choice["name"], [tool.get("name") for tool in body.get("tools") or ()], "tool_choice.name")
     thinking = body.get("thinking")
     budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
     if budget is not None:

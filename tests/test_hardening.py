@@ -10,9 +10,10 @@ import re
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 
-from .conftest import call
+from .conftest import RawClient, call, raw_connect
 from .fakes.lmstudio import FakeLMStudio
 
 MODEL = "qwen2.5-7b-instruct"
@@ -133,7 +134,15 @@ async def test_each_fleet_host_gets_its_own_key_and_no_openai_key_reaches_lm_stu
     ("/v1/messages", {"tools": [{"name": "f", "input_schema": "object"}]}, "tools[0].input_schema"),
     ("/v1/messages", {"tools": [{"name": "f", "input_schema": {"type": "object"}}],
                       "tool_choice": {"type": "tool", "name": {}}}, "tool_choice.name"),
+    ("/v1/messages", {"tools": [{"name": "f", "input_schema": {"type": "object"}}],
+                      "tool_choice": {"type": "tool", "name": "g"}}, "tool_choice.name"),
+    ("/v1/messages", {"tool_choice": {"type": "tool", "name": "f"}}, "tool_choice.name"),
     ("/v1/messages", {"thinking": {"type": "enabled", "budget_tokens": -1}}, "thinking.budget_tokens"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}],
+                              "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     "tool_choice.function.name"),
+    ("/v1/responses", {"tools": [{"type": "function", "name": "f"}],
+                       "tool_choice": {"type": "function", "name": "g"}}, "tool_choice.name"),
     ("/v1/responses", {"tools": [{"type": "function", "name": "f", "parameters": 5}]}, "tools[0].parameters"),
     ("/v1/responses", {"tools": [{"type": "namespace", "name": "n", "tools": [
         {"type": "function", "name": "f", "parameters": []}]}]}, "tools[0].tools[0].parameters"),
@@ -141,7 +150,7 @@ async def test_each_fleet_host_gets_its_own_key_and_no_openai_key_reaches_lm_stu
 @pytest_twisted.ensureDeferred
 async def test_checked_tool_fields_that_no_api_accepts_are_400s(fake, lmstudio, route, body, named):
     base = {"model": MODEL, "max_tokens": 2000, "messages": USER} if route == "/v1/messages" else \
-        {"model": MODEL, "input": "hi"}
+        {"model": MODEL, "messages": USER} if route == "/v1/chat/completions" else {"model": MODEL, "input": "hi"}
     reply = await call("POST", lmstudio.url + route, {**base, **body})
     assert reply.status == 400 and f"'{named}" in reply.json()["error"]["message"]
     assert not [r for r in fake.received if r.method == "POST"]
@@ -201,3 +210,53 @@ async def test_a_reused_connection_the_upstream_closes_before_answering_is_retri
         assert dropped.count(b"/v1/chat/completions") >= 2  # each went out on a reused connection first
     finally:
         await port.stopListening()
+
+
+def refusal(data: bytes) -> tuple[int, dict]:
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body)["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_content_length_over_the_limit_is_a_413_at_once(lmstudio):
+    client = await raw_connect(lmstudio.port.getHost().port)  # server.read_timeout_secs is 30: no waiting for it
+    client.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 99999999999\r\n\r\n{\"model\": ")
+    await client.lost
+    status, error = refusal(client.data)
+    assert status == 413 and error["code"] == "request_too_large" and "server.max_body_bytes" in error["message"]
+
+
+class EndlessChunkedBody(RawClient):
+    """Sends a chunked body, 64 KiB a reactor turn, until the server answers or hangs up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
+        self.pump()
+
+    def pump(self) -> None:
+        if self.data or self.lost.called:
+            return
+        chunk = b" " * 65536
+        self.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.sent += len(chunk)
+        reactor.callLater(0, self.pump)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_endless_chunked_body_is_a_413_as_soon_as_it_passes_the_limit(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url, "INFERENCE_SERVER_MAX_BODY_BYTES": "1000000",
+                             "INFERENCE_SERVER_READ_TIMEOUT_SECS": "5"})
+    client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", gateway.port.getHost().port),
+                                   EndlessChunkedBody())
+    await client.lost
+    status, error = refusal(client.data)
+    assert status == 413 and error["code"] == "request_too_large"  # not the read timeout's 408
+    assert client.sent < 8_000_000  # what was in flight when the answer came; nothing after it
+    assert (await gateway.post_chat({"model": MODEL, "messages": USER})).status == 200
+    assert not any(r.path == "/v1/chat/completions" and r.body.get("messages") != USER for r in fake.received)
