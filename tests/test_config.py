@@ -22,7 +22,7 @@ def test_defaults_match_the_design():
     config = load(None, {})
     http = config.inference.http
     assert (http.timeout_secs, http.connect_timeout_secs, http.keep_alive_secs, http.max_idle_connections,
-            http.max_retries) == (60, 10, 30, 10, 2)
+            http.max_retries) == (60, 10, 30, None, 2)
     assert (config.server.host, config.server.port) == ("127.0.0.1", 3000)
     assert config.inference.provider == "lmstudio"
     assert config.inference.base_url == "http://localhost:1234"

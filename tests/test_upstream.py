@@ -10,6 +10,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.logger import globalLogPublisher
 
+from inference.config import load
+
 from .conftest import call, raw_connect, raw_post, sse_payloads, until
 from .fakes.lmstudio import Behaviour, FakeLMStudio
 
@@ -35,6 +37,37 @@ async def test_pool_keeps_at_most_max_idle_connections_and_reuses_them(fake, sta
     for _ in range(3):
         assert (await gateway.post_chat(CHAT)).status == 200
     assert fake.connections.total == before  # sequential requests reuse the idle connections
+
+
+@pytest_twisted.ensureDeferred
+async def test_by_default_the_pool_keeps_a_connection_for_each_call_that_ran_at_once(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url})
+    assert (await gateway.post_chat(CHAT)).status == 200
+
+    async def at_once(n: int) -> None:
+        fake.chat.mode = "hang"
+        replies = [Deferred.fromCoroutine(gateway.post_chat(CHAT)) for _ in range(n)]
+        await until(lambda: len(fake.pending) == n)
+        fake.chat.mode = "normal"
+        fake.release()
+        assert [r.status for r in await gatherResults(replies)] == [200] * n
+
+    await at_once(64)
+    opened = fake.connections.total
+    assert len(fake.connections.open) == 64  # all kept (a pool of 10 closed 54 of them)
+    await at_once(64)
+    assert fake.connections.total == opened  # the next 64 at once reuse them: no connection opened or closed
+
+
+def test_the_default_idle_pool_follows_the_calls_that_can_be_in_flight():
+    one = load(None, {"INFERENCE_INFERENCE_BASE_URL": "http://a:1234"}).inference
+    assert one.idle_connections(one.hosts()[0]) == 256  # nothing bounds the calls in flight
+    limited = load(None, {"INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "32"}).inference
+    assert limited.idle_connections(limited.hosts()[0]) == 32
+    fleet = load(None, {"INFERENCE_INFERENCE_UPSTREAMS": "http://a:1234,http://b:1234"}).inference
+    assert [fleet.idle_connections(host) for host in fleet.hosts()] == [4, 4]  # each host's max_concurrent
+    fixed = load(None, {"INFERENCE_INFERENCE_HTTP_MAX_IDLE_CONNECTIONS": "10"}).inference
+    assert fixed.idle_connections(fixed.hosts()[0]) == 10
 
 
 @pytest_twisted.ensureDeferred
@@ -142,7 +175,7 @@ async def test_health_reports_config_upstream_and_models(fake, lmstudio):
     assert health["status"] == "healthy" and health["provider"] == "lmstudio"
     assert health["base_url"] == fake.url
     assert health["http_config"] == {"timeout_secs": 2.0, "connect_timeout_secs": 10.0,
-                                     "keep_alive_secs": 30.0, "max_idle_connections": 10}
+                                     "keep_alive_secs": 30.0, "max_idle_connections": None}
     assert health["upstream"] == {"reachable": True, "error": None, "models": fake.models}
     assert (await call("GET", lmstudio.url + "/health/ready")).status == 200
 

@@ -36,7 +36,9 @@ def _host_provider(reactor: Any, config: InferenceConfig, host: UpstreamConfig, 
     of this kind (an OpenAI key, from OPENAI_API_KEY, is never sent to an LM Studio host)."""
     kind = host.provider or config.provider
     shared_key = config.api_key if kind == config.provider else None
-    config = dataclasses.replace(config, base_url=host.base_url, api_key=host.api_key or shared_key, provider=kind)
+    http = dataclasses.replace(config.http, max_idle_connections=config.idle_connections(host))
+    config = dataclasses.replace(config, base_url=host.base_url, api_key=host.api_key or shared_key, provider=kind,
+                                 http=http)
     if kind == "openai":
         from .openai import OpenAIProvider
         return OpenAIProvider(reactor, config, retry_connect)

@@ -41,7 +41,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from ..config import HttpConfig
+from ..config import UNBOUNDED_IDLE_CONNECTIONS, HttpConfig
 from ..errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from ..sse import SSEParser
 from .base import ChatStream, EventConsumer
@@ -85,7 +85,8 @@ class UpstreamClient:
         self._retry_connect = retry_connect  # a fleet's host does not: the next host is the retry
         self.base_url = normalise_base_url(base_url)
         self.pool = _Pool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = http.max_idle_connections
+        idle = http.max_idle_connections  # (resolved per host by make_provider: see InferenceConfig.idle_connections)
+        self.pool.maxPersistentPerHost = idle if idle is not None else UNBOUNDED_IDLE_CONNECTIONS
         self.pool.cachedConnectionTimeout = http.keep_alive_secs  # type: ignore[assignment]  # (a float works)
         agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, http.connect_timeout_secs), self.pool)
         self.treq = HTTPClient(agent, cookiejar=_NO_COOKIES, data_to_body_producer=BytesProducer)
