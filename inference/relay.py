@@ -33,7 +33,7 @@ class StreamRelay:
     def __init__(self, request: Request, stream: ChatStream, read_event: EventReader,
                  stream_format: StreamFormat = OPENAI_STREAM, capture_content: bool = False) -> None:
         self._request = request
-        self._stream = stream
+        self._stream: ChatStream | None = stream  # None once it ended (it holds this relay as its consumer)
         self._read_event = read_event  # the operation's: what an event says about the answer
         self._format = stream_format  # the operation's: how its stream fails and ends
         self._upstream_done = False
@@ -41,14 +41,21 @@ class StreamRelay:
 
     async def run(self) -> StreamStats:
         """Relay the whole stream; never raises once the 200 is out, except to report the client gone."""
+        assert self._stream is not None  # (a relay runs once)
+        try:
+            return await self._relay(self._stream)
+        finally:  # the stream and this relay refer to each other: without the cycle the request is freed at once
+            self._stream = None
+
+    async def _relay(self, stream: ChatStream) -> StreamStats:
         request = self._request
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"X-Accel-Buffering", b"no")
-        request.registerProducer(self._stream, True)
+        request.registerProducer(stream, True)
         try:
-            await self._stream.begin(self)
+            await stream.begin(self)
             if not (self._upstream_done or self.stats.facts.finish_reasons):
                 raise UpstreamError("upstream ended the stream without finishing it", kind="interrupted")
         except CancelledError:
@@ -66,7 +73,7 @@ class StreamRelay:
             self.stats.client_gone = True
             return self.stats
         if self.stats.error is not None:
-            ending = self._stream.failure_events(self.stats.error)  # a translated stream's own, in its API's shape
+            ending = stream.failure_events(self.stats.error)  # a translated stream's own, in its API's shape
             request.write(ending if ending is not None else self._format.error_event(self.stats.error, self.stats))
         if self._format.closing:
             request.write(self._format.closing)
@@ -99,4 +106,5 @@ class StreamRelay:
 
     def _fail(self, error: GatewayError) -> None:
         self.stats.error = error
-        self._stream.fail(error)
+        if self._stream is not None:
+            self._stream.fail(error)

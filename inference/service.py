@@ -30,6 +30,7 @@ from .logs import LogFile, TextSink, make_observer
 from .providers import make_provider
 from .providers.fleet import FleetProvider
 from .request import GatewayRequest
+from .resource import GatewayResource
 from .telemetry import Metrics, Telemetry
 
 log = Logger()
@@ -67,7 +68,7 @@ class GatewaySite(Site):
     noisy = False  # no "Starting factory" lines: the service logs what it serves
 
     def __init__(self, gateway: Gateway) -> None:
-        super().__init__(gateway.app.resource(), timeout=gateway.config.server.idle_timeout_secs)
+        super().__init__(GatewayResource(gateway.app), timeout=gateway.config.server.idle_timeout_secs)
         self.gateway = gateway
         self.telemetry = gateway.telemetry
         self.max_body_bytes = gateway.config.server.max_body_bytes
