@@ -184,3 +184,25 @@ def test_stopping_leaves_no_timer_and_no_probe():
     probe = other.probes[0]
     other.health.stop()
     assert probe.called  # cancelled
+
+
+def test_a_host_that_cuts_every_answer_but_stays_up_is_ejected_like_one_that_fails_every_call():
+    host = Host()
+    for cut in range(3):
+        host.health.connection_lost("the answer was cut")
+        assert host.health.state == "checking"
+        host.answer()  # still there: back, with the cut counted
+    assert host.health.state == "ejected" and host.timers() == [5.0]
+    assert "3 failures in a row" in host.health.why and "cut" in host.health.why
+
+
+def test_an_answer_after_a_cut_starts_the_count_over():
+    host = Host()
+    host.health.connection_lost("cut")
+    host.answer()
+    host.fail(1)
+    host.health.call_answered()
+    host.health.connection_lost("cut")
+    host.answer()
+    host.fail(1)
+    assert host.health.state == "serving" and host.health.failures == 2

@@ -8,10 +8,10 @@
 
 The rules are Envoy's outlier detection, which operators already know:
 
-- Consecutive gateway failures (5xx, "no model loaded", an answer that did not come in time) eject a host, unless
-  ``max_ejection_percent`` of the fleet is ejected already: a shared cause (every host failing the same bad call)
-  must not empty the fleet. A refused or cut connection is not counted: the host is asked at once whether it is
-  still there.
+- Consecutive gateway failures (5xx, "no model loaded", an answer that did not come in time, an answer cut) eject
+  a host, unless ``max_ejection_percent`` of the fleet is ejected already: a shared cause (every host failing the
+  same bad call) must not empty the fleet. A refused or cut connection also has the host asked at once whether
+  it is still there (a crashed host is down, not ejected).
 - The cool-down is ``eject_secs`` times the times the host was ejected, up to ``max_eject_secs``; the count starts
   over once the host has served ``max_eject_secs`` without being ejected.
 - Busy is not down: a model list that times out while calls are in flight there counts as an answer (llama.cpp's
@@ -100,16 +100,22 @@ class HostHealth:
 
     def call_failed(self, why: str) -> None:
         """A call failed in a way another host might not have: counted, and the host ejected at ``eject_after``."""
+        if self.state == SERVING:
+            self.why = why
         self._feed(self._failed)
-        if self.state == SERVING and self.failures >= self._rules.eject_after and self._may_eject():
-            self.why = f"{self.failures} failures in a row, the last: {why}"
-            self._feed(self._outlier)
+        self._eject_if_due()
 
     def connection_lost(self, why: str) -> None:
-        """A connection to it was refused, or broke before the answer ended: is it still there? Asked at once."""
+        """A connection to it was refused, or broke before the answer ended: counted as a failure, and the host
+        asked at once whether it is still there (if it is, the count decides)."""
         if self.state == SERVING:
             self.why = why
         self._feed(self._lost)
+
+    def _eject_if_due(self) -> None:
+        if self.state == SERVING and self.failures >= self._rules.eject_after and self._may_eject():
+            self.why = f"{self.failures} failures in a row, the last: {self.why}"
+            self._feed(self._outlier)
 
     def refresh(self) -> Deferred[None]:
         """Ask a serving host's model list now (hosts that are out ask their own); fires when it answered or
@@ -228,17 +234,24 @@ class HostHealth:
         self.failures = 0
         self._serving_since = self.clock.seconds()
 
+    @_machine.output()
+    def _still_there(self) -> None:
+        """Checked and still there: the failure that had it checked still counts (a host that cuts every answer
+        is ejected like one that fails every call)."""
+
     _serving.upon(_answered, enter=_serving, outputs=[_clear_failures])
     _serving.upon(_failed, enter=_serving, outputs=[_count])
     _serving.upon(_outlier, enter=_ejected, outputs=[_eject])
-    _serving.upon(_lost, enter=_checking, outputs=[_ask])
+    _serving.upon(_lost, enter=_checking, outputs=[_count, _ask])
     _serving.upon(_refresh, enter=_serving, outputs=[_ask])
     _serving.upon(_probe_answered, enter=_serving, outputs=[])
     _serving.upon(_probe_busy, enter=_serving, outputs=[])
     _serving.upon(_probe_failed, enter=_down, outputs=[_wait_down])
+    _checking.upon(_probe_answered, enter=_serving, outputs=[_still_there])
+    _checking.upon(_probe_busy, enter=_serving, outputs=[_still_there])
+    _probing_state.upon(_probe_answered, enter=_serving, outputs=[_back])
+    _probing_state.upon(_probe_busy, enter=_serving, outputs=[_back])
     for _asking in (_checking, _probing_state):
-        _asking.upon(_probe_answered, enter=_serving, outputs=[_back])
-        _asking.upon(_probe_busy, enter=_serving, outputs=[_back])
         _asking.upon(_probe_failed, enter=_down, outputs=[_wait_down])
     _ejected.upon(_time_is_up, enter=_probing_state, outputs=[_ask])
     _down.upon(_time_is_up, enter=_probing_state, outputs=[_ask])
@@ -275,6 +288,7 @@ class HostHealth:
         self.error, self.answered = None, True
         self.on_models(models)
         self._feed(self._probe_answered)
+        self._eject_if_due()
         self._tell_watchers()
 
     def _probe_error(self, failure: Failure) -> Failure | None:
@@ -284,6 +298,7 @@ class HostHealth:
             return failure
         if failure.check(UpstreamTimeout) and self._busy():
             self._feed(self._probe_busy)
+            self._eject_if_due()
         else:
             error = failure.value
             self.error = error.message if isinstance(error, GatewayError) else repr(error)
