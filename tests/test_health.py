@@ -170,7 +170,32 @@ def test_failures_while_ejected_or_probing_do_not_count():
     host.health.connection_lost("cut")
     assert host.health.state == "probing" and len(host.probes) == 1
     host.answer()
-    assert host.health.state == "serving" and host.health.failures == 0
+    assert host.health.state == "serving" and host.health.on_trial and host.health.failures == 2
+
+
+def test_a_host_back_from_an_ejection_is_on_trial_until_it_answers_a_call():
+    host = Host()
+    host.fail(3)
+    host.clock.advance(5)
+    host.answer()
+    assert host.health.routed and host.health.on_trial
+    host.fail(1)  # its first failure: out again
+    assert host.health.state == "ejected" and host.timers() == [10.0]
+    host.clock.advance(10)
+    host.answer()
+    host.health.call_answered()  # proven: no longer on trial, and a new run of failures
+    assert not host.health.on_trial and host.health.failures == 0
+    host.fail(2)
+    assert host.health.state == "serving"
+
+
+def test_a_host_back_from_down_is_not_on_trial():
+    host = Host()
+    host.health.connection_lost("refused")
+    host.refuse()
+    host.clock.advance(1)
+    host.answer()
+    assert host.health.routed and not host.health.on_trial
 
 
 def test_stopping_leaves_no_timer_and_no_probe():
@@ -188,7 +213,7 @@ def test_stopping_leaves_no_timer_and_no_probe():
 
 def test_a_host_that_cuts_every_answer_but_stays_up_is_ejected_like_one_that_fails_every_call():
     host = Host()
-    for cut in range(3):
+    for _ in range(3):
         host.health.connection_lost("the answer was cut")
         assert host.health.state == "checking"
         host.answer()  # still there: back, with the cut counted

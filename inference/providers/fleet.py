@@ -146,11 +146,11 @@ class FleetProvider(Provider):
         """What a host's change of state means for routing: its view, its conversations, the waiting calls, the
         log and the metrics."""
         name, health = host.view.name, host.health
-        host.view.routed = new == SERVING
+        host.view.routed, host.view.on_trial = new == SERVING, health.on_trial
         if new == SERVING:
             log.info("upstream host {host} is back, serving {models}", host=name,
                      models=", ".join(host.view.models) or "no models yet")
-            for _ in range(host.view.max_concurrent - host.view.outstanding):
+            for _ in range(host.view.slots - host.view.outstanding):
                 self._wake_one(host)
             return
         if old == SERVING:  # a host that was out may have restarted: its prompt cache is presumed lost
@@ -206,6 +206,10 @@ class FleetProvider(Provider):
                 self._release(host)
                 raise
             host.health.call_answered()
+            if host.view.on_trial:  # proven: all its slots again
+                host.view.on_trial = False
+                for _ in range(host.view.slots - host.view.outstanding):
+                    self._wake_one(host)
             if getattr(answer, "model_load", None) is not None:
                 host.view.models[body["model"]] = "loaded"  # it loaded the model to answer
             self._served(host, key)
@@ -250,7 +254,7 @@ class FleetProvider(Provider):
     def _wake_one(self, host: Host) -> None:
         """A slot of ``host`` is free: the longest-waiting call for a model it serves looks again (one call, not
         every waiting one: at 2,000 waiting, waking all cost 10 ms of CPU per freed slot)."""
-        if not host.view.routed or host.view.outstanding >= host.view.max_concurrent:
+        if not host.view.routed or host.view.outstanding >= host.view.slots:
             return
         for entry in self._waiting:
             if entry[0] in host.view.models:

@@ -16,6 +16,9 @@ The rules are Envoy's outlier detection, which operators already know:
   over once the host has served ``max_eject_secs`` without being ejected.
 - Busy is not down: a model list that times out while calls are in flight there counts as an answer (llama.cpp's
   Python server, and LM Studio with one slot, answer it after the running generation).
+- A host back from an ejection is on trial until it answers a call: one call at a time, and its first failure
+  ejects it again (its model list answering says little of its calls; a host whose answers come too late
+  would otherwise cost a call per slot each time it came back).
 - What calls already in flight report while the host is out does not count: it says nothing new.
 
 Every transition is in the table at the end of :class:`HostHealth`; it has one timer, and at most one model-list
@@ -73,6 +76,7 @@ class HostHealth:
         self.on_change: Callable[[str, str], None] = lambda old, new: None
         self.on_models: Callable[[Models], None] = lambda models: None
         self.failures = 0  # in a row, while serving
+        self.on_trial = False  # back from an ejection, and no call answered since
         self.ejections = 0  # times ejected, since the count last started over
         self.cool_down = 0.0  # the last cool-down
         self.why = ""  # why it was last ejected or checked
@@ -114,7 +118,8 @@ class HostHealth:
 
     def _eject_if_due(self) -> None:
         if self.state == SERVING and self.failures >= self._rules.eject_after and self._may_eject():
-            self.why = f"{self.failures} failures in a row, the last: {self.why}"
+            self.why = f"its trial call failed: {self.why}" if self.on_trial else \
+                f"{self.failures} failures in a row, the last: {self.why}"
             self._feed(self._outlier)
 
     def refresh(self) -> Deferred[None]:
@@ -204,6 +209,7 @@ class HostHealth:
     @_machine.output()
     def _clear_failures(self) -> None:
         self.failures = 0
+        self.on_trial = False
 
     @_machine.output()
     def _ask(self) -> None:
@@ -231,7 +237,8 @@ class HostHealth:
 
     @_machine.output()
     def _back(self) -> None:
-        self.failures = 0
+        self.on_trial = self.ejections > 0
+        self.failures = self._rules.eject_after - 1 if self.on_trial else 0  # on trial: one failure ejects it
         self._serving_since = self.clock.seconds()
 
     @_machine.output()

@@ -30,6 +30,12 @@ class HostView:
     weight: float = 1.0
     outstanding: int = 0  # calls in flight there
     routed: bool = True  # its health (routing/health.py) is serving: not down, ejected or being checked
+    on_trial: bool = False  # back from an ejection and not yet proven: one call at a time
+
+    @property
+    def slots(self) -> int:
+        """The calls it may have in flight now."""
+        return 1 if self.on_trial else self.max_concurrent
     models: dict[str, str | None] = field(default_factory=dict)  # id -> LM Studio's state ("loaded", ...) or None
 
 
@@ -44,7 +50,7 @@ def serving(hosts: Sequence[HostView], model: str) -> list[HostView]:
 
 
 def with_free_slot(hosts: Sequence[HostView]) -> list[HostView]:
-    return [host for host in hosts if host.outstanding < host.max_concurrent]
+    return [host for host in hosts if host.outstanding < host.slots]
 
 
 def loaded_first(hosts: Sequence[HostView], model: str) -> list[HostView]:
