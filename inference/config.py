@@ -204,7 +204,8 @@ class InferenceConfig:
         """The idle connections kept open to ``host``: ``http.max_idle_connections``, else as many as calls can be
         in flight there (a fleet's host: its ``max_concurrent``; one host: ``max_concurrent_requests``, or
         UNBOUNDED_IDLE_CONNECTIONS when that is unlimited). A pool that keeps fewer opens and closes a connection
-        on most calls once more calls than that run at once (64 clients with 10 kept: 28% fewer calls a second)."""
+        on most calls once more calls than that run at once (with 10 kept, 64 clients got 14% fewer calls a second
+        than 16)."""
         if self.http.max_idle_connections is not None:
             return self.http.max_idle_connections
         if len(self.upstreams) > 1:

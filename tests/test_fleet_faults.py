@@ -199,10 +199,12 @@ def sleep(seconds: float) -> Deferred[None]:
 @pytest.fixture
 def fleet(tmp_path):
     hosts = [HostProcess(name) for name in NAMES]
-    pytest_twisted.blockon(DeferredList([Deferred.fromCoroutine(host.start()) for host in hosts],
-                                        fireOnOneErrback=True))
-    config = tmp_path / "fleet.yaml"
-    config.write_text(f"""inference:
+    gateways: list[tuple[Any, Any, str]] = []
+    try:  # whatever fails on the way, every process started is stopped
+        pytest_twisted.blockon(DeferredList([Deferred.fromCoroutine(host.start()) for host in hosts],
+                                            fireOnOneErrback=True))
+        config = tmp_path / "fleet.yaml"
+        config.write_text(f"""inference:
   health_check_secs: {CHECK_SECS}
   models_cache_secs: 1
   http: {{timeout_secs: {FIRST_BYTE_SECS}, connect_timeout_secs: 1, max_retries: 0}}
@@ -210,21 +212,22 @@ def fleet(tmp_path):
             probe_timeout_secs: {PROBE_SECS}}}
   upstreams:
 """ + "".join(f'    - {{name: {h.name}, base_url: "{h.url}", max_concurrent: {SLOTS}}}\n' for h in hosts))
-    gateways = []
-    for _ in range(2):
-        daemon, transport = spawn(["--config", str(config), "--listen", "tcp:0:interface=127.0.0.1"], {},
-                                  str(tmp_path))
-        port = pytest_twisted.blockon(Deferred.fromCoroutine(daemon.port()))
-        gateways.append((daemon, transport, f"http://127.0.0.1:{port}"))
-    running = Fleet(hosts, gateways)
-    pytest_twisted.blockon(Deferred.fromCoroutine(running.wait("a", True, 10)))
-    yield running
-    for daemon, transport, _ in gateways:
-        pytest_twisted.blockon(Deferred.fromCoroutine(stop(daemon, transport)))
-    for host in hosts:
-        if not host.ended.called:
-            host.signal(signal.SIGCONT)
-        pytest_twisted.blockon(Deferred.fromCoroutine(host.kill()))
+        for _ in range(2):
+            daemon, transport = spawn(["--config", str(config), "--listen", "tcp:0:interface=127.0.0.1"], {},
+                                      str(tmp_path))
+            gateways.append((daemon, transport, ""))
+            port = pytest_twisted.blockon(Deferred.fromCoroutine(daemon.port()))
+            gateways[-1] = (daemon, transport, f"http://127.0.0.1:{port}")
+        running = Fleet(hosts, gateways)
+        pytest_twisted.blockon(Deferred.fromCoroutine(running.wait("a", True, 10)))
+        yield running
+    finally:
+        for daemon, transport, _ in gateways:
+            pytest_twisted.blockon(Deferred.fromCoroutine(stop(daemon, transport)))
+        for host in hosts:
+            if host.transport is not None and not host.ended.called:
+                host.signal(signal.SIGCONT)
+                pytest_twisted.blockon(Deferred.fromCoroutine(host.kill()))
 
 
 def p99(durations: list[float]) -> float:
