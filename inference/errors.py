@@ -135,6 +135,13 @@ class UpstreamError(GatewayError):
     kind = "bad_response"
 
 
+class UpstreamUnauthorized(UpstreamError):
+    """The upstream refused the gateway's own credentials (401/403): the operator's to fix, not the client's."""
+
+    status, type, code = 502, "api_error", "upstream_unauthorized"
+    kind = "unauthorized"
+
+
 class UpstreamUnreachable(GatewayError):
     status, type, code = 502, "api_error", "upstream_unreachable"
     kind = "unreachable"
@@ -151,6 +158,9 @@ _CONTEXT_OVERFLOW = re.compile(r"context (length|window|size)|exceeds? the avail
 
 def from_upstream(status: int, body: bytes) -> GatewayError:
     """Normalise an upstream error answer, whose ``error`` may be a string or an object (LM Studio sends both)."""
+    if status in (401, 403):  # (its message is left out: OpenAI's quotes part of the key)
+        return UpstreamUnauthorized(f"the upstream refused the gateway's credentials (HTTP {status}): it wants an "
+                                    "API token; set the host's api_key, or inference.api_key")
     message, error_type, code, param = _parse_error_body(body)
     if message is None:
         text = body.decode("utf-8", "replace").strip()[:500]

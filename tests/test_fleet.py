@@ -434,7 +434,7 @@ async def test_each_host_may_be_of_its_own_kind(hosts, start_gateway, tmp_path):
 """)
     gateway = start_gateway({"INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "0"}, str(config))
     assert (await call("GET", gateway.url + "/v1/models")).status == 200
-    assert [r.path for r in hosts[0].received] == ["/v1/models", "/api/v0/models"]  # LM Studio's own API asked
+    assert [r.path for r in hosts[0].received] == ["/v1/models", "/api/v1/models", "/api/v0/models"]  # its own API
     assert [r.path for r in hosts[1].received] == ["/v1/models"]  # OpenAI has none
     assert hosts[1].received[0].headers["authorization"] == "Bearer sk-cloud"
     for i in range(6):

@@ -89,8 +89,8 @@ async def test_lm_studio_hosts_get_their_key_on_every_route(fake, start_gateway)
     gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url, "INFERENCE_INFERENCE_API_KEY": "lm-token-1"})
     assert (await gateway.post_chat({"model": MODEL, "messages": USER})).status == 200
     asked = {r.path: r.headers.get("authorization") for r in fake.received}
-    assert asked == {"/v1/models": "Bearer lm-token-1", "/api/v0/models": "Bearer lm-token-1",
-                     "/v1/chat/completions": "Bearer lm-token-1"}
+    assert asked == {"/v1/models": "Bearer lm-token-1", "/api/v1/models": "Bearer lm-token-1",
+                     "/api/v0/models": "Bearer lm-token-1", "/v1/chat/completions": "Bearer lm-token-1"}
 
 
 @pytest_twisted.ensureDeferred

@@ -52,13 +52,14 @@ def lacks_response(error: GatewayError) -> bool:
 
 def is_host_failure(error: GatewayError) -> bool:
     """Whether another host may well answer what this one could not: it refused or timed out the connection,
-    reset it before answering, failed (5xx, 503 "loading") or has the model unloaded. A request it refused (4xx)
-    would be refused anywhere; one it did not answer in time may still be running there (no second copy)."""
+    reset it before answering, failed (5xx, 503 "loading"), refused the gateway's token or has the model
+    unloaded. A request it refused (4xx) would be refused anywhere; one it did not answer in time may still be
+    running there (no second copy)."""
     if isinstance(error, UpstreamUnreachable):
         return True
     if isinstance(error, UpstreamClientError):
         return error.status == 503 or any(words in error.message.lower() for words in _NOT_LOADED)
-    return isinstance(error, UpstreamError) and error.kind in ("server_error", "interrupted")
+    return isinstance(error, UpstreamError) and error.kind in ("server_error", "interrupted", "unauthorized")
 
 
 class Host:

@@ -87,7 +87,9 @@ class FakeLMStudio(Resource):
         self.parallel_calls = False  # call every tool offered (up to two) at once, not only the first
         self.generating_elsewhere = False  # a generation another client asked runs (one slot: lists wait for it)
         self.loaded_context: int | None = None  # /api/v0/models says each loaded model's loaded_context_length
-        self.native_types: dict[str, str] | None = None  # id -> llm/vlm/embeddings: serve /api/v0/models
+        self.native_types: dict[str, str] | None = None  # id -> llm/vlm/embeddings: serve the native API
+        self.native_versions: tuple[str, ...] = ("v0",)  # which native APIs: v0 (LM Studio 0.3), v1 (0.4)
+        self.parallel: int | None = None  # /api/v1/models says each loaded instance's parallel slots
         self.not_loaded: set[str] = set()  # models /api/v0/models says are not loaded (LM Studio loads on use)
         self.gzip = False  # compress answers for clients that accept gzip (as OpenAI does)
         self.set_cookie: str | None = None  # a Set-Cookie header on every answer
@@ -161,13 +163,17 @@ class FakeLMStudio(Resource):
         if got.path == "/v1/models" and got.method == "GET":
             listing = [{"id": m, "object": "model", "owned_by": "organization_owner"} for m in self.models]
             return self._answer(request, self.listing, {"object": "list", "data": listing})
-        if got.path == "/api/v0/models" and got.method == "GET" and self.native_types is not None:
+        if got.path == "/api/v0/models" and got.method == "GET" and self.native_types is not None and \
+                "v0" in self.native_versions:
             native = [{"id": m, "object": "model", "type": self.native_types.get(m, "llm"),
                        "state": "not-loaded" if m in self.not_loaded else "loaded",
                        "max_context_length": 4096, "publisher": "fake",
                        **({"loaded_context_length": self.loaded_context} if self.loaded_context else {})}
                       for m in self.models]
             return self._json(request, 200, {"object": "list", "data": native})
+        if got.path == "/api/v1/models" and got.method == "GET" and self.native_types is not None and \
+                "v1" in self.native_versions:
+            return self._json(request, 200, {"models": [self._v1_model(m) for m in self.models]})
         if got.path == "/v1/messages" and got.method == "POST" and not self.chat_only:
             words = f"echo: {self._said(body)}".split(" ")
             if isinstance(body, dict) and body.get("stream") and self.chat.mode == "normal":
@@ -218,6 +224,18 @@ class FakeLMStudio(Resource):
                 return self._json(request, 400, {"error": CONTEXT_OVERFLOW})
             return self._answer(request, self.chat, self._completion(body))
         return self._json(request, 404, {"error": f"Unexpected endpoint or method. ({got.method} {got.path})"})
+
+    def _v1_model(self, model: str) -> dict[str, Any]:
+        """One model as LM Studio 0.4's ``GET /api/v1/models`` lists it (its documented fields)."""
+        kind = (self.native_types or {}).get(model, "llm")
+        config: dict[str, Any] = {"context_length": self.loaded_context or 4096}
+        if self.parallel is not None:
+            config["parallel"] = self.parallel
+        return {"type": "embedding" if kind == "embeddings" else "llm", "publisher": "fake", "key": model,
+                "display_name": model, "max_context_length": 32768, "format": "gguf",
+                "loaded_instances": [] if model in self.not_loaded else [{"id": model, "config": config}],
+                **({} if kind == "embeddings" else {"capabilities": {"vision": kind == "vlm",
+                                                                     "trained_for_tool_use": True}})}
 
     @staticmethod
     def _llama_cpp_python_refuses(body: Any) -> tuple[int, str] | None:
