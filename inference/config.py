@@ -136,7 +136,9 @@ class UpstreamConfig:
     base_url: str = _opt(_http_url, "http://localhost:1234")
     name: str = _opt(None, "")  # empty: host:port of base_url (names label metrics, so they stay few)
     api_key: str | None = _opt(None, None)
-    max_concurrent: int = _opt(_range(1), 4)  # LM Studio's parallel predictions: its prompt-cache slots too
+    # The calls it may run at once (its prompt-cache slots too). None: the parallel slots LM Studio 0.4 reports for
+    # its loaded models, else DEFAULT_HOST_SLOTS; a number overrides what the host says.
+    max_concurrent: int | None = _opt(_range(1), None)
     weight: float = _opt(_range(0, above=True), 1.0)  # a share of new conversations, relative to the others
     provider: str | None = _opt(_one_of("lmstudio", "openai"), None)  # None: inference.provider
 
@@ -168,6 +170,13 @@ class LimitsConfig:
 
 
 DEFAULT_MAX_OUTPUT_TOKENS = 32768
+
+DEFAULT_HOST_SLOTS = 4
+"""A fleet host's slots when neither its configuration nor LM Studio says (LM Studio's default parallel is 4)."""
+
+REPORTED_SLOTS_IDLE_CONNECTIONS = 32
+"""The idle connections kept to a fleet host that reports its own slots (LM Studio's parallel, which changes as
+models load and unload)."""
 
 UNBOUNDED_IDLE_CONNECTIONS = 256
 """The idle connections kept to one host when nothing bounds the calls in flight (inference.max_concurrent_requests
@@ -202,14 +211,15 @@ class InferenceConfig:
 
     def idle_connections(self, host: UpstreamConfig) -> int:
         """The idle connections kept open to ``host``: ``http.max_idle_connections``, else as many as calls can be
-        in flight there (a fleet's host: its ``max_concurrent``; one host: ``max_concurrent_requests``, or
+        in flight there (a fleet's host: its ``max_concurrent``, or REPORTED_SLOTS_IDLE_CONNECTIONS when the host
+        reports its slots; one host: ``max_concurrent_requests``, or
         UNBOUNDED_IDLE_CONNECTIONS when that is unlimited). A pool that keeps fewer opens and closes a connection
         on most calls once more calls than that run at once (with 10 kept, 64 clients got 14% fewer calls a second
         than 16)."""
         if self.http.max_idle_connections is not None:
             return self.http.max_idle_connections
         if len(self.upstreams) > 1:
-            return host.max_concurrent
+            return host.max_concurrent or REPORTED_SLOTS_IDLE_CONNECTIONS
         return self.max_concurrent_requests or UNBOUNDED_IDLE_CONNECTIONS
 
     def hosts(self) -> list[UpstreamConfig]:

@@ -154,7 +154,7 @@ def test_a_fleet_of_hosts_from_yaml_and_from_one_variable(yaml_file):
                      "    - http://pc1:1234\n")
     hosts = load(path, {}).inference.hosts()
     assert [(h.name, h.base_url, h.max_concurrent, h.weight) for h in hosts] == [
-        ("mac", "http://mac.local:1234", 2, 1.0), ("pc1:1234", "http://pc1:1234", 4, 1.0)]
+        ("mac", "http://mac.local:1234", 2, 1.0), ("pc1:1234", "http://pc1:1234", None, 1.0)]  # None: the host says
     from_env = load(None, {"INFERENCE_INFERENCE_UPSTREAMS": "http://mac:1234, https://pc1"}).inference.hosts()
     assert [h.name for h in from_env] == ["mac:1234", "pc1:443"]
     alone = load(None, {"INFERENCE_INFERENCE_BASE_URL": "http://box:1234"}).inference.hosts()

@@ -84,3 +84,40 @@ async def test_the_hosts_token_goes_on_the_native_api_and_a_refused_token_is_the
     reply = await wrong.post_chat({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert reply.status == 502 and reply.error["code"] == "upstream_unauthorized"  # not the client's key
     assert "api_key" in reply.error["message"] and "not-it" not in reply.body.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fleet_hosts_slots_come_from_lm_studios_parallel_unless_the_operator_sets_them(
+        start_gateway, tmp_path):
+    from twisted.internet.defer import Deferred, DeferredList
+
+    from .conftest import until
+    from .fakes.lmstudio import FakeLMStudio
+
+    fakes = [FakeLMStudio([MODEL]), FakeLMStudio([MODEL])]
+    for fake, parallel in zip(fakes, (2, 8), strict=True):
+        fake.native_types, fake.native_versions, fake.parallel = {MODEL: "llm"}, ("v1",), parallel
+        fake.listen()
+    config = tmp_path / "fleet.yaml"
+    config.write_text(f"""inference:
+  upstreams:
+    - {{name: says, base_url: "{fakes[0].url}"}}
+    - {{name: overridden, base_url: "{fakes[1].url}", max_concurrent: 1}}
+""")
+    try:
+        gateway = start_gateway({}, str(config))
+        health = (await call("GET", gateway.url + "/health")).json()
+        slots = {host["name"]: host["max_concurrent"] for host in health["upstream"]["hosts"]}
+        assert slots == {"says": 2, "overridden": 1}  # LM Studio's parallel; the operator's number wins
+        for fake in fakes:
+            fake.chat.mode = "hang"
+        replies = [Deferred.fromCoroutine(gateway.post_chat({"model": MODEL, "messages": [
+            {"role": "user", "content": f"conversation {i}"}]})) for i in range(4)]
+        await until(lambda: gateway.site.gateway.provider.waiting() == 1)
+        assert [len(fake.pending) for fake in fakes] == [2, 1]  # 2 + 1 slots in use, the fourth call waits
+        for fake in fakes:
+            fake.chat.mode = "normal"
+            fake.release()
+        assert all(ok and reply.status == 200 for ok, reply in await DeferredList(replies))
+    finally:
+        await DeferredList([fake.stop() for fake in fakes])

@@ -65,7 +65,7 @@ def test_the_default_idle_pool_follows_the_calls_that_can_be_in_flight():
     limited = load(None, {"INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "32"}).inference
     assert limited.idle_connections(limited.hosts()[0]) == 32
     fleet = load(None, {"INFERENCE_INFERENCE_UPSTREAMS": "http://a:1234,http://b:1234"}).inference
-    assert [fleet.idle_connections(host) for host in fleet.hosts()] == [4, 4]  # each host's max_concurrent
+    assert [fleet.idle_connections(host) for host in fleet.hosts()] == [32, 32]  # the slots they report, up to 32
     fixed = load(None, {"INFERENCE_INFERENCE_HTTP_MAX_IDLE_CONNECTIONS": "10"}).inference
     assert fixed.idle_connections(fixed.hosts()[0]) == 10
 

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import jsonio
-from ..config import RoutingConfig, UpstreamConfig
+from ..config import DEFAULT_HOST_SLOTS, RoutingConfig, UpstreamConfig
 from ..errors import GatewayError, Overloaded, UpstreamClientError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from ..operations import RESPONSES, Operation
 from ..routing.conversation import conversation
@@ -70,7 +70,7 @@ class Host:
     def __init__(self, config: UpstreamConfig, provider: Provider) -> None:
         self.config = config
         self.provider = provider
-        self.view = HostView(config.name, config.max_concurrent, config.weight)
+        self.view = HostView(config.name, config.max_concurrent or DEFAULT_HOST_SLOTS, config.weight)
         self.models: list[dict[str, Any]] = []  # its model list, as it last answered it
 
 
@@ -137,6 +137,12 @@ class FleetProvider(Provider):
     def _learn_models(self, host: Host, models: list[dict[str, Any]]) -> None:
         host.models = models
         host.view.models = _states(models)
+        if host.config.max_concurrent is None:  # the operator's number overrides what the host says
+            reported = _reported_slots(models)
+            if reported and reported != host.view.max_concurrent:
+                host.view.max_concurrent = reported
+                for _ in range(host.view.slots - host.view.outstanding):
+                    self._wake_one(host)
 
     def _may_eject(self) -> bool:
         """Envoy's max_ejection_percent: a cause every host shares (the same bad call failing everywhere) must not
@@ -307,6 +313,12 @@ class FleetProvider(Provider):
         for host in self.hosts:
             host.health.stop()
             await host.provider.close()
+
+
+def _reported_slots(models: list[dict[str, Any]]) -> int:
+    """The parallel slots of a host's loaded instances, as LM Studio 0.4 reports them (0: it does not say)."""
+    return sum(instance.get("parallel", 0) for model in models for instance in model.get("instances") or ()
+               if isinstance(instance, dict) and isinstance(instance.get("parallel"), int))
 
 
 def _states(models: list[dict[str, Any]]) -> dict[str, str | None]:
