@@ -113,7 +113,7 @@ async def test_a_fleet_hosts_slots_come_from_lm_studios_parallel_unless_the_oper
             fake.chat.mode = "hang"
         replies = [Deferred.fromCoroutine(gateway.post_chat({"model": MODEL, "messages": [
             {"role": "user", "content": f"conversation {i}"}]})) for i in range(4)]
-        await until(lambda: gateway.site.gateway.provider.waiting() == 1)
+        await until(lambda: gateway.site.gateway.provider.waiting() == 1 and sum(len(f.pending) for f in fakes) == 3)
         assert [len(fake.pending) for fake in fakes] == [2, 1]  # 2 + 1 slots in use, the fourth call waits
         for fake in fakes:
             fake.chat.mode = "normal"
