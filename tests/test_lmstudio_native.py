@@ -106,6 +106,10 @@ async def test_a_fleet_hosts_slots_come_from_lm_studios_parallel_unless_the_oper
 """)
     try:
         gateway = start_gateway({}, str(config))
+        listed = (await call("GET", gateway.url + "/v1/models")).json()["data"]
+        assert listed[0]["hosts"] == [
+            {"name": "says", "state": "loaded", "context_length": 4096, "instances": 1, "slots": 2},
+            {"name": "overridden", "state": "loaded", "context_length": 4096, "instances": 1, "slots": 8}]
         health = (await call("GET", gateway.url + "/health")).json()
         slots = {host["name"]: host["max_concurrent"] for host in health["upstream"]["hosts"]}
         assert slots == {"says": 2, "overridden": 1}  # LM Studio's parallel; the operator's number wins

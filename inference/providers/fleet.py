@@ -128,7 +128,7 @@ class FleetProvider(Provider):
         for host in answering:
             for model in host.models:
                 entry = merged.setdefault(model["id"], {**model, "hosts": []})
-                entry["hosts"].append(host.view.name)
+                entry["hosts"].append(_placement(host.view.name, model))
         return list(merged.values())
 
     def _probe(self, host: Host) -> Deferred[list[dict[str, Any]]]:
@@ -313,6 +313,17 @@ class FleetProvider(Provider):
         for host in self.hosts:
             host.health.stop()
             await host.provider.close()
+
+
+def _placement(name: str, model: dict[str, Any]) -> dict[str, Any]:
+    """Where a model is, on one host, as ``/v1/models`` lists it: the host's name and what the host says of the
+    model there (LM Studio's state; from 0.4, its loaded instances, their slots and context length)."""
+    instances = model.get("instances")
+    said: dict[str, Any] = {"state": model.get("state"), "context_length": model.get("loaded_context_length")}
+    if isinstance(instances, list):
+        said["instances"] = len(instances)
+        said["slots"] = _reported_slots([model]) or None
+    return {"name": name, **{key: value for key, value in said.items() if value is not None}}
 
 
 def _reported_slots(models: list[dict[str, Any]]) -> int:
