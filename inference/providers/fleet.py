@@ -28,7 +28,7 @@ from ..config import DEFAULT_HOST_SLOTS, RoutingConfig, UpstreamConfig
 from ..errors import GatewayError, Overloaded, UpstreamClientError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from ..operations import RESPONSES, Operation
 from ..routing.conversation import conversation
-from ..routing.health import DOWN, EJECTED, SERVING, HealthRules, HostHealth
+from ..routing.health import CHECKING, DOWN, EJECTED, PROBING, SERVING, HealthRules, HostHealth
 from ..routing.memory import PrefixMemory, ResponseHomes
 from ..routing.picker import HostView, Pick, pick, serving
 from .base import ChatStream, Completion, EventConsumer, Provider, Route, WrappedStream
@@ -155,8 +155,11 @@ class FleetProvider(Provider):
         name, health = host.view.name, host.health
         host.view.routed, host.view.on_trial = new == SERVING, health.on_trial
         if new == SERVING:
-            log.info("upstream host {host} is back, serving {models}", host=name,
-                     models=", ".join(host.view.models) or "no models yet")
+            if old == CHECKING:  # (still there: nothing to say each time a host is checked)
+                log.debug("upstream host {host} answered its check", host=name)
+            else:
+                log.info("upstream host {host} is back, serving {models}", host=name,
+                         models=", ".join(host.view.models) or "no models yet")
             for _ in range(host.view.slots - host.view.outstanding):
                 self._wake_one(host)
             return
@@ -166,10 +169,10 @@ class FleetProvider(Provider):
             self.on_eject(name)
             log.warn("upstream host {host} left out for {secs:g}s ({why}); other hosts serve its calls",
                      host=name, secs=health.cool_down, why=health.why)
-        elif new == DOWN and old != "probing":
+        elif new == DOWN and old != PROBING:
             log.warn("upstream host {host} does not answer its model list ({error}); left out, asked again "
                      "every second", host=name, error=health.error)
-        elif new == "checking":
+        elif new == CHECKING:
             log.info("upstream host {host} is asked for its model list at once ({why})", host=name, why=health.why)
         self._wake_all()  # calls waiting for it look again: another host may serve them, or none
 
