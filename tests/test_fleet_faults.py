@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 NAMES = ("a", "b", "c")
 SLOTS, EJECT_AFTER, EJECT_SECS, MAX_EJECT_SECS, PROBE_SECS = 4, 3, 1.0, 4.0, 0.5
 FIRST_BYTE_SECS, CHECK_SECS, DOWN_PROBE_SECS = 1.0, 1.0, 1.0
-HEALTHY_SECS, WORKERS = 3.0, 5  # the healthy run; load workers per gateway
+HEALTHY_CALLS, FAULT_CALLS, AFTER_CALLS, WORKERS = 300, 300, 100, 5  # the phases' calls; workers per gateway
 
 
 class HostProcess(ProcessProtocol):
@@ -133,6 +133,20 @@ class Load:
     outcomes: list[Outcome] = field(default_factory=list)
     _stopping: bool = False
     _workers: list[Deferred[None]] = field(default_factory=list)
+    _waiting: list[tuple[int, Deferred[None]]] = field(default_factory=list)
+
+    def answered(self, more: int) -> Deferred[None]:
+        """Fires once ``more`` calls from now have been answered (the load's own clock: a busy machine runs it
+        slower, and each phase still has its share of calls)."""
+        d: Deferred[None] = Deferred()
+        self._waiting.append((len(self.outcomes) + more, d))
+        self._tell()
+        return d
+
+    def _tell(self) -> None:
+        for entry in [e for e in self._waiting if len(self.outcomes) >= e[0]]:
+            self._waiting.remove(entry)
+            entry[1].callback(None)
 
     def start(self) -> None:
         self._workers = [Deferred.fromCoroutine(self._work(g, w)) for g in range(len(self.urls))
@@ -145,6 +159,7 @@ class Load:
             reply = await call("POST", self.urls[g] + "/v1/chat/completions", {
                 "model": "fault-model", "stream": stream, "messages": [{"role": "user", "content": marker}]})
             self.outcomes.append(outcome_of(marker, stream, start, reply.status, reply.body))
+            self._tell()
             n += 1
 
     async def stop(self) -> None:
@@ -189,11 +204,7 @@ class Fleet:
                 await self.agree(name)
                 return took
             assert reactor.seconds() - start < within, f"{name} still {states} after {within}s"
-            await sleep(0.05)
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
+            await deferLater(reactor, 0.05, lambda: None)  # (another process's state: it can only be asked again)
 
 
 @pytest.fixture
@@ -235,32 +246,38 @@ def p99(durations: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
-async def run(fleet: Fleet, fault: str, inject: Any, remove: Any, hold: float, out_within: float | None,
-              back_within: float | None, timeouts_allowed: bool = False) -> dict[str, Any]:
-    """The healthy run, then ``inject`` for ``hold`` seconds, then ``remove``; the figures, once checked."""
+async def run(fleet: Fleet, fault: str, inject: Any, remove: Any, out_within: float | None,
+              back_within: float | None, timeouts_allowed: bool = False, hold_calls: int = FAULT_CALLS,
+              hold_secs: float = 0.0) -> dict[str, Any]:
+    """The healthy run, then ``inject`` for ``hold_calls`` answered calls (and at least ``hold_secs``), then
+    ``remove``; the figures, once checked."""
     gc.collect()
     gc.disable()  # a full collection of this test process (pytest's heap) stalls every call of the load ~100 ms
     try:
-        return await _run(fleet, fault, inject, remove, hold, out_within, back_within, timeouts_allowed)
+        return await _run(fleet, fault, inject, remove, out_within, back_within, timeouts_allowed, hold_calls,
+                          hold_secs)
     finally:
         gc.enable()
 
 
-async def _run(fleet: Fleet, fault: str, inject: Any, remove: Any, hold: float, out_within: float | None,
-               back_within: float | None, timeouts_allowed: bool) -> dict[str, Any]:
+async def _run(fleet: Fleet, fault: str, inject: Any, remove: Any, out_within: float | None,
+               back_within: float | None, timeouts_allowed: bool, hold_calls: int, hold_secs: float) -> dict[str, Any]:
     load = Load(fleet.urls)
     load.start()
     try:
-        await sleep(HEALTHY_SECS)
+        await load.answered(HEALTHY_CALLS)
         seen_before = await fleet.hosts["a"].seen()  # (a killed host cannot say, after, which calls it was sent)
         injected = reactor.seconds()
         await inject()
+        held = load.answered(hold_calls)
         out_after = await fleet.wait("a", False, out_within) if out_within is not None else None
-        await sleep(max(0.0, hold - (reactor.seconds() - injected)))
+        await held
+        if hold_secs:  # a fault the issue gives a duration (SIGSTOP for 30 s)
+            await deferLater(reactor, max(0.0, hold_secs - (reactor.seconds() - injected)), lambda: None)
         removed = reactor.seconds()
         await remove()
         back_after = await fleet.wait("a", True, back_within) if back_within is not None else None
-        await sleep(1.0)
+        await load.answered(AFTER_CALLS)
     finally:
         await load.stop()
     if not fleet.hosts["a"].ended.called:
@@ -289,7 +306,7 @@ async def _run(fleet: Fleet, fault: str, inject: Any, remove: Any, hold: float, 
         assert all(o.status == 504 and o.error == "upstream_timeout" for o in lost), figures
         # Per gateway: the calls a's slots held and those sent until eject_after of them had failed, then one
         # trial call each time a came back (its model list answers) while the fault lasted.
-        assert len(lost) <= 2 * (SLOTS + EJECT_AFTER - 1 + hold / EJECT_SECS), figures
+        assert len(lost) <= 2 * (SLOTS + EJECT_AFTER - 1 + (removed - injected) / EJECT_SECS), figures
     else:
         assert lost == [], (figures, [asdict(o) for o in lost][:5])
     assert figures["others_p99_ms"] <= figures["healthy_p99_ms"] * 1.2 + 5, figures
@@ -303,7 +320,7 @@ async def test_a_host_killed_with_calls_in_flight(fleet):
     async def nothing() -> None:
         pass
 
-    await run(fleet, "kill -9", host.kill, nothing, hold=3, out_within=CHECK_SECS + PROBE_SECS + 0.5,
+    await run(fleet, "kill -9", host.kill, nothing, out_within=CHECK_SECS + PROBE_SECS + 0.5,
               back_within=None)
 
 
@@ -313,13 +330,13 @@ async def test_a_host_killed_and_restarted_at_once_is_back_within_a_second_or_tw
 
     async def restart() -> None:
         await host.kill()
-        await sleep(0.3)
+        await deferLater(reactor, 0.3, lambda: None)  # (the fault itself: back up 0.3 s after the kill)
         await host.start()
 
     async def nothing() -> None:
         pass
 
-    figures = await run(fleet, "restart", restart, nothing, hold=0, out_within=None,
+    figures = await run(fleet, "restart", restart, nothing, hold_calls=0, out_within=None,
                         back_within=DOWN_PROBE_SECS + PROBE_SECS + 1.0)
     assert figures["served_by_a_after"] > 0  # the restarted host serves again
 
@@ -334,7 +351,7 @@ async def test_a_host_stopped_for_30_seconds(fleet):
     async def go_on() -> None:
         host.signal(signal.SIGCONT)
 
-    await run(fleet, "SIGSTOP 30s", stop_it, go_on, hold=30, out_within=EJECT_AFTER * FIRST_BYTE_SECS + 0.5,
+    await run(fleet, "SIGSTOP 30s", stop_it, go_on, hold_secs=30, out_within=EJECT_AFTER * FIRST_BYTE_SECS + 0.5,
               back_within=DOWN_PROBE_SECS + PROBE_SECS + 1.0, timeouts_allowed=True)
 
 
@@ -350,4 +367,4 @@ async def test_a_host_that_misbehaves_while_it_runs(fleet, fault, how, out_withi
     back_within = MAX_EJECT_SECS + PROBE_SECS + CHECK_SECS + 0.5 if out_within is not None else None
     await run(fleet, fault, lambda: host.fault(**how), lambda: host.fault(chat="normal", latency=0.05,
                                                                            models="normal"),
-              hold=4, out_within=out_within, back_within=back_within, timeouts_allowed=timeouts_allowed)
+              out_within=out_within, back_within=back_within, timeouts_allowed=timeouts_allowed)

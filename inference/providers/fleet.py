@@ -141,8 +141,7 @@ class FleetProvider(Provider):
             reported = _reported_slots(models)
             if reported and reported != host.view.max_concurrent:
                 host.view.max_concurrent = reported
-                for _ in range(host.view.slots - host.view.outstanding):
-                    self._wake_one(host)
+                self._wake_for_free_slots(host)
 
     def _may_eject(self) -> bool:
         """Envoy's max_ejection_percent: a cause every host shares (the same bad call failing everywhere) must not
@@ -160,8 +159,7 @@ class FleetProvider(Provider):
             else:
                 log.info("upstream host {host} is back, serving {models}", host=name,
                          models=", ".join(host.view.models) or "no models yet")
-            for _ in range(host.view.slots - host.view.outstanding):
-                self._wake_one(host)
+            self._wake_for_free_slots(host)
             return
         if old == SERVING:  # a host that was out may have restarted: its prompt cache is presumed lost
             self.memory.forget(name)
@@ -218,8 +216,7 @@ class FleetProvider(Provider):
             host.health.call_answered()
             if host.view.on_trial:  # proven: all its slots again
                 host.view.on_trial = False
-                for _ in range(host.view.slots - host.view.outstanding):
-                    self._wake_one(host)
+                self._wake_for_free_slots(host)
             if getattr(answer, "model_load", None) is not None:
                 host.view.models[body["model"]] = "loaded"  # it loaded the model to answer
             self._served(host, key)
@@ -271,6 +268,11 @@ class FleetProvider(Provider):
                 self._waiting.remove(entry)
                 entry[1].callback(None)
                 return
+
+    def _wake_for_free_slots(self, host: Host) -> None:
+        """``host`` has more free slots than before: as many waiting calls look again."""
+        for _ in range(host.view.slots - host.view.outstanding):
+            self._wake_one(host)
 
     def _wake_all(self) -> None:
         """Every waiting call looks again (a host left or joined the fleet: rare)."""
