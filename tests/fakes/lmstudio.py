@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import itertools
 import json
 import socket
 import struct
@@ -34,12 +35,16 @@ CONTEXT_OVERFLOW = ("Trying to keep the first 5120 tokens when context the overf
                     "larger context length, or provide a shorter input")
 
 
+_ARRIVALS = itertools.count()  # one order across every fake, for tests of which host a call reached
+
+
 @dataclass
 class Received:
     method: str
     path: str
     headers: dict[str, str]
     body: Any
+    at: int = field(default_factory=lambda: next(_ARRIVALS))
 
 
 @dataclass
@@ -91,6 +96,15 @@ class FakeLMStudio(Resource):
         self.native_versions: tuple[str, ...] = ("v0",)  # which native APIs: v0 (LM Studio 0.3), v1 (0.4)
         self.parallel: int | None = None  # /api/v1/models says each loaded instance's parallel slots
         self.not_loaded: set[str] = set()  # models /api/v0/models says are not loaded (LM Studio loads on use)
+        # LM Studio 0.4's loaded instances by model, once a test sets it (``start_empty``): loads add to it, unloads
+        # take from it, and a call for a model with none loads one first (LM Studio's JIT load).
+        self.instances: dict[str, list[dict[str, Any]]] | None = None
+        self.contexts: dict[str, int] = {}  # a model's loaded context length, when not ``loaded_context``
+        self.no_tools: set[str] = set()  # models LM Studio 0.4 says were not trained for tool use
+        self.loads: list[str] = []  # the models POST /api/v1/models/load was asked for, in order
+        self.unloads: list[str] = []  # the instance ids POST /api/v1/models/unload was asked for
+        self.jit_loads: list[str] = []  # models loaded because a call asked for them
+        self.load_gate: Deferred[None] | None = None  # loads answer once it fires (else at once)
         self.gzip = False  # compress answers for clients that accept gzip (as OpenAI does)
         self.set_cookie: str | None = None  # a Set-Cookie header on every answer
         self.received: list[Received] = []
@@ -166,7 +180,7 @@ class FakeLMStudio(Resource):
         if got.path == "/api/v0/models" and got.method == "GET" and self.native_types is not None and \
                 "v0" in self.native_versions:
             native = [{"id": m, "object": "model", "type": self.native_types.get(m, "llm"),
-                       "state": "not-loaded" if m in self.not_loaded else "loaded",
+                       "state": "loaded" if self._loaded_instances(m) else "not-loaded",
                        "max_context_length": 4096, "publisher": "fake",
                        **({"loaded_context_length": self.loaded_context} if self.loaded_context else {})}
                       for m in self.models]
@@ -174,6 +188,14 @@ class FakeLMStudio(Resource):
         if got.path == "/api/v1/models" and got.method == "GET" and self.native_types is not None and \
                 "v1" in self.native_versions:
             return self._json(request, 200, {"models": [self._v1_model(m) for m in self.models]})
+        if got.path == "/api/v1/models/load" and got.method == "POST" and "v1" in self.native_versions:
+            return self._load(request, body)
+        if got.path == "/api/v1/models/unload" and got.method == "POST" and "v1" in self.native_versions:
+            return self._unload(request, body)
+        if isinstance(body, dict) and isinstance(body.get("model"), str) and self.instances is not None and \
+                body["model"] in self.models and not self.instances.get(body["model"]):
+            self.jit_loads.append(body["model"])  # LM Studio loads a model a call asks for before answering
+            self._add_instance(body["model"])
         if got.path == "/v1/messages" and got.method == "POST" and not self.chat_only:
             words = f"echo: {self._said(body)}".split(" ")
             if isinstance(body, dict) and body.get("stream") and self.chat.mode == "normal":
@@ -228,14 +250,77 @@ class FakeLMStudio(Resource):
     def _v1_model(self, model: str) -> dict[str, Any]:
         """One model as LM Studio 0.4's ``GET /api/v1/models`` lists it (its documented fields)."""
         kind = (self.native_types or {}).get(model, "llm")
-        config: dict[str, Any] = {"context_length": self.loaded_context or 4096}
-        if self.parallel is not None:
-            config["parallel"] = self.parallel
         return {"type": "embedding" if kind == "embeddings" else "llm", "publisher": "fake", "key": model,
                 "display_name": model, "max_context_length": 32768, "format": "gguf",
-                "loaded_instances": [] if model in self.not_loaded else [{"id": model, "config": config}],
-                **({} if kind == "embeddings" else {"capabilities": {"vision": kind == "vlm",
-                                                                     "trained_for_tool_use": True}})}
+                "loaded_instances": self._loaded_instances(model),
+                **({} if kind == "embeddings" else {"capabilities": {
+                    "vision": kind == "vlm", "trained_for_tool_use": model not in self.no_tools}})}
+
+    def start_empty(self) -> FakeLMStudio:
+        """LM Studio 0.4 with its models downloaded and none loaded: loads and unloads change what it lists."""
+        self.native_versions = ("v1",)
+        self.native_types = self.native_types or {}
+        self.instances = {}
+        return self
+
+    def _instance_config(self, model: str) -> dict[str, Any]:
+        config: dict[str, Any] = {"context_length": self.contexts.get(model) or self.loaded_context or 4096}
+        if self.parallel is not None:
+            config["parallel"] = self.parallel
+        return config
+
+    def _loaded_instances(self, model: str) -> list[dict[str, Any]]:
+        if self.instances is not None:
+            return self.instances.get(model, [])
+        return [] if model in self.not_loaded else [{"id": model, "config": self._instance_config(model)}]
+
+    def _add_instance(self, model: str) -> str:
+        """A new loaded instance of ``model``: LM Studio names the first after the model, the next ``model:2``."""
+        assert self.instances is not None
+        loaded = self.instances.setdefault(model, [])
+        taken = {instance["id"] for instance in loaded}
+        instance_id = next(name for n in range(1, 99) if (name := model if n == 1 else f"{model}:{n}") not in taken)
+        loaded.append({"id": instance_id, "config": self._instance_config(model)})
+        return instance_id
+
+    def _load(self, request: http.Request, body: Any) -> Any:
+        """``POST /api/v1/models/load``: answers once the model is loaded; a model loaded already gets a second
+        instance (as LM Studio does)."""
+        model = body.get("model") if isinstance(body, dict) else None
+        if model not in self.models:
+            return self._json(request, 404, {"error": {"message": f"Model '{model}' not found", "type": "not_found"}})
+        self.loads.append(model)
+        if self.instances is None:
+            self.instances = {m: self._loaded_instances(m) for m in self.models}
+
+        def loaded(_: object = None) -> bytes:
+            instance_id = self._add_instance(model)
+            return self._json(request, 200, {"type": "llm", "model_instance_id": instance_id, "status": "loaded",
+                                             "config": self._instance_config(model), "load_time_seconds": 1.25})
+
+        if self.load_gate is None:
+            return loaded()
+        finished = request.notifyFinish()
+        finished.addErrback(lambda _: None)  # (the gateway gave up on the load: nothing to answer)
+
+        def opened(passed: object) -> object:
+            if not finished.called:
+                request.write(loaded())
+                request.finish()
+            return passed
+
+        self.load_gate.addCallback(opened)
+        return NOT_DONE_YET
+
+    def _unload(self, request: http.Request, body: Any) -> bytes:
+        instance_id = body.get("instance_id") if isinstance(body, dict) else None
+        for loaded in (self.instances or {}).values():
+            for instance in loaded:
+                if instance["id"] == instance_id:
+                    loaded.remove(instance)
+                    self.unloads.append(instance_id)
+                    return self._json(request, 200, {"instance_id": instance_id})
+        return self._json(request, 404, {"error": {"message": f"No loaded instance '{instance_id}'"}})
 
     @staticmethod
     def _llama_cpp_python_refuses(body: Any) -> tuple[int, str] | None:
