@@ -17,13 +17,21 @@ from .auth import ApiKeys
 from .catalog import ModelCatalog
 from .config import DEFAULT_MAX_OUTPUT_TOKENS, Config
 from .drain import InFlight
-from .errors import GatewayError, MethodNotAllowed, RouteNotFound, UpstreamTimeout, UpstreamUnreachable
+from .errors import (
+    ContextLengthExceeded,
+    GatewayError,
+    MethodNotAllowed,
+    RouteNotFound,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from .monitor import UpstreamMonitor
 from .openapi import openapi_bytes
 from .operations import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES, Operation
 from .providers import Provider
 from .relay import StreamRelay
 from .request import GatewayRequest
+from .routing.demand import CHARS_PER_TOKEN, Demand
 from .telemetry import RequestState, Telemetry
 
 log = Logger()
@@ -154,6 +162,7 @@ class Gateway:
             model = self.catalog.cached(parsed.model, kind) or await job.run(self.catalog.resolve(parsed.model, kind))
             parsed.body["model"] = model
             if operation.output_limits:
+                self._check_context(operation, parsed.body)
                 operation.limit_output(parsed.body, self._output_cap(parsed.body["model"]))
             slot = self.admission.try_acquire()
             if slot is None:
@@ -310,6 +319,22 @@ class Gateway:
         the default: no call may ask a model to write more than its context holds."""
         configured = self.config.inference.limits.max_output_tokens
         return configured or self.catalog.context_length(model) or DEFAULT_MAX_OUTPUT_TOKENS
+
+    def _check_context(self, operation: Operation, body: dict[str, Any]) -> None:
+        """A prompt longer than the largest context the model is loaded with (where the upstream says it) is refused
+        before any upstream call. Its output limit is not counted: it is lowered to the context (below) rather
+        than refused, as agents ask for more output (Claude Code 32,000 tokens) than a local context holds."""
+        context = self.catalog.context_length(body["model"])
+        if context is None:
+            return
+        demand = Demand.of(operation, body)
+        if not demand.fits_prompt(context):
+            param = next((key for key in ("messages", "input", "prompt") if key in body), None)
+            raise ContextLengthExceeded(
+                f"prompt is too long: about {demand.prompt_tokens} tokens > {context} maximum. This model's maximum "
+                f"context length is {context} tokens, as loaded; the prompt comes to about {demand.prompt_tokens} "
+                f"tokens ({CHARS_PER_TOKEN} characters a token). Shorten it, or load the model with a larger "
+                "context length.", param=param)
 
     def _authorize(self, request: GatewayRequest, operation: Operation | None = None) -> None:
         """The gateway key, from ``Authorization: Bearer``; Anthropic's clients send it as ``x-api-key``."""

@@ -68,6 +68,13 @@ class AmbiguousModel(InvalidRequest):
     code = "ambiguous_model"
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """OpenAI's code for a prompt the model cannot hold (agents compact their history on it); the message starts
+    as Anthropic's does ("prompt is too long"), which Claude Code reads the same way."""
+
+    code = "context_length_exceeded"
+
+
 class AuthenticationFailed(GatewayError):
     status, type, code = 401, "authentication_error", "invalid_api_key"
 

@@ -4,19 +4,22 @@ the picker that puts them together with health, models and load."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 
+from inference.operations import CHAT, MESSAGES
 from inference.routing.conversation import conversation_key
+from inference.routing.demand import Demand
 from inference.routing.memory import PrefixMemory
-from inference.routing.picker import HostView, pick
+from inference.routing.picker import HostView, ModelOnHost, pick
 from inference.routing.rendezvous import rank
 
 KEYS = [f"conversation {i}".encode() for i in range(3000)]
 
 
 def hosts(*names: str, slots: int = 4, **models: str | None) -> list[HostView]:
-    return [HostView(name, slots, models={"qwen": models.get(name, "loaded")}) for name in names]
+    return [HostView(name, slots, models={"qwen": ModelOnHost(state=models.get(name, "loaded"))}) for name in names]
 
 
 def memory_of(views: list[HostView]) -> PrefixMemory:
@@ -95,6 +98,46 @@ def test_a_call_waits_when_every_host_is_at_max_concurrent():
     for view in views:
         view.outstanding = 1
     assert pick(views, "qwen", b"k", memory_of(views), 2, random.Random(1)) is None
+
+
+def test_a_models_own_slots_bound_its_calls_on_a_host_with_slots_to_spare():
+    view = HostView("a", 8, models={"qwen": ModelOnHost("loaded", instances=1, slots=1),
+                                    "llama": ModelOnHost("loaded", instances=1, slots=4)})
+    view.started("qwen")
+    assert pick([view], "qwen", None, memory_of([view]), 2, random.Random(1)) is None  # its one slot is taken
+    assert pick([view], "llama", None, memory_of([view]), 2, random.Random(1)) is not None
+    view.ended("qwen")
+    assert view.outstanding == 0 and view.by_model == {}
+    assert pick([view], "qwen", None, memory_of([view]), 2, random.Random(1)) is not None
+
+
+def demand_of(text: str, **extra: object) -> Callable[[], Demand]:
+    return lambda: Demand.of(CHAT, {"model": "qwen", "messages": [{"role": "user", "content": text}], **extra})
+
+
+def test_the_hosts_whose_context_holds_the_call_are_picked_and_the_largest_when_only_the_prompt_fits():
+    small, large = (HostView(name, 4, models={"qwen": ModelOnHost("loaded", context=context)})
+                    for name, context in (("small", 4096), ("large", 32768)))
+    views = [small, large]
+    for seed in range(10):
+        both = pick(views, "qwen", None, memory_of(views), 2, random.Random(seed), demand_of("hi", max_tokens=100))
+        assert both is not None and len(both.hosts) == 2
+    for text, limit in (("x" * 30_000, None), ("x" * 6_000, 30_000)):  # the prompt, then prompt and output
+        chosen = pick(views, "qwen", None, memory_of(views), 2, random.Random(1), demand_of(text, max_tokens=limit))
+        assert chosen is not None and [h.name for h in chosen.hosts] == ["large"]  # (not even for failover)
+    large.started("qwen")
+    large.max_concurrent = 1
+    assert pick(views, "qwen", None, memory_of(views), 2, random.Random(1), demand_of("x" * 30_000)) is None  # waits
+
+
+def test_a_prompts_estimate_counts_text_and_tools_not_image_data():
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 90_000}}
+    demand = Demand.of(CHAT, {"model": "qwen", "max_completion_tokens": 50, "tools": [{"type": "function"}],
+                              "messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 300}, image]}]})
+    assert 100 <= demand.prompt_tokens < 130 and demand.output_tokens == 50 and demand.tools and demand.images
+    anthropic = Demand.of(MESSAGES, {"model": "qwen", "max_tokens": 10, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "data": "B" * 90_000}}]}], "tool_choice": "none"})
+    assert anthropic.prompt_tokens < 20 and anthropic.images and not anthropic.tools
 
 
 def test_a_host_with_the_model_loaded_beats_one_that_would_load_it():

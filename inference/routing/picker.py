@@ -1,7 +1,9 @@
 """Picking the host for a call: filter, then score, then pick, each step a small policy of its own.
 
-1. Filter: hosts that are routed to (serving, by their health) and serve the model; of those, the ones with a
-   free slot (none: the call waits).
+1. Filter: hosts that are routed to (serving, by their health) and serve the model; of those, where hosts say
+   different things of the model, the ones whose context holds the call (prompt and output, else the prompt, the
+   largest context first) and that have the capabilities it needs (tools, images; a host that does not say is
+   taken at its word); of those, the ones with a free slot, for the host and for the model (none: the call waits).
 2. Loaded first: hosts with the model in memory over hosts that would load it first (seconds to minutes).
 3. Load bound: hosts no more than ``load_bound`` requests busier than the least busy one.
 4. Prefix affinity: the host that holds the conversation's prefix; a conversation the gateway does not know goes
@@ -14,11 +16,28 @@ The ranking that comes out also orders failover: the chosen host, then the other
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .demand import Demand
 from .memory import PrefixMemory
 from .rendezvous import rank
+
+
+@dataclass(frozen=True)
+class ModelOnHost:
+    """What a host says of one of its models (None: it does not say; LM Studio's native API does)."""
+
+    state: str | None = None  # "loaded", "not-loaded"
+    instances: int | None = None  # loaded instances (LM Studio 0.4)
+    slots: int | None = None  # their parallel prediction slots together (LM Studio 0.4)
+    context: int | None = None  # the context length it is loaded with
+    tools: bool | None = None  # trained for tool use (LM Studio 0.4's capabilities)
+    vision: bool | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.state in (None, "loaded")
 
 
 @dataclass
@@ -31,12 +50,33 @@ class HostView:
     outstanding: int = 0  # calls in flight there
     routed: bool = True  # its health (routing/health.py) is serving: not down, ejected or being checked
     on_trial: bool = False  # back from an ejection and not yet proven: one call at a time
+    models: dict[str, ModelOnHost] = field(default_factory=dict)  # what it serves, by model id
+    by_model: dict[str, int] = field(default_factory=dict)  # calls in flight there, by model
 
     @property
     def slots(self) -> int:
         """The calls it may have in flight now."""
         return 1 if self.on_trial else self.max_concurrent
-    models: dict[str, str | None] = field(default_factory=dict)  # id -> LM Studio's state ("loaded", ...) or None
+
+    def has_free_slot(self, model: str) -> bool:
+        """Whether a call for ``model`` may start here now: a slot of the host's, and of the model's instances
+        when the host says how many they have (a call beyond them would queue inside the host)."""
+        if self.outstanding >= self.slots:
+            return False
+        said = self.models.get(model)
+        return said is None or said.slots is None or self.by_model.get(model, 0) < said.slots
+
+    def started(self, model: str) -> None:
+        self.outstanding += 1
+        self.by_model[model] = self.by_model.get(model, 0) + 1
+
+    def ended(self, model: str) -> None:
+        self.outstanding -= 1
+        left = self.by_model.get(model, 0) - 1
+        if left > 0:
+            self.by_model[model] = left
+        else:
+            self.by_model.pop(model, None)
 
 
 @dataclass(frozen=True)
@@ -49,13 +89,38 @@ def serving(hosts: Sequence[HostView], model: str) -> list[HostView]:
     return [host for host in hosts if host.routed and model in host.models]
 
 
-def with_free_slot(hosts: Sequence[HostView]) -> list[HostView]:
-    return [host for host in hosts if host.outstanding < host.slots]
+def with_free_slot(hosts: Sequence[HostView], model: str) -> list[HostView]:
+    return [host for host in hosts if host.has_free_slot(model)]
+
+
+def alike(hosts: Sequence[HostView], model: str) -> bool:
+    """Whether the hosts say the same of ``model`` as far as a call's demand goes: then no demand need be
+    estimated (it would choose nothing)."""
+    said = {(m.context, m.tools, m.vision) for m in (host.models[model] for host in hosts)}
+    return len(said) == 1
+
+
+def fitting(hosts: Sequence[HostView], model: str, demand: Demand) -> list[HostView]:
+    """The hosts that hold the call: its whole context need, else its prompt (the largest contexts, where the
+    output has the most room), each narrowed to those with the capabilities it needs; all of them when none
+    does (the upstream decides)."""
+    whole = [host for host in hosts if demand.fits_all(host.models[model].context)]
+    if not whole:
+        prompt = [host for host in hosts if demand.fits_prompt(host.models[model].context)]
+        largest = max((host.models[model].context or 0 for host in prompt), default=0)
+        whole = [host for host in prompt if (host.models[model].context or 0) == largest]
+    return capable(whole, model, demand) or capable(hosts, model, demand) or list(hosts)
+
+
+def capable(hosts: Sequence[HostView], model: str, demand: Demand) -> list[HostView]:
+    """The hosts not known to lack a capability the call needs (tools, vision)."""
+    return [host for host in hosts if not (demand.tools and host.models[model].tools is False)
+            and not (demand.images and host.models[model].vision is False)]
 
 
 def loaded_first(hosts: Sequence[HostView], model: str) -> list[HostView]:
     """The hosts that have ``model`` loaded, if any does (a host that does not say counts as loaded)."""
-    loaded = [host for host in hosts if host.models.get(model) in (None, "loaded")]
+    loaded = [host for host in hosts if host.models[model].loaded]
     return loaded or list(hosts)
 
 
@@ -82,13 +147,16 @@ def least_outstanding(hosts: Sequence[HostView], rng: random.Random) -> list[Hos
 
 
 def pick(hosts: Sequence[HostView], model: str, key: bytes | None, memory: PrefixMemory, load_bound: int,
-         rng: random.Random) -> Pick | None:
+         rng: random.Random, demand: Callable[[], Demand] | None = None) -> Pick | None:
     """The hosts to try, best first; None when every host that serves ``model`` is busy (the call waits).
-    Raises ``LookupError`` when no host that is up serves it."""
+    Raises ``LookupError`` when no host that is up serves it. ``demand`` is asked only when the hosts differ."""
     candidates = serving(hosts, model)
     if not candidates:
         raise LookupError(model)
-    free = with_free_slot(candidates)
+    only_choice = len(candidates) == 1
+    if demand is not None and not only_choice and not alike(candidates, model):
+        candidates = fitting(candidates, model, demand())
+    free = with_free_slot(candidates, model)
     if not free:
         return None
     preferred = within_load_bound(loaded_first(free, model), load_bound)
@@ -99,4 +167,4 @@ def pick(hosts: Sequence[HostView], model: str, key: bytes | None, memory: Prefi
     else:
         ranked, reason = least_outstanding(preferred, rng), "least_loaded"
     rest = [host for host in least_outstanding(free, rng) if host not in ranked]
-    return Pick([*ranked, *rest], "only_choice" if len(candidates) == 1 else reason)
+    return Pick([*ranked, *rest], "only_choice" if only_choice else reason)
