@@ -36,6 +36,11 @@ class ModelCatalog:
         self._fetched_at = 0.0
         self._fetching: Deferred[list[dict[str, Any]]] | None = None
         self._waiters: list[Deferred[list[dict[str, Any]]]] = []
+        provider.watch_models(self.expire)
+
+    def expire(self) -> None:
+        """The next request fetches the list again (the gateway loaded or unloaded a model)."""
+        self._fetched_at = float("-inf")
 
     async def models(self, refresh: bool = False) -> list[dict[str, Any]]:
         """The models clients may use, as OpenAI model objects."""

@@ -72,8 +72,8 @@ def _non_empty(value: Any) -> str | None:
 
 
 def _opt(check: Check | None, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"check": check}, **kwargs)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"check": check}, **kwargs)
     return field(default=default, metadata={"check": check}, **kwargs)
 
 
@@ -162,6 +162,17 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class PlacementConfig:
+    # on_demand: a model no host of the fleet has loaded is loaded on one host (LM Studio 0.4's load API) before
+    # its calls go there, rather than every host loading it at once on first use. off: hosts load on use.
+    mode: str = _opt(_one_of("off", "on_demand"), "off")
+    # The most model instances placement keeps on one host: it unloads the least recently used idle one first.
+    max_loaded_per_host: int | None = _opt(_range(1), None)
+    # Models kept loaded on chosen hosts ({model: [host names]}), loaded at start and when a host comes back.
+    pinned: dict[str, list[str]] = _opt(None, {})
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     # The most output tokens a call may ask for: a larger ask is lowered to it (on every generating route), and a
     # Responses call that asks none gets it. None: the model's loaded context length where LM Studio says it,
@@ -208,6 +219,7 @@ class InferenceConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     translation: TranslationConfig = field(default_factory=TranslationConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
 
     def idle_connections(self, host: UpstreamConfig) -> int:
         """The idle connections kept open to ``host``: ``http.max_idle_connections``, else as many as calls can be
@@ -294,7 +306,24 @@ def load_with_sources(path: str | None = None,
         config = dataclasses.replace(config, inference=_openai_settings(config.inference, sources, environ))
     elif any(host.provider == "openai" for host in config.inference.upstreams):
         config = dataclasses.replace(config, inference=_openai_hosts(config.inference, environ))
+    _check_placement(config.inference)
     return config, sources
+
+
+def _check_placement(inference: InferenceConfig) -> None:
+    """Placement places models across a fleet's hosts: it needs one, and pinned hosts must be among them."""
+    placement = inference.placement
+    if placement.mode == "off" and not placement.pinned:
+        return
+    if len(inference.upstreams) < 2:
+        raise ConfigError("inference.placement places models across the hosts of a fleet: it needs two or more "
+                          "inference.upstreams")
+    names = {host.name for host in inference.upstreams}
+    for model, hosts in placement.pinned.items():
+        unknown = [name for name in hosts if name not in names]
+        if unknown:
+            raise ConfigError(f"inference.placement.pinned.{model}: no host of inference.upstreams is named "
+                              f"{unknown[0]} (the hosts are {', '.join(sorted(names))})")
 
 
 def settings(config: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
@@ -549,7 +578,27 @@ def _coerce(kind: Any, raw: Any, fail: Callable[[str], ConfigError]) -> Any:
         if isinstance(raw, list) and all(isinstance(item, str) and item for item in raw):
             return list(raw)
         raise fail("a list of strings (comma-separated in an environment variable)")
+    if typing.get_origin(kind) is dict:
+        return _names_by_key(raw, fail)
     raise AssertionError(f"unsupported config type {kind!r}")
+
+
+def _names_by_key(raw: Any, fail: Callable[[str], ConfigError]) -> dict[str, list[str]]:
+    """A mapping of names to lists of names (``model: [host, ...]``); in an environment variable
+    ``model=host1|host2,other=host3``."""
+    if isinstance(raw, str):
+        pairs = [item.partition("=") for item in raw.split(",") if item.strip()]
+        if not all(sep for _, sep, _ in pairs):
+            raise fail("model=host1|host2,other-model=host3")
+        raw = {key.strip(): [name.strip() for name in names.split("|") if name.strip()] for key, _, names in pairs}
+    if raw is None:
+        return {}
+    if isinstance(raw, dict):
+        mapping = {key: [value] if isinstance(value, str) else value for key, value in raw.items()}
+        if all(isinstance(key, str) and key and isinstance(names, list) and names and
+               all(isinstance(name, str) and name for name in names) for key, names in mapping.items()):
+            return mapping
+    raise fail("a mapping of model to a list of host names, e.g. {qwen3-8b: [mac-studio]}")
 
 
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}

@@ -32,6 +32,7 @@ from .providers.fleet import FleetProvider
 from .request import GatewayRequest
 from .resource import GatewayResource
 from .telemetry import Metrics, Telemetry
+from .telemetry.models import ModelTelemetry
 
 log = Logger()
 
@@ -109,6 +110,7 @@ def build_site(config: Config, reactor: Any, environ: Mapping[str, str] | None =
         metrics = telemetry.metrics
         metrics.track_hosts([host.view for host in provider.hosts], provider.waiting)
         provider.on_eject = lambda name: metrics.child(metrics.upstream_ejections, name).inc()
+        provider.placement.events = ModelTelemetry(metrics, telemetry.tracing)
     else:  # one host: every call is its
         telemetry.upstream = "mock" if config.inference.provider == "mock" else config.inference.hosts()[0].name
     return GatewaySite(Gateway(config, provider, reactor, telemetry))

@@ -171,6 +171,12 @@ def test_a_fleet_of_hosts_from_yaml_and_from_one_variable(yaml_file):
     ("inference:\n  upstreams: [{base_url: 'http://a:1', provider: mock}]\n", "expected one of lmstudio, openai"),
     ("inference:\n  upstreams: [http://a:1, {base_url: 'https://api.openai.com', provider: openai}]\n",
      "inference.upstreams[1].api_key is not set: host api.openai.com:443 (provider openai) needs an API key"),
+    ("inference:\n  placement: {mode: on_demand}\n", "it needs two or more inference.upstreams"),
+    ("inference:\n  upstreams: [http://a:1, http://b:1]\n  placement: {pinned: {qwen: [c:1]}}\n",
+     "inference.placement.pinned.qwen: no host of inference.upstreams is named c:1 (the hosts are a:1, b:1)"),
+    ("inference:\n  upstreams: [http://a:1, http://b:1]\n  placement: {pinned: {qwen: 3}}\n",
+     "expected a mapping of model to a list of host names"),
+    ("inference:\n  upstreams: [http://a:1, http://b:1]\n  placement: {mode: always}\n", "one of off, on_demand"),
 ])
 def test_a_bad_fleet_fails_at_start_with_one_line(yaml_file, text, message):
     with pytest.raises(ConfigError) as raised:
@@ -182,3 +188,18 @@ def test_an_openai_host_of_a_fleet_takes_the_key_from_openai_api_key(yaml_file):
     text = "inference:\n  upstreams: [http://a:1, {base_url: 'https://api.openai.com', provider: openai}]\n"
     hosts = load(yaml_file(text), {"OPENAI_API_KEY": "sk-env"}).inference.upstreams
     assert [(host.provider, host.api_key) for host in hosts] == [(None, None), ("openai", "sk-env")]
+
+
+def test_placement_from_yaml_and_from_variables(yaml_file):
+    path = yaml_file("inference:\n  upstreams: [{name: mac, base_url: 'http://mac:1234'}, http://pc:1234]\n"
+                     "  placement: {mode: on_demand, max_loaded_per_host: 2, pinned: {qwen3-8b: [mac], "
+                     "nomic-embed: pc:1234}}\n")
+    placement = load(path, {}).inference.placement
+    assert (placement.mode, placement.max_loaded_per_host) == ("on_demand", 2)
+    assert placement.pinned == {"qwen3-8b": ["mac"], "nomic-embed": ["pc:1234"]}
+    env = {"INFERENCE_INFERENCE_UPSTREAMS": "http://mac:1234,http://pc:1234",
+           "INFERENCE_INFERENCE_PLACEMENT_MODE": "on_demand",
+           "INFERENCE_INFERENCE_PLACEMENT_PINNED": "qwen/qwen3-8b=mac:1234|pc:1234, gemma=pc:1234"}
+    assert load(None, env).inference.placement.pinned == {"qwen/qwen3-8b": ["mac:1234", "pc:1234"],
+                                                          "gemma": ["pc:1234"]}
+    assert load(None, {}).inference.placement.mode == "off"  # off unless asked

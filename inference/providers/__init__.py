@@ -28,7 +28,8 @@ def _make(reactor: Any, config: InferenceConfig) -> Provider:
     # A host that cannot be connected to is passed over at once (the next host is the retry); a pooled
     # connection that failed before the request went out is still retried on the same host.
     return FleetProvider([Host(host, _host_provider(reactor, config, host, retry_connect=False))
-                          for host in hosts], config.routing, reactor)
+                          for host in hosts], config.routing, reactor, placement=config.placement,
+                         load_timeout=config.http.load_timeout_secs)
 
 
 def _host_provider(reactor: Any, config: InferenceConfig, host: UpstreamConfig, retry_connect: bool) -> Provider:

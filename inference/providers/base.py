@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -141,6 +142,10 @@ class Provider(abc.ABC):
     async def open_stream(self, operation: Operation, body: dict[str, Any],
                           headers: dict[str, str] | None = None) -> ChatStream:
         """Start a streaming call; return once the server accepted it (errors before that are raised)."""
+
+    def watch_models(self, changed: Callable[[], None]) -> None:  # noqa: B027 (a hook: most servers need none)
+        """Have ``changed`` called when the gateway itself changed what the server has loaded (a fleet's
+        placement): the catalog's cached list is then out of date."""
 
     def host_status(self) -> list[dict[str, Any]]:
         """Each host's state, for ``/health`` (a fleet's hosts; one server says nothing more than its probe)."""

@@ -15,7 +15,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -24,14 +24,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import jsonio
-from ..config import DEFAULT_HOST_SLOTS, RoutingConfig, UpstreamConfig
+from ..config import DEFAULT_HOST_SLOTS, PlacementConfig, RoutingConfig, UpstreamConfig
 from ..errors import GatewayError, Overloaded, UpstreamClientError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from ..operations import RESPONSES, Operation
 from ..routing.conversation import conversation
+from ..routing.demand import Demand
 from ..routing.health import CHECKING, DOWN, EJECTED, PROBING, SERVING, HealthRules, HostHealth
 from ..routing.memory import PrefixMemory, ResponseHomes
-from ..routing.picker import HostView, Pick, pick, serving
+from ..routing.picker import HostView, ModelOnHost, Pick, pick, serving
 from .base import ChatStream, Completion, EventConsumer, Provider, Route, WrappedStream
+from .placement import Placement
 
 T = TypeVar("T")
 
@@ -81,7 +83,8 @@ class FleetProvider(Provider):
     """The hosts of ``inference.upstreams`` as one provider: their models together, each call routed."""
 
     def __init__(self, hosts: list[Host], routing: RoutingConfig, clock: IReactorTime,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, placement: PlacementConfig | None = None,
+                 load_timeout: float = 300.0) -> None:
         self.hosts = hosts
         self._probe_timeout = routing.probe_timeout_secs
         self.on_eject: Callable[[str], None] = lambda name: None  # telemetry counts ejections
@@ -99,6 +102,8 @@ class FleetProvider(Provider):
         self.responses = ResponseHomes()
         self._waiting: deque[tuple[str, Deferred[None]]] = deque()  # calls (and their model) waiting for a slot
         self._listed = False  # whether the hosts' model lists were asked once
+        self.placement = Placement(placement or PlacementConfig(), hosts, clock, load_timeout,
+                                   routing.probe_timeout_secs, self._learn_models)
         rules = HealthRules(routing.eject_after, routing.eject_secs, routing.max_eject_secs)
         for host in hosts:
             host.health = HostHealth(clock, rules, probe=partial(self._probe, host),
@@ -127,8 +132,9 @@ class FleetProvider(Provider):
             raise UpstreamUnreachable(f"no host of the fleet answers its model list ({errors})")
         for host in answering:
             for model in host.models:
-                entry = merged.setdefault(model["id"], {**model, "hosts": []})
+                entry = merged.setdefault(model["id"], {**_shared_fields(model), "hosts": []})
                 entry["hosts"].append(_placement(host.view.name, model))
+                _merge_native(entry, model)
         return list(merged.values())
 
     def _probe(self, host: Host) -> Deferred[list[dict[str, Any]]]:
@@ -136,7 +142,10 @@ class FleetProvider(Provider):
 
     def _learn_models(self, host: Host, models: list[dict[str, Any]]) -> None:
         host.models = models
-        host.view.models = _states(models)
+        host.view.models = {model["id"]: _facts(model) for model in models}
+        self.placement.events.instances(host.view.name, {model: facts.instances for model, facts
+                                                          in host.view.models.items() if facts.instances is not None})
+        self.placement.listed(host)
         if host.config.max_concurrent is None:  # the operator's number overrides what the host says
             reported = _reported_slots(models)
             if reported and reported != host.view.max_concurrent:
@@ -178,7 +187,7 @@ class FleetProvider(Provider):
                    headers: dict[str, str] | None = None) -> Completion:
         host, answer, route = await self._first_answer(operation, body,
                                                        lambda host: host.provider.call(operation, body, headers))
-        self._release(host)
+        self._release(host, body["model"])
         if operation is RESPONSES and isinstance(answer.data.get("id"), str):
             self.responses.remember(answer.data["id"], host.view.name)
         return dataclasses.replace(answer, route=route)
@@ -189,20 +198,21 @@ class FleetProvider(Provider):
             operation, body, lambda host: host.provider.open_stream(operation, body, headers))
         # The slot is the stream's until it ends; a Responses stream names its response in its first event.
         created = partial(self.responses.remember, host=host.view.name) if operation is RESPONSES else None
-        return HostStream(stream, partial(self._stream_ended, host), route, created)
+        return HostStream(stream, partial(self._stream_ended, host, body["model"]), route, created)
 
     async def _first_answer(self, operation: Operation, body: dict[str, Any],
                             attempt: Callable[[Host], Coroutine[Any, Any, T]]) -> tuple[Host, T, Route]:
         """``attempt`` on the ranked hosts until one answers; that host's slot is still taken when this returns."""
         key, ranking = await self._ranking(operation, body)
         failed: list[tuple[str, str]] = []
+        model = body["model"]
         for host in ranking.hosts:
-            host.view.outstanding += 1
+            host.view.started(model)
             try:
                 answer = await attempt(host)
             except GatewayError as e:
                 self._report(host, e)
-                self._release(host)
+                self._release(host, model)
                 failure = is_host_failure(e)
                 if host is ranking.hosts[-1] or not (failure or ranking.elsewhere and lacks_response(e)):
                     e.route = _route(host, ranking, failed)  # the error names the host that failed last
@@ -211,15 +221,16 @@ class FleetProvider(Provider):
                     failed.append((host.view.name, e.kind or e.code or type(e).__name__))
                 continue
             except BaseException:  # cancelled: the client left, or the deadline passed
-                self._release(host)
+                self._release(host, model)
                 raise
             host.health.call_answered()
             if host.view.on_trial:  # proven: all its slots again
                 host.view.on_trial = False
                 self._wake_for_free_slots(host)
-            if getattr(answer, "model_load", None) is not None:
-                host.view.models[body["model"]] = "loaded"  # it loaded the model to answer
+            if getattr(answer, "model_load", None) is not None and model in host.view.models:
+                host.view.models[model] = dataclasses.replace(host.view.models[model], state="loaded")  # it loaded it
             self._served(host, key)
+            self.placement.used(host, model)
             return host, answer, _route(host, ranking, failed)
         raise AssertionError("unreachable: the last host's failure is raised")
 
@@ -229,13 +240,17 @@ class FleetProvider(Provider):
         A ``previous_response_id`` the fleet saw given goes to the host holding it alone (waiting for its slot if
         need be); one it did not see (another gateway process gave it) is asked of each host in turn."""
         model = body["model"]
+        if self.placement.on:
+            await self.placement.ready(model)
         key, source = conversation(operation.name, model, body)
         previous = body.get("previous_response_id") if operation is RESPONSES else None
         home = self._by_name.get(self.responses.home(previous) or "") if isinstance(previous, str) else None
         views = [home.view] if home is not None and home.view in serving(self._views, model) else self._views
+        demand = cache(partial(Demand.of, operation, body))  # estimated once, and only where hosts differ
         while True:
             try:
-                chosen: Pick | None = pick(views, model, key, self.memory, self._load_bound, self._rng)
+                chosen: Pick | None = pick(self.placement.holders(views, model), model, key, self.memory,
+                                           self._load_bound, self._rng, demand)
             except LookupError:
                 raise UpstreamUnreachable(f"no host that serves '{model}' is up") from None
             if chosen is not None:
@@ -264,7 +279,7 @@ class FleetProvider(Provider):
         if not host.view.routed or host.view.outstanding >= host.view.slots:
             return
         for entry in self._waiting:
-            if entry[0] in host.view.models:
+            if entry[0] in host.view.models and host.view.has_free_slot(entry[0]):
                 self._waiting.remove(entry)
                 entry[1].callback(None)
                 return
@@ -287,19 +302,23 @@ class FleetProvider(Provider):
         elif isinstance(error, UpstreamTimeout) or is_host_failure(error):
             host.health.call_failed(error.message)
 
-    def _stream_ended(self, host: Host, result: object) -> None:
+    def _stream_ended(self, host: Host, model: str, result: object) -> None:
         """A stream of ``host`` ended: cut or stalled says something of the host; its slot is free."""
         if isinstance(result, Failure) and isinstance(result.value, GatewayError):
             error = result.value
             if error.kind in ("interrupted", "timeout"):  # (a client that left is not the host's fault)
                 self._report(host, error)
-        self._release(host)
+        self._release(host, model)
+
+    def watch_models(self, changed: Callable[[], None]) -> None:
+        self.placement.changed = changed
 
     def host_status(self) -> list[dict[str, Any]]:
         return [{"name": host.view.name, "base_url": host.provider.base_url, "state": host.health.state,
                  "up": host.health.state != DOWN, "ejected": host.health.state == EJECTED,
                  "in_flight": host.view.outstanding, "max_concurrent": host.view.max_concurrent,
-                 "models": sorted(host.view.models), **({"error": host.health.error} if host.health.error else {})}
+                 "models": sorted(host.view.models), "loaded": _loaded_here(host),
+                 **({"error": host.health.error} if host.health.error else {})}
                 for host in self.hosts]
 
     def waiting(self) -> int:
@@ -310,8 +329,8 @@ class FleetProvider(Provider):
         if key is not None:
             self.memory.remember(host.view.name, key)
 
-    def _release(self, host: Host) -> None:
-        host.view.outstanding -= 1
+    def _release(self, host: Host, model: str) -> None:
+        host.view.ended(model)
         self._wake_one(host)
 
     async def close(self) -> None:
@@ -337,9 +356,47 @@ def _reported_slots(models: list[dict[str, Any]]) -> int:
                if isinstance(instance, dict) and isinstance(instance.get("parallel"), int))
 
 
-def _states(models: list[dict[str, Any]]) -> dict[str, str | None]:
-    """Each model's LM Studio state ("loaded", "not-loaded"), None when the host does not say."""
-    return {model["id"]: model.get("state") for model in models}
+def _facts(model: dict[str, Any]) -> ModelOnHost:
+    """What routing reads of a host's model entry (``LMStudioProvider.list_models``'s fields)."""
+    instances = model.get("instances")
+    capabilities = model.get("capabilities")
+    said = capabilities if isinstance(capabilities, dict) else {}
+    return ModelOnHost(state=model.get("state"), instances=len(instances) if isinstance(instances, list) else None,
+                       slots=_reported_slots([model]) or None, context=model.get("loaded_context_length"),
+                       tools=said.get("trained_for_tool_use"), vision=said.get("vision"))
+
+
+def _loaded_here(host: Host) -> dict[str, dict[str, Any]]:
+    """What ``/health`` says a host has loaded: by model, its instances, their slots and context length (what the
+    host says: LM Studio 0.4 says all three, 0.3 the context)."""
+    loaded = {}
+    for model, facts in host.view.models.items():
+        if facts.state == "loaded" or facts.instances:
+            said = {"instances": facts.instances, "slots": facts.slots, "context_length": facts.context,
+                    "in_flight": host.view.by_model.get(model, 0)}
+            loaded[model] = {key: value for key, value in said.items() if value is not None}
+    return loaded
+
+
+def _shared_fields(model: dict[str, Any]) -> dict[str, Any]:
+    """A host's model entry without what is that host's own (its instances go under ``hosts``)."""
+    return {key: value for key, value in model.items() if key != "instances"}
+
+
+def _merge_native(entry: dict[str, Any], model: dict[str, Any]) -> None:
+    """The fleet's view of a model several hosts serve: loaded where any host has it loaded, the largest context
+    it is loaded with (a prompt that fits no host is refused before any call), every capability a host has."""
+    if model.get("state") == "loaded":
+        entry["state"] = "loaded"
+    context = model.get("loaded_context_length")
+    if isinstance(context, int) and context > (entry.get("loaded_context_length") or 0):
+        entry["loaded_context_length"] = context
+    capabilities = model.get("capabilities")
+    if isinstance(capabilities, dict) and capabilities is not entry.get("capabilities"):
+        merged = dict(entry.get("capabilities") or {})
+        for name, value in capabilities.items():
+            merged[name] = merged.get(name) or value
+        entry["capabilities"] = merged
 
 
 def _route(host: Host, ranking: Ranking, failed: list[tuple[str, str]]) -> Route:

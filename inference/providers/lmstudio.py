@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from .. import jsonio
-from ..errors import GatewayError
+from ..config import InferenceConfig
+from ..errors import GatewayError, UpstreamError, from_upstream
 from ..operations import Operation
 from .compatible import OpenAICompatibleProvider
 
@@ -13,9 +15,21 @@ NATIVE_FIELDS = ("type", "state", "max_context_length", "loaded_context_length")
 JSON_OBJECT_SCHEMA = {"type": "json_schema", "json_schema": {"name": "json_object", "schema": {"type": "object"}}}
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What LM Studio says of an instance it loaded."""
+
+    instance_id: str | None
+    seconds: float | None  # its load_time_seconds
+
+
 class LMStudioProvider(OpenAICompatibleProvider):
     name = "lmstudio"
     native_api: str | None = None  # which native API the host answers: "v1" (0.4), "v0" (0.3), "none"; None: unknown
+
+    def __init__(self, reactor: Any, config: InferenceConfig, retry_connect: bool = True) -> None:
+        super().__init__(reactor, config, retry_connect)
+        self.contexts: dict[str, int] = {}  # the context each loaded model has, from the last list
 
     async def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """The OpenAI list, with what LM Studio's native API adds about each model when it has one: ``type``
@@ -25,6 +39,8 @@ class LMStudioProvider(OpenAICompatibleProvider):
         native = await self._native_models(timeout)  # one after the other, on the same pooled connection
         models = [{**model, **native.get(model["id"], {})} for model in listed]
         self.states = {model["id"]: model.get("state") for model in models}
+        self.contexts = {model["id"]: model["loaded_context_length"] for model in models
+                         if _count(model.get("loaded_context_length"))}
         return models
 
     async def _native_models(self, timeout: float | None) -> dict[str, dict[str, Any]]:
@@ -51,11 +67,42 @@ class LMStudioProvider(OpenAICompatibleProvider):
         self.native_api = "none"
         return {}
 
+    async def load(self, model: str, timeout: float) -> Loaded:
+        """Load an instance of ``model`` (LM Studio 0.4's ``POST /api/v1/models/load``, which answers once it is
+        loaded; a model loaded already gets one more instance)."""
+        data = await self._native_post("/api/v1/models/load", {"model": model}, timeout)
+        instance = data.get("model_instance_id") or data.get("instance_id")  # (the docs' name; an older one)
+        seconds = data.get("load_time_seconds")
+        return Loaded(instance if isinstance(instance, str) else None,
+                      float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None)
+
+    async def unload(self, instance_id: str, timeout: float) -> None:
+        """Unload one loaded instance (``POST /api/v1/models/unload``)."""
+        await self._native_post("/api/v1/models/unload", {"instance_id": instance_id}, timeout)
+
+    async def _native_post(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        answer = await self.client.request("POST", path, jsonio.dumps(body), timeout=timeout)
+        if answer.status != 200:
+            raise from_upstream(answer.status, answer.body)
+        try:
+            data = jsonio.loads(answer.body)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise UpstreamError(f"{path} answered something that is not a JSON object", kind="bad_response")
+        return data
+
     def prepare(self, operation: Operation, body: dict[str, Any]) -> dict[str, Any]:
         # LM Studio rejects {"type": "json_object"}; a schema that only asks for an object means the same.
         response_format = body.get("response_format")
         if isinstance(response_format, dict) and response_format.get("type") == "json_object":
             body = {**body, "response_format": JSON_OBJECT_SCHEMA}
+        # No output limit above this host's context (in a fleet, the gateway's cap is the largest host's).
+        context = self.contexts.get(body["model"]) if isinstance(body.get("model"), str) else None
+        over = [key for key in operation.output_limits if context and isinstance(body.get(key), int)
+                and body[key] > context]
+        if over:
+            body = {**body, **{key: context for key in over}}
         return body
 
 

@@ -90,6 +90,12 @@ class Metrics:
         self.upstream_ejections = Counter(
             "inference_upstream_ejections", "Times a host of a fleet was left out after failures in a row",
             ["upstream"], registry=registry)
+        self.model_loads = Counter(
+            "inference_model_loads", "Model loads and unloads placement asked of each host, by outcome (loaded, "
+            "load_failed, unloaded, unload_failed)", ["upstream", "outcome"], registry=registry)
+        self.model_instances = Gauge(
+            "inference_model_instances", "Loaded instances of each model on each host of a fleet, as the host "
+            "last listed them (LM Studio 0.4)", ["upstream", "model"], registry=registry)
         self.upstream_waiting = Gauge(
             "inference_upstream_waiting", "Calls waiting for a host of the fleet to free a slot", ["provider"],
             registry=registry)

@@ -1,0 +1,156 @@
+"""LM Studio 0.4 fleets (issue 21): models placed on one host by the gateway rather than loaded by every host a
+burst reaches; room made by unloading the least recently used idle model; pinned models; loads recorded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, DeferredList
+
+from .conftest import call, until
+from .fakes.lmstudio import FakeLMStudio
+from .test_tracing import collector  # noqa: F401 (a fixture)
+
+QWEN, LLAMA, GEMMA = "qwen3-8b", "llama-3.2-3b-instruct", "gemma-3-4b"
+
+
+def chat(model: str, text: str = "hi") -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}]}
+
+
+@pytest.fixture
+def hosts() -> Any:
+    """Three LM Studio 0.4 hosts, each with the same models downloaded and none loaded."""
+    fakes = [FakeLMStudio([QWEN, LLAMA, GEMMA]).start_empty() for _ in range(3)]
+    for fake in fakes:
+        fake.parallel = 4
+        fake.listen()
+    yield fakes
+    pytest_twisted.blockon(DeferredList([fake.stop() for fake in fakes]))
+
+
+def fleet_config(tmp_path, fakes: list[FakeLMStudio], placement: str = "{mode: on_demand}", name: str = "fleet",
+                 extra: str = "") -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text("inference:\n  upstreams:\n" + "".join(
+        f'    - {{name: host{i}, base_url: "{fake.url}"}}\n' for i, fake in enumerate(fakes))
+        + f"  placement: {placement}\n" + extra)
+    return str(path)
+
+
+def chats_at(fake: FakeLMStudio) -> list[str]:
+    return [r.body["model"] for r in fake.received if r.path == "/v1/chat/completions"]
+
+
+def holder(fakes: list[FakeLMStudio], model: str) -> list[int]:
+    return [i for i, fake in enumerate(fakes) if (fake.instances or {}).get(model)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_for_two_unloaded_models_loads_each_once_on_its_own_host(hosts, start_gateway, tmp_path,
+                                                                               collector):  # noqa: F811
+    gateway = start_gateway({"INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "otlp",
+                             "INFERENCE_OBSERVABILITY_TRACING_ENDPOINT": collector.grpc_endpoint},
+                            fleet_config(tmp_path, hosts))
+    burst = [Deferred.fromCoroutine(gateway.post_chat(chat(model, f"call {i}")))
+             for i in range(6) for model in (QWEN, LLAMA)]
+    assert all(ok and reply.status == 200 for ok, reply in await DeferredList(burst))
+    assert sorted(model for fake in hosts for model in fake.loads) == sorted([QWEN, LLAMA])  # one load each
+    assert [fake.jit_loads for fake in hosts] == [[], [], []]  # and no host loaded one on its own
+    (qwen_host,), (llama_host,) = holder(hosts, QWEN), holder(hosts, LLAMA)
+    assert qwen_host != llama_host  # the second model went to a host with nothing loaded
+    for fake in hosts:
+        fake.received.clear()
+    for i in range(4):
+        assert (await gateway.post_chat(chat(QWEN, f"later {i}"))).status == 200
+        assert (await gateway.post_chat(chat(LLAMA, f"later {i}"))).status == 200
+    assert chats_at(hosts[qwen_host]) == [QWEN] * 4 and chats_at(hosts[llama_host]) == [LLAMA] * 4
+
+    listed = {m["id"]: m for m in (await call("GET", gateway.url + "/v1/models")).json()["data"]}
+    assert {h["name"]: h.get("instances") for h in listed[QWEN]["hosts"]} == {
+        f"host{i}": 1 if i == qwen_host else 0 for i in range(3)}
+    assert listed[QWEN]["state"] == "loaded" and listed[QWEN]["capabilities"]["trained_for_tool_use"] is True
+    health = {h["name"]: h for h in (await call("GET", gateway.url + "/health")).json()["upstream"]["hosts"]}
+    assert health[f"host{qwen_host}"]["loaded"] == {
+        QWEN: {"instances": 1, "slots": 4, "context_length": 4096, "in_flight": 0}}
+    assert health[f"host{llama_host}"]["loaded"].keys() == {LLAMA}
+
+    metrics = (await call("GET", gateway.url + "/metrics")).body.decode()
+    assert f'inference_model_loads_total{{outcome="loaded",upstream="host{qwen_host}"}} 1.0' in metrics
+    assert f'inference_model_instances{{model="{QWEN}",upstream="host{qwen_host}"}} 1.0' in metrics
+    assert f'inference_model_instances{{model="{GEMMA}",upstream="host{qwen_host}"}} 0.0' in metrics
+    await gateway.site.gateway.telemetry.tracing.flush()
+    await collector.wait_for(lambda spans: len([s for s in spans if s.name.startswith("load ")]) == 2)
+    (load,) = collector.named(f"load {QWEN}")
+    assert load.attributes["inference.upstream.name"] == f"host{qwen_host}"
+    assert load.attributes["inference.model.load_time_seconds"] == 1.25  # what LM Studio said it took
+    assert load.attributes["inference.model.outcome"] == "loaded"
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_gateways_place_a_model_on_the_same_host_and_a_duplicate_is_unloaded(hosts, start_gateway,
+                                                                                       tmp_path):
+    gateways = [start_gateway({}, fleet_config(tmp_path, hosts, name=f"gateway{i}")) for i in range(2)]
+    gate: Deferred[None] = Deferred()
+    for fake in hosts:
+        fake.load_gate = gate  # both gateways list the model unloaded, and both ask for it
+    replies = [Deferred.fromCoroutine(gateway.post_chat(chat(QWEN))) for gateway in gateways]
+    await until(lambda: sum(len(fake.loads) for fake in hosts) == 2)
+    (chosen,) = [i for i, fake in enumerate(hosts) if fake.loads]  # the same host, by rendezvous order
+    assert hosts[chosen].loads == [QWEN, QWEN]
+    gate.callback(None)
+    assert all(ok and reply.status == 200 for ok, reply in await DeferredList(replies))
+    assert [i["id"] for i in hosts[chosen].instances[QWEN]] == [QWEN]  # the second instance was unloaded
+    assert hosts[chosen].unloads == [f"{QWEN}:2"] and chats_at(hosts[chosen]) == [QWEN, QWEN]
+    assert [fake.jit_loads for fake in hosts] == [[], [], []]
+
+
+@pytest_twisted.ensureDeferred
+async def test_room_is_made_by_unloading_the_least_recently_used_idle_model_never_a_busy_one(start_gateway,
+                                                                                             tmp_path):
+    big, other = FakeLMStudio([QWEN, LLAMA, GEMMA]).start_empty(), FakeLMStudio(["elsewhere"]).start_empty()
+    for fake in (big, other):
+        fake.listen()
+    try:
+        gateway = start_gateway({}, fleet_config(tmp_path, [big, other],
+                                                 "{mode: on_demand, max_loaded_per_host: 2}"))
+        for model in (QWEN, LLAMA, QWEN):  # QWEN used last: LLAMA is the least recently used
+            assert (await gateway.post_chat(chat(model))).status == 200
+        assert (await gateway.post_chat(chat(GEMMA))).status == 200
+        assert big.unloads == [LLAMA] and big.instances[QWEN] and big.instances[GEMMA] and not big.instances[LLAMA]
+        big.chat.mode = "hang"  # a call in flight on GEMMA: QWEN, idle, makes room for LLAMA
+        held = Deferred.fromCoroutine(gateway.post_chat(chat(GEMMA)))
+        await until(lambda: len(big.pending) == 1)
+        big.chat.mode = "normal"
+        assert (await gateway.post_chat(chat(LLAMA))).status == 200
+        assert big.unloads == [LLAMA, QWEN] and not big.instances[QWEN] and big.instances[GEMMA]
+        big.release()
+        assert (await held).status == 200
+        metrics = (await call("GET", gateway.url + "/metrics")).body.decode()
+        assert 'inference_model_loads_total{outcome="unloaded",upstream="host0"} 2.0' in metrics
+    finally:
+        await DeferredList([big.stop(), other.stop()])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pinned_model_is_loaded_at_start_and_again_after_its_host_restarts(hosts, start_gateway, tmp_path):
+    gateway = start_gateway({}, fleet_config(tmp_path, hosts, f"{{pinned: {{{GEMMA}: [host2]}}}}"))
+    assert (await call("GET", gateway.url + "/v1/models")).status == 200  # the first lists
+    await until(lambda: bool(hosts[2].instances.get(GEMMA)))
+    assert hosts[2].loads == [GEMMA] and not hosts[0].loads and not hosts[1].loads
+    port = hosts[2].port.getHost().port
+    await hosts[2].stop()
+    hosts[2].instances = {}  # restarted with nothing loaded
+    hosts[2].listen(port)
+    assert (await call("GET", gateway.url + "/health")).status == 200
+    await until(lambda: bool(hosts[2].instances.get(GEMMA)), timeout=10)
+    assert hosts[2].loads == [GEMMA, GEMMA]
+
+
+@pytest_twisted.ensureDeferred
+async def test_placement_off_leaves_loading_to_the_hosts(hosts, start_gateway, tmp_path):
+    gateway = start_gateway({}, fleet_config(tmp_path, hosts, "{mode: 'off'}"))
+    assert (await gateway.post_chat(chat(QWEN))).status == 200
+    assert [fake.loads for fake in hosts] == [[], [], []] and sum(len(fake.jit_loads) for fake in hosts) == 1
