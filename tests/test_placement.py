@@ -154,3 +154,46 @@ async def test_placement_off_leaves_loading_to_the_hosts(hosts, start_gateway, t
     gateway = start_gateway({}, fleet_config(tmp_path, hosts, "{mode: 'off'}"))
     assert (await gateway.post_chat(chat(QWEN))).status == 200
     assert [fake.loads for fake in hosts] == [[], [], []] and sum(len(fake.jit_loads) for fake in hosts) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_load_is_tried_on_the_next_host_and_the_last_failure_is_the_calls(start_gateway, tmp_path):
+    fakes = [FakeLMStudio([QWEN]).start_empty() for _ in range(2)]
+    for fake in fakes:
+        fake.load_error = "Failed to load model: insufficient system resources"
+        fake.listen()
+    try:
+        gateway = start_gateway({}, fleet_config(tmp_path, fakes))
+        reply = await gateway.post_chat(chat(QWEN))
+        assert reply.status == 500 and "could not load" in reply.error["message"]
+        assert "insufficient system resources" in reply.error["message"]
+        assert [fake.loads for fake in fakes] == [[QWEN], [QWEN]] and not any(chats_at(fake) for fake in fakes)
+        metrics = (await call("GET", gateway.url + "/metrics")).body.decode()
+        assert 'inference_model_loads_total{outcome="load_failed",upstream="host0"} 1.0' in metrics
+        fakes[1].load_error = None  # one host has room again
+        assert (await gateway.post_chat(chat(QWEN))).status == 200
+        assert holder(fakes, QWEN) == [1] and chats_at(fakes[1]) == [QWEN]
+    finally:
+        await DeferredList([fake.stop() for fake in fakes])
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_hosts_token_goes_on_its_list_load_and_unload_calls(start_gateway, tmp_path):
+    fakes = [FakeLMStudio([QWEN, LLAMA, GEMMA]).start_empty() for _ in range(2)]
+    for i, fake in enumerate(fakes):
+        fake.require_key = f"token-{i}"
+        fake.listen()
+    path = tmp_path / "fleet.yaml"
+    path.write_text("inference:\n  upstreams:\n" + "".join(
+        f'    - {{name: host{i}, base_url: "{fake.url}", api_key: token-{i}}}\n' for i, fake in enumerate(fakes))
+        + "  placement: {mode: on_demand, max_loaded_per_host: 1}\n")
+    try:
+        gateway = start_gateway({}, str(path))
+        for model in (QWEN, LLAMA, GEMMA):  # two hosts, one model each at most: the third unloads one
+            assert (await gateway.post_chat(chat(model))).status == 200
+        for i, fake in enumerate(fakes):
+            assert {r.headers.get("authorization") for r in fake.received} == {f"Bearer token-{i}"}
+        paths = {r.path for fake in fakes for r in fake.received}
+        assert {"/api/v1/models", "/api/v1/models/load", "/api/v1/models/unload"} <= paths
+    finally:
+        await DeferredList([fake.stop() for fake in fakes])

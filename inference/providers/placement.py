@@ -83,7 +83,7 @@ class Placement:
         (a busy holder is waited for: sending the call to another host would load a copy there)."""
         if not self.on:
             return views
-        loaded = [view for view in views if model in view.models and view.models[model].loaded]
+        loaded = [view for view in views if view.routed and model in view.models and view.models[model].loaded]
         return loaded or views
 
     def used(self, host: Host, model: str) -> None:

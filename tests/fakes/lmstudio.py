@@ -105,6 +105,7 @@ class FakeLMStudio(Resource):
         self.unloads: list[str] = []  # the instance ids POST /api/v1/models/unload was asked for
         self.jit_loads: list[str] = []  # models loaded because a call asked for them
         self.load_gate: Deferred[None] | None = None  # loads answer once it fires (else at once)
+        self.load_error: str | None = None  # loads fail with this message (a 500, as when memory runs out)
         self.gzip = False  # compress answers for clients that accept gzip (as OpenAI does)
         self.set_cookie: str | None = None  # a Set-Cookie header on every answer
         self.received: list[Received] = []
@@ -290,6 +291,8 @@ class FakeLMStudio(Resource):
         if model not in self.models:
             return self._json(request, 404, {"error": {"message": f"Model '{model}' not found", "type": "not_found"}})
         self.loads.append(model)
+        if self.load_error is not None:
+            return self._json(request, 500, {"error": {"message": self.load_error, "type": "server_error"}})
         if self.instances is None:
             self.instances = {m: self._loaded_instances(m) for m in self.models}
 
