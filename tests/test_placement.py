@@ -9,6 +9,9 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList
 
+from inference.routing.picker import HostView
+from inference.routing.rendezvous import rank
+
 from .conftest import call, until
 from .fakes.lmstudio import FakeLMStudio
 from .test_tracing import collector  # noqa: F401 (a fixture)
@@ -51,40 +54,43 @@ def holder(fakes: list[FakeLMStudio], model: str) -> list[int]:
 @pytest_twisted.ensureDeferred
 async def test_a_burst_for_two_unloaded_models_loads_each_once_on_its_own_host(hosts, start_gateway, tmp_path,
                                                                                collector):  # noqa: F811
+    views = [HostView(f"host{i}", 4) for i in range(3)]
     gateway = start_gateway({"INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "otlp",
                              "INFERENCE_OBSERVABILITY_TRACING_ENDPOINT": collector.grpc_endpoint},
                             fleet_config(tmp_path, hosts))
+    # Both models rank host2 first: the second load goes elsewhere because of the first, under way.
+    assert rank(LLAMA.encode(), views)[0].name == rank(GEMMA.encode(), views)[0].name == "host2"
     burst = [Deferred.fromCoroutine(gateway.post_chat(chat(model, f"call {i}")))
-             for i in range(6) for model in (QWEN, LLAMA)]
+             for i in range(6) for model in (LLAMA, GEMMA)]
     assert all(ok and reply.status == 200 for ok, reply in await DeferredList(burst))
-    assert sorted(model for fake in hosts for model in fake.loads) == sorted([QWEN, LLAMA])  # one load each
+    assert sorted(model for fake in hosts for model in fake.loads) == sorted([LLAMA, GEMMA])  # one load each
     assert [fake.jit_loads for fake in hosts] == [[], [], []]  # and no host loaded one on its own
-    (qwen_host,), (llama_host,) = holder(hosts, QWEN), holder(hosts, LLAMA)
-    assert qwen_host != llama_host  # the second model went to a host with nothing loaded
+    (llama_host,), (gemma_host,) = holder(hosts, LLAMA), holder(hosts, GEMMA)
+    assert llama_host != gemma_host  # the second model went to a host with nothing loaded
     for fake in hosts:
         fake.received.clear()
     for i in range(4):
-        assert (await gateway.post_chat(chat(QWEN, f"later {i}"))).status == 200
         assert (await gateway.post_chat(chat(LLAMA, f"later {i}"))).status == 200
-    assert chats_at(hosts[qwen_host]) == [QWEN] * 4 and chats_at(hosts[llama_host]) == [LLAMA] * 4
+        assert (await gateway.post_chat(chat(GEMMA, f"later {i}"))).status == 200
+    assert chats_at(hosts[llama_host]) == [LLAMA] * 4 and chats_at(hosts[gemma_host]) == [GEMMA] * 4
 
     listed = {m["id"]: m for m in (await call("GET", gateway.url + "/v1/models")).json()["data"]}
-    assert {h["name"]: h.get("instances") for h in listed[QWEN]["hosts"]} == {
-        f"host{i}": 1 if i == qwen_host else 0 for i in range(3)}
-    assert listed[QWEN]["state"] == "loaded" and listed[QWEN]["capabilities"]["trained_for_tool_use"] is True
+    assert {h["name"]: h.get("instances") for h in listed[LLAMA]["hosts"]} == {
+        f"host{i}": 1 if i == llama_host else 0 for i in range(3)}
+    assert listed[LLAMA]["state"] == "loaded" and listed[LLAMA]["capabilities"]["trained_for_tool_use"] is True
     health = {h["name"]: h for h in (await call("GET", gateway.url + "/health")).json()["upstream"]["hosts"]}
-    assert health[f"host{qwen_host}"]["loaded"] == {
-        QWEN: {"instances": 1, "slots": 4, "context_length": 4096, "in_flight": 0}}
-    assert health[f"host{llama_host}"]["loaded"].keys() == {LLAMA}
+    assert health[f"host{llama_host}"]["loaded"] == {
+        LLAMA: {"instances": 1, "slots": 4, "context_length": 4096, "in_flight": 0}}
+    assert health[f"host{gemma_host}"]["loaded"].keys() == {GEMMA}
 
     metrics = (await call("GET", gateway.url + "/metrics")).body.decode()
-    assert f'inference_model_loads_total{{outcome="loaded",upstream="host{qwen_host}"}} 1.0' in metrics
-    assert f'inference_model_instances{{model="{QWEN}",upstream="host{qwen_host}"}} 1.0' in metrics
-    assert f'inference_model_instances{{model="{GEMMA}",upstream="host{qwen_host}"}} 0.0' in metrics
+    assert f'inference_model_loads_total{{outcome="loaded",upstream="host{llama_host}"}} 1.0' in metrics
+    assert f'inference_model_instances{{model="{LLAMA}",upstream="host{llama_host}"}} 1.0' in metrics
+    assert f'inference_model_instances{{model="{QWEN}",upstream="host{llama_host}"}} 0.0' in metrics
     await gateway.site.gateway.telemetry.tracing.flush()
     await collector.wait_for(lambda spans: len([s for s in spans if s.name.startswith("load ")]) == 2)
-    (load,) = collector.named(f"load {QWEN}")
-    assert load.attributes["inference.upstream.name"] == f"host{qwen_host}"
+    (load,) = collector.named(f"load {LLAMA}")
+    assert load.attributes["inference.upstream.name"] == f"host{llama_host}"
     assert load.attributes["inference.model.load_time_seconds"] == 1.25  # what LM Studio said it took
     assert load.attributes["inference.model.outcome"] == "loaded"
 

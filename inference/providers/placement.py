@@ -95,7 +95,7 @@ class Placement:
         tried on the next host; the last failure is the call's."""
         tried: set[str] = set()
         while self.on and self._needs_load(model):
-            host = self._target(model, tried)
+            host = self._loading(model, tried) or self._target(model, tried)
             if host is None:
                 if tried or not self._loadable_hosts(model, tried):
                     return  # (after failures: the call goes on, and the host it reaches says why)
@@ -134,13 +134,23 @@ class Placement:
                 and host.view.name not in tried]
 
     def _target(self, model: str, tried: set[str]) -> Host | None:
-        """The host to load ``model`` on: no call in flight, then the fewest instances loaded, then the model's
-        rendezvous order (the same in every process); only hosts with room, or an idle instance to unload."""
+        """The host to load ``model`` on: no call in flight, then the fewest instances loaded (or being loaded),
+        then the model's rendezvous order (the same in every process); only hosts with room, or an idle instance
+        to unload."""
         hosts = [host for host in self._loadable_hosts(model, tried)
-                 if self._max is None or _instances_on(host) < self._max or self._idlest(host, model) is not None]
+                 if self._max is None or self._held(host) < self._max or self._idlest(host, model) is not None]
         order = {view.name: i for i, view in enumerate(rank(model.encode(), [host.view for host in hosts]))}
         return min(hosts, default=None,
-                   key=lambda host: (host.view.outstanding > 0, _instances_on(host), order[host.view.name]))
+                   key=lambda host: (host.view.outstanding > 0, self._held(host), order[host.view.name]))
+
+    def _loading(self, model: str, tried: set[str]) -> Host | None:
+        """A host ``model`` is being loaded on now (the call waits for that load rather than start another)."""
+        return next((host for host in self._loadable_hosts(model, tried) if (host.view.name, model) in self._placing),
+                    None)
+
+    def _held(self, host: Host) -> int:
+        """The instances ``host`` has loaded, and those it is loading for the gateway."""
+        return _instances_on(host) + sum(name == host.view.name for name, _ in self._placing)
 
     def _idlest(self, host: Host, model: str) -> tuple[str, str] | None:
         """The least recently used instance on ``host`` with no call in flight, not pinned there and not of
@@ -212,8 +222,8 @@ class Placement:
     async def _make_room(self, host: Host, model: str) -> None:
         if self._max is None:
             return
-        for _ in range(_instances_on(host)):
-            if _instances_on(host) < self._max:
+        for _ in range(self._held(host)):
+            if self._held(host) - 1 < self._max:  # (less its own load, under way)
                 return
             victim = self._idlest(host, model)
             if victim is None:
