@@ -327,7 +327,7 @@ class Gateway:
         context = self.catalog.context_length(body["model"])
         if context is None:
             return
-        demand = Demand.of(operation, body)
+        demand = Demand.of(body, operation.output_limits)
         if not demand.fits_prompt(context):
             param = next((key for key in ("messages", "input", "prompt") if key in body), None)
             raise ContextLengthExceeded(

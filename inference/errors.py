@@ -1,7 +1,7 @@
 """Every failure the gateway reports, as one hierarchy mapped to an HTTP status and OpenAI's error shape.
 
 Code anywhere raises a :class:`GatewayError`; the HTTP layer alone turns it into a response, so the table in
-DESIGN.md lives here and nowhere else.
+docs/design.md lives here and nowhere else.
 """
 
 from __future__ import annotations

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 from io import BytesIO
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from .cors import Cors
 from .errors import RequestTooLarge
 from .logs import CURRENT_IDS, log_access, request_id_for
-from .telemetry import RequestState
+from .telemetry import RequestState, Telemetry
 
 if TYPE_CHECKING:
     from .channel import GatewayChannel
-    from .service import GatewaySite
+
+
+class RequestSite(Protocol):
+    """What a request needs of the site that made it (``service.GatewaySite``)."""
+
+    telemetry: Telemetry
+    cors: Cors | None
+    max_body_bytes: int
+
+    def route_of(self, path: bytes) -> str: ...
 
 
 class GatewayRequest(RequestState, Request):
@@ -35,9 +45,9 @@ class GatewayRequest(RequestState, Request):
         super().__init__(channel, *args, **kwargs)
 
     @property
-    def gateway_site(self) -> GatewaySite:
+    def gateway_site(self) -> RequestSite:
         """The site that made this request (twisted.web types the channel's site loosely)."""
-        return cast("GatewaySite", self.channel.site)  # type: ignore[attr-defined]
+        return cast(RequestSite, self.channel.site)  # type: ignore[attr-defined]
 
     def process(self) -> None:
         site = self.gateway_site
@@ -45,7 +55,7 @@ class GatewayRequest(RequestState, Request):
         self.setHeader(b"X-Request-ID", self.request_id)
         site.telemetry.request_started(self, site.route_of(self.path))
         if site.cors is not None and site.cors.apply(self):
-            self.site = site
+            self.site = self.channel.site  # type: ignore[attr-defined]
             self.finish()  # a preflight, answered before routing
             return
         # The handler's coroutine copies this context, so what it logs carries the request's ids.
@@ -67,7 +77,7 @@ class GatewayRequest(RequestState, Request):
     def _ended(self, status: int | None) -> None:
         if self.recorded:
             return
-        cast("GatewaySite", self.site).telemetry.request_ended(self, status)  # (the channel is gone by now)
+        cast(RequestSite, self.site).telemetry.request_ended(self, status)  # (the channel is gone by now)
         log_access(self, status)
 
     def gotLength(self, length: int | None) -> None:

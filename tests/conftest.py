@@ -28,6 +28,44 @@ from inference.service import GatewaySite, build_site
 
 from .fakes.lmstudio import FakeLMStudio
 
+# Tests that are slow or need what a quick run may lack, by module (single tests elsewhere carry the mark
+# themselves): ``pytest -m "not daemon and not prometheus and not fuzz and not clients"`` is the quick set.
+MODULE_MARKS = {
+    "daemon": {"test_daemon", "test_fleet_faults", "test_systemd", "test_load"},  # real twistd processes
+    "prometheus": {"test_prometheus"},  # a real Prometheus server scraping the gateway
+    "fuzz": {"test_properties"},  # hypothesis property tests
+    "clients": {"test_agent_clis", "test_agents", "test_sdk_loops", "test_conformance"},  # SDKs and agent CLIs
+}
+PLUGIN_CHECK = ("from twisted.plugin import IPlugin, getPlugins\n"
+                "import sys\n"
+                "sys.exit(0 if any(getattr(p, 'tapname', '') == 'inference' for p in getPlugins(IPlugin)) else 1)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module is not None else ""
+        for mark, modules in MODULE_MARKS.items():
+            if module in modules:
+                item.add_marker(mark)
+    if any(item.get_closest_marker("daemon") for item in items):
+        _require_the_installed_plugin()
+
+
+def _require_the_installed_plugin() -> None:
+    """Stop at once, with one line, when ``twistd`` cannot find the plugin (an editable install hides it): else
+    every daemon test fails with twistd's usage text and no hint why."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as outside:  # (not the repo, whose twisted/plugins would be found)
+        found = subprocess.run([sys.executable, "-c", PLUGIN_CHECK], cwd=outside, env={"PATH": os.environ.get(
+            "PATH", "")}, capture_output=True, timeout=60).returncode == 0
+    if not found:
+        pytest.exit("twistd cannot find the inference plugin in this environment: install with `pip install .` "
+                    "(`pip install -e .` hides twisted/plugins; use `pip install -e . --config-settings "
+                    "editable_mode=compat`), or deselect the daemon tests with -m 'not daemon'", returncode=4)
+
 
 @dataclass
 class Reply:

@@ -1,4 +1,4 @@
-"""Every row of DESIGN.md's error table, answered in OpenAI's error shape with the right status."""
+"""Every row of docs/design.md's error table, answered in OpenAI's error shape with the right status."""
 
 from __future__ import annotations
 

@@ -370,6 +370,7 @@ def holder_of(hosts: list[FakeLMStudio], first_words: str) -> list[int]:
     return [i for i, fake in enumerate(hosts) for r in chats(fake) if r.body["messages"][1]["content"] == first_words]
 
 
+@pytest.mark.daemon
 @pytest_twisted.ensureDeferred
 async def test_two_gateway_processes_keep_conversations_on_one_host_and_a_killed_host_costs_no_request(
         hosts, tmp_path):

@@ -115,6 +115,7 @@ async def test_text_access_lines_read_as_documented(fake, lmstudio):
     assert int(first.group(1)) == len(plain.body) and int(second.group(1)) == len(streamed.body)
 
 
+@pytest.mark.daemon
 @pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
 @pytest_twisted.ensureDeferred
 async def test_the_daemon_logs_json_lines_with_request_and_trace_ids(tmp_path, fake):
@@ -139,6 +140,7 @@ async def test_the_daemon_logs_json_lines_with_request_and_trace_ids(tmp_path, f
     assert "key-that-must-not-leak" not in text and "private words" not in text and "Bearer" not in text
 
 
+@pytest.mark.daemon
 @pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
 @pytest_twisted.ensureDeferred
 async def test_the_log_level_comes_from_the_config(tmp_path):
@@ -219,6 +221,7 @@ async def test_a_daemon_without_logfile_writes_json_lines_to_twistd_log(tmp_path
     assert (access["request_id"], access["route"], access["status"]) == ("in-the-file", "/v1/models", 200)
 
 
+@pytest.mark.daemon
 @pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
 @pytest_twisted.ensureDeferred
 async def test_a_daemon_cannot_log_to_stdout(tmp_path):

@@ -112,7 +112,8 @@ def test_a_models_own_slots_bound_its_calls_on_a_host_with_slots_to_spare():
 
 
 def demand_of(text: str, **extra: object) -> Callable[[], Demand]:
-    return lambda: Demand.of(CHAT, {"model": "qwen", "messages": [{"role": "user", "content": text}], **extra})
+    return lambda: Demand.of({"model": "qwen", "messages": [{"role": "user", "content": text}], **extra},
+                             CHAT.output_limits)
 
 
 def test_the_hosts_whose_context_holds_the_call_are_picked_and_the_largest_when_only_the_prompt_fits():
@@ -132,11 +133,13 @@ def test_the_hosts_whose_context_holds_the_call_are_picked_and_the_largest_when_
 
 def test_a_prompts_estimate_counts_text_and_tools_not_image_data():
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 90_000}}
-    demand = Demand.of(CHAT, {"model": "qwen", "max_completion_tokens": 50, "tools": [{"type": "function"}],
-                              "messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 300}, image]}]})
+    demand = Demand.of({"model": "qwen", "max_completion_tokens": 50, "tools": [{"type": "function"}],
+                        "messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 300}, image]}]},
+                       CHAT.output_limits)
     assert 100 <= demand.prompt_tokens < 130 and demand.output_tokens == 50 and demand.tools and demand.images
-    anthropic = Demand.of(MESSAGES, {"model": "qwen", "max_tokens": 10, "messages": [{"role": "user", "content": [
-        {"type": "image", "source": {"type": "base64", "data": "B" * 90_000}}]}], "tool_choice": "none"})
+    anthropic = Demand.of({"model": "qwen", "max_tokens": 10, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "data": "B" * 90_000}}]}], "tool_choice": "none"},
+        MESSAGES.output_limits)
     assert anthropic.prompt_tokens < 20 and anthropic.images and not anthropic.tools
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 
+import pytest
 import pytest_twisted
 
 from .conftest import call, free_port
@@ -48,6 +49,7 @@ async def test_metrics_and_health_are_open_unless_protected(fake, start_gateway)
     assert b"inference_" not in (await call("GET", protected.url + "/metrics")).body
 
 
+@pytest.mark.daemon
 @pytest_twisted.ensureDeferred
 async def test_sighup_rereads_the_key_file_and_a_broken_file_keeps_the_old_keys(tmp_path):
     keys = tmp_path / "api-keys"
@@ -77,6 +79,7 @@ async def test_sighup_rereads_the_key_file_and_a_broken_file_keeps_the_old_keys(
     assert b"new-key" not in daemon.out + daemon.err and b"old-key" not in daemon.out + daemon.err
 
 
+@pytest.mark.daemon
 @pytest_twisted.ensureDeferred
 async def test_an_unreadable_key_file_stops_the_daemon_with_one_line(tmp_path):
     daemon, _ = spawn([], {"INFERENCE_INFERENCE_PROVIDER": "mock",
@@ -87,6 +90,7 @@ async def test_an_unreadable_key_file_stops_the_daemon_with_one_line(tmp_path):
                      "No such file or directory"], daemon.err
 
 
+@pytest.mark.daemon
 @pytest_twisted.ensureDeferred
 async def test_a_separate_metrics_port_is_protected_too(tmp_path):
     metrics_port = free_port()

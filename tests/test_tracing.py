@@ -353,6 +353,7 @@ async def test_a_collector_that_is_down_costs_one_log_line_and_nothing_else(fake
         globalLogPublisher.removeObserver(events.append)
 
 
+@pytest.mark.daemon
 @pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
 @pytest_twisted.ensureDeferred
 async def test_twistd_with_an_otlp_endpoint_exports_complete_traces(tmp_path, fake, collector):

@@ -246,7 +246,7 @@ class FleetProvider(Provider):
         previous = body.get("previous_response_id") if operation is RESPONSES else None
         home = self._by_name.get(self.responses.home(previous) or "") if isinstance(previous, str) else None
         views = [home.view] if home is not None and home.view in serving(self._views, model) else self._views
-        demand = cache(partial(Demand.of, operation, body))  # estimated once, and only where hosts differ
+        demand = cache(partial(Demand.of, body, operation.output_limits))  # estimated once, and only where hosts differ
         while True:
             try:
                 chosen: Pick | None = pick(self.placement.holders(views, model), model, key, self.memory,

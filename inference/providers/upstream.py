@@ -5,7 +5,7 @@ whose endpoints are made once per address. treq keeps its gzip decoding (OpenAI 
 told never to follow a redirect (a 3xx is an upstream error, and the upstream's key must not reach another host)
 and given a cookie jar that keeps nothing (one upstream session must not carry cookies from one client's request
 to another's). treq's ``timeout=`` would stop at the response headers, and cancelling ``treq.content()`` leaves the
-socket open (see TWISTED-NOTES.md), so answers are read by a protocol of ours that can abort the connection, and
+socket open (see docs/twisted.md), so answers are read by a protocol of ours that can abort the connection, and
 one timer covers the whole exchange: connect, retries, headers and body.
 """
 
@@ -372,7 +372,7 @@ class _BodyCollector(_BodyReader):
 
 
 def _translate(failure: Failure, stopped: str | None, deadline: float, base_url: str) -> Any:
-    """Map what Twisted raised to the error table (DESIGN.md)."""
+    """Map what Twisted raised to the error table (docs/design.md)."""
     if stopped == "timeout":
         return UpstreamTimeout(f"upstream did not answer within {deadline:g}s ({base_url})")
     if stopped == "cancelled":

@@ -12,8 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..operations import Operation
-
 CHARS_PER_TOKEN = 3
 # Where a body carries media rather than text: the data is not read as tokens of the prompt.
 _MEDIA_KEYS = frozenset({"image_url", "source", "image", "file_data", "input_audio", "audio"})
@@ -28,9 +26,10 @@ class Demand:
     images: bool  # its messages hold images
 
     @classmethod
-    def of(cls, operation: Operation, body: dict[str, Any]) -> Demand:
+    def of(cls, body: dict[str, Any], output_limits: tuple[str, ...]) -> Demand:
+        """``body``'s demand; ``output_limits`` are the fields of its API that limit the output."""
         characters, images = _text_and_images(body)
-        output = next((body[key] for key in operation.output_limits if isinstance(body.get(key), int)), 0)
+        output = next((body[key] for key in output_limits if isinstance(body.get(key), int)), 0)
         tools = bool(body.get("tools")) and body.get("tool_choice") != "none"
         return cls(math.ceil(characters / CHARS_PER_TOKEN), output, tools, images)
 

@@ -1,4 +1,4 @@
-"""The Prometheus instruments of DESIGN.md's table, on a registry each gateway owns (no global state).
+"""The Prometheus instruments of docs/design.md's table, on a registry each gateway owns (no global state).
 
 Labels stay low-cardinality on purpose: ``model`` is only ever a model id the catalog resolved, HTTP methods
 outside the standard set are folded into ``_OTHER`` and unknown paths into one route.

@@ -2,8 +2,8 @@
 
 Spans are passed around explicitly (on the request, on the upstream call), never through the "current" span:
 Twisted runs protocol callbacks and timers in the reactor's root context, so contextvars cannot be trusted
-across them (TWISTED-NOTES.md, section e). Export runs in the batch processor's own thread, so a slow or absent
-collector never holds the reactor; its failures are reported once, not once per batch.
+across them (docs/twisted.md, "Context across Deferreds"). Export runs in the batch processor's own thread, so
+a slow or absent collector never holds the reactor; its failures are reported once, not once per batch.
 """
 
 from __future__ import annotations
