@@ -8,6 +8,7 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed as RouteMethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFoundError
 
@@ -29,6 +30,7 @@ from .monitor import UpstreamMonitor
 from .openapi import openapi_bytes
 from .operations import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES, Operation
 from .providers import Provider
+from .reactor import IGatewayReactor
 from .relay import StreamRelay
 from .request import GatewayRequest
 from .routing.demand import CHARS_PER_TOKEN, Demand
@@ -88,7 +90,7 @@ class Gateway:
 
     app = Klein()
 
-    def __init__(self, config: Config, provider: Provider, reactor: Any, telemetry: Telemetry) -> None:
+    def __init__(self, config: Config, provider: Provider, reactor: IGatewayReactor, telemetry: Telemetry) -> None:
         self.config = config
         self.provider = provider
         self.reactor = reactor
@@ -344,7 +346,7 @@ class Gateway:
             authorization = b"Bearer " + api_key if api_key is not None else None
         self.keys.check(authorization)
 
-    def authorize_operator(self, request: GatewayRequest) -> None:
+    def authorize_operator(self, request: Request) -> None:
         """Metrics and health need a key only when ``server.protect_metrics`` says so (probes stay simple)."""
         if self._protect_operator_routes:
             self.keys.check(request.getHeader(b"authorization"))

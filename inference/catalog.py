@@ -26,7 +26,8 @@ def kind_of(model: dict[str, Any]) -> str | None:
 class ModelCatalog:
     """The upstream's model list, cached ``ttl`` seconds and filtered by ``allowed`` (empty: everything)."""
 
-    def __init__(self, provider: Provider, clock: Any, ttl: float, allowed: list[str], default_model: str) -> None:
+    def __init__(self, provider: Provider, clock: IReactorTime, ttl: float, allowed: list[str],
+                 default_model: str) -> None:
         self._provider = provider
         self._clock: IReactorTime = clock
         self._ttl = ttl

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,8 +30,8 @@ class GatewayChannel(HTTPChannel):
     """One client connection. ``site`` (set by the site) carries ``config.server``."""
 
     site: Any
-    _read_timer: Any | None = None
-    _linger: Any | None = None
+    _read_timer: IDelayedCall | None = None
+    _linger: IDelayedCall | None = None
     _refused = False
 
     def connectionMade(self) -> None:

@@ -22,6 +22,7 @@ from . import __version__
 from .config import ConfigError, load_with_sources, settings
 from .errors import GatewayError
 from .operations import CHAT
+from .reactor import IGatewayReactor
 
 if TYPE_CHECKING:
     from .api import Gateway
@@ -62,7 +63,7 @@ def describe_settings(report: Report, config: Any, sources: Mapping[str, str], e
         report.line(f"  {key:<42} {shown:<24} {source}")
 
 
-async def run_check(reactor: Any, config_path: str | None, probe: bool, environ: Mapping[str, str],
+async def run_check(reactor: IGatewayReactor, config_path: str | None, probe: bool, environ: Mapping[str, str],
                     out: TextIO) -> int:
     """Everything ``inference check`` does; returns the exit status."""
     from .service import build_site
@@ -163,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.print_help()
         raise SystemExit(EXIT_CONFIG)
 
-    def run(reactor: Any) -> Deferred[None]:
+    def run(reactor: IGatewayReactor) -> Deferred[None]:
         async def checked() -> None:
             status = await run_check(reactor, args.config, args.probe, os.environ, sys.stdout)
             if status:

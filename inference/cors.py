@@ -9,9 +9,9 @@ headers, so a fixed list would break them), or 403 naming the setting when the o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from .errors import GatewayError
+from .telemetry import RequestState
 
 ALLOWED_METHODS = b"GET, POST, OPTIONS"
 EXPOSED_HEADERS = b"X-Request-ID, Retry-After"  # readable by the page: the id to quote, when to retry
@@ -36,7 +36,7 @@ class Cors:
     def allows(self, origin: bytes) -> bool:
         return self._any or origin.rstrip(b"/").lower() in self._origins
 
-    def apply(self, request: Any) -> bool:
+    def apply(self, request: RequestState) -> bool:
         """Add the CORS headers ``request`` needs; True when it was a preflight, now answered in full."""
         origin = request.getHeader(b"origin")
         if origin is None:

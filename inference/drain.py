@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from .errors import GatewayError, RequestTimeout, ShuttingDown
 
@@ -28,7 +29,7 @@ class Job:
         self._interrupted: GatewayError | None = None
         self._pending: Deferred[Any] | None = None
         self._on_interrupt: Callable[[GatewayError], None] | None = None
-        self._deadline: Any | None = None
+        self._deadline: IDelayedCall | None = None
 
     def clear_deadline(self) -> None:
         """The answer has started (a stream): from here on, the stream's own silence timeout applies."""
@@ -70,7 +71,7 @@ class Job:
 class InFlight:
     """The jobs running now, and the drain that waits for them."""
 
-    def __init__(self, clock: Any) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self._jobs: set[Job] = set()
         self._idle: list[Deferred[None]] = []

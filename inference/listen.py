@@ -17,12 +17,13 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
 from .config import ServerConfig
+from .reactor import IGatewayReactor
 
 BACKLOG = 1024
 """Connections the kernel may hold before the gateway accepts them (Twisted's default of 50 drops a burst)."""
 
 
-def server_endpoint(reactor: Any, server: ServerConfig, listen: str | None = None) -> IStreamServerEndpoint:
+def server_endpoint(reactor: IGatewayReactor, server: ServerConfig, listen: str | None = None) -> IStreamServerEndpoint:
     """The endpoint for ``--listen`` when given, else for ``server.host``/``server.port``."""
     if server.reuse_port and listen is None:
         return ReusePortEndpoint(reactor, server.host, server.port, BACKLOG)
@@ -39,7 +40,7 @@ def describe(host: str, port: int) -> str:
 class ReusePortEndpoint:
     """TCP on ``host:port`` with ``SO_REUSEPORT`` (Linux, BSD): other processes may listen on it too."""
 
-    def __init__(self, reactor: Any, host: str, port: int, backlog: int = BACKLOG) -> None:
+    def __init__(self, reactor: IGatewayReactor, host: str, port: int, backlog: int = BACKLOG) -> None:
         self._reactor = reactor
         self._host = host
         self._port = port

@@ -200,7 +200,27 @@ class JSONLines:
         self._out.flush()
 
 
-def log_access(request: Any, status: int | None) -> None:
+class Accessed(Protocol):
+    """What the access line reads of a request (``telemetry.RequestState``, a twisted.web request)."""
+
+    method: bytes
+    path: bytes
+    route: str
+    duration: float
+    sentLength: int
+    request_id: str
+    trace_id: str | None
+    model: str | None
+    time_to_first_token: float | None
+    input_tokens: int | None
+    output_tokens: int | None
+    upstream: str | None
+    via: str | None
+
+    def getClientAddress(self) -> object: ...
+
+
+def log_access(request: Accessed, status: int | None) -> None:
     """The access line of one request (``status`` None: the client left before the answer was complete)."""
     fields: dict[str, Any] = {
         "method": request.method.decode("latin-1"), "path": request.path.decode("latin-1")[:200],

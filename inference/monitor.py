@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from .errors import UpstreamUnreachable
@@ -23,13 +24,13 @@ DOWN_RETRY_SECS = 1.0
 class UpstreamMonitor:
     """Probes the upstream with ``probe`` (which answers ``{"reachable", "error", "models"}``)."""
 
-    def __init__(self, probe: Callable[[], Awaitable[dict[str, Any]]], clock: Any, interval: float,
+    def __init__(self, probe: Callable[[], Awaitable[dict[str, Any]]], clock: IReactorTime, interval: float,
                  base_url: str) -> None:
         self._probe = probe
         self._clock = clock
         self._interval = interval
         self._base_url = base_url
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._running: Deferred[Any] | None = None
         self.up: bool | None = None  # None until the first probe answered
         self.error: str | None = None

@@ -6,7 +6,6 @@ from io import BytesIO
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from twisted.python.failure import Failure
-from twisted.web.server import Request
 
 from .cors import Cors
 from .errors import RequestTooLarge
@@ -27,7 +26,7 @@ class RequestSite(Protocol):
     def route_of(self, path: bytes) -> str: ...
 
 
-class GatewayRequest(RequestState, Request):
+class GatewayRequest(RequestState):
     """A request whose body is kept in memory and stops growing at ``max_body_bytes``, and that is measured.
 
     twisted.web spools bodies over 100 kB to a temporary file (blocking disk I/O on the reactor) and has no

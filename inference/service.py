@@ -6,7 +6,7 @@ import gc
 import os
 import signal
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote_to_bytes
 
 from twisted.application import service
@@ -16,8 +16,9 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
+from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from . import __version__
 from .api import Gateway, route_of, write_error
@@ -29,6 +30,7 @@ from .listen import describe, server_endpoint
 from .logs import LogFile, TextSink, make_observer
 from .providers import make_provider
 from .providers.fleet import FleetProvider
+from .reactor import IGatewayReactor
 from .request import GatewayRequest
 from .resource import GatewayResource
 from .telemetry import Metrics, Telemetry
@@ -42,12 +44,12 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics, authorize: Callable[[Any], None]) -> None:
+    def __init__(self, metrics: Metrics, authorize: Callable[[Request], None]) -> None:
         super().__init__()
         self._metrics = metrics
         self._authorize = authorize  # raises AuthenticationFailed when server.protect_metrics wants a key
 
-    def render(self, request: Any) -> bytes:
+    def render(self, request: Request) -> bytes:
         try:
             self._authorize(request)
         except GatewayError as error:
@@ -81,13 +83,13 @@ class GatewaySite(Site):
         self._metrics_path = None if own_port else gateway.telemetry.metrics_path
         self._metrics = MetricsResource(gateway.telemetry.metrics, gateway.authorize_operator)
 
-    def log(self, request: Any) -> None:
+    def log(self, request: HTTPRequest) -> None:
         """Twisted's combined-format access log is replaced by ``log_access`` (one line with model, TTFT, tokens)."""
 
     def route_of(self, path: bytes) -> str:
         return self.telemetry.metrics_route if path == self._metrics_path else route_of(path)
 
-    def getResourceFor(self, request: Any) -> Any:
+    def getResourceFor(self, request: Request) -> Any:
         if request.path == self._metrics_path:
             return self._metrics
         if b"%" in request.path:  # Klein would answer a path not UTF-8 with text/html; every answer here is JSON
@@ -98,7 +100,7 @@ class GatewaySite(Site):
         return super().getResourceFor(request)
 
 
-def build_site(config: Config, reactor: Any, environ: Mapping[str, str] | None = None) -> GatewaySite:
+def build_site(config: Config, reactor: IGatewayReactor, environ: Mapping[str, str] | None = None) -> GatewaySite:
     """The web site for ``config``; ``site.gateway.close()`` releases what it holds when done.
 
     ``environ`` supplies the standard ``OTEL_*`` variables (the process environment by default).
@@ -121,7 +123,7 @@ class MetricsSite(Site):
 
     noisy = False
 
-    def __init__(self, metrics: Metrics, path: str, authorize: Callable[[Any], None]) -> None:
+    def __init__(self, metrics: Metrics, path: str, authorize: Callable[[Request], None]) -> None:
         super().__init__(_OnlyAt(path.encode(), MetricsResource(metrics, authorize)))
 
 
@@ -133,7 +135,7 @@ class _OnlyAt(Resource):
         self._path = path
         self._resource = resource
 
-    def render(self, request: Any) -> bytes:
+    def render(self, request: Request) -> bytes:
         if request.path != self._path:
             return write_error(request, RouteNotFound(f"Only {self._path.decode()} is served on this port"))
         body: bytes = self._resource.render(request)
@@ -145,7 +147,7 @@ class _NotUtf8(Resource):
 
     isLeaf = True
 
-    def render(self, request: Any) -> bytes:
+    def render(self, request: Request) -> bytes:
         return write_error(request, InvalidRequest("The URL's path is not UTF-8 once its %-escapes are decoded",
                                                    code="invalid_url"))
 
@@ -193,7 +195,7 @@ class GatewayService(service.Service):
     a stop that let every request finish is a success, and exits 0.
     """
 
-    def __init__(self, site: GatewaySite, endpoint: str, reactor: Any, handle_sigterm: bool = True,
+    def __init__(self, site: GatewaySite, endpoint: str, reactor: IGatewayReactor, handle_sigterm: bool = True,
                  reopen_logs: Callable[[], None] | None = None) -> None:
         self._site = site
         self._endpoint = endpoint
@@ -274,13 +276,13 @@ class _Daemon(service.MultiService):
         await DeferredList([maybeDeferred(child.stopService) for child in children if child not in ports])
 
 
-def make_service(config: Config, listen: str | None = None, reactor: Any = None,
+def make_service(config: Config, listen: str | None = None, reactor: IGatewayReactor | None = None,
                  logs: TextSink | None = None) -> service.MultiService:
     """The whole daemon as a Twisted service: listen on ``listen`` (an endpoint string) or the config's, and log
     to ``logs`` (stdout; None leaves logging to twistd, for ``--logger`` and ``--syslog``)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
-        reactor = default_reactor
+        reactor = cast(IGatewayReactor, default_reactor)  # (the installed reactor: epoll provides it all)
     site = build_site(config, reactor)
     server = config.server
     where = listen or describe(server.host, server.port) + (" (shared: SO_REUSEPORT)" if server.reuse_port else "")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from ..config import InferenceConfig, UpstreamConfig
+from ..reactor import IGatewayReactor
 from .base import Provider
 
 
-def make_provider(reactor: Any, config: InferenceConfig) -> Provider:
+def make_provider(reactor: IGatewayReactor, config: InferenceConfig) -> Provider:
     """Build the configured provider: the mock, one host's, or a fleet's routing across several hosts."""
     provider = _make(reactor, config)
     for each in (provider, *(host.provider for host in getattr(provider, "hosts", ()))):
@@ -17,7 +17,7 @@ def make_provider(reactor: Any, config: InferenceConfig) -> Provider:
     return provider
 
 
-def _make(reactor: Any, config: InferenceConfig) -> Provider:
+def _make(reactor: IGatewayReactor, config: InferenceConfig) -> Provider:
     if config.provider == "mock":
         from .mock import MockProvider
         return MockProvider(reactor, config.mock)
@@ -32,7 +32,8 @@ def _make(reactor: Any, config: InferenceConfig) -> Provider:
                          load_timeout=config.http.load_timeout_secs)
 
 
-def _host_provider(reactor: Any, config: InferenceConfig, host: UpstreamConfig, retry_connect: bool) -> Provider:
+def _host_provider(reactor: IGatewayReactor, config: InferenceConfig, host: UpstreamConfig,
+                   retry_connect: bool) -> Provider:
     """One host's provider, with its key: the host's own, else ``inference.api_key`` when that was set for hosts
     of this kind (an OpenAI key, from OPENAI_API_KEY, is never sent to an LM Studio host)."""
     kind = host.provider or config.provider

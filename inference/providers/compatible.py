@@ -13,6 +13,7 @@ from .. import jsonio
 from ..config import InferenceConfig
 from ..errors import GatewayError, UpstreamError, from_upstream
 from ..operations import CHAT, Operation
+from ..reactor import IGatewayReactor
 from .base import ChatStream, Completion, Provider
 from .quirks import (
     LATE_SYSTEM,
@@ -35,7 +36,7 @@ log = Logger()
 class OpenAICompatibleProvider(Provider):
     name = "openai-compatible"
 
-    def __init__(self, reactor: Any, config: InferenceConfig, retry_connect: bool = True) -> None:
+    def __init__(self, reactor: IGatewayReactor, config: InferenceConfig, retry_connect: bool = True) -> None:
         # The upstream's key, on every request (LM Studio 0.4 asks one on every route when its authentication is on).
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self.client = UpstreamClient(reactor, config.base_url, config.http, headers, retry_connect)

@@ -9,6 +9,7 @@ from .. import jsonio
 from ..config import InferenceConfig
 from ..errors import GatewayError, UpstreamError, from_upstream
 from ..operations import Operation
+from ..reactor import IGatewayReactor
 from .compatible import OpenAICompatibleProvider
 
 NATIVE_FIELDS = ("type", "state", "max_context_length", "loaded_context_length")
@@ -27,7 +28,7 @@ class LMStudioProvider(OpenAICompatibleProvider):
     name = "lmstudio"
     native_api: str | None = None  # which native API the host answers: "v1" (0.4), "v0" (0.3), "none"; None: unknown
 
-    def __init__(self, reactor: Any, config: InferenceConfig, retry_connect: bool = True) -> None:
+    def __init__(self, reactor: IGatewayReactor, config: InferenceConfig, retry_connect: bool = True) -> None:
         super().__init__(reactor, config, retry_connect)
         self.contexts: dict[str, int] = {}  # the context each loaded model has, from the last list
 

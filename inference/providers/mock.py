@@ -18,6 +18,7 @@ from .. import jsonio
 from ..config import MockConfig
 from ..errors import InvalidRequest
 from ..operations import CHAT, Operation
+from ..reactor import IGatewayReactor
 from ..sse import DONE
 from ..translation.chat import as_object
 from .base import ChatStream, Completion, Provider
@@ -112,7 +113,7 @@ class MockProvider(Provider):
     name = "mock"
     base_url = "mock://"
 
-    def __init__(self, reactor: Any, config: MockConfig) -> None:
+    def __init__(self, reactor: IGatewayReactor, config: MockConfig) -> None:
         self._reactor = reactor
         self._config = config
         self._ids = itertools.count(1)

@@ -11,9 +11,11 @@ one timer covers the whole exchange: connect, retries, headers and body.
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from http.client import HTTPResponse
 from typing import Any, cast
 
 from hyperlink import EncodedURL
@@ -23,7 +25,7 @@ from twisted.internet import error as neterror
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -43,6 +45,7 @@ from zope.interface import implementer
 
 from ..config import UNBOUNDED_IDLE_CONNECTIONS, HttpConfig
 from ..errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from ..reactor import IGatewayReactor
 from ..sse import SSEParser
 from .base import ChatStream, EventConsumer
 
@@ -78,7 +81,7 @@ def normalise_base_url(base_url: str) -> str:
 class UpstreamClient:
     """Talks HTTP to one upstream over a pool sized and timed by the ``http:`` config."""
 
-    def __init__(self, reactor: Any, base_url: str, http: HttpConfig,
+    def __init__(self, reactor: IGatewayReactor, base_url: str, http: HttpConfig,
                  headers: dict[str, str] | None = None, retry_connect: bool = True) -> None:
         self._reactor: IReactorTime = reactor
         self._http = http
@@ -251,10 +254,10 @@ class _NoCookies(IndexableCookieJar):
     """Keeps no cookie: the pool serves every client, so a cookie an upstream sets must not go back with another
     client's request (and answers need not be searched for them)."""
 
-    def add_cookie_header(self, request: Any) -> None:
+    def add_cookie_header(self, request: urllib.request.Request) -> None:
         pass
 
-    def extract_cookies(self, response: Any, request: Any) -> None:
+    def extract_cookies(self, response: HTTPResponse, request: urllib.request.Request) -> None:
         pass
 
 
@@ -266,7 +269,7 @@ class _Endpoints:
     """The endpoint for each upstream address, made once: the Agent's default makes a new one per request,
     IDNA-encoding the host name every time, which the benchmark saw as 3% of a request's CPU."""
 
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+    def __init__(self, reactor: IGatewayReactor, connect_timeout: float) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
         self._tls = BrowserLikePolicyForHTTPS()
@@ -284,7 +287,7 @@ class _Endpoints:
         return endpoint
 
 
-def _endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
+def _endpoint(reactor: IGatewayReactor, host: str, port: int, timeout: float) -> Any:
     """An IP address is connected to directly: HostnameEndpoint would resolve it in a thread, and takes 300 ms
     more to report a refused connection (twisted/twisted#8202), which a fleet's failover would wait for."""
     if isIPAddress(host):
@@ -407,7 +410,7 @@ class UpstreamEventStream(_BodyReader, ChatStream):
     run longer than that in total, since a long generation is not a stalled one.
     """
 
-    def __init__(self, response: IResponse, reactor: Any, idle_timeout: float,
+    def __init__(self, response: IResponse, reactor: IGatewayReactor, idle_timeout: float,
                  first_timeout: float | None = None) -> None:
         self._response = response
         self._reactor = reactor
@@ -415,7 +418,7 @@ class UpstreamEventStream(_BodyReader, ChatStream):
         self._first_timeout = first_timeout  # to the first bytes, when longer (a model being loaded)
         self._armed_for = idle_timeout
         self._parser = SSEParser()
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._paused = False
         self._failure: Exception | None = None
         self._consumer: EventConsumer | None = None

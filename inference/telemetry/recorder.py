@@ -15,10 +15,12 @@ from urllib.parse import urlsplit
 from opentelemetry.trace import Span, Status, StatusCode
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
+from twisted.web.server import Request
 
 from ..config import ObservabilityConfig
 from ..errors import GatewayError
 from ..operations import CHAT, Facts, Operation, StreamStats
+from ..reactor import IGatewayReactor
 from .metrics import Metrics, method_label
 from .tracing import Tracing
 
@@ -33,8 +35,9 @@ _REQUEST_ATTRIBUTES = {"max_tokens": "gen_ai.request.max_tokens", "max_output_to
                        "n": "gen_ai.request.choice.count"}
 
 
-class RequestState:
-    """Telemetry state a request carries (mixed into the site's request class)."""
+class RequestState(Request):
+    """A twisted.web request with the state telemetry and the access log read (the site's request class,
+    ``request.GatewayRequest``, is one)."""
 
     started: float = 0.0
     route: str = "other"
@@ -62,7 +65,7 @@ class Telemetry:
     """Metrics and tracing for one gateway."""
 
     def __init__(self, config: ObservabilityConfig, provider_name: str, base_url: str,
-                 environ: Mapping[str, str], reactor: Any) -> None:
+                 environ: Mapping[str, str], reactor: IGatewayReactor) -> None:
         self.metrics = Metrics(provider_name)
         self.tracing = Tracing(config.tracing, environ, reactor)
         self.provider = provider_name
@@ -80,7 +83,7 @@ class Telemetry:
 
     # -- HTTP requests -------------------------------------------------------------------------------------------
 
-    def request_started(self, request: Any, route: str) -> None:
+    def request_started(self, request: RequestState, route: str) -> None:
         request.started = perf_counter()
         request.route = route
         if self.tracing.tracer is None or route in self._untraced:
@@ -110,7 +113,7 @@ class Telemetry:
         label = method_label(method.decode("latin-1")) if method else "_OTHER"
         self.metrics.child(self.metrics.http_requests, label, route, str(status)).inc()
 
-    def request_ended(self, request: Any, code: int | None) -> None:
+    def request_ended(self, request: RequestState, code: int | None) -> None:
         """The response's last byte is out (``code``), or the client left first (``code`` None: logged as 499)."""
         if request.recorded:
             return
@@ -139,7 +142,7 @@ class Telemetry:
 
     # -- upstream calls ------------------------------------------------------------------------------------------
 
-    def upstream_call(self, request: Any, operation: Operation, body: dict[str, Any], stream: bool,
+    def upstream_call(self, request: RequestState, operation: Operation, body: dict[str, Any], stream: bool,
                       slot: Any) -> UpstreamCall:
         """Start recording an upstream call, made with the admission ``slot`` it waited for."""
         if slot.queued and request.span is not None:
@@ -163,8 +166,8 @@ class Telemetry:
 class UpstreamCall:
     """One upstream call of any operation, from the call out to its end, whichever way it ends (once)."""
 
-    def __init__(self, telemetry: Telemetry, request: Any, operation: Operation, body: dict[str, Any], stream: bool,
-                 queued: float) -> None:
+    def __init__(self, telemetry: Telemetry, request: RequestState, operation: Operation, body: dict[str, Any],
+                 stream: bool, queued: float) -> None:
         self.started = perf_counter()
         self._telemetry = telemetry
         self._request = request

@@ -28,6 +28,7 @@ from twisted.web.http_headers import Headers
 
 from .. import __version__
 from ..config import ConfigError, TracingConfig
+from ..reactor import IGatewayReactor
 
 log = Logger()
 
@@ -193,7 +194,7 @@ def _otlp_exporter(protocol: str, endpoint: str, environ: Mapping[str, str]) -> 
 class Tracing:
     """Spans for one gateway; with tracing off every method is a cheap no-op returning None."""
 
-    def __init__(self, config: TracingConfig, environ: Mapping[str, str], reactor: Any) -> None:
+    def __init__(self, config: TracingConfig, environ: Mapping[str, str], reactor: IGatewayReactor) -> None:
         self.config = config
         self._reactor = reactor
         self.status = ExportStatus()
