@@ -28,7 +28,7 @@ from .cors import Cors
 from .errors import GatewayError, InvalidRequest, MethodNotAllowed, RouteNotFound
 from .listen import describe, server_endpoint
 from .logs import LogFile, TextSink, make_observer
-from .providers import make_provider
+from .providers import Connector, make_provider
 from .providers.fleet import FleetProvider
 from .reactor import IGatewayReactor
 from .request import GatewayRequest
@@ -71,7 +71,8 @@ class GatewaySite(Site):
     noisy = False  # no "Starting factory" lines: the service logs what it serves
 
     def __init__(self, gateway: Gateway) -> None:
-        super().__init__(GatewayResource(gateway.app), timeout=gateway.config.server.idle_timeout_secs)
+        super().__init__(GatewayResource(gateway.app), timeout=gateway.config.server.idle_timeout_secs,
+                         reactor=gateway.reactor)
         self.gateway = gateway
         self.telemetry = gateway.telemetry
         self.max_body_bytes = gateway.config.server.max_body_bytes
@@ -100,12 +101,14 @@ class GatewaySite(Site):
         return super().getResourceFor(request)
 
 
-def build_site(config: Config, reactor: IGatewayReactor, environ: Mapping[str, str] | None = None) -> GatewaySite:
+def build_site(config: Config, reactor: IGatewayReactor, environ: Mapping[str, str] | None = None,
+               connect: Connector | None = None) -> GatewaySite:
     """The web site for ``config``; ``site.gateway.close()`` releases what it holds when done.
 
-    ``environ`` supplies the standard ``OTEL_*`` variables (the process environment by default).
+    ``environ`` supplies the standard ``OTEL_*`` variables (the process environment by default); ``connect`` how
+    upstreams are reached (default: pooled connections).
     """
-    provider = make_provider(reactor, config.inference)
+    provider = make_provider(reactor, config.inference, connect)
     telemetry = Telemetry(config.observability, provider.name, provider.base_url,
                           os.environ if environ is None else environ, reactor)
     if isinstance(provider, FleetProvider):

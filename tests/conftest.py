@@ -27,6 +27,9 @@ from inference.config import load
 from inference.service import GatewaySite, build_site
 
 from .fakes.lmstudio import FakeLMStudio
+from .memory import MemoryGateway
+
+FAKE_URL = "http://lmstudio.test:1234"  # where an in-memory gateway finds the ``fake``
 
 # Tests that are slow or need what a quick run may lack, by module (single tests elsewhere carry the mark
 # themselves): ``pytest -m "not daemon and not prometheus and not fuzz and not clients"`` is the quick set.
@@ -262,6 +265,24 @@ def start_gateway() -> Callable[..., RunningGateway]:
             gateway.port.stopListening(),
             Deferred.fromCoroutine(gateway.site.gateway.close()),
         ]))
+
+
+@pytest.fixture
+def in_memory(fake: FakeLMStudio) -> Any:
+    """Make gateways on a fake clock, all in memory (``tests/memory.py``), in front of ``fake`` at ``FAKE_URL``
+    (and of other upstreams passed by base URL)."""
+    made: list[MemoryGateway] = []
+
+    def make(env: dict[str, str] | None = None, upstreams: dict[str, Any] | None = None,
+             config_path: str | None = None) -> MemoryGateway:
+        gateway = MemoryGateway({FAKE_URL: fake, **(upstreams or {})},
+                                {"INFERENCE_INFERENCE_BASE_URL": FAKE_URL, **(env or {})}, config_path)
+        made.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in made:
+        gateway.close()
 
 
 @pytest.fixture

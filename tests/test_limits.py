@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.task import LoopingCall
 
-from .conftest import call, hold_the_slot, queue_behind, raw_connect, raw_post
+from .conftest import call, raw_connect, raw_post
 
 MODEL = "qwen2.5-7b-instruct"
 
@@ -66,87 +64,87 @@ async def test_too_many_messages_is_a_parameter_error(fake, start_gateway):
     assert "at most 3 (server.max_messages)" in reply.error["message"]
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_slow_client_times_out_without_holding_a_slot(fake, start_gateway):
-    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url, "INFERENCE_SERVER_READ_TIMEOUT_SECS": "0.5",
-                             "INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "1",
-                             "INFERENCE_INFERENCE_MAX_QUEUE": "0"})
-    port = gateway.port.getHost().port
-    body = json.dumps(chat()).encode()
-    request = raw_post("/v1/chat/completions", body)
-    slow = await raw_connect(port)
-    slow.transport.write(request[:-10])  # all but the last bytes of the body
+def test_a_slow_client_times_out_without_holding_a_slot(fake, in_memory):
+    gateway = in_memory({"INFERENCE_SERVER_READ_TIMEOUT_SECS": "0.5", "INFERENCE_INFERENCE_MAX_QUEUE": "0",
+                         "INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "1"})
+    request = raw_post("/v1/chat/completions", json.dumps(chat()).encode())
+    slow, send_slow = gateway.raw()
+    send_slow(request[:-10])  # all but the last bytes of the body
     # A slow-loris client that keeps sending a byte now and then does not reset the clock.
-    dribbler = await raw_connect(port)
-    dribbler.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\n")
-    drip = LoopingCall(dribbler.transport.write, b"X-Drip: 1\r\n")
-    drip.start(0.05)
-    try:
-        # Meanwhile the one upstream slot is free for everybody else.
-        assert (await gateway.post_chat(chat())).status == 200
-        assert gateway.site.gateway.admission.active == 0
-        await slow.lost
-        await dribbler.lost
-    finally:
-        drip.stop()
+    dribbler, drip = gateway.raw()
+    drip(b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\n")
+    assert gateway.post_chat(chat()).status == 200  # meanwhile the one upstream slot is free for everybody else
+    assert gateway.gateway.admission.active == 0
+    for _ in range(9):
+        gateway.advance(0.05)
+        drip(b"X-Drip: 1\r\n")
+    assert not slow.lost and not dribbler.lost
+    gateway.advance(0.06)  # 0.5 s after each began
     for client in (slow, dribbler):
         status, error = response_of(client.data)
-        assert (status, error["code"]) == (408, "request_read_timeout")
+        assert client.lost and (status, error["code"]) == (408, "request_read_timeout")
         assert "server.read_timeout_secs" in error["message"]
     assert [r.path for r in fake.received].count("/v1/chat/completions") == 1
 
 
-@pytest_twisted.ensureDeferred
-async def test_idle_connections_are_closed(fake, start_gateway):
-    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
-                             "INFERENCE_SERVER_IDLE_TIMEOUT_SECS": "0.2"})
-    client = await raw_connect(gateway.port.getHost().port)
-    client.transport.write(b"GET /health/live HTTP/1.1\r\nHost: a\r\n\r\n")
-    await client.received(b'{"status":"ok"}')
-    await client.lost  # kept alive after the answer, then closed for idling
-    assert bytes(client.data).count(b"HTTP/1.1 200") == 1
+def test_idle_connections_are_closed(in_memory):
+    gateway = in_memory({"INFERENCE_SERVER_IDLE_TIMEOUT_SECS": "0.2"})
+    client, send = gateway.raw()
+    send(b"GET /health/live HTTP/1.1\r\nHost: a\r\n\r\n")
+    gateway.settle()
+    assert client.data.endswith(b'{"status":"ok"}') and not client.lost  # kept alive after the answer
+    gateway.advance(0.19)
+    assert not client.lost
+    gateway.advance(0.02)
+    assert client.lost and client.data.count(b"HTTP/1.1 200") == 1  # then closed for idling
 
 
-@pytest_twisted.ensureDeferred
-async def test_the_request_deadline_covers_the_upstream_call(fake, start_gateway):
-    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
-                             "INFERENCE_SERVER_REQUEST_TIMEOUT_SECS": "0.4"})
+def test_the_request_deadline_covers_the_upstream_call(fake, in_memory):
+    gateway = in_memory({"INFERENCE_SERVER_REQUEST_TIMEOUT_SECS": "0.4"})
+    fake.chat.mode = "hang"
     closed = fake.next_close()
-    reply = await (await hold_the_slot(gateway, fake, chat()))
+    reply = gateway.send("POST", "/v1/chat/completions", chat())
+    gateway.advance(0.39)
+    assert len(fake.pending) == 1 and not gateway.answered(reply)
+    gateway.advance(0.01)
+    reply = gateway.result(reply)
     assert reply.status == 504 and reply.error["type"] == "timeout_error"
     assert reply.error["code"] == "request_timeout" and "server.request_timeout_secs" in reply.error["message"]
-    await closed  # the upstream call was cancelled, not left running
-    m = await gateway.metrics()
-    assert m.value("inference_requests_in_flight", provider="lmstudio") == 0
+    assert closed.called  # the upstream call was cancelled, not left running
+    assert gateway.metrics().value("inference_requests_in_flight", provider="lmstudio") == 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_the_request_deadline_covers_the_wait_in_the_queue(fake, start_gateway):
-    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url, "INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS": "30",
-                             "INFERENCE_SERVER_REQUEST_TIMEOUT_SECS": "0.4",
-                             "INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "1"})
+def test_the_request_deadline_covers_the_wait_in_the_queue(fake, in_memory):
+    gateway = in_memory({"INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS": "30", "INFERENCE_SERVER_REQUEST_TIMEOUT_SECS": "0.4",
+                         "INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "1"})
     fake.chat.stream = "stall"  # a stream that has started holds the only slot past the deadline
-    stream = await raw_connect(gateway.port.getHost().port)
-    stream.transport.write(raw_post("/v1/chat/completions", json.dumps(chat(stream=True)).encode()))
-    await stream.received(b'" m0"')
-    reply = await (await queue_behind(gateway, chat()))
+    stream, send = gateway.raw()
+    send(raw_post("/v1/chat/completions", json.dumps(chat(stream=True)).encode()))
+    gateway.settle()
+    assert b'" m0"' in stream.data
+    queued = gateway.send("POST", "/v1/chat/completions", chat())
+    gateway.settle()
+    assert gateway.gateway.admission.queued == 1
+    gateway.advance(0.4)
+    reply = gateway.result(queued)
     assert reply.status == 504 and reply.error["code"] == "request_timeout"
     assert [r.path for r in fake.received].count("/v1/chat/completions") == 1  # the queued one never went upstream
-    m = await gateway.metrics()
-    assert m.value("inference_queue_length", provider="lmstudio") == 0
+    assert gateway.metrics().value("inference_queue_length", provider="lmstudio") == 0
     closed = fake.next_close()
     stream.transport.loseConnection()
-    await closed
-    assert (await gateway.metrics()).value("inference_requests_in_flight", provider="lmstudio") == 0
+    gateway.settle()
+    assert closed.called
+    assert gateway.metrics().value("inference_requests_in_flight", provider="lmstudio") == 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_stream_may_outlast_the_deadline_once_it_has_started(start_gateway):
-    gateway = start_gateway({"INFERENCE_INFERENCE_PROVIDER": "mock",
-                             "INFERENCE_INFERENCE_MOCK_TOKEN_DELAY_SECS": "0.05",
-                             "INFERENCE_SERVER_REQUEST_TIMEOUT_SECS": "0.2"})
+def test_a_stream_may_outlast_the_deadline_once_it_has_started(in_memory):
+    gateway = in_memory({"INFERENCE_INFERENCE_PROVIDER": "mock", "INFERENCE_INFERENCE_MOCK_TOKEN_DELAY_SECS": "0.05",
+                         "INFERENCE_SERVER_REQUEST_TIMEOUT_SECS": "0.2"})
     words = " ".join(f"w{i}" for i in range(12))  # 13 tokens at 50 ms: longer than the deadline
-    started = reactor.seconds()
-    reply = await gateway.post_chat({"messages": [{"role": "user", "content": words}], "stream": True})
-    assert reactor.seconds() - started > 0.2
+    reply = gateway.send("POST", "/v1/chat/completions",
+                         {"messages": [{"role": "user", "content": words}], "stream": True})
+    gateway.advance(0.3)
+    assert not gateway.answered(reply)  # still streaming past the deadline
+    gateway.advance(1)
+    reply = gateway.result(reply)
     assert reply.status == 200 and reply.body.endswith(b"data: [DONE]\n\n") and b'"error"' not in reply.body

@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.web.iweb import IAgent
 
 from .. import jsonio
 from ..config import InferenceConfig
@@ -36,10 +37,11 @@ log = Logger()
 class OpenAICompatibleProvider(Provider):
     name = "openai-compatible"
 
-    def __init__(self, reactor: IGatewayReactor, config: InferenceConfig, retry_connect: bool = True) -> None:
+    def __init__(self, reactor: IGatewayReactor, config: InferenceConfig, retry_connect: bool = True,
+                 agent: IAgent | None = None) -> None:
         # The upstream's key, on every request (LM Studio 0.4 asks one on every route when its authentication is on).
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        self.client = UpstreamClient(reactor, config.base_url, config.http, headers, retry_connect)
+        self.client = UpstreamClient(reactor, config.base_url, config.http, headers, retry_connect, agent)
         self.base_url = self.client.base_url
         self._reactor = reactor
         self._idle_timeout = config.http.timeout_secs

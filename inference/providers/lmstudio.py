@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.web.iweb import IAgent
+
 from .. import jsonio
 from ..config import InferenceConfig
 from ..errors import GatewayError, UpstreamError, from_upstream
@@ -28,8 +30,9 @@ class LMStudioProvider(OpenAICompatibleProvider):
     name = "lmstudio"
     native_api: str | None = None  # which native API the host answers: "v1" (0.4), "v0" (0.3), "none"; None: unknown
 
-    def __init__(self, reactor: IGatewayReactor, config: InferenceConfig, retry_connect: bool = True) -> None:
-        super().__init__(reactor, config, retry_connect)
+    def __init__(self, reactor: IGatewayReactor, config: InferenceConfig, retry_connect: bool = True,
+                 agent: IAgent | None = None) -> None:
+        super().__init__(reactor, config, retry_connect, agent)
         self.contexts: dict[str, int] = {}  # the context each loaded model has, from the last list
 
     async def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:

@@ -40,7 +40,7 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from ..config import UNBOUNDED_IDLE_CONNECTIONS, HttpConfig
@@ -82,7 +82,9 @@ class UpstreamClient:
     """Talks HTTP to one upstream over a pool sized and timed by the ``http:`` config."""
 
     def __init__(self, reactor: IGatewayReactor, base_url: str, http: HttpConfig,
-                 headers: dict[str, str] | None = None, retry_connect: bool = True) -> None:
+                 headers: dict[str, str] | None = None, retry_connect: bool = True,
+                 agent: IAgent | None = None) -> None:
+        """``agent`` replaces the pooled one (tests serve a fake upstream through an in-memory agent)."""
         self._reactor: IReactorTime = reactor
         self._http = http
         self._retry_connect = retry_connect  # a fleet's host does not: the next host is the retry
@@ -91,7 +93,8 @@ class UpstreamClient:
         idle = http.max_idle_connections  # (resolved per host by make_provider: see InferenceConfig.idle_connections)
         self.pool.maxPersistentPerHost = idle if idle is not None else UNBOUNDED_IDLE_CONNECTIONS
         self.pool.cachedConnectionTimeout = http.keep_alive_secs  # type: ignore[assignment]  # (a float works)
-        agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, http.connect_timeout_secs), self.pool)
+        if agent is None:
+            agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, http.connect_timeout_secs), self.pool)
         self.treq = HTTPClient(agent, cookiejar=_NO_COOKIES, data_to_body_producer=BytesProducer)
         self._headers = {"Accept": "application/json", **(headers or {})}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
