@@ -311,7 +311,7 @@ class Gateway:
 
     def _error(self, request: IRequest, error: GatewayError) -> bytes:
         if isinstance(error, UpstreamUnreachable):
-            self.monitor.check_now()  # so the next requests fail fast, not after their own connect attempts
+            self.monitor.suspect()  # so the next requests fail fast, not after their own connect attempts
         return write_error(request, error)
 
     # -- helpers -------------------------------------------------------------------------------------------------

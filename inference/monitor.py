@@ -63,6 +63,12 @@ class UpstreamMonitor:
             running.addBoth(self._finished)
         running.addErrback(lambda failure: failure.trap(CancelledError))
 
+    def suspect(self) -> None:
+        """A request could not connect: probe now, unless the upstream is known to be down already (it is asked
+        again on the monitor's own schedule: a probe per failed request would hammer a host that is down)."""
+        if self.up is not False:
+            self.check_now()
+
     def _finished(self, result: Any) -> Any:
         self._running = None
         return result

@@ -23,6 +23,7 @@ from treq.content import content
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -72,6 +73,8 @@ class MemoryAgent:
         self._connector = MemoryReactorClock()  # where the agent's connection attempts land, to be wired up
         self._agent = Agent.usingEndpointFactory(self._connector, self)
         self._pumps: list[iosim.IOPump] = []
+        self.refusing = False  # connections are refused (nothing listens there), as while the server is down
+        self.attempts = 0  # connections asked for
 
     def endpointForURI(self, uri: Any) -> TCP4ClientEndpoint:
         return TCP4ClientEndpoint(self._connector, "127.0.0.1", uri.port)
@@ -80,8 +83,21 @@ class MemoryAgent:
         answer = self._agent.request(method, uri, headers, bodyProducer)
         while self._connector.tcpClients:
             _, port, factory, _, _ = self._connector.tcpClients.pop()
-            self._pumps.append(wire(self._server, factory.buildProtocol(None), self._clock, port))
+            self.attempts += 1
+            if self.refusing:
+                factory.clientConnectionFailed(None, Failure(ConnectionRefusedError("Connection refused")))
+            else:
+                self._pumps.append(wire(self._server, factory.buildProtocol(None), self._clock, port))
         return answer
+
+    def stop(self) -> None:
+        """The server goes away: its connections close and new ones are refused until :meth:`start`."""
+        self.refusing = True
+        for pump in self._pumps:
+            pump.serverIO.loseConnection()
+
+    def start(self) -> None:
+        self.refusing = False
 
     def pump(self) -> bool:
         """Move what is waiting on every connection once; whether anything moved (or a connection closed)."""
@@ -141,8 +157,12 @@ class MemoryGateway:
         env = {"INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "none", "INFERENCE_INFERENCE_HEALTH_CHECK_SECS": "0",
                **(env or {})}
 
+        self.upstreams: dict[str, MemoryAgent] = {}  # each upstream's agent, by base URL: stop() and start() it
+
         def connect(base_url: str) -> IAgent:
-            return self._agent(Site(upstreams[base_url.rstrip("/")], reactor=self.clock))
+            url = base_url.rstrip("/")
+            agent = self.upstreams[url] = self._agent(Site(upstreams[url], reactor=self.clock))
+            return agent
 
         self.site: GatewaySite = build_site(load(config_path, env), self.clock, environ=env,  # type: ignore[arg-type]
                                             connect=connect)
