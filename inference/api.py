@@ -75,8 +75,8 @@ def write_error(request: IRequest, error: GatewayError) -> bytes:
     on ``/v1/messages``); the code is kept for the access log and spans."""
     anthropic = False
     if isinstance(request, RequestState):
-        request.error_code = error.code
-        anthropic = request.error_style == "anthropic"
+        request.record.error_code = error.code
+        anthropic = request.record.error_style == "anthropic"
     for name, value in error.headers.items():
         request.setHeader(name, value)
     if anthropic:  # Anthropic's errors name the request they answer
@@ -151,7 +151,7 @@ class Gateway:
     async def _serve(self, request: GatewayRequest, operation: Operation) -> bytes | None:
         """Every API call's steps: auth, parse, resolve the model, admission, deadline, the upstream call, the
         answer or the relayed stream, and the record of it all."""
-        request.error_style = operation.error_style
+        request.record.error_style = operation.error_style
         if operation.error_style == "anthropic":  # Anthropic's clients read the request's id from this header
             request.setHeader(b"request-id", request.request_id)
         self._authorize(request, operation)
@@ -177,11 +177,11 @@ class Gateway:
                         headers = {**headers, name.decode("latin-1"): value.decode("latin-1")}
                 if not parsed.stream or operation.read_event is None:
                     answer = await job.run(self.provider.call(operation, parsed.body, headers))
-                    call.translated, call.route, call.model_load = answer.translated, answer.route, answer.model_load
+                    call.served = answer.served
                     call.answered(answer.data)
                     return write_body(request, answer.raw)
                 stream = await job.run(self.provider.open_stream(operation, parsed.body, headers))
-                call.translated, call.route, call.model_load = stream.translated, stream.route, stream.model_load
+                call.served = stream.served
                 job.clear_deadline()
                 relay = StreamRelay(request, stream, operation.read_event, operation.stream_format,
                                     call.capture_content)
@@ -306,7 +306,7 @@ class Gateway:
     def unexpected(self, request: IRequest, failure: Failure) -> bytes:
         log.failure("unexpected error answering {method} {path}", failure, method=request.method.decode(),
                     path=request.path.decode("utf-8", "replace"), request_id=getattr(request, "request_id", None),
-                    trace_id=getattr(request, "trace_id", None))
+                    trace_id=request.record.trace_id if isinstance(request, RequestState) else None)
         return self._error(request, GatewayError("internal gateway error; see the gateway log"))
 
     def _error(self, request: IRequest, error: GatewayError) -> bytes:

@@ -48,7 +48,7 @@ class Cors:
                 return False  # the browser will refuse to show the page this answer; other clients do not care
             error = OriginNotAllowed(f"Origin {origin.decode('latin-1')} may not call this gateway; "
                                      "add it to server.cors_origins")
-            request.error_code = error.code
+            request.record.error_code = error.code
             request.setResponseCode(error.status)
             request.setHeader(b"Content-Type", b"application/json")
             request.write(error.to_bytes())

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .config import LoggingConfig
+from .record import CallRecord
 
 access = Logger(namespace="inference.access")
 
@@ -201,51 +202,44 @@ class JSONLines:
 
 
 class Accessed(Protocol):
-    """What the access line reads of a request (``telemetry.RequestState``, a twisted.web request)."""
+    """What the access line reads of a request (a twisted.web request carrying its record)."""
 
     method: bytes
     path: bytes
-    route: str
-    duration: float
     sentLength: int
     request_id: str
-    trace_id: str | None
-    model: str | None
-    time_to_first_token: float | None
-    input_tokens: int | None
-    output_tokens: int | None
-    upstream: str | None
-    via: str | None
+    record: CallRecord
 
     def getClientAddress(self) -> object: ...
 
 
 def log_access(request: Accessed, status: int | None) -> None:
     """The access line of one request (``status`` None: the client left before the answer was complete)."""
+    record = request.record
     fields: dict[str, Any] = {
         "method": request.method.decode("latin-1"), "path": request.path.decode("latin-1")[:200],
-        "route": request.route, "status": status if status is not None else 499,
-        "duration_ms": round(request.duration * 1000, 2), "bytes": request.sentLength,
+        "route": record.route, "status": status if status is not None else 499,
+        "duration_ms": round(record.duration * 1000, 2), "bytes": request.sentLength,
         "client": getattr(request.getClientAddress(), "host", "-"),
-        "request_id": request.request_id, "trace_id": request.trace_id}
+        "request_id": request.request_id, "trace_id": record.trace_id}
     # The text is rendered here with an f-string: twisted.logger's format parsing, once per request, showed up in
     # the benchmark's profile. JSON lines still carry every field.
     text = (f'{fields["client"]} "{fields["method"]} {fields["path"]}" {fields["status"]} {fields["bytes"]}B '
             f'{fields["duration_ms"]}ms')
-    if request.model is not None:
-        ttft = request.time_to_first_token
-        fields.update(model=request.model, input_tokens=request.input_tokens, output_tokens=request.output_tokens,
+    if record.model is not None:
+        ttft = record.time_to_first_token
+        fields.update(model=record.model, input_tokens=record.input_tokens, output_tokens=record.output_tokens,
                       ttft_ms=round(ttft * 1000, 2) if ttft is not None else None)
-        text += f" model={request.model}"
+        text += f" model={record.model}"
         if ttft is not None:  # only streams have a first token to time
             text += f" ttft_ms={fields['ttft_ms']}"
-        text += f" tokens={_or_dash(request.input_tokens)}/{_or_dash(request.output_tokens)}"
-        if request.upstream is not None:  # the host of a fleet that served it
-            fields["upstream"] = request.upstream
-            text += f" upstream={request.upstream}"
-        if request.via is not None:  # the upstream lacks the API: the gateway translated the call
-            fields["via"] = request.via
-            text += f" via={request.via}"
+        text += f" tokens={_or_dash(record.input_tokens)}/{_or_dash(record.output_tokens)}"
+        if record.upstream is not None:  # the host of a fleet that served it
+            fields["upstream"] = record.upstream
+            text += f" upstream={record.upstream}"
+        if record.via is not None:  # the upstream lacks the API: the gateway translated the call
+            fields["via"] = record.via
+            text += f" via={record.via}"
     access.info("{access_text}", access_text=text, **fields)
 
 

@@ -58,7 +58,7 @@ class GatewayRequest(RequestState):
             self.finish()  # a preflight, answered before routing
             return
         # The handler's coroutine copies this context, so what it logs carries the request's ids.
-        ids = CURRENT_IDS.set((self.request_id, self.trace_id))
+        ids = CURRENT_IDS.set((self.request_id, self.record.trace_id))
         try:
             super().process()
         finally:
@@ -70,11 +70,11 @@ class GatewayRequest(RequestState):
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
-        if not self.finished and self.started:
+        if not self.finished and self.record.started:
             self._ended(None)
 
     def _ended(self, status: int | None) -> None:
-        if self.recorded:
+        if self.record.recorded:
             return
         cast(RequestSite, self.site).telemetry.request_ended(self, status)  # (the channel is gone by now)
         log_access(self, status)

@@ -9,7 +9,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "inference"
 
 LAYERS = {  # top-level module or package of inference -> its layer (docs/design.md, "Modules and layers")
-    **dict.fromkeys(["config", "errors", "schema", "sse", "jsonio", "auth", "logs", "reactor", "__init__"], 0),
+    **dict.fromkeys(["config", "errors", "schema", "sse", "jsonio", "auth", "logs", "reactor", "record", "__init__"],
+                    0),
     **dict.fromkeys(["routing", "translation"], 1),
     "operations": 2,
     "providers": 3,

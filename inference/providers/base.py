@@ -26,6 +26,20 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Served:
+    """How a provider served a call, in one value for the telemetry: through chat completions (the upstream lacks
+    the operation's own API), by which host of a fleet and why (``route``), and whether the host loaded the model
+    first (``model_load``: the first-byte deadline it was given)."""
+
+    translated: bool = False
+    route: Route | None = None
+    model_load: float | None = None
+
+
+NOT_SAID = Served()
+
+
+@dataclass(frozen=True)
 class Completion:
     """A non-streaming answer: ``data`` for the gateway to look at, ``raw`` (the same JSON) for the client.
 
@@ -34,9 +48,7 @@ class Completion:
 
     data: dict[str, Any]
     raw: bytes
-    translated: bool = False  # served through chat completions (the upstream lacks the operation's own API)
-    route: Route | None = None  # set by a fleet
-    model_load: float | None = None  # the host loaded the model first: the first-byte deadline it was given
+    served: Served = NOT_SAID
 
 
 class EventConsumer(Protocol):
@@ -54,9 +66,7 @@ class ChatStream(abc.ABC):
     with an error (the relay found the events unusable).
     """
 
-    translated = False  # the events were translated from a chat completion stream
-    route: Route | None = None  # set by a fleet
-    model_load: float | None = None  # the host loaded the model first: the first-byte deadline it was given
+    served: Served = NOT_SAID  # how (streams that wrap another take its value, and add to it)
 
     @abc.abstractmethod
     def begin(self, consumer: EventConsumer) -> Deferred[None]:
@@ -88,7 +98,7 @@ class WrappedStream(ChatStream):
     def __init__(self, inner: ChatStream) -> None:
         self._inner = inner
         self._consumer: EventConsumer | None = None
-        self.model_load = inner.model_load
+        self.served = inner.served
 
     def begin(self, consumer: EventConsumer) -> Deferred[None]:
         self._consumer = consumer

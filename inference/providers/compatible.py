@@ -15,7 +15,7 @@ from ..config import InferenceConfig
 from ..errors import GatewayError, UpstreamError, from_upstream
 from ..operations import CHAT, Operation
 from ..reactor import IGatewayReactor
-from .base import ChatStream, Completion, Provider
+from .base import ChatStream, Completion, Provider, Served
 from .quirks import (
     LATE_SYSTEM,
     MISSING_ROUTE,
@@ -92,7 +92,7 @@ class OpenAICompatibleProvider(Provider):
         if not isinstance(data.get(operation.answer_list), list):
             raise UpstreamError(f"upstream answer has no '{operation.answer_list}'")
         self._loaded(body["model"], loading)
-        return Completion(data, answer.body, model_load=loading)
+        return Completion(data, answer.body, Served(model_load=loading))
 
     async def open_stream(self, operation: Operation, body: dict[str, Any],
                           headers: dict[str, str] | None = None) -> ChatStream:
@@ -124,7 +124,7 @@ class OpenAICompatibleProvider(Provider):
             raise UpstreamError("upstream answered a streaming request with JSON instead of an event stream")
         self._loaded(body["model"], loading)
         stream = UpstreamEventStream(response, self._reactor, self._idle_timeout, first_timeout=loading)
-        stream.model_load = loading
+        stream.served = Served(model_load=loading)
         if operation is CHAT:  # an empty stream is asked again whole: the answer, or the reason there is none
             tools = bool(body.get("tools"))
             return AnsweredIfEmpty(stream, partial(self._answer_events, body, headers, tools), also_if_cut=tools,
@@ -176,7 +176,7 @@ class OpenAICompatibleProvider(Provider):
     async def _answer_as_stream(self, body: dict[str, Any], headers: dict[str, str] | None) -> ChatStream:
         answer = await self.call(CHAT, _whole(body), headers)
         stream = PreparedStream(self._reactor, answer_events(answer.data), 0.0, 0.0)
-        stream.model_load = answer.model_load
+        stream.served = answer.served
         return stream
 
     def _load_deadline(self, model: str) -> float | None:

@@ -35,7 +35,7 @@ from ..routing.picker import HostView, ModelOnHost, Pick, pick, serving
 from .base import ChatStream, Completion, EventConsumer, Provider, Route, WrappedStream
 from .placement import Placement
 
-T = TypeVar("T")
+T = TypeVar("T", Completion, ChatStream)
 
 log = Logger()
 
@@ -190,7 +190,7 @@ class FleetProvider(Provider):
         self._release(host, body["model"])
         if operation is RESPONSES and isinstance(answer.data.get("id"), str):
             self.responses.remember(answer.data["id"], host.view.name)
-        return dataclasses.replace(answer, route=route)
+        return dataclasses.replace(answer, served=dataclasses.replace(answer.served, route=route))
 
     async def open_stream(self, operation: Operation, body: dict[str, Any],
                           headers: dict[str, str] | None = None) -> ChatStream:
@@ -227,7 +227,7 @@ class FleetProvider(Provider):
             if host.view.on_trial:  # proven: all its slots again
                 host.view.on_trial = False
                 self._wake_for_free_slots(host)
-            if getattr(answer, "model_load", None) is not None and model in host.view.models:
+            if answer.served.model_load is not None and model in host.view.models:
                 host.view.models[model] = dataclasses.replace(host.view.models[model], state="loaded")  # it loaded it
             self._served(host, key)
             self.placement.used(host, model)
@@ -417,8 +417,7 @@ class HostStream(WrappedStream):
     def __init__(self, inner: ChatStream, ended: Callable[[object], None], route: Route,
                  created: Callable[[str], None] | None = None) -> None:
         super().__init__(inner)
-        self.translated = inner.translated
-        self.route = route
+        self.served = dataclasses.replace(inner.served, route=route)
         self._ended = ended  # told how the stream ended (None, or its Failure); gives the slot back
         self._released = False
         self._created = created  # told the response's id, from its response.created event

@@ -3,6 +3,7 @@ event of the stream) translated back, by the operation's :class:`~inference.tran
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -28,7 +29,7 @@ async def call_translated(provider: Provider, operation: Operation, body: dict[s
     translation = _translation(operation)
     answer = await provider.call(CHAT, translation.chat_request(body, provider.reject_unsupported_tools), headers)
     data = translation.translate_answer(answer.data, body)
-    return Completion(data, jsonio.dumps(data), translated=True, model_load=answer.model_load)
+    return Completion(data, jsonio.dumps(data), dataclasses.replace(answer.served, translated=True))
 
 
 async def open_translated(provider: Provider, operation: Operation, body: dict[str, Any],
@@ -46,10 +47,9 @@ class TranslatedStream(WrappedStream):
     A failure after the 200 (an upstream error event, a broken event, a cut connection) fails the stream; its
     ending is then the API's own failure events from the reader, which knows the blocks it opened."""
 
-    translated = True
-
     def __init__(self, chat: ChatStream, reader: ChatStreamReader) -> None:
         super().__init__(chat)
+        self.served = dataclasses.replace(chat.served, translated=True)
         self._reader = reader
 
     def failure_events(self, error: Exception) -> bytes | None:

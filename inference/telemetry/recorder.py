@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from time import perf_counter, time_ns
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,7 +21,9 @@ from twisted.web.server import Request
 from ..config import ObservabilityConfig
 from ..errors import GatewayError
 from ..operations import CHAT, Facts, Operation, StreamStats
+from ..providers.base import NOT_SAID, Route
 from ..reactor import IGatewayReactor
+from ..record import CallRecord
 from .metrics import Metrics, method_label
 from .tracing import Tracing
 
@@ -36,29 +39,12 @@ _REQUEST_ATTRIBUTES = {"max_tokens": "gen_ai.request.max_tokens", "max_output_to
 
 
 class RequestState(Request):
-    """A twisted.web request with the state telemetry and the access log read (the site's request class,
+    """A twisted.web request carrying its :class:`~inference.record.CallRecord` (the site's request class,
     ``request.GatewayRequest``, is one)."""
 
-    started: float = 0.0
-    route: str = "other"
-    span: Span | None = None
-    recorded: bool = False
-    error_code: str | None = None  # the error the client was told about (a status or an SSE error event)
-    error_style: str = "openai"  # the shape errors are answered in (``anthropic`` on /v1/messages)
-    stream_failed: bool = False
-    overhead_before: float = 0.0  # gateway time from arrival to the upstream call
-    answered_at: float | None = None  # when the upstream's answer was complete
-    duration: float = 0.0  # arrival to the last byte (or to the client leaving)
-    # What the chat call measured, for the access log.
-    model: str | None = None
-    time_to_first_token: float | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    via: str | None = None  # the upstream route that served a translated call (``/v1/chat/completions``)
-    upstream: str | None = None  # the host of a fleet that served the call
-
-    trace_id: str | None = None  # the span's, as 32 hex digits (logs and exemplars)
-    exemplar: dict[str, str] | None = None  # ``{"trace_id": ...}`` for histograms, when the trace is sampled
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.record = CallRecord()
 
 
 class Telemetry:
@@ -84,8 +70,9 @@ class Telemetry:
     # -- HTTP requests -------------------------------------------------------------------------------------------
 
     def request_started(self, request: RequestState, route: str) -> None:
-        request.started = perf_counter()
-        request.route = route
+        record = request.record
+        record.started = perf_counter()
+        record.route = route
         if self.tracing.tracer is None or route in self._untraced:
             return
         method = request.method.decode("latin-1")
@@ -104,9 +91,9 @@ class Telemetry:
         if route != "other":
             attributes["http.route"] = route
             name += " " + route
-        span = request.span = self.tracing.start_server_span(name, request.requestHeaders, attributes)
+        span = record.span = self.tracing.start_server_span(name, request.requestHeaders, attributes)
         if span is not None:
-            request.trace_id, request.exemplar = self.tracing.ids(span)
+            record.trace_id, record.exemplar = self.tracing.ids(span)
 
     def refused(self, method: bytes | None, route: str, status: int) -> None:
         """A request the connection answered itself, before routing (malformed, oversized, too slow)."""
@@ -115,26 +102,27 @@ class Telemetry:
 
     def request_ended(self, request: RequestState, code: int | None) -> None:
         """The response's last byte is out (``code``), or the client left first (``code`` None: logged as 499)."""
-        if request.recorded:
+        record = request.record
+        if record.recorded:
             return
-        request.recorded = True
+        record.recorded = True
         now = perf_counter()
         metrics = self.metrics
         method = method_label(request.method.decode("latin-1"))
         label = str(code) if code is not None else "499"
-        span, exemplar = request.span, request.exemplar
-        metrics.child(metrics.http_requests, method, request.route, label).inc()
-        request.duration = now - request.started
-        metrics.child(metrics.http_duration, method, request.route, label).observe(request.duration, exemplar)
-        if request.answered_at is not None and code is not None:
-            metrics.child(metrics.overhead, request.route).observe(
-                request.overhead_before + now - request.answered_at, exemplar)
+        span, exemplar = record.span, record.exemplar
+        metrics.child(metrics.http_requests, method, record.route, label).inc()
+        record.duration = now - record.started
+        metrics.child(metrics.http_duration, method, record.route, label).observe(record.duration, exemplar)
+        if record.answered_at is not None and code is not None:
+            metrics.child(metrics.overhead, record.route).observe(
+                record.overhead_before + now - record.answered_at, exemplar)
         if span is None:
             return
         if code is not None:
             span.set_attribute("http.response.status_code", code)
-        if (code is not None and code >= 500) or request.stream_failed:
-            span.set_attribute("error.type", request.error_code or label)
+        if (code is not None and code >= 500) or record.stream_failed:
+            span.set_attribute("error.type", record.error_code or label)
             span.set_status(Status(StatusCode.ERROR))
         elif code is None:
             span.add_event("client_disconnected")
@@ -145,10 +133,11 @@ class Telemetry:
     def upstream_call(self, request: RequestState, operation: Operation, body: dict[str, Any], stream: bool,
                       slot: Any) -> UpstreamCall:
         """Start recording an upstream call, made with the admission ``slot`` it waited for."""
-        if slot.queued and request.span is not None:
-            request.span.set_attribute("inference.queue.wait_seconds", slot.waited)
-            request.span.add_event("queued", {"inference.queue.wait_seconds": slot.waited},
-                                   timestamp=time_ns() - int(slot.waited * 1e9))
+        span = request.record.span
+        if slot.queued and span is not None:
+            span.set_attribute("inference.queue.wait_seconds", slot.waited)
+            span.add_event("queued", {"inference.queue.wait_seconds": slot.waited},
+                           timestamp=time_ns() - int(slot.waited * 1e9))
         return UpstreamCall(self, request, operation, body, stream, slot.waited)
 
     def set_upstream_up(self, up: bool) -> None:
@@ -176,16 +165,14 @@ class UpstreamCall:
         self._model = body["model"]
         self._stream = stream
         self._ended = False
-        self.translated = False  # served through chat completions (the upstream lacks the operation's API)
-        self.route: Any = None  # a fleet's Route: the host that served the call, why, and who failed first
-        self.model_load: float | None = None  # the host loaded the model first, with this first-byte deadline
-        request.overhead_before = self.started - request.started - queued
+        self.served = NOT_SAID  # how the provider served it (translated, the fleet's route, a model load)
+        request.record.overhead_before = self.started - request.record.started - queued
         tracing = telemetry.tracing
         self.capture_content = tracing.capture_content
         self.span: Span | None = None
         self.headers: dict[str, str] = {}
         if tracing.tracer is not None:
-            self.span = tracing.start_client_span(f"{operation.gen_ai_name} {self._model}", request.span,
+            self.span = tracing.start_client_span(f"{operation.gen_ai_name} {self._model}", request.record.span,
                                                   self._span_attributes())
             self.headers = tracing.trace_headers(self.span)
 
@@ -233,13 +220,13 @@ class UpstreamCall:
         if stats.client_gone:
             return self.abandoned(stats)
         if stats.error is not None:
-            self._request.stream_failed = True
-            self._request.error_code = stats.error.code
+            self._request.record.stream_failed = True
+            self._request.record.error_code = stats.error.code
         self._end("error" if stats.error is not None else "success", _facts_of(stats),
                   first_token_at=stats.first_token_at, chunks=stats.content_chunks, error=stats.error)
 
     def failed(self, error: GatewayError) -> None:
-        self._request.error_code = error.code
+        self._request.record.error_code = error.code
         self._end("error", Facts(), error=error)
 
     def abandoned(self, stats: StreamStats | None = None) -> None:
@@ -256,68 +243,73 @@ class UpstreamCall:
 
     def _end(self, outcome: str, facts: Facts, *, first_token_at: float | None = None, chunks: int | None = None,
              error: GatewayError | None = None) -> None:
-        """Record the call once. ``chunks`` is how many content deltas a stream relayed (None: not a stream that
-        started): the output token count when the upstream sent no usage, as llama.cpp's Python server and older
-        LM Studio do. The prompt's count is never guessed."""
+        """Record the call once: on the request's record (the access log), as metrics, on the span. ``chunks`` is
+        how many content deltas a stream relayed (None: not a stream that started): the output token count when
+        the upstream sent no usage, as llama.cpp's Python server and older LM Studio do. The prompt's count is
+        never guessed."""
         if self._ended:
             return
         self._ended = True
-        ended = perf_counter()
-        request = self._request
-        request.answered_at = ended
-        telemetry = self._telemetry
-        metrics = telemetry.metrics
-        operation, provider, model = self._operation.name, telemetry.provider, self._model
-        exemplar = request.exemplar
-        stream = "true" if self._stream else "false"
-        metrics.child(metrics.request_duration, operation, provider, model, stream, outcome).observe(
-            ended - request.started, exemplar)
-
-        input_tokens, output_tokens = facts.input_tokens, facts.output_tokens
-        usage_source = "upstream" if output_tokens is not None else None
+        output_tokens, usage_source = facts.output_tokens, "upstream" if facts.output_tokens is not None else None
         if output_tokens is None and chunks is not None:
             output_tokens, usage_source = chunks, "counted"
-        request.model, request.input_tokens, request.output_tokens = model, input_tokens, output_tokens
-        dropped: list[str] = []
-        if self.translated:
-            request.via = CHAT.path
-            translation = self._operation.translation
-            dropped = translation.dropped(self._body) if translation is not None else []
-            if dropped:
-                log.debug("{route} served through {via}, which has no words for {dropped}: left out",
-                          route=self._operation.path, via=CHAT.path, dropped=", ".join(dropped))
-        if first_token_at is not None:
-            request.time_to_first_token = first_token_at - request.started
-        if input_tokens is not None:
-            metrics.child(metrics.tokens, operation, provider, model, "input").inc(input_tokens)
-        if output_tokens is not None:
-            metrics.child(metrics.tokens, operation, provider, model, "output").inc(output_tokens)
+        served = self.served
+        ended = _Ended(outcome, facts, perf_counter(), first_token_at, output_tokens, usage_source, error,
+                       served.route if error is None else (error.route or served.route),
+                       served.model_load if error is None else (error.model_load or served.model_load))
+        self._fill_record(ended)
+        self._observe(ended)
+        if self.span is not None:
+            self._trace(self.span, ended)
 
-        generated = output_tokens or 0
-        if first_token_at is not None:
+    def _fill_record(self, ended: _Ended) -> None:
+        """What the access line says of the call."""
+        record = self._request.record
+        record.answered_at = ended.at
+        record.model, record.input_tokens, record.output_tokens = \
+            self._model, ended.facts.input_tokens, ended.output_tokens
+        if self.served.translated:
+            record.via = CHAT.path
+        if ended.first_token_at is not None:
+            record.time_to_first_token = ended.first_token_at - record.started
+        if ended.route is not None:
+            record.upstream = ended.route.host
+
+    def _observe(self, ended: _Ended) -> None:
+        """The call's metrics: duration, tokens, first token and speed, routing, upstream errors and health."""
+        telemetry, record, error = self._telemetry, self._request.record, ended.error
+        metrics, exemplar = telemetry.metrics, record.exemplar
+        operation, provider, model = self._operation.name, telemetry.provider, self._model
+        stream = "true" if self._stream else "false"
+        metrics.child(metrics.request_duration, operation, provider, model, stream, ended.outcome).observe(
+            ended.at - record.started, exemplar)
+        if ended.facts.input_tokens is not None:
+            metrics.child(metrics.tokens, operation, provider, model, "input").inc(ended.facts.input_tokens)
+        if ended.output_tokens is not None:
+            metrics.child(metrics.tokens, operation, provider, model, "output").inc(ended.output_tokens)
+        generated = ended.output_tokens or 0
+        if ended.first_token_at is not None:
             metrics.child(metrics.time_to_first_token, operation, provider, model).observe(
-                first_token_at - request.started, exemplar)
-            self._observe_speed(generated - 1, ended - first_token_at, exemplar)  # decoding after the first token
-        elif not self._stream and outcome == "success":
-            self._observe_speed(generated, ended - self.started, exemplar)
-
-        route = self.route if error is None else (error.route or self.route)
+                ended.first_token_at - record.started, exemplar)
+            self._observe_speed(generated - 1, ended.at - ended.first_token_at, exemplar)  # decoding after the 1st
+        elif not self._stream and ended.outcome == "success":
+            self._observe_speed(generated, ended.at - self.started, exemplar)
+        route = ended.route
         upstream = route.host if route is not None else telemetry.upstream
         if route is not None:
             metrics.child(metrics.routing_decisions, route.host, route.reason).inc()
-            request.upstream = route.host
             for failed, kind in route.failed:  # the hosts tried before, each its own failure
                 metrics.child(metrics.upstream_errors, provider, failed, kind).inc()
         if error is not None and error.kind is not None:
             metrics.child(metrics.upstream_errors, provider, upstream, error.kind).inc()
         if error is not None and error.kind == "unreachable":
             metrics.set_upstream_up(False)
-        elif outcome == "success" or (error is not None and error.kind in ("rejected", "server_error")):
+        elif ended.outcome == "success" or (error is not None and error.kind in ("rejected", "server_error")):
             metrics.set_upstream_up(True)
 
-        span = self.span
-        if span is None:
-            return
+    def _trace(self, span: Span, ended: _Ended) -> None:
+        """The CLIENT span's closing attributes, events and status."""
+        facts, route, error = ended.facts, ended.route, ended.error
         attributes: dict[str, Any] = dict(facts.attributes)
         if route is not None:
             attributes["inference.upstream.name"] = route.host
@@ -326,34 +318,37 @@ class UpstreamCall:
                 attributes["inference.routing.key_source"] = route.key_source
             for failed, kind in route.failed:
                 span.add_event("failover", {"inference.upstream.name": failed, "error.type": kind})
-        model_load = self.model_load if error is None else (error.model_load or self.model_load)
-        if model_load is not None:  # the call began with the host loading the model
-            span.add_event("model_load", {"inference.load_timeout_secs": model_load},
+        if ended.model_load is not None:  # the call began with the host loading the model
+            span.add_event("model_load", {"inference.load_timeout_secs": ended.model_load},
                            timestamp=getattr(span, "start_time", None))
-        if self._operation.translation is not None:
-            attributes["inference.api.translated"] = self.translated
-        if dropped:
-            attributes["inference.translation.dropped"] = dropped
+        translation = self._operation.translation
+        if translation is not None:
+            attributes["inference.api.translated"] = self.served.translated
+            dropped = translation.dropped(self._body) if self.served.translated else []
+            if dropped:
+                attributes["inference.translation.dropped"] = dropped
+                log.debug("{route} served through {via}, which has no words for {dropped}: left out",
+                          route=self._operation.path, via=CHAT.path, dropped=", ".join(dropped))
         if facts.response_id is not None:
             attributes["gen_ai.response.id"] = facts.response_id
         if facts.response_model is not None:
             attributes["gen_ai.response.model"] = facts.response_model
         if facts.finish_reasons:
             attributes["gen_ai.response.finish_reasons"] = list(facts.finish_reasons)
-        if input_tokens is not None:
-            attributes["gen_ai.usage.input_tokens"] = input_tokens
-        if output_tokens is not None:
-            attributes["gen_ai.usage.output_tokens"] = output_tokens
-            attributes["inference.usage.source"] = usage_source
-        if first_token_at is not None:
-            attributes["gen_ai.response.time_to_first_chunk"] = first_token_at - self.started
+        if facts.input_tokens is not None:
+            attributes["gen_ai.usage.input_tokens"] = facts.input_tokens
+        if ended.output_tokens is not None:
+            attributes["gen_ai.usage.output_tokens"] = ended.output_tokens
+            attributes["inference.usage.source"] = ended.usage_source
+        if ended.first_token_at is not None:
+            attributes["gen_ai.response.time_to_first_chunk"] = ended.first_token_at - self.started
             start_time = getattr(span, "start_time", None)
             if start_time is not None:
-                span.add_event("first_token", timestamp=start_time + int((first_token_at - self.started) * 1e9))
+                span.add_event("first_token", timestamp=start_time + int((ended.first_token_at - self.started) * 1e9))
         if facts.output is not None:
             attributes["gen_ai.output.messages"] = json.dumps(
                 [{"role": "assistant", "content": content} for content in facts.output], ensure_ascii=False)
-        if outcome == "disconnected":
+        if ended.outcome == "disconnected":
             attributes["error.type"] = "cancelled"
             span.set_status(Status(StatusCode.ERROR, "the client disconnected"))
         elif error is not None:
@@ -368,6 +363,21 @@ class UpstreamCall:
         metrics, labels = self._telemetry.metrics, (self._operation.name, self._telemetry.provider, self._model)
         metrics.child(metrics.time_per_output_token, *labels).observe(seconds / tokens, exemplar)
         metrics.child(metrics.tokens_per_second, *labels).observe(tokens / seconds, exemplar)
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """How an upstream call ended, worked out once for the record, the metrics and the span."""
+
+    outcome: str  # success, error or disconnected
+    facts: Facts
+    at: float  # perf_counter()
+    first_token_at: float | None
+    output_tokens: int | None  # the upstream's count, else the content deltas a stream relayed
+    usage_source: str | None  # upstream, counted
+    error: GatewayError | None
+    route: Route | None
+    model_load: float | None
 
 
 def _facts_of(stats: StreamStats) -> Facts:
