@@ -542,63 +542,87 @@ def _value(kind: Any, check: Check | None, raw: Any, keys: tuple[str, ...], sour
 
 
 def _coerce(kind: Any, raw: Any, fail: Callable[[str], ConfigError]) -> Any:
+    """``raw`` (from YAML, or a string from the environment) as a value of the schema's type ``kind``."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
         if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "null", "none")):
             return None
         (kind,) = [arg for arg in typing.get_args(kind) if arg is not type(None)]
-    if kind is bool:
+    coerce = _COERCIONS.get(typing.get_origin(kind) or kind)
+    if coerce is None:
+        raise AssertionError(f"unsupported config type {kind!r}")
+    value, allowed = coerce(raw)
+    if allowed is not None:
+        raise fail(allowed)
+    return value
+
+
+Coerced = tuple[Any, str | None]  # the value, or None and what is allowed
+
+
+def _to_bool(raw: Any) -> Coerced:
+    if isinstance(raw, bool):
+        return raw, None
+    word = raw.strip().lower() if isinstance(raw, str) else None
+    return (_BOOLS[word], None) if word in _BOOLS else (None, "true or false")
+
+
+def _to_number(kind: type) -> Callable[[Any], Coerced]:
+    allowed = "a whole number" if kind is int else "a number"
+
+    def coerce(raw: Any) -> Coerced:
         if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.strip().lower() in _BOOLS:
-            return _BOOLS[raw.strip().lower()]
-        raise fail("true or false")
-    if kind in (int, float):
-        if isinstance(raw, bool):
-            raise fail("a whole number" if kind is int else "a number")
+            return None, allowed
         try:
             number = float(raw) if isinstance(raw, str) else raw
-            if not isinstance(number, (int, float)) or number != number:
-                raise ValueError
-            if kind is int:
-                if float(number) != int(number):
-                    raise ValueError
-                return int(number)
-            return float(number)
-        except (TypeError, ValueError, OverflowError):
-            raise fail("a whole number" if kind is int else "a number") from None
-    if kind is str:
-        if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
-            return str(raw)
-        raise fail("a string")
-    if typing.get_origin(kind) is list:
-        if isinstance(raw, str):
-            raw = [item.strip() for item in raw.split(",") if item.strip()]
-        if raw is None:
-            return []
-        if isinstance(raw, list) and all(isinstance(item, str) and item for item in raw):
-            return list(raw)
-        raise fail("a list of strings (comma-separated in an environment variable)")
-    if typing.get_origin(kind) is dict:
-        return _names_by_key(raw, fail)
-    raise AssertionError(f"unsupported config type {kind!r}")
+        except ValueError:
+            return None, allowed
+        if not isinstance(number, (int, float)) or number != number or abs(number) == float("inf"):
+            return None, allowed
+        if kind is int:
+            return (int(number), None) if float(number) == int(number) else (None, allowed)
+        return float(number), None
+
+    return coerce
 
 
-def _names_by_key(raw: Any, fail: Callable[[str], ConfigError]) -> dict[str, list[str]]:
+def _to_str(raw: Any) -> Coerced:
+    if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
+        return str(raw), None
+    return None, "a string"
+
+
+def _to_strings(raw: Any) -> Coerced:
+    """A list of strings; in an environment variable, separated by commas."""
+    if isinstance(raw, str):
+        raw = [item.strip() for item in raw.split(",") if item.strip()]
+    if raw is None:
+        return [], None
+    if isinstance(raw, list) and all(isinstance(item, str) and item for item in raw):
+        return list(raw), None
+    return None, "a list of strings (comma-separated in an environment variable)"
+
+
+def _to_names_by_key(raw: Any) -> Coerced:
     """A mapping of names to lists of names (``model: [host, ...]``); in an environment variable
     ``model=host1|host2,other=host3``."""
     if isinstance(raw, str):
         pairs = [item.partition("=") for item in raw.split(",") if item.strip()]
         if not all(sep for _, sep, _ in pairs):
-            raise fail("model=host1|host2,other-model=host3")
+            return None, "model=host1|host2,other-model=host3"
         raw = {key.strip(): [name.strip() for name in names.split("|") if name.strip()] for key, _, names in pairs}
     if raw is None:
-        return {}
-    if isinstance(raw, dict):
-        mapping = {key: [value] if isinstance(value, str) else value for key, value in raw.items()}
-        if all(isinstance(key, str) and key and isinstance(names, list) and names and
-               all(isinstance(name, str) and name for name in names) for key, names in mapping.items()):
-            return mapping
-    raise fail("a mapping of model to a list of host names, e.g. {qwen3-8b: [mac-studio]}")
+        return {}, None
+    mapping = {key: [value] if isinstance(value, str) else value for key, value in raw.items()} \
+        if isinstance(raw, dict) else None
+    if mapping is not None and all(isinstance(key, str) and key and _to_strings(names)[1] is None and names
+                                   for key, names in mapping.items()):
+        return mapping, None
+    return None, "a mapping of model to a list of host names, e.g. {qwen3-8b: [mac-studio]}"
 
+
+_COERCIONS: dict[Any, Callable[[Any], Coerced]] = {
+    bool: _to_bool, int: _to_number(int), float: _to_number(float), str: _to_str, list: _to_strings,
+    dict: _to_names_by_key,
+}
 
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}

@@ -13,6 +13,7 @@ import itertools
 import json
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +155,7 @@ class FakeLMStudio(Resource):
         return answer
 
     def _render(self, request: http.Request) -> Any:
+        """Record the request, check the key, then answer it by its route (``_ROUTES``)."""
         raw = request.content.read()
         try:
             body = json.loads(raw) if raw else None
@@ -169,84 +171,124 @@ class FakeLMStudio(Resource):
             return self._json(request, 401, {"error": {"message": "Incorrect API key provided",
                                                        "type": "invalid_request_error",
                                                        "code": "invalid_api_key"}})
-        if got.path == "/v1/models" and got.method == "GET" and self.llama_cpp_python and (
-                self.pending or self.generating_elsewhere):
+        handler = self._ROUTES.get((got.method, got.path))
+        answer = handler(self, request, body) if handler is not None else None
+        if answer is None:
+            return self._json(request, 404, {"error": f"Unexpected endpoint or method. ({got.method} {got.path})"})
+        return answer
+
+    # -- routes (each answers, or None: not served by this fake as configured, a 404) ---------------------------
+
+    def _models(self, request: http.Request, body: Any) -> Any:
+        if self.llama_cpp_python and (self.pending or self.generating_elsewhere):
             self._held_listings.append(request)  # one slot: the list comes after the running generation
             request.notifyFinish().addBoth(lambda _: request in self._held_listings and
                                            self._held_listings.remove(request))
             return NOT_DONE_YET
-        if got.path == "/v1/models" and got.method == "GET":
-            listing = [{"id": m, "object": "model", "owned_by": "organization_owner"} for m in self.models]
-            return self._answer(request, self.listing, {"object": "list", "data": listing})
-        if got.path == "/api/v0/models" and got.method == "GET" and self.native_types is not None and \
-                "v0" in self.native_versions:
-            native = [{"id": m, "object": "model", "type": self.native_types.get(m, "llm"),
-                       "state": "loaded" if self._loaded_instances(m) else "not-loaded",
-                       "max_context_length": 4096, "publisher": "fake",
-                       **({"loaded_context_length": self.loaded_context} if self.loaded_context else {})}
-                      for m in self.models]
-            return self._json(request, 200, {"object": "list", "data": native})
-        if got.path == "/api/v1/models" and got.method == "GET" and self.native_types is not None and \
-                "v1" in self.native_versions:
-            return self._json(request, 200, {"models": [self._v1_model(m) for m in self.models]})
-        if got.path == "/api/v1/models/load" and got.method == "POST" and "v1" in self.native_versions:
-            return self._load(request, body)
-        if got.path == "/api/v1/models/unload" and got.method == "POST" and "v1" in self.native_versions:
-            return self._unload(request, body)
+        listing = [{"id": m, "object": "model", "owned_by": "organization_owner"} for m in self.models]
+        return self._answer(request, self.listing, {"object": "list", "data": listing})
+
+    def _v0_models(self, request: http.Request, body: Any) -> Any:
+        if self.native_types is None or "v0" not in self.native_versions:
+            return None
+        native = [{"id": m, "object": "model", "type": self.native_types.get(m, "llm"),
+                   "state": "loaded" if self._loaded_instances(m) else "not-loaded",
+                   "max_context_length": 4096, "publisher": "fake",
+                   **({"loaded_context_length": self.loaded_context} if self.loaded_context else {})}
+                  for m in self.models]
+        return self._json(request, 200, {"object": "list", "data": native})
+
+    def _v1_models(self, request: http.Request, body: Any) -> Any:
+        if self.native_types is None or "v1" not in self.native_versions:
+            return None
+        return self._json(request, 200, {"models": [self._v1_model(m) for m in self.models]})
+
+    def _jit_load(self, body: Any) -> None:
+        """LM Studio loads a model a call asks for before answering (when the test tracks instances)."""
         if isinstance(body, dict) and isinstance(body.get("model"), str) and self.instances is not None and \
                 body["model"] in self.models and not self.instances.get(body["model"]):
-            self.jit_loads.append(body["model"])  # LM Studio loads a model a call asks for before answering
+            self.jit_loads.append(body["model"])
             self._add_instance(body["model"])
-        if got.path == "/v1/messages" and got.method == "POST" and not self.chat_only:
-            words = f"echo: {self._said(body)}".split(" ")
-            if isinstance(body, dict) and body.get("stream") and self.chat.mode == "normal":
-                request.setHeader(b"content-type", b"text/event-stream")
-                events = message_events("msg_fake123", body["model"], words, "stop", 5)
-                if self.chat.stream == "error_event":  # a few events, then Anthropic's error event
-                    events = events[:4] + [(b'{"type": "error", "error": {"type": "overloaded_error", '
-                                            b'"message": "model crashed"}}', b"error")]
-                return b"".join(encode(data, name) for data, name in events)
-            return self._answer(request, self.chat, message_object("msg_fake123", body["model"], words, "stop", 5))
-        if got.path == "/v1/responses" and got.method == "POST" and not self.chat_only:
-            words = f"echo: {self._said(body)}".split(" ")
-            previous = body.get("previous_response_id") if isinstance(body, dict) else None
-            if previous is not None and previous not in self.responses:  # as LM Studio and OpenAI answer it
-                return self._json(request, 400, {"error": {
-                    "message": f"Previous response with id '{previous}' not found.", "type": "invalid_request_error",
-                    "param": "previous_response_id", "code": "previous_response_not_found"}})
-            response_id = f"resp_{id(self):x}_{len(self.responses)}"  # each fake host its own
-            self.responses.append(response_id)
-            if isinstance(body, dict) and body.get("stream") and self.chat.mode == "normal":
-                request.setHeader(b"content-type", b"text/event-stream")
-                events = response_events(response_id, body, 1700000000, words, "stop", 5)
-                if self.chat.stream == "error_event":  # a few events, then the Responses API's error event
-                    events = events[:5] + [(b'{"type": "error", "code": "server_error", "message": "model crashed"}',
-                                            b"error")]
-                return b"".join(encode(data, name) for data, name in events)
-            return self._answer(request, self.chat, response_object(response_id, body, 1700000000, words, "stop", 5))
-        if got.path == "/v1/embeddings" and got.method == "POST":
-            return self._answer(request, self.chat, self._embeddings(body))
-        if got.path in ("/v1/chat/completions", "/v1/completions") and got.method == "POST":
-            refused = self._llama_cpp_python_refuses(body) if self.llama_cpp_python else None
-            if refused is not None:
-                return self._json(request, refused[0], {"error": {"message": refused[1], "type": "server_error"}})
-            if self.llama_cpp_python and isinstance(body, dict) and body.get("stream") and \
-                    self._tool_call(body) is not None and \
-                    body.get("tool_choice", "auto") == "auto":
-                # "Automatic streaming tool choice is not supported": the server raises inside its stream, which
-                # ends empty, and closes the connection (a pooled client finds it closed on its next request).
-                request.setHeader(b"content-type", b"text/event-stream")
-                transport = request.channel.transport
-                request.write(b"")
-                request.finish()
-                transport.loseConnection()
-                return NOT_DONE_YET
-            if self.chat.mode == "normal" and isinstance(body, dict) and body.get("stream"):
-                return self._stream(request, body)
-            if self.chat.mode == "normal" and self.chat.stream == "empty":  # as LM Studio answers a prompt too long
-                return self._json(request, 400, {"error": CONTEXT_OVERFLOW})
-            return self._answer(request, self.chat, self._completion(body))
-        return self._json(request, 404, {"error": f"Unexpected endpoint or method. ({got.method} {got.path})"})
+
+    def _messages(self, request: http.Request, body: Any) -> Any:
+        if self.chat_only:
+            return None
+        self._jit_load(body)
+        words = f"echo: {self._said(body)}".split(" ")
+        if isinstance(body, dict) and body.get("stream") and self.chat.mode == "normal":
+            request.setHeader(b"content-type", b"text/event-stream")
+            events = message_events("msg_fake123", body["model"], words, "stop", 5)
+            if self.chat.stream == "error_event":  # a few events, then Anthropic's error event
+                events = events[:4] + [(b'{"type": "error", "error": {"type": "overloaded_error", '
+                                        b'"message": "model crashed"}}', b"error")]
+            return b"".join(encode(data, name) for data, name in events)
+        return self._answer(request, self.chat, message_object("msg_fake123", body["model"], words, "stop", 5))
+
+    def _responses(self, request: http.Request, body: Any) -> Any:
+        if self.chat_only:
+            return None
+        self._jit_load(body)
+        words = f"echo: {self._said(body)}".split(" ")
+        previous = body.get("previous_response_id") if isinstance(body, dict) else None
+        if previous is not None and previous not in self.responses:  # as LM Studio and OpenAI answer it
+            return self._json(request, 400, {"error": {
+                "message": f"Previous response with id '{previous}' not found.", "type": "invalid_request_error",
+                "param": "previous_response_id", "code": "previous_response_not_found"}})
+        response_id = f"resp_{id(self):x}_{len(self.responses)}"  # each fake host its own
+        self.responses.append(response_id)
+        if isinstance(body, dict) and body.get("stream") and self.chat.mode == "normal":
+            request.setHeader(b"content-type", b"text/event-stream")
+            events = response_events(response_id, body, 1700000000, words, "stop", 5)
+            if self.chat.stream == "error_event":  # a few events, then the Responses API's error event
+                events = events[:5] + [(b'{"type": "error", "code": "server_error", "message": "model crashed"}',
+                                        b"error")]
+            return b"".join(encode(data, name) for data, name in events)
+        return self._answer(request, self.chat, response_object(response_id, body, 1700000000, words, "stop", 5))
+
+    def _embeddings_route(self, request: http.Request, body: Any) -> Any:
+        self._jit_load(body)
+        return self._answer(request, self.chat, self._embeddings(body))
+
+    def _completions(self, request: http.Request, body: Any) -> Any:
+        """``/v1/chat/completions`` and ``/v1/completions``."""
+        self._jit_load(body)
+        refused = self._llama_cpp_python_refuses(body) if self.llama_cpp_python else None
+        if refused is not None:
+            return self._json(request, refused[0], {"error": {"message": refused[1], "type": "server_error"}})
+        if self.llama_cpp_python and isinstance(body, dict) and body.get("stream") and \
+                self._tool_call(body) is not None and body.get("tool_choice", "auto") == "auto":
+            # "Automatic streaming tool choice is not supported": the server raises inside its stream, which
+            # ends empty, and closes the connection (a pooled client finds it closed on its next request).
+            request.setHeader(b"content-type", b"text/event-stream")
+            transport = request.channel.transport
+            request.write(b"")
+            request.finish()
+            transport.loseConnection()
+            return NOT_DONE_YET
+        if self.chat.mode == "normal" and isinstance(body, dict) and body.get("stream"):
+            return self._stream(request, body)
+        if self.chat.mode == "normal" and self.chat.stream == "empty":  # as LM Studio answers a prompt too long
+            return self._json(request, 400, {"error": CONTEXT_OVERFLOW})
+        return self._answer(request, self.chat, self._completion(body))
+
+    def _load_route(self, request: http.Request, body: Any) -> Any:
+        return self._load(request, body) if "v1" in self.native_versions else None
+
+    def _unload_route(self, request: http.Request, body: Any) -> Any:
+        return self._unload(request, body) if "v1" in self.native_versions else None
+
+    _ROUTES: dict[tuple[str, str], Callable[[FakeLMStudio, http.Request, Any], Any]] = {
+        ("GET", "/v1/models"): _models,
+        ("GET", "/api/v0/models"): _v0_models,
+        ("GET", "/api/v1/models"): _v1_models,
+        ("POST", "/api/v1/models/load"): _load_route,
+        ("POST", "/api/v1/models/unload"): _unload_route,
+        ("POST", "/v1/messages"): _messages,
+        ("POST", "/v1/responses"): _responses,
+        ("POST", "/v1/embeddings"): _embeddings_route,
+        ("POST", "/v1/chat/completions"): _completions,
+        ("POST", "/v1/completions"): _completions,
+    }
 
     def _v1_model(self, model: str) -> dict[str, Any]:
         """One model as LM Studio 0.4's ``GET /api/v1/models`` lists it (its documented fields)."""
