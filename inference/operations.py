@@ -15,6 +15,7 @@ from typing import Any
 
 from .config import Config
 from .errors import GatewayError, UpstreamError, from_upstream
+from .routing.conversation import Prefix
 from .schema import (
     ParsedRequest,
     parse_chat_request,
@@ -106,6 +107,8 @@ class Operation:
     translation: Translation | None = None  # how it is served through chat completions by upstreams that lack it
     output_limits: tuple[str, ...] = ()  # the fields that ask for at most so many output tokens
     fills_output_limit: bool = False  # a call that asks no limit gets the cap (agents write long answers)
+    prefix: Prefix | None = None  # where its conversation begins (prefix-cache routing); None: no conversation
+    continues_responses: bool = False  # answers carry an id a later call continues (``previous_response_id``)
 
     def limit_output(self, body: dict[str, Any], cap: int) -> None:
         """Lower every output limit ``body`` asks above ``cap`` to it, and fill the cap in where this API does."""
@@ -189,7 +192,8 @@ CHAT = Operation(
     name="chat", path="/v1/chat/completions", gen_ai_name="chat", model_kind="llm",
     parse=lambda raw, config: parse_chat_request(raw, config.inference.defaults, config.server.max_messages),
     answer_list="choices", input_field="messages", read_answer=_chat_answer,
-    read_event=_choice_events(_chat_delta), output_limits=("max_tokens", "max_completion_tokens"))
+    read_event=_choice_events(_chat_delta), output_limits=("max_tokens", "max_completion_tokens"),
+    prefix=Prefix(system="system", turns="messages", cache_key=True))
 
 
 # -- text completions ----------------------------------------------------------------------------------------------
@@ -209,7 +213,7 @@ COMPLETIONS = Operation(
     name="text_completion", path="/v1/completions", gen_ai_name="text_completion", model_kind="llm",
     parse=lambda raw, config: parse_completion_request(raw, config.inference.defaults),
     answer_list="choices", input_field="prompt", read_answer=_completion_answer,
-    read_event=_choice_events(_completion_text), output_limits=("max_tokens",))
+    read_event=_choice_events(_completion_text), output_limits=("max_tokens",), prefix=Prefix(prompt="prompt"))
 
 
 # -- embeddings ----------------------------------------------------------------------------------------------------
@@ -319,7 +323,8 @@ RESPONSES = Operation(
     answer_list="output", input_field="input", read_answer=_responses_answer, read_event=_responses_event,
     stream_format=StreamFormat(failure=_responses_failure, error_event=_responses_error_event, closing=b""),
     asks_usage=False, span_attributes=(("inference.api", "responses"),), translation=RESPONSES_VIA_CHAT,
-    output_limits=("max_output_tokens",), fills_output_limit=True)
+    output_limits=("max_output_tokens",), fills_output_limit=True,
+    prefix=Prefix(system="instructions", turns="input", cache_key=True), continues_responses=True)
 
 
 # -- Anthropic's Messages API --------------------------------------------------------------------------------------
@@ -393,4 +398,4 @@ MESSAGES = Operation(
     stream_format=StreamFormat(failure=_messages_failure, error_event=_messages_error_event, closing=b""),
     asks_usage=False, span_attributes=(("inference.api", "messages"),), error_style="anthropic",
     forward_headers=(b"anthropic-version", b"anthropic-beta"), translation=MESSAGES_VIA_CHAT,
-    output_limits=("max_tokens",))
+    output_limits=("max_tokens",), prefix=Prefix(system="system", turns="messages", metadata_session=True))

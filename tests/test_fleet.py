@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
+from inference.operations import CHAT
 from inference.routing.conversation import conversation_key
 from inference.routing.rendezvous import rank
 
@@ -153,7 +154,7 @@ async def test_metrics_spans_and_access_lines_name_the_host(hosts, start_gateway
                                       INFERENCE_OBSERVABILITY_TRACING_ENDPOINT=collector.grpc_endpoint))
     await call("GET", gateway.url + "/v1/models")
     by_name = {f"127.0.0.1:{fake.port.getHost().port}": fake for fake in hosts}
-    key = conversation_key("chat", QWEN, turn("hi"))
+    key = conversation_key(CHAT.prefix, QWEN, turn("hi"))
     first_choice, second_choice, _ = [view.name for view in rank(key, [h.view for h in
                                                                           gateway.site.gateway.provider.hosts])]
     by_name[first_choice].chat.mode, by_name[first_choice].chat.status = "error_object", 500
@@ -173,6 +174,8 @@ async def test_metrics_spans_and_access_lines_name_the_host(hosts, start_gateway
         second_choice
     assert (first.attributes["inference.routing.reason"], second.attributes["inference.routing.reason"]) == (
         "failover", "affinity")
+    assert (first.attributes["inference.routing.step"], second.attributes["inference.routing.step"]) == (
+        "failover", "affinity")  # the step that decided: no filter left one host; the conversation's did
     assert [dict(e.attributes) for e in first.events if e.name == "failover"] == [
         {"inference.upstream.name": first_choice, "error.type": "server_error"}]
 
@@ -194,7 +197,7 @@ async def test_health_reports_each_host_and_is_ready_while_one_serves(hosts, sta
 
 def ranked_first(provider, body: dict) -> str:
     """The host a conversation's rendezvous ranking puts first."""
-    return rank(conversation_key("chat", body["model"], body), [host.view for host in provider.hosts])[0].name
+    return rank(conversation_key(CHAT.prefix, body["model"], body), [host.view for host in provider.hosts])[0].name
 
 
 def ejected(health) -> dict[str, bool]:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from inference.operations import CHAT, MESSAGES
+from inference.operations import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES
 from inference.routing.conversation import conversation_key
 from inference.routing.demand import Demand
 from inference.routing.memory import PrefixMemory
@@ -51,18 +51,18 @@ def test_every_turn_of_a_conversation_has_the_same_key_and_other_conversations_a
     first = [system, {"role": "user", "content": "Plan a trip to Rome"}]
     later = [*first, {"role": "assistant", "content": "Sure."}, {"role": "user", "content": "And Naples?"}]
     other = [system, {"role": "user", "content": "Plan a trip to Oslo"}]
-    key = conversation_key("chat", "qwen", {"messages": first})
-    assert key == conversation_key("chat", "qwen", {"messages": later})
-    assert key != conversation_key("chat", "qwen", {"messages": other})  # the same system prompt is not enough
-    assert key != conversation_key("chat", "llama", {"messages": first})  # another model has another cache
-    assert conversation_key("messages", "qwen", {"system": "x", "messages": later[1:]}) == conversation_key(
-        "messages", "qwen", {"system": "x", "messages": later[1:2]})
-    assert conversation_key("responses", "qwen", {"instructions": "x", "input": later}) == conversation_key(
-        "responses", "qwen", {"instructions": "x", "input": first})
+    key = conversation_key(CHAT.prefix, "qwen", {"messages": first})
+    assert key == conversation_key(CHAT.prefix, "qwen", {"messages": later})
+    assert key != conversation_key(CHAT.prefix, "qwen", {"messages": other})  # the same system prompt is not enough
+    assert key != conversation_key(CHAT.prefix, "llama", {"messages": first})  # another model has another cache
+    assert conversation_key(MESSAGES.prefix, "qwen", {"system": "x", "messages": later[1:]}) == conversation_key(
+        MESSAGES.prefix, "qwen", {"system": "x", "messages": later[1:2]})
+    assert conversation_key(RESPONSES.prefix, "qwen", {"instructions": "x", "input": later}) == conversation_key(
+        RESPONSES.prefix, "qwen", {"instructions": "x", "input": first})
     head = "x" * 5000
-    assert conversation_key("text_completion", "qwen", {"prompt": head + "a"}) == conversation_key(
-        "text_completion", "qwen", {"prompt": head + "b"})
-    assert conversation_key("embeddings", "qwen", {"input": "x"}) is None
+    assert conversation_key(COMPLETIONS.prefix, "qwen", {"prompt": head + "a"}) == conversation_key(
+        COMPLETIONS.prefix, "qwen", {"prompt": head + "b"})
+    assert conversation_key(EMBEDDINGS.prefix, "qwen", {"input": "x"}) is None
 
 
 # -- the prefix-cache estimate -------------------------------------------------------------------------------------
@@ -98,6 +98,28 @@ def test_a_call_waits_when_every_host_is_at_max_concurrent():
     for view in views:
         view.outstanding = 1
     assert pick(views, "qwen", b"k", memory_of(views), 2, random.Random(1)) is None
+
+
+def test_the_pick_names_the_step_that_decided():
+    def step(views: list[HostView], key: bytes | None = None, demand: Callable[[], Demand] | None = None) -> str:
+        chosen = pick(views, "qwen", key, memory_of(views), 2, random.Random(1), demand)
+        assert chosen is not None
+        return chosen.step
+
+    assert step(hosts("a")) == "serving"
+    assert step(hosts("a", "b", b="not-loaded")) == "loaded"
+    busy = hosts("a", "b")
+    busy[0].started("qwen")
+    busy[0].max_concurrent = 1
+    assert step(busy) == "free_slot"
+    far = hosts("a", "b")
+    far[0].outstanding = 3
+    assert step(far) == "load_bound"
+    small, large = (HostView(n, 4, models={"qwen": ModelOnHost("loaded", context=c)}) for n, c in (("s", 4096),
+                                                                                                   ("l", 32768)))
+    assert step([small, large], demand=demand_of("x" * 30_000)) == "fits"
+    assert step(hosts("a", "b"), key=b"conversation") == "affinity"
+    assert step(hosts("a", "b")) == "least_loaded"
 
 
 def test_a_models_own_slots_bound_its_calls_on_a_host_with_slots_to_spare():

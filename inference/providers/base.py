@@ -23,6 +23,7 @@ class Route:
     reason: str  # affinity, least_loaded, failover or only_choice
     failed: tuple[tuple[str, str], ...] = ()
     key_source: str | None = None  # what the conversation's key was made from: prompt_cache_key, session, first_turn
+    step: str = ""  # the picker's step that decided (routing.picker.STEPS)
 
 
 @dataclass(frozen=True)

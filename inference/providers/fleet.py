@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from .. import jsonio
 from ..config import DEFAULT_HOST_SLOTS, PlacementConfig, RoutingConfig, UpstreamConfig
 from ..errors import GatewayError, Overloaded, UpstreamClientError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
-from ..operations import RESPONSES, Operation
+from ..operations import Operation
 from ..routing.conversation import conversation
 from ..routing.demand import Demand
 from ..routing.health import CHECKING, DOWN, EJECTED, PROBING, SERVING, HealthRules, HostHealth
@@ -188,7 +188,7 @@ class FleetProvider(Provider):
         host, answer, route = await self._first_answer(operation, body,
                                                        lambda host: host.provider.call(operation, body, headers))
         self._release(host, body["model"])
-        if operation is RESPONSES and isinstance(answer.data.get("id"), str):
+        if operation.continues_responses and isinstance(answer.data.get("id"), str):
             self.responses.remember(answer.data["id"], host.view.name)
         return dataclasses.replace(answer, served=dataclasses.replace(answer.served, route=route))
 
@@ -197,7 +197,7 @@ class FleetProvider(Provider):
         host, stream, route = await self._first_answer(
             operation, body, lambda host: host.provider.open_stream(operation, body, headers))
         # The slot is the stream's until it ends; a Responses stream names its response in its first event.
-        created = partial(self.responses.remember, host=host.view.name) if operation is RESPONSES else None
+        created = partial(self.responses.remember, host=host.view.name) if operation.continues_responses else None
         return HostStream(stream, partial(self._stream_ended, host, body["model"]), route, created)
 
     async def _first_answer(self, operation: Operation, body: dict[str, Any],
@@ -242,8 +242,8 @@ class FleetProvider(Provider):
         model = body["model"]
         if self.placement.on:
             await self.placement.ready(model)
-        key, source = conversation(operation.name, model, body)
-        previous = body.get("previous_response_id") if operation is RESPONSES else None
+        key, source = conversation(operation.prefix, model, body)
+        previous = body.get("previous_response_id") if operation.continues_responses else None
         home = self._by_name.get(self.responses.home(previous) or "") if isinstance(previous, str) else None
         views = [home.view] if home is not None and home.view in serving(self._views, model) else self._views
         demand = cache(partial(Demand.of, body, operation.output_limits))  # estimated once, and only where hosts differ
@@ -256,8 +256,9 @@ class FleetProvider(Provider):
             if chosen is not None:
                 hosts = [self._by_name[view.name] for view in chosen.hosts]
                 reason = "affinity" if len(views) == 1 and len(self._views) > 1 else chosen.reason
+                step = "previous_response" if len(views) == 1 and len(self._views) > 1 else chosen.step
                 return key, Ranking(hosts, reason, elsewhere=isinstance(previous, str) and len(views) > 1,
-                                    key_source=source)
+                                    key_source=source, step=step)
             if len(self._waiting) >= self._max_waiting:
                 raise Overloaded(f"{len(self._waiting)} calls already wait for a host of the fleet to free a slot "
                                  "(inference.routing.max_waiting); retry shortly",
@@ -400,7 +401,8 @@ def _merge_native(entry: dict[str, Any], model: dict[str, Any]) -> None:
 
 
 def _route(host: Host, ranking: Ranking, failed: list[tuple[str, str]]) -> Route:
-    return Route(host.view.name, "failover" if failed else ranking.reason, tuple(failed), ranking.key_source)
+    return Route(host.view.name, "failover" if failed else ranking.reason, tuple(failed), ranking.key_source,
+                 "failover" if failed else ranking.step)
 
 
 @dataclass(frozen=True)
@@ -409,6 +411,7 @@ class Ranking:
     reason: str
     elsewhere: bool = False  # a previous_response_id no host is known to hold: ask the next when one lacks it
     key_source: str | None = None  # what the conversation's key was made from
+    step: str = ""  # the picker's step that decided
 
 
 class HostStream(WrappedStream):

@@ -38,7 +38,7 @@ def words_of(content: Any) -> list[str]:
 
 def prompt_words(operation: Operation, body: dict[str, Any]) -> list[str]:
     """What the mock answers to: the last user message of a chat, the (first) prompt of a text completion."""
-    if operation.name == "text_completion":
+    if operation.input_field == "prompt":  # a text completion
         prompt = body["prompt"]
         first = prompt if isinstance(prompt, str) else prompt[0]
         return first.split() if isinstance(first, str) else [f"<{len(prompt)} tokens>"]
@@ -54,7 +54,7 @@ def _last_turn(body: dict[str, Any]) -> dict[str, Any]:
 def reply_words(operation: Operation, body: dict[str, Any]) -> tuple[list[str], str]:
     """The mock's answer: it echoes what it was given (a tool's result, after a tool call), cut to ``max_tokens``
     words (one word, one token)."""
-    last = _last_turn(body) if operation.name == "chat" else {}
+    last = _last_turn(body) if operation.input_field == "messages" else {}
     if last.get("role") == "tool":
         words = ["The", "tool", "said:", *words_of(last.get("content"))]
     else:
@@ -126,13 +126,13 @@ class MockProvider(Provider):
 
     async def call(self, operation: Operation, body: dict[str, Any],
                    headers: dict[str, str] | None = None) -> Completion:
-        if operation.name == "embeddings":
+        if operation.model_kind == "embeddings":
             return _embeddings(body)
         if operation.translation is not None:  # the mock serves the Responses and Messages APIs as chat
             return await call_translated(self, operation, body, headers)
         shape = _SHAPES[operation.name]
         words, finish_reason = reply_words(operation, body)
-        call = tool_call(body) if operation is CHAT else None
+        call = tool_call(body) if operation.input_field == "messages" else None
         delay = self._config.latency_secs + self._config.token_delay_secs * len(words)
         if delay:
             await deferLater(self._reactor, delay, lambda: None)
@@ -165,7 +165,7 @@ class MockProvider(Provider):
         def chunk(choice: dict[str, Any], finish: str | None = None) -> bytes:
             return jsonio.dumps({**head, "choices": [{"index": 0, **choice, "finish_reason": finish}]})
 
-        call = tool_call(body) if operation is CHAT else None
+        call = tool_call(body) if operation.input_field == "messages" else None
         if call is None:
             deltas = [shape.delta(word if i == 0 else " " + word) for i, word in enumerate(words)]
         else:  # a tool call streams as OpenAI's do: its id and name first, then its arguments in pieces
@@ -187,7 +187,7 @@ def _argument_pieces(arguments: str) -> list[str]:
 
 
 def _usage(operation: Operation, body: dict[str, Any], words: list[str]) -> dict[str, int]:
-    if operation.name == "text_completion":
+    if operation.input_field == "prompt":
         prompt_tokens = len(prompt_words(operation, body))
     else:
         prompt_tokens = sum(len(words_of(m.get("content"))) for m in body["messages"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -29,26 +30,33 @@ def _leading_turns(turns: list[Any]) -> list[Any]:
     return turns
 
 
-def _leading(operation: str, body: dict[str, Any]) -> Any:
-    if operation in ("chat", "messages"):
-        messages = body.get("messages")
-        return [body.get("system"), _leading_turns(messages) if isinstance(messages, list) else None]
-    if operation == "responses":
-        given = body.get("input")
-        return [body.get("instructions"), _leading_turns(given) if isinstance(given, list) else given]
-    if operation == "text_completion":
-        prompt = body.get("prompt")
+@dataclass(frozen=True)
+class Prefix:
+    """Where an API's requests hold the beginning of their conversation (each ``Operation`` declares its own)."""
+
+    system: str | None = None  # the field of its system prompt or instructions
+    turns: str | None = None  # the field of its list of turns (or its input, a string or a list)
+    prompt: str | None = None  # a text completion's prompt: its head names it
+    cache_key: bool = False  # ``prompt_cache_key`` names the session (Codex)
+    metadata_session: bool = False  # ``metadata.user_id`` is a JSON string with the ``session_id`` (Claude Code)
+
+
+def _leading(prefix: Prefix, body: dict[str, Any]) -> Any:
+    if prefix.prompt is not None:
+        prompt = body.get(prefix.prompt)
         return prompt[:_PROMPT_HEAD] if isinstance(prompt, (str, list)) else prompt
-    return None
+    given = body.get(prefix.turns) if prefix.turns is not None else None
+    return [body.get(prefix.system) if prefix.system is not None else None,
+            _leading_turns(given) if isinstance(given, list) else given]
 
 
-def _session(operation: str, body: dict[str, Any]) -> tuple[str, str] | None:
+def _session(prefix: Prefix, body: dict[str, Any]) -> tuple[str, str] | None:
     """The session an agent named (where the name came from, the name), if it named one."""
     cache_key = body.get("prompt_cache_key")
-    if operation in ("responses", "chat") and isinstance(cache_key, str) and cache_key:
+    if prefix.cache_key and isinstance(cache_key, str) and cache_key:
         return "prompt_cache_key", cache_key
     user = (body.get("metadata") or {}).get("user_id") if isinstance(body.get("metadata"), dict) else None
-    if operation == "messages" and isinstance(user, str) and user.startswith("{"):
+    if prefix.metadata_session and isinstance(user, str) and user.startswith("{"):
         try:
             session = json.loads(user).get("session_id")
         except (ValueError, AttributeError):
@@ -58,14 +66,16 @@ def _session(operation: str, body: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def conversation(operation: str, model: str, body: dict[str, Any]) -> tuple[bytes | None, str | None]:
+def conversation(prefix: Prefix | None, model: str, body: dict[str, Any]) -> tuple[bytes | None, str | None]:
     """The key of the conversation ``body`` continues and what it was made from (``prompt_cache_key``, ``session``
-    or ``first_turn``); (None, None) for calls no prompt cache helps (embeddings)."""
-    session = _session(operation, body)
+    or ``first_turn``); (None, None) for calls no prompt cache helps (``prefix`` None: embeddings)."""
+    if prefix is None:
+        return None, None
+    session = _session(prefix, body)
     if session is not None:
         source, name = session
         return hashlib.blake2b(f"{model}\0{source}\0{name}".encode(), digest_size=16).digest(), source
-    leading = _leading(operation, body)
+    leading = _leading(prefix, body)
     if leading is None:
         return None, None
     try:
@@ -75,6 +85,6 @@ def conversation(operation: str, model: str, body: dict[str, Any]) -> tuple[byte
     return hashlib.blake2b(model.encode() + b"\0" + text, digest_size=16).digest(), "first_turn"
 
 
-def conversation_key(operation: str, model: str, body: dict[str, Any]) -> bytes | None:
+def conversation_key(prefix: Prefix | None, model: str, body: dict[str, Any]) -> bytes | None:
     """The key of the conversation ``body`` continues (None for calls no prompt cache helps: embeddings)."""
-    return conversation(operation, model, body)[0]
+    return conversation(prefix, model, body)[0]

@@ -83,6 +83,11 @@ class HostView:
 class Pick:
     hosts: list[HostView]  # the chosen host first, then the rest for failover
     reason: str  # "affinity", "least_loaded" or "only_choice"
+    step: str = ""  # the step that decided: the first filter that left one host, else the scorer (``STEPS``)
+
+
+STEPS = ("serving", "fits", "free_slot", "loaded", "load_bound", "affinity", "least_loaded")
+"""The picker's steps in the order they run: filters, then a scorer (``inference.routing.step`` names one)."""
 
 
 def serving(hosts: Sequence[HostView], model: str) -> list[HostView]:
@@ -150,16 +155,23 @@ def pick(hosts: Sequence[HostView], model: str, key: bytes | None, memory: Prefi
          rng: random.Random, demand: Callable[[], Demand] | None = None) -> Pick | None:
     """The hosts to try, best first; None when every host that serves ``model`` is busy (the call waits).
     Raises ``LookupError`` when no host that is up serves it. ``demand`` is asked only when the hosts differ."""
-    candidates = serving(hosts, model)
+    decided: list[str] = []  # the first filter that left one host
+
+    def narrowed(step: str, left: list[HostView]) -> list[HostView]:
+        if len(left) == 1 and not decided:
+            decided.append(step)
+        return left
+
+    candidates = narrowed("serving", serving(hosts, model))
     if not candidates:
         raise LookupError(model)
     only_choice = len(candidates) == 1
     if demand is not None and not only_choice and not alike(candidates, model):
-        candidates = fitting(candidates, model, demand())
-    free = with_free_slot(candidates, model)
+        candidates = narrowed("fits", fitting(candidates, model, demand()))
+    free = narrowed("free_slot", with_free_slot(candidates, model))
     if not free:
         return None
-    preferred = within_load_bound(loaded_first(free, model), load_bound)
+    preferred = narrowed("load_bound", within_load_bound(narrowed("loaded", loaded_first(free, model)), load_bound))
     if key is not None:
         ranked, reason = affine(preferred, key, memory), "affinity"
         if memory.holder(key) not in (None, ranked[0].name):  # its host is too busy or gone: moved by load
@@ -167,4 +179,4 @@ def pick(hosts: Sequence[HostView], model: str, key: bytes | None, memory: Prefi
     else:
         ranked, reason = least_outstanding(preferred, rng), "least_loaded"
     rest = [host for host in least_outstanding(free, rng) if host not in ranked]
-    return Pick([*ranked, *rest], "only_choice" if only_choice else reason)
+    return Pick([*ranked, *rest], "only_choice" if only_choice else reason, decided[0] if decided else reason)

@@ -314,6 +314,8 @@ class UpstreamCall:
         if route is not None:
             attributes["inference.upstream.name"] = route.host
             attributes["inference.routing.reason"] = route.reason
+            if route.step:
+                attributes["inference.routing.step"] = route.step
             if route.key_source is not None:
                 attributes["inference.routing.key_source"] = route.key_source
             for failed, kind in route.failed:
