@@ -8,7 +8,7 @@ handler (Klein), which stops the stream and so aborts the upstream request.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 from twisted.internet.defer import CancelledError
 from twisted.web.http import HTTPChannel
@@ -79,15 +79,16 @@ class StreamRelay:
             request.write(self._format.closing)
         return self.stats
 
-    def event(self, payload: bytes, name: bytes | None = None) -> None:
-        """One upstream event: looked at for what metrics need, then relayed as the very same bytes."""
+    def event(self, payload: bytes, name: bytes | None = None, parsed: dict[str, Any] | None = None) -> None:
+        """One upstream event: looked at for what metrics need (``parsed``, when the stream has it already), then
+        relayed as the very same bytes."""
         if self._upstream_done or self.stats.error is not None:
             return
         if payload == DONE:
             self._upstream_done = True
             return
         try:
-            chunk = jsonio.loads(payload)
+            chunk = parsed if parsed is not None else jsonio.loads(payload)
         except ValueError:
             return self._fail(UpstreamError("upstream sent an event that is not JSON"))
         if not isinstance(chunk, dict):

@@ -53,8 +53,10 @@ class Completion:
 
 
 class EventConsumer(Protocol):
-    def event(self, payload: bytes, name: bytes | None = None) -> None:
-        """One SSE event: its ``data`` payload (an OpenAI chunk's JSON bytes, or ``[DONE]``) and ``event:`` name."""
+    def event(self, payload: bytes, name: bytes | None = None, parsed: dict[str, Any] | None = None) -> None:
+        """One SSE event: its ``data`` payload (an OpenAI chunk's JSON bytes, or ``[DONE]``) and ``event:`` name;
+        ``parsed``, the payload as an object, when whoever made the event has it (a translator), so that it is
+        not parsed again."""
 
 
 @implementer(IPushProducer)
@@ -105,9 +107,9 @@ class WrappedStream(ChatStream):
         self._consumer = consumer
         return self._inner.begin(self)
 
-    def event(self, payload: bytes, name: bytes | None = None) -> None:
+    def event(self, payload: bytes, name: bytes | None = None, parsed: dict[str, Any] | None = None) -> None:
         assert self._consumer is not None  # begin() set it
-        self._consumer.event(payload, name)
+        self._consumer.event(payload, name, parsed)
 
     def fail(self, error: Exception) -> None:
         self._inner.fail(error)

@@ -425,16 +425,17 @@ class HostStream(WrappedStream):
         self._released = False
         self._created = created  # told the response's id, from its response.created event
 
-    def event(self, payload: bytes, name: bytes | None = None) -> None:
+    def event(self, payload: bytes, name: bytes | None = None, parsed: dict[str, Any] | None = None) -> None:
         if self._created is not None and name == b"response.created":
             try:
-                response = jsonio.loads(payload).get("response")
+                event = parsed if parsed is not None else jsonio.loads(payload)
+                response = event.get("response")
             except (ValueError, AttributeError):  # not a response event: the relay reports the stream broken
                 response = None
             if isinstance(response, dict) and isinstance(response.get("id"), str):
                 self._created(response["id"])
             self._created = None
-        super().event(payload, name)
+        super().event(payload, name, parsed)
 
     def begin(self, consumer: EventConsumer) -> Deferred[None]:
         ended = super().begin(consumer)

@@ -61,12 +61,12 @@ class TranslatedStream(WrappedStream):
         ended.addCallback(lambda _: self._send(self._reader.end()))
         return ended
 
-    def event(self, payload: bytes, name: bytes | None = None) -> None:
+    def event(self, payload: bytes, name: bytes | None = None, parsed: dict[str, Any] | None = None) -> None:
         """One chat event, delivered as the events it translates to."""
         if payload == DONE:
             return self._send(self._reader.done())
         try:
-            chunk = jsonio.loads(payload)
+            chunk = parsed if parsed is not None else jsonio.loads(payload)
         except ValueError:
             return self.fail(UpstreamError("upstream sent an event that is not JSON"))
         if not isinstance(chunk, dict):
@@ -78,4 +78,4 @@ class TranslatedStream(WrappedStream):
 
     def _send(self, events: list[Event]) -> None:
         for data, name in events:
-            super().event(jsonio.dumps(data), name.encode())
+            super().event(jsonio.dumps(data), name.encode(), data)  # (the relay reads the object, not the bytes)
