@@ -8,7 +8,6 @@ import json
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from inference.operations import CHAT
@@ -204,75 +203,73 @@ def ejected(health) -> dict[str, bool]:
     return {host["name"]: host["ejected"] for host in health.json()["upstream"]["hosts"]}
 
 
-async def fleet_on_a_clock(hosts, start_gateway):
-    """A gateway whose cool-downs run on a clock the test moves, the first host's name, and conversations that
-    host ranks first."""
-    gateway = start_gateway(fleet_env(hosts))
-    provider = gateway.site.gateway.provider
-    clock = Clock()
-    for host in provider.hosts:
-        host.health.clock = clock
-    await call("GET", gateway.url + "/v1/models")
+def fleet_in_memory(in_memory, hosts: list[FakeLMStudio]):
+    """A gateway on a fake clock in front of ``hosts``, all in memory: the first host's name, and conversations
+    that host ranks first (time moves only when the test says: cool-downs take no time)."""
+    urls = {f"http://host{i}.test:1234": fake for i, fake in enumerate(hosts)}
+    gateway = in_memory({"INFERENCE_INFERENCE_UPSTREAMS": ",".join(urls), "INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "0"},
+                        upstreams=urls)
+    provider = gateway.gateway.provider
+    assert gateway.call("GET", "/v1/models").status == 200
     name = provider.hosts[0].view.name
     mine = [body for body in (turn(f"conversation {i}") for i in range(60)) if ranked_first(provider, body) == name]
-    return gateway, provider, clock, name, mine
+    return gateway, provider, name, mine
 
 
-def timers(clock: Clock) -> list[float]:
-    return [c.getTime() - clock.seconds() for c in clock.getDelayedCalls()]
+def timers(gateway) -> list[float]:
+    """The timers of the fleet's host health machines (each host's own), in seconds from now."""
+    return [when for host in gateway.gateway.provider.hosts if (when := host.health.next_check_in) is not None]
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_failing_host_is_left_out_for_a_growing_cool_down_and_probed_back(hosts, start_gateway):
-    gateway, provider, clock, name, mine = await fleet_on_a_clock(hosts, start_gateway)
+def test_a_failing_host_is_left_out_for_a_growing_cool_down_and_probed_back(hosts, in_memory):
+    gateway, provider, name, mine = fleet_in_memory(in_memory, hosts)
     failing, health = hosts[0], provider.hosts[0].health
     failing.chat.mode, failing.chat.status = "error_object", 500
     for body in mine[:6]:
-        assert (await gateway.post_chat(body)).status == 200  # every one served by another host
+        assert gateway.post_chat(body).status == 200  # every one served by another host
     assert len(chats(failing)) == 3  # three failures in a row eject it: the next three never went there
-    assert ejected(await call("GET", gateway.url + "/health"))[name] is True
-    assert timers(clock) == [5.0]  # inference.routing.eject_secs
+    assert ejected(gateway.call("GET", "/health"))[name] is True
+    assert timers(gateway) == [5.0]  # inference.routing.eject_secs
 
-    clock.advance(5)
-    await until(lambda: health.state == "serving")  # its model list answers: back in the fleet
-    assert ejected(await call("GET", gateway.url + "/health"))[name] is False
+    gateway.advance(4.9)
+    assert health.state == "ejected"
+    gateway.advance(0.1)
+    assert health.state == "serving"  # its model list answers: back in the fleet
+    assert ejected(gateway.call("GET", "/health"))[name] is False
     for body in mine[6:9]:
-        assert (await gateway.post_chat(body)).status == 200
+        assert gateway.post_chat(body).status == 200
     assert len(chats(failing)) == 4  # back on trial: its first failure leaves it out again
-    assert timers(clock) == [10.0]  # for eject_secs x 2
+    assert timers(gateway) == [10.0]  # for eject_secs x 2
 
     failing.chat.mode = "normal"
-    clock.advance(10)
-    await until(lambda: health.state == "serving")
-    assert (await gateway.post_chat(mine[9])).status == 200
+    gateway.advance(10)
+    assert health.state == "serving"
+    assert gateway.post_chat(mine[9]).status == 200
     assert len(chats(failing)) == 5  # it serves again
-    m = await gateway.metrics()
+    m = gateway.metrics()
     assert m.value("inference_upstream_ejections_total", upstream=name) == 2
     assert m.value("inference_upstream_host_up", upstream=name) == 1
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_host_that_refuses_connections_is_left_out_at_once_until_it_listens_again(hosts, start_gateway):
-    gateway, provider, clock, name, mine = await fleet_on_a_clock(hosts, start_gateway)
-    down, health = hosts[0], provider.hosts[0].health
-    port = down.port.getHost().port
-    await down.stop()
+def test_a_host_that_refuses_connections_is_left_out_at_once_until_it_listens_again(hosts, in_memory):
+    gateway, provider, name, mine = fleet_in_memory(in_memory, hosts)
+    health, upstream = provider.hosts[0].health, gateway.upstreams["http://host0.test:1234"]
+    upstream.stop()
     for body in mine[:3]:
-        assert (await gateway.post_chat(body)).status == 200
-    m = await gateway.metrics()
+        assert gateway.post_chat(body).status == 200
+    m = gateway.metrics()
     assert m.value("inference_upstream_errors_total", provider="lmstudio", upstream=name, kind="unreachable") == 1
     assert m.value("inference_upstream_host_up", upstream=name) == 0  # the first call found it gone: checked, out
-    assert health.state == "down" and timers(clock) == [1.0]
+    assert health.state == "down" and timers(gateway) == [1.0]
 
     for _ in range(3):
-        clock.advance(1)
-        await until(lambda: health.state == "down")  # still refused: asked again every second
-        assert timers(clock) == [1.0]
-    down.listen(port)
-    clock.advance(1)
-    await until(lambda: health.state == "serving")
-    assert (await gateway.post_chat(mine[3])).status == 200
-    assert len(chats(down)) == 1
+        gateway.advance(1)
+        assert health.state == "down" and timers(gateway) == [1.0]  # still refused: asked again every second
+    upstream.start()
+    gateway.advance(1)
+    assert health.state == "serving"
+    assert gateway.post_chat(mine[3]).status == 200
+    assert len(chats(hosts[0])) == 1
     assert m.value("inference_upstream_ejections_total", upstream=name) == 0  # down is not an ejection
 
 

@@ -11,7 +11,7 @@ from inference.providers import fleet as fleet_module
 
 from .conftest import call, until
 from .fakes.lmstudio import FakeLMStudio
-from .test_fleet import QWEN, chats, fleet_env, fleet_on_a_clock, hosts, ranked_first, turn  # noqa: F401 (a fixture)
+from .test_fleet import QWEN, chats, fleet_env, fleet_in_memory, hosts, ranked_first, turn  # noqa: F401 (a fixture)
 
 
 def conversations_for(provider, index: int, count: int) -> list[dict]:
@@ -113,28 +113,28 @@ async def test_a_freed_slot_wakes_one_waiting_call_and_calls_past_max_waiting_ar
     assert all(ok and reply.status == 200 for ok, reply in replies)
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_host_back_from_an_ejection_gets_one_call_at_a_time_until_it_answers(hosts, start_gateway):  # noqa: F811
-    gateway, provider, clock, name, mine = await fleet_on_a_clock(hosts, start_gateway)
+def test_a_host_back_from_an_ejection_gets_one_call_at_a_time_until_it_answers(hosts, in_memory):  # noqa: F811
+    gateway, provider, name, mine = fleet_in_memory(in_memory, hosts)
     host, health = hosts[0], provider.hosts[0].health
     host.chat.mode, host.chat.status = "error_object", 500
     for body in mine[:3]:
-        assert (await gateway.post_chat(body)).status == 200  # served elsewhere; three failures eject it
+        assert gateway.post_chat(body).status == 200  # served elsewhere; three failures eject it
     assert health.state == "ejected"
     host.chat.mode = "hang"  # its model list answers; its calls take their time
-    clock.advance(5)
-    await until(lambda: health.state == "serving")
-    assert health.on_trial
-    replies = [Deferred.fromCoroutine(gateway.post_chat(body)) for body in mine[3:7]]
-    await until(lambda: sum(d.called for d in replies) == 3 and len(host.pending) == 1)
-    assert len(host.pending) == 1  # its one trial call waits there; the rest went elsewhere, at once
+    gateway.advance(5)
+    assert health.state == "serving" and health.on_trial
+    replies = [gateway.send("POST", "/v1/chat/completions", body) for body in mine[3:7]]
+    gateway.settle()
+    assert sum(gateway.answered(d) for d in replies) == 3  # the rest went elsewhere, at once
+    assert len(host.pending) == 1  # its one trial call waits there
     host.chat.mode = "normal"
     host.release()
-    assert [(await d).status for d in replies] == [200] * 4
+    assert [gateway.result(d).status for d in replies] == [200] * 4
     assert not health.on_trial  # proven: all its slots again
     host.chat.mode = "hang"
-    more = [Deferred.fromCoroutine(gateway.post_chat(body)) for body in mine[7:10]]
-    await until(lambda: len(host.pending) == 3)
+    more = [gateway.send("POST", "/v1/chat/completions", body) for body in mine[7:10]]
+    gateway.settle()
+    assert len(host.pending) == 3
     host.chat.mode = "normal"
     host.release()
-    assert [(await d).status for d in more] == [200] * 3
+    assert [gateway.result(d).status for d in more] == [200] * 3

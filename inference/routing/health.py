@@ -99,6 +99,12 @@ class HostHealth:
     def routed(self) -> bool:
         return self.state == SERVING
 
+    @property
+    def next_check_in(self) -> float | None:
+        """Seconds until its timer (a cool-down's end, the next probe of a host that is down) fires; None: none."""
+        timer = self._timer
+        return timer.getTime() - self.clock.seconds() if timer is not None and timer.active() else None
+
     def call_answered(self) -> None:
         self._feed(self._answered)
 
