@@ -203,12 +203,12 @@ def ejected(health) -> dict[str, bool]:
     return {host["name"]: host["ejected"] for host in health.json()["upstream"]["hosts"]}
 
 
-def fleet_in_memory(in_memory, hosts: list[FakeLMStudio]):
+def fleet_in_memory(in_memory, hosts: list[FakeLMStudio], **settings: str):
     """A gateway on a fake clock in front of ``hosts``, all in memory: the first host's name, and conversations
     that host ranks first (time moves only when the test says: cool-downs take no time)."""
     urls = {f"http://host{i}.test:1234": fake for i, fake in enumerate(hosts)}
-    gateway = in_memory({"INFERENCE_INFERENCE_UPSTREAMS": ",".join(urls), "INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "0"},
-                        upstreams=urls)
+    gateway = in_memory({"INFERENCE_INFERENCE_UPSTREAMS": ",".join(urls), "INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "0",
+                         **settings}, upstreams=urls)
     provider = gateway.gateway.provider
     assert gateway.call("GET", "/v1/models").status == 200
     name = provider.hosts[0].view.name

@@ -38,39 +38,33 @@ async def test_a_host_whose_model_list_hangs_slows_no_call(hosts, start_gateway)
     assert provider.hosts[2].health.state == "serving"  # no answer yet is not a failure
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_host_that_accepts_calls_but_never_answers_is_left_out(hosts, start_gateway):  # noqa: F811
-    gateway = start_gateway(fleet_env(hosts, INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS="0.3"))
-    provider = gateway.site.gateway.provider
-    await call("GET", gateway.url + "/v1/models")
+def test_a_host_that_accepts_calls_but_never_answers_is_left_out(hosts, in_memory):  # noqa: F811
+    gateway, provider, name, mine = fleet_in_memory(in_memory, hosts, INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS="0.3")
     stuck = hosts[0]
     stuck.chat.mode = "hang"
-    mine = conversations_for(provider, 0, 6)
-    replies = [await gateway.post_chat(body) for body in mine]
-    assert [r.status for r in replies] == [504, 504, 504, 200, 200, 200]  # sent there: not re-run elsewhere
+    statuses = []
+    for body in conversations_for(provider, 0, 6):
+        reply = gateway.send("POST", "/v1/chat/completions", body)
+        gateway.advance(0.3)
+        statuses.append(gateway.result(reply).status)
+    assert statuses == [504, 504, 504, 200, 200, 200]  # sent there: not re-run elsewhere
     assert len(chats(stuck)) == 3
-    ready = await call("GET", gateway.url + "/health/ready")
-    assert ready.json()["hosts"][provider.hosts[0].view.name] == "ejected"
-    m = await gateway.metrics()
-    assert m.value("inference_upstream_ejections_total", upstream=provider.hosts[0].view.name) == 1
+    ready = gateway.call("GET", "/health/ready")
+    assert ready.json()["hosts"][name] == "ejected"
+    assert gateway.metrics().value("inference_upstream_ejections_total", upstream=name) == 1
 
-
-@pytest_twisted.ensureDeferred
-async def test_a_stream_cut_by_a_crashed_host_has_it_checked_at_once(hosts, start_gateway):  # noqa: F811
-    gateway = start_gateway(fleet_env(hosts))  # no periodic check in tests: only the cut can reveal the crash
-    provider = gateway.site.gateway.provider
-    await call("GET", gateway.url + "/v1/models")
+def test_a_stream_cut_by_a_crashed_host_has_it_checked_at_once(hosts, in_memory):  # noqa: F811
+    gateway, provider, name, mine = fleet_in_memory(in_memory, hosts)  # (no periodic check: only the cut tells)
     crashing = hosts[0]
     crashing.chat.stream = "stall"  # a few events, then it holds the stream
-    streaming = Deferred.fromCoroutine(gateway.post_chat({**conversations_for(provider, 0, 1)[0], "stream": True}))
-    await until(lambda: crashing.pending)  # its first events are sent
-    await crashing.stop()  # the process dies mid-answer
-    reply = await streaming
+    streaming = gateway.send("POST", "/v1/chat/completions", {**mine[0], "stream": True})
+    gateway.settle()
+    assert crashing.pending  # its first events are sent
+    gateway.upstreams["http://host0.test:1234"].stop()  # the process dies mid-answer
+    reply = gateway.result(streaming)
     assert reply.status == 200 and b"error" in reply.body  # the stream had begun: it ends with an error
-    await until(lambda: provider.hosts[0].health.state == "down")
-    ready = await call("GET", gateway.url + "/health/ready")
-    assert ready.json()["hosts"][provider.hosts[0].view.name] == "down"
-
+    assert provider.hosts[0].health.state == "down"
+    assert gateway.call("GET", "/health/ready").json()["hosts"][name] == "down"
 
 @pytest.fixture
 def one_slot_fleet(tmp_path, start_gateway):
