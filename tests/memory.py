@@ -209,7 +209,12 @@ class MemoryGateway:
         """What ``d`` fired with, once everything settled (it must have fired)."""
         self.settle()
         results: list[Any] = []
-        d.addBoth(results.append)
+
+        def keep(result: Any) -> Any:  # (a success stays d's result; a failure is raised here, not left unhandled)
+            results.append(result)
+            return None if isinstance(result, Failure) else result
+
+        d.addBoth(keep)
         assert results, "no answer yet: the gateway is waiting for something (time, or an upstream)"
         if isinstance(results[0], Failure):
             results[0].raiseException()

@@ -3,13 +3,11 @@ defects 2, 3, 7 and 8). The health rules themselves are driven on a Clock in tes
 
 from __future__ import annotations
 
-import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, DeferredList
 
 from inference.providers import fleet as fleet_module
 
-from .conftest import call, until
+from .conftest import call
 from .fakes.lmstudio import FakeLMStudio
 from .test_fleet import QWEN, chats, fleet_env, fleet_in_memory, hosts, ranked_first, turn  # noqa: F401 (a fixture)
 
@@ -66,45 +64,36 @@ def test_a_stream_cut_by_a_crashed_host_has_it_checked_at_once(hosts, in_memory)
     assert provider.hosts[0].health.state == "down"
     assert gateway.call("GET", "/health/ready").json()["hosts"][name] == "down"
 
-@pytest.fixture
-def one_slot_fleet(tmp_path, start_gateway):
-    """Two one-slot hosts that hold every call, behind a gateway that lets 20 calls wait."""
-    fakes = [FakeLMStudio([QWEN]), FakeLMStudio([QWEN])]
+def test_a_freed_slot_wakes_one_waiting_call_and_calls_past_max_waiting_are_told_to_retry(in_memory, tmp_path,
+                                                                                         monkeypatch):
+    fakes = [FakeLMStudio([QWEN]), FakeLMStudio([QWEN])]  # two one-slot hosts that hold every call
     for fake in fakes:
-        fake.listen()
         fake.chat.mode = "hang"
+    urls = {f"http://slot{i}.test:1234": fake for i, fake in enumerate(fakes)}
     config = tmp_path / "fleet.yaml"
     config.write_text("inference:\n  routing: {max_waiting: 20}\n  upstreams:\n" + "".join(
-        f'    - {{base_url: "{fake.url}", max_concurrent: 1}}\n' for fake in fakes))
-    yield start_gateway({"INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "0"}, str(config)), fakes
-    pytest_twisted.blockon(DeferredList([fake.stop() for fake in fakes]))
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_freed_slot_wakes_one_waiting_call_and_calls_past_max_waiting_are_told_to_retry(
-        one_slot_fleet, monkeypatch):
-    gateway, fakes = one_slot_fleet
-    provider = gateway.site.gateway.provider
-    await call("GET", gateway.url + "/v1/models")
-    calls = [Deferred.fromCoroutine(gateway.post_chat(turn(f"call {i}"))) for i in range(22)]
-    await until(lambda: provider.waiting() == 20 and all(fake.pending for fake in fakes))
-    refused = await gateway.post_chat(turn("one too many"))
-    assert refused.status == 429 and refused.headers.getRawHeaders(b"retry-after") == [b"1"]
+        f'    - {{base_url: "{url}", max_concurrent: 1}}\n' for url in urls))
+    gateway = in_memory({"INFERENCE_INFERENCE_HTTP_MAX_RETRIES": "0"}, upstreams=urls, config_path=str(config))
+    provider = gateway.gateway.provider
+    assert gateway.call("GET", "/v1/models").status == 200
+    calls = [gateway.send("POST", "/v1/chat/completions", turn(f"call {i}")) for i in range(22)]
+    gateway.settle()
+    assert provider.waiting() == 20 and all(fake.pending for fake in fakes)
+    refused = gateway.post_chat(turn("one too many"))
+    assert refused.status == 429 and refused.headers["retry-after"] == "1"
     assert refused.error["code"] == "overloaded" and "inference.routing.max_waiting" in refused.error["message"]
 
     picks: list[str] = []
     real_pick = fleet_module.pick
     monkeypatch.setattr(fleet_module, "pick", lambda *a: picks.append("pick") or real_pick(*a))
     fakes[0].release()  # one slot frees: one waiting call looks again, not twenty
-    await until(lambda: provider.waiting() == 19 and len(fakes[0].pending) == 1)
-    assert len(picks) == 1
-    await until(lambda: any(d.called for d in calls))
-    assert [d.result.status for d in calls if d.called] == [200]
+    gateway.settle()
+    assert provider.waiting() == 19 and len(fakes[0].pending) == 1 and len(picks) == 1
+    assert [gateway.result(d).status for d in calls if gateway.answered(d)] == [200]
     for fake in fakes:  # hang no more: every call is answered, in turn
         fake.chat.mode = "normal"
         fake.release()
-    replies = await DeferredList(calls)
-    assert all(ok and reply.status == 200 for ok, reply in replies)
+    assert all(gateway.result(d).status == 200 for d in calls)
 
 
 def test_a_host_back_from_an_ejection_gets_one_call_at_a_time_until_it_answers(hosts, in_memory):  # noqa: F811
