@@ -443,37 +443,31 @@ async def test_each_host_may_be_of_its_own_kind(hosts, start_gateway, tmp_path):
     assert len(chats(hosts[0])) + len(chats(hosts[1])) == 6
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_conversation_leaves_its_host_only_when_that_host_is_busier_than_the_bound(hosts, start_gateway):
+def test_a_conversation_leaves_its_host_only_when_that_host_is_busier_than_the_bound(hosts, in_memory):
     two = hosts[:2]
-    gateway = start_gateway(fleet_env(two))  # inference.routing.load_bound: 2
-    provider = gateway.site.gateway.provider
-    await call("GET", gateway.url + "/v1/models")
+    gateway, provider, name, mine = fleet_in_memory(in_memory, two)  # inference.routing.load_bound: 2
     home, other = two
-    mine = [body for body in (turn(f"conversation {i}") for i in range(40))
-            if ranked_first(provider, body) == provider.hosts[0].view.name]
     conversation, others = mine[0], mine[1:4]
-    assert (await gateway.post_chat(conversation)).status == 200
+    assert gateway.post_chat(conversation).status == 200
     home.chat.mode = "hang"
-    held = []
-    for body in others[:2]:  # two calls in flight at its host, none at the other: within the bound
-        held.append(Deferred.fromCoroutine(gateway.post_chat(body)))
-        await until(lambda: len(home.pending) == len(held))
+    held = [gateway.send("POST", "/v1/chat/completions", body) for body in others[:2]]
+    gateway.settle()
+    assert len(home.pending) == 2  # two calls in flight at its host, none at the other: within the bound
     home.chat.mode = "normal"
     next_turn = turn(conversation["messages"][1]["content"], "Sure.", "And then?")
-    assert (await gateway.post_chat(next_turn)).status == 200
+    assert gateway.post_chat(next_turn).status == 200
     assert len(chats(home)) == 4 and len(chats(other)) == 0  # it stayed
     home.chat.mode = "hang"
-    held.append(Deferred.fromCoroutine(gateway.post_chat(others[2])))
-    await until(lambda: len(home.pending) == 3)  # three in flight there, none here: beyond the bound
+    held.append(gateway.send("POST", "/v1/chat/completions", others[2]))
+    gateway.settle()
+    assert len(home.pending) == 3  # three in flight there, none here: beyond the bound
     last_turn = turn(conversation["messages"][1]["content"], "Sure.", "And then?", "Fine.", "More?")
-    assert (await gateway.post_chat(last_turn)).status == 200
+    assert gateway.post_chat(last_turn).status == 200
     assert chats(other)[-1].body["messages"][-1]["content"] == "More?"  # it moved to the idle host
     home.release()
-    assert [reply.status for _, reply in await DeferredList(held)] == [200, 200, 200]
-    m = await gateway.metrics()
-    assert m.value("inference_routing_decisions_total", upstream=provider.hosts[1].view.name,
-                   reason="least_loaded") == 1
+    assert [gateway.result(d).status for d in held] == [200, 200, 200]
+    assert gateway.metrics().value("inference_routing_decisions_total", upstream=provider.hosts[1].view.name,
+                                   reason="least_loaded") == 1
 
 
 @pytest_twisted.ensureDeferred
