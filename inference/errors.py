@@ -163,12 +163,13 @@ class UpstreamTimeout(GatewayError):
 _CONTEXT_OVERFLOW = re.compile(r"context (length|window|size)|exceeds? the available context|n_ctx", re.IGNORECASE)
 
 
-def from_upstream(status: int, body: bytes) -> GatewayError:
-    """Normalise an upstream error answer, whose ``error`` may be a string or an object (LM Studio sends both)."""
+def from_upstream(status: int, body: bytes, data: Any = None) -> GatewayError:
+    """Normalise an upstream error answer, whose ``error`` may be a string or an object (LM Studio sends both);
+    ``data``: the body already parsed (an error in a 200, an error event), so that it is not parsed again."""
     if status in (401, 403):  # (its message is left out: OpenAI's quotes part of the key)
         return UpstreamUnauthorized(f"the upstream refused the gateway's credentials (HTTP {status}): it wants an "
                                     "API token; set the host's api_key, or inference.api_key")
-    message, error_type, code, param = _parse_error_body(body)
+    message, error_type, code, param = _read_error(_parsed(body) if data is None else data)
     if message is None:
         text = body.decode("utf-8", "replace").strip()[:500]
         message = text or f"upstream answered HTTP {status}"
@@ -182,11 +183,15 @@ def from_upstream(status: int, body: bytes) -> GatewayError:
     return UpstreamError(f"upstream error (HTTP {status}): {message}", kind="server_error")
 
 
-def _parse_error_body(body: bytes) -> tuple[str | None, str | None, str | None, str | None]:
+def _parsed(body: bytes) -> Any:
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except ValueError:
-        return None, None, None, None
+        return None
+
+
+def _read_error(data: Any) -> tuple[str | None, str | None, str | None, str | None]:
+    """(message, type, code, param) of an error answer's JSON."""
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, str):
         return error, None, None, None

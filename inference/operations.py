@@ -79,7 +79,7 @@ class StreamFormat:
 
 
 def _error_field(chunk: dict[str, Any], payload: bytes) -> GatewayError | None:
-    return from_upstream(500, payload) if chunk.get("error") is not None else None
+    return from_upstream(500, payload, chunk) if chunk.get("error") is not None else None
 
 
 OPENAI_STREAM = StreamFormat(failure=_error_field, error_event=lambda error, stats: error_event(error),

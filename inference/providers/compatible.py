@@ -249,5 +249,5 @@ def _json_answer(answer: Answer) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UpstreamError("upstream answered JSON that is not an object")
     if data.get("error") is not None:  # LM Studio reports some failures inside a 200
-        raise from_upstream(500, answer.body)
+        raise from_upstream(500, answer.body, data)
     return data
