@@ -264,21 +264,37 @@ def parse_responses_request(raw: bytes) -> ParsedRequest:
     if not (isinstance(given, str) or (isinstance(given, list) and given and all(isinstance(i, dict) for i in given))):
         raise InvalidRequest("'input' must be a string or a non-empty list of input items (objects)", param="input")
     model = check_fields(body, RESPONSES_CHECKS)
+    _check_responses_tools(body)
+    return ParsedRequest(model=model, stream=bool(body.get("stream")), body=body)
+
+
+def _responses_functions(body: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The Responses API's tools where each is named in an error (``tools[i]``, or ``tools[i].tools[j]`` inside a
+    namespace), functions of namespaces included."""
+    found: list[tuple[str, Any]] = []
     for i, tool in enumerate(body.get("tools") or ()):
         inner = tool.get("tools") if isinstance(tool, dict) and tool.get("type") == "namespace" else None
-        for j, function in enumerate(inner if isinstance(inner, list) else [tool]):
-            where = f"tools[{i}].tools[{j}]" if inner is not None else f"tools[{i}]"
-            if isinstance(function, dict) and function.get("type") == "function" and \
-                    function.get("parameters") is not None and not isinstance(function["parameters"], dict):
-                raise InvalidRequest(f"'{where}.parameters' must be a JSON Schema object", param=f"{where}.parameters")
+        if isinstance(inner, list):
+            found += [(f"tools[{i}].tools[{j}]", function) for j, function in enumerate(inner)]
+        else:
+            found.append((f"tools[{i}]", tool))
+    return found
+
+
+def _check_responses_tools(body: dict[str, Any]) -> None:
+    """A function's ``parameters`` must be a JSON Schema object, and a named ``tool_choice`` an offered tool."""
+    functions = _responses_functions(body)
+    for where, function in functions:
+        if isinstance(function, dict) and function.get("type") == "function" and \
+                function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+            raise InvalidRequest(f"'{where}.parameters' must be a JSON Schema object", param=f"{where}.parameters")
     choice = body.get("tool_choice")
-    named = isinstance(choice, dict) and choice.get("type") in ("function", "custom")
-    if named and isinstance(choice, dict) and isinstance(choice.get("name"), str):
-        tools = [tool for tool in body.get("tools") or () if isinstance(tool, dict)]
-        offered = [inner.get("name") for tool in tools if tool.get("type") == "namespace"
-                   for inner in tool.get("tools") or () if isinstance(inner, dict)]
-        _check_offered(choice["name"], offered + [tool.get("name") for tool in tools], "tool_choice.name")
-    return ParsedRequest(model=model, stream=bool(body.get("stream")), body=body)
+    if isinstance(choice, dict) and choice.get("type") in ("function", "custom") and \
+            isinstance(choice.get("name"), str):
+        tops = [tool.get("name") for tool in body.get("tools") or () if isinstance(tool, dict)]
+        inner = [function.get("name") for where, function in functions if ".tools[" in where
+                 and isinstance(function, dict)]
+        _check_offered(choice["name"], inner + tops, "tool_choice.name")
 
 
 def _check_offered(name: str, offered: list[Any], param: str) -> None:
