@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from inference.routing.picker import HostView
 from inference.routing.rendezvous import rank
 
-from .conftest import call, until
+from .conftest import call
 from .fakes.lmstudio import FakeLMStudio
 from .test_tracing import collector  # noqa: F401 (a fixture)
 
@@ -41,6 +41,17 @@ def fleet_config(tmp_path, fakes: list[FakeLMStudio], placement: str = "{mode: o
         f'    - {{name: host{i}, base_url: "{fake.url}"}}\n' for i, fake in enumerate(fakes))
         + f"  placement: {placement}\n" + extra)
     return str(path)
+
+
+def fleet_in_memory(in_memory, tmp_path, fakes: list[FakeLMStudio], placement: str = "{mode: on_demand}",
+                    name: str = "fleet", extra: str = ""):
+    """A gateway on a fake clock in front of ``fakes`` (``host0``, ``host1`` ...), all in memory."""
+    urls = {f"http://host{i}.test:1234": fake for i, fake in enumerate(fakes)}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text("inference:\n  upstreams:\n" + "".join(
+        f'    - {{name: host{i}, base_url: "{url}"}}\n' for i, url in enumerate(urls))
+        + f"  placement: {placement}\n" + extra)
+    return in_memory(upstreams=urls, config_path=str(path))
 
 
 def chats_at(fake: FakeLMStudio) -> list[str]:
@@ -95,65 +106,58 @@ async def test_a_burst_for_two_unloaded_models_loads_each_once_on_its_own_host(h
     assert load.attributes["inference.model.outcome"] == "loaded"
 
 
-@pytest_twisted.ensureDeferred
-async def test_two_gateways_place_a_model_on_the_same_host_and_a_duplicate_is_unloaded(hosts, start_gateway,
-                                                                                       tmp_path):
-    gateways = [start_gateway({}, fleet_config(tmp_path, hosts, name=f"gateway{i}")) for i in range(2)]
+def test_two_gateways_place_a_model_on_the_same_host_and_a_duplicate_is_unloaded(hosts, in_memory, tmp_path):
+    gateways = [fleet_in_memory(in_memory, tmp_path, hosts, name=f"gateway{i}") for i in range(2)]
     gate: Deferred[None] = Deferred()
     for fake in hosts:
         fake.load_gate = gate  # both gateways list the model unloaded, and both ask for it
-    replies = [Deferred.fromCoroutine(gateway.post_chat(chat(QWEN))) for gateway in gateways]
-    await until(lambda: sum(len(fake.loads) for fake in hosts) == 2)
+    replies = [gateway.send("POST", "/v1/chat/completions", chat(QWEN)) for gateway in gateways]
+    for gateway in gateways:
+        gateway.settle()
+    assert sum(len(fake.loads) for fake in hosts) == 2
     (chosen,) = [i for i, fake in enumerate(hosts) if fake.loads]  # the same host, by rendezvous order
     assert hosts[chosen].loads == [QWEN, QWEN]
     gate.callback(None)
-    assert all(ok and reply.status == 200 for ok, reply in await DeferredList(replies))
+    for _ in range(3):  # (each gateway's answers move as the other's unload lands)
+        for gateway in gateways:
+            gateway.settle()
+    assert [gateway.result(reply).status for gateway, reply in zip(gateways, replies, strict=True)] == [200, 200]
     assert [i["id"] for i in hosts[chosen].instances[QWEN]] == [QWEN]  # the second instance was unloaded
     assert hosts[chosen].unloads == [f"{QWEN}:2"] and chats_at(hosts[chosen]) == [QWEN, QWEN]
     assert [fake.jit_loads for fake in hosts] == [[], [], []]
 
-
-@pytest_twisted.ensureDeferred
-async def test_room_is_made_by_unloading_the_least_recently_used_idle_model_never_a_busy_one(start_gateway,
-                                                                                             tmp_path):
+def test_room_is_made_by_unloading_the_least_recently_used_idle_model_never_a_busy_one(in_memory, tmp_path):
     big, other = FakeLMStudio([QWEN, LLAMA, GEMMA]).start_empty(), FakeLMStudio(["elsewhere"]).start_empty()
-    for fake in (big, other):
-        fake.listen()
-    try:
-        gateway = start_gateway({}, fleet_config(tmp_path, [big, other],
-                                                 "{mode: on_demand, max_loaded_per_host: 2}"))
-        for model in (QWEN, LLAMA, QWEN):  # QWEN used last: LLAMA is the least recently used
-            assert (await gateway.post_chat(chat(model))).status == 200
-        assert (await gateway.post_chat(chat(GEMMA))).status == 200
-        assert big.unloads == [LLAMA] and big.instances[QWEN] and big.instances[GEMMA] and not big.instances[LLAMA]
-        big.chat.mode = "hang"  # a call in flight on GEMMA: QWEN, idle, makes room for LLAMA
-        held = Deferred.fromCoroutine(gateway.post_chat(chat(GEMMA)))
-        await until(lambda: len(big.pending) == 1)
-        big.chat.mode = "normal"
-        assert (await gateway.post_chat(chat(LLAMA))).status == 200
-        assert big.unloads == [LLAMA, QWEN] and not big.instances[QWEN] and big.instances[GEMMA]
-        big.release()
-        assert (await held).status == 200
-        metrics = (await call("GET", gateway.url + "/metrics")).body.decode()
-        assert 'inference_model_loads_total{outcome="unloaded",upstream="host0"} 2.0' in metrics
-    finally:
-        await DeferredList([big.stop(), other.stop()])
+    gateway = fleet_in_memory(in_memory, tmp_path, [big, other], "{mode: on_demand, max_loaded_per_host: 2}")
+    for model in (QWEN, LLAMA, QWEN):  # QWEN used last: LLAMA is the least recently used
+        gateway.advance(1)
+        assert gateway.post_chat(chat(model)).status == 200
+    assert gateway.post_chat(chat(GEMMA)).status == 200
+    assert big.unloads == [LLAMA] and big.instances[QWEN] and big.instances[GEMMA] and not big.instances[LLAMA]
+    big.chat.mode = "hang"  # a call in flight on GEMMA: QWEN, idle, makes room for LLAMA
+    held = gateway.send("POST", "/v1/chat/completions", chat(GEMMA))
+    gateway.settle()
+    assert len(big.pending) == 1
+    big.chat.mode = "normal"
+    assert gateway.post_chat(chat(LLAMA)).status == 200
+    assert big.unloads == [LLAMA, QWEN] and not big.instances[QWEN] and big.instances[GEMMA]
+    big.release()
+    assert gateway.result(held).status == 200
+    assert gateway.metrics().value("inference_model_loads_total", outcome="unloaded", upstream="host0") == 2
 
-
-@pytest_twisted.ensureDeferred
-async def test_a_pinned_model_is_loaded_at_start_and_again_after_its_host_restarts(hosts, start_gateway, tmp_path):
-    gateway = start_gateway({}, fleet_config(tmp_path, hosts, f"{{pinned: {{{GEMMA}: [host2]}}}}"))
-    assert (await call("GET", gateway.url + "/v1/models")).status == 200  # the first lists
-    await until(lambda: bool(hosts[2].instances.get(GEMMA)))
-    assert hosts[2].loads == [GEMMA] and not hosts[0].loads and not hosts[1].loads
-    port = hosts[2].port.getHost().port
-    await hosts[2].stop()
-    hosts[2].instances = {}  # restarted with nothing loaded
-    hosts[2].listen(port)
-    assert (await call("GET", gateway.url + "/health")).status == 200
-    await until(lambda: bool(hosts[2].instances.get(GEMMA)), timeout=10)
-    assert hosts[2].loads == [GEMMA, GEMMA]
-
+def test_a_pinned_model_is_loaded_at_start_and_again_after_its_host_restarts(hosts, in_memory, tmp_path):
+    gateway = fleet_in_memory(in_memory, tmp_path, hosts, f"{{pinned: {{{GEMMA}: [host2]}}}}")
+    assert gateway.call("GET", "/v1/models").status == 200  # the first lists
+    assert hosts[2].instances.get(GEMMA) and hosts[2].loads == [GEMMA] and not hosts[0].loads and not hosts[1].loads
+    upstream = gateway.upstreams["http://host2.test:1234"]
+    upstream.stop()  # the host goes away ...
+    assert gateway.call("GET", "/health").status == 200
+    assert gateway.gateway.provider.hosts[2].health.state == "down"
+    hosts[2].instances = {}  # ... and comes back with nothing loaded
+    upstream.start()
+    gateway.advance(1)  # a host that is down is asked again every second
+    assert gateway.gateway.provider.hosts[2].health.state == "serving"
+    assert hosts[2].instances.get(GEMMA) and hosts[2].loads == [GEMMA, GEMMA]
 
 @pytest_twisted.ensureDeferred
 async def test_placement_off_leaves_loading_to_the_hosts(hosts, start_gateway, tmp_path):
@@ -203,3 +207,39 @@ async def test_each_hosts_token_goes_on_its_list_load_and_unload_calls(start_gat
         assert {"/api/v1/models", "/api/v1/models/load", "/api/v1/models/unload"} <= paths
     finally:
         await DeferredList([fake.stop() for fake in fakes])
+
+
+def test_a_load_that_is_over_at_once_still_answers_the_calls_that_wait_for_it():
+    """A host whose list and load answer without waiting (a cache, a fast host): the call is not left waiting."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from inference.config import InferenceConfig, PlacementConfig, UpstreamConfig
+    from inference.providers.fleet import Host
+    from inference.providers.lmstudio import LMStudioProvider, Loaded
+    from inference.providers.placement import Placement
+
+    class AtOnce(LMStudioProvider):
+        loaded = False
+
+        async def list_models(self, timeout: float | None = None) -> list[dict]:
+            self.native_api = "v1"
+            state = "loaded" if self.loaded else "not-loaded"
+            return [{"id": QWEN, "state": state, "instances": [{"id": QWEN}] if self.loaded else []}]
+
+        async def load(self, model: str, timeout: float) -> Loaded:
+            self.loaded = True
+            return Loaded(model, 0.5)
+
+    clock = MemoryReactorClock()
+    host = Host(UpstreamConfig(name="h"), AtOnce(clock, InferenceConfig()))
+    host.view.models = {}
+
+    def learn(host: Host, models: list[dict]) -> None:
+        from inference.providers.fleet import _facts
+        host.models, host.view.models = models, {m["id"]: _facts(m) for m in models}
+
+    placement = Placement(PlacementConfig(mode="on_demand"), [host], clock, 60, 2, learn)
+    learn(host, [{"id": QWEN, "state": "not-loaded", "instances": []}])
+    host.provider.native_api = "v1"
+    waiting = Deferred.fromCoroutine(placement.ready(QWEN))
+    assert waiting.called and waiting.result is None and host.view.models[QWEN].state == "loaded"

@@ -171,17 +171,18 @@ class Placement:
         """Wait for ``model``'s load on ``host``, starting it unless one is under way. Cancelling the wait (the
         call's deadline, or its client left) leaves the load running for the others."""
         key = (host.view.name, model)
-        waiters = self._placing[key] if key in self._placing else self._start(host, model)
+        under_way = key in self._placing
+        waiters = self._placing.setdefault(key, [])
         waiter: Deferred[None] = Deferred(lambda d: waiters.remove(d))
-        waiters.append(waiter)
+        waiters.append(waiter)  # (before the load starts: it may be over at once)
+        if not under_way:
+            self._start(host, model)
         return waiter
 
-    def _start(self, host: Host, model: str) -> list[Deferred[None]]:
+    def _start(self, host: Host, model: str) -> None:
         key = (host.view.name, model)
-        waiters: list[Deferred[None]] = []
-        self._placing[key] = waiters
+        self._placing.setdefault(key, [])
         Deferred.fromCoroutine(self._place(host, model)).addBoth(self._placed, key)
-        return waiters
 
     def _placed(self, result: Failure | None, key: tuple[str, str]) -> None:
         for waiter in self._placing.pop(key):
