@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
 
-from .conftest import call, hold_the_slot, named_events, until
+from .conftest import call, named_events
 from .test_tracing import collector, spans_of  # noqa: F401 (a fixture)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "agents"
@@ -194,28 +193,36 @@ async def test_a_chat_client_streaming_a_tool_call_from_llama_cpp_python_gets_it
 
 # -- busy is not down ----------------------------------------------------------------------------------------------
 
-@pytest_twisted.ensureDeferred
-async def test_a_one_slot_upstream_busy_with_a_generation_is_not_called_down(fake, start_gateway):
-    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.like_llama_cpp_python().url,
-                             "INFERENCE_INFERENCE_HEALTH_CHECK_SECS": "0.05",
-                             "INFERENCE_INFERENCE_HTTP_CONNECT_TIMEOUT_SECS": "0.2"})
-    monitor = gateway.site.gateway.monitor
-    await until(lambda: monitor.up is True)
+def test_a_one_slot_upstream_busy_with_a_generation_is_not_called_down(fake, in_memory):
+    fake.like_llama_cpp_python()
+    gateway = in_memory({"INFERENCE_INFERENCE_HEALTH_CHECK_SECS": "0.05",
+                         "INFERENCE_INFERENCE_HTTP_CONNECT_TIMEOUT_SECS": "0.2"})
+    gateway.gateway.start()
+    monitor = gateway.gateway.monitor
+    gateway.settle()
+    assert monitor.up is True
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "a long answer"}]}
-    running = await hold_the_slot(gateway, fake, chat)
+    fake.chat.mode = "hang"
+    running = gateway.send("POST", "/v1/chat/completions", chat)
+    gateway.settle()
+    assert len(fake.pending) == 1
     probes = sum(r.path == "/v1/models" for r in fake.received)
-    await until(lambda: sum(r.path == "/v1/models" for r in fake.received) >= probes + 2)  # probes timed out
-    assert monitor.up is True and (await call("GET", gateway.url + "/health/ready")).status == 200
-    side_call: Deferred = Deferred.fromCoroutine(gateway.post_chat(chat))  # an agent's side call waits its turn
-    await until(lambda: len(fake.pending) == 2)
+    gateway.advance(1)  # probes every 0.05 s, each waiting for the generation until its 0.2 s deadline
+    assert sum(r.path == "/v1/models" for r in fake.received) >= probes + 2  # ... timed out: busy, not down
+    assert monitor.up is True and gateway.call("GET", "/health/ready").status == 200
+    side_call = gateway.send("POST", "/v1/chat/completions", chat)  # an agent's side call waits its turn
+    gateway.settle()
+    assert len(fake.pending) == 2
     fake.release()
-    assert (await running).status == 200 and (await side_call).status == 200
+    assert gateway.result(running).status == 200 and gateway.result(side_call).status == 200
     # With nothing in flight, a probe that times out means down.
     fake.chat.mode = "normal"
     fake.generating_elsewhere = True  # a generation another client asked: the list waits, and no call is in flight
-    await until(lambda: monitor.up is False)
+    gateway.advance(1)
+    assert monitor.up is False
     fake.generating_elsewhere = False
     fake.release()
+    gateway.settle()
 
 
 # -- the rest of what agents need ----------------------------------------------------------------------------------
