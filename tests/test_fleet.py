@@ -4,6 +4,7 @@ failover before the first byte and never after it, slots per host."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -494,32 +495,26 @@ async def test_a_host_that_refuses_connections_is_passed_over_without_retrying_i
     assert sum(len(chats(fake)) for fake in hosts[1:]) == 1
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_host_that_cuts_a_call_is_checked_at_once_and_left_out_when_it_is_gone(hosts, start_gateway):
-    gateway = start_gateway(fleet_env(hosts))
-    provider = gateway.site.gateway.provider
-    await call("GET", gateway.url + "/v1/models")
+def test_a_host_that_cuts_a_call_is_checked_at_once_and_left_out_when_it_is_gone(hosts, in_memory):
+    gateway, provider, name, mine = fleet_in_memory(in_memory, hosts)
     crashing = hosts[0]
-    body = next(body for body in (turn(f"conversation {i}") for i in range(60))
-                if ranked_first(provider, body) == provider.hosts[0].view.name)
     crashing.chat.mode = "hang"
-    arrived = crashing.next_arrival()
-    reply = Deferred.fromCoroutine(gateway.post_chat(body))
-    await arrived
-    await crashing.stop()  # the process dies with the call in flight
-    assert (await reply).status == 200  # served by another host
-    await until(lambda: provider.hosts[0].health.state == "down")  # one cut call, then its model list refused
-    health = await call("GET", gateway.url + "/health")
-    assert ejected(health)[provider.hosts[0].view.name] is False  # down is not ejected: it is asked every second
-    ready = await call("GET", gateway.url + "/health/ready")
+    reply = gateway.send("POST", "/v1/chat/completions", mine[0])
+    gateway.settle()
+    assert len(crashing.pending) == 1
+    gateway.upstreams["http://host0.test:1234"].stop()  # the process dies with the call in flight
+    assert gateway.result(reply).status == 200  # served by another host
+    assert provider.hosts[0].health.state == "down"  # one cut call, then its model list refused
+    health = gateway.call("GET", "/health")
+    assert ejected(health)[name] is False  # down is not ejected: it is asked every second
+    ready = gateway.call("GET", "/health/ready")
     assert ready.status == 200 and list(ready.json()["hosts"].values()) == ["down", "serving", "serving"]
     for fake in hosts[1:]:
         fake.chat.mode, fake.chat.status = "error_object", 500
     for i in range(12):  # every call fails on both: a shared cause
-        await gateway.post_chat(turn(f"failing {i}"))
-    ready = await call("GET", gateway.url + "/health/ready")  # max_ejection_percent (50) of three hosts: one
+        gateway.post_chat(turn(f"failing {i}"))
+    ready = gateway.call("GET", "/health/ready")  # max_ejection_percent (50) of three hosts: one
     assert ready.status == 200 and sorted(ready.json()["hosts"].values()) == ["down", "ejected", "serving"]
-
 
 # -- coding agents -------------------------------------------------------------------------------------------------
 
@@ -552,30 +547,31 @@ async def test_an_agents_session_stays_on_one_host_while_its_context_changes(hos
     assert sources.count("prompt_cache_key") == 9 and sources.count("session") == 2
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_busy_one_slot_host_is_not_called_down(start_gateway):
+def test_a_busy_one_slot_host_is_not_called_down(in_memory):
     fakes = [FakeLMStudio([QWEN]).like_llama_cpp_python(), FakeLMStudio([QWEN]).like_llama_cpp_python()]
     for fake in fakes:
-        fake.listen()
         fake.chat.mode = "hang"  # whichever host the call goes to holds it: a long generation
-    try:
-        gateway = start_gateway(fleet_env(fakes, INFERENCE_INFERENCE_HTTP_CONNECT_TIMEOUT_SECS="0.2"))
-        running = Deferred.fromCoroutine(gateway.post_chat(turn("a long answer")))
-        await until(lambda: any(fake.pending for fake in fakes))
-        busy = next(fake for fake in fakes if fake.pending)
+    gateway, provider, name, mine = fleet_in_memory(in_memory, fakes,
+                                                    INFERENCE_INFERENCE_HTTP_CONNECT_TIMEOUT_SECS="0.2")
+    running = gateway.send("POST", "/v1/chat/completions", turn("a long answer"))
+    gateway.settle()
+    busy = next(fake for fake in fakes if fake.pending)
 
-        async def hosts_up() -> list[bool]:  # /health asks every host's model list, within the connect timeout
-            health = (await call("GET", gateway.url + "/health")).json()
-            return [host["up"] for host in health["upstream"]["hosts"]]
+    def probed(path: str) -> Any:  # /health* ask every host's model list, within routing.probe_timeout_secs
+        reply = gateway.send("GET", path)
+        gateway.advance(2)
+        return gateway.result(reply).json()
 
-        assert await hosts_up() == [True, True]  # the busy host's list timed out: busy, not down
-        assert sorted((await call("GET", gateway.url + "/health/ready")).json()["hosts"].values()) == [
-            "serving", "serving"]
-        busy.release()
-        assert (await running).status == 200
-        busy.generating_elsewhere = True  # its list times out with no call of ours in flight: down
-        assert sorted(await hosts_up()) == [False, True]
-        busy.generating_elsewhere = False
-        busy.release()
-    finally:
-        await DeferredList([fake.stop() for fake in fakes])
+    def hosts_up() -> list[bool]:
+        return [host["up"] for host in probed("/health")["upstream"]["hosts"]]
+
+    assert hosts_up() == [True, True]  # the busy host's list timed out: busy, not down
+    assert sorted(probed("/health/ready")["hosts"].values()) == ["serving", "serving"]
+    busy.release()
+    assert gateway.result(running).status == 200
+    busy.generating_elsewhere = True  # its list times out with no call of ours in flight: down
+    assert sorted(hosts_up()) == [False, True]
+    busy.generating_elsewhere = False
+    busy.release()
+    gateway.settle()
+
