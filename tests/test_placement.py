@@ -243,3 +243,25 @@ def test_a_load_that_is_over_at_once_still_answers_the_calls_that_wait_for_it():
     host.provider.native_api = "v1"
     waiting = Deferred.fromCoroutine(placement.ready(QWEN))
     assert waiting.called and waiting.result is None and host.view.models[QWEN].state == "loaded"
+
+
+def test_a_call_waiting_for_the_hosts_slot_has_the_model_placed_elsewhere_when_that_host_goes(in_memory, tmp_path):
+    fakes = [FakeLMStudio([QWEN]).start_empty() for _ in range(2)]
+    urls = {f"http://one{i}.test:1234": fake for i, fake in enumerate(fakes)}
+    path = tmp_path / "fleet.yaml"
+    path.write_text("inference:\n  http: {max_retries: 0}\n  upstreams:\n" + "".join(
+        f'    - {{name: host{i}, base_url: "{url}", max_concurrent: 1}}\n' for i, url in enumerate(urls))
+        + "  placement: {mode: on_demand}\n")
+    gateway = in_memory(upstreams=urls, config_path=str(path))
+    assert gateway.post_chat(chat(QWEN)).status == 200
+    (first,) = holder(fakes, QWEN)
+    fakes[first].chat.mode = "hang"
+    held = gateway.send("POST", "/v1/chat/completions", chat(QWEN, "a long one"))
+    waiting = gateway.send("POST", "/v1/chat/completions", chat(QWEN, "next"))
+    gateway.settle()
+    assert len(fakes[first].pending) == 1 and gateway.gateway.provider.waiting() == 1  # it waits for that slot
+    gateway.upstreams[list(urls)[first]].stop()  # the host goes away (the held call is cut with it)
+    gateway.result(held)
+    assert gateway.result(waiting).status == 200  # the model was loaded on the other host, for it
+    other = fakes[1 - first]
+    assert other.loads == [QWEN] and other.jit_loads == [] and chats_at(other) == [QWEN]

@@ -240,14 +240,14 @@ class FleetProvider(Provider):
         A ``previous_response_id`` the fleet saw given goes to the host holding it alone (waiting for its slot if
         need be); one it did not see (another gateway process gave it) is asked of each host in turn."""
         model = body["model"]
-        if self.placement.on:
-            await self.placement.ready(model)
         key, source = conversation(operation.prefix, model, body)
         previous = body.get("previous_response_id") if operation.continues_responses else None
         home = self._by_name.get(self.responses.home(previous) or "") if isinstance(previous, str) else None
         views = [home.view] if home is not None and home.view in serving(self._views, model) else self._views
         demand = cache(partial(Demand.of, body, operation.output_limits))  # estimated once, and only where hosts differ
         while True:
+            if self.placement.on:  # (again after a wait: the host that held the model may have gone)
+                await self.placement.ready(model)
             try:
                 chosen: Pick | None = pick(self.placement.holders(views, model), model, key, self.memory,
                                            self._load_bound, self._rng, demand)
