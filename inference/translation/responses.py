@@ -41,30 +41,11 @@ def chat_request(body: dict[str, Any], reject_unsupported: bool = False) -> dict
             raise InvalidRequest(f"'{key}' needs an upstream that serves the Responses API and keeps its state; "
                                  f"this one serves only chat completions, so send the whole conversation in "
                                  f"'input' instead of {what}", param=key)
-    messages: list[dict[str, Any]] = []
-    if body.get("instructions"):
-        messages.append({"role": "system", "content": body["instructions"]})
-    given = body["input"]
-    if isinstance(given, str):
-        messages.append({"role": "user", "content": given})
-    else:
-        for i, item in enumerate(given):
-            _add_item(messages, item, f"input[{i}]")
-        if not messages:
-            raise InvalidRequest("'input' holds no message for the model to answer (reasoning items only)",
-                                 param="input")
-    chat: dict[str, Any] = {"model": body["model"], "messages": messages}
+    chat: dict[str, Any] = {"model": body["model"], "messages": _messages(body)}
     chat.update((key, body[key]) for key in _SHARED if body.get(key) is not None)
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
-    tools = [function for i, tool in enumerate(body.get("tools") or ())
-             for function in _tools(tool, f"tools[{i}]", reject_unsupported)]
-    if tools:
-        chat["tools"] = tools
-    if body.get("tool_choice") is not None:
-        chosen = _tool_choice(body["tool_choice"])
-        if tools or chosen in ("none", "auto"):  # (a choice among tools that were all left out is none)
-            chat["tool_choice"] = chosen
+    chat.update(_chat_tools(body, reject_unsupported))
     response_format = _response_format((body.get("text") or {}).get("format"))
     if response_format is not None:
         chat["response_format"] = response_format
@@ -72,6 +53,35 @@ def chat_request(body: dict[str, Any], reject_unsupported: bool = False) -> dict
     if isinstance(effort, str):
         chat["reasoning_effort"] = effort
     return chat
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chat messages of the instructions and the input (a string, or a list of items)."""
+    messages: list[dict[str, Any]] = []
+    if body.get("instructions"):
+        messages.append({"role": "system", "content": body["instructions"]})
+    given = body["input"]
+    if isinstance(given, str):
+        messages.append({"role": "user", "content": given})
+        return messages
+    for i, item in enumerate(given):
+        _add_item(messages, item, f"input[{i}]")
+    if not messages:
+        raise InvalidRequest("'input' holds no message for the model to answer (reasoning items only)",
+                             param="input")
+    return messages
+
+
+def _chat_tools(body: dict[str, Any], reject_unsupported: bool) -> dict[str, Any]:
+    """``tools`` and ``tool_choice`` as chat asks them (a choice among tools that were all left out is none)."""
+    tools = [function for i, tool in enumerate(body.get("tools") or ())
+             for function in _tools(tool, f"tools[{i}]", reject_unsupported)]
+    asked: dict[str, Any] = {"tools": tools} if tools else {}
+    if body.get("tool_choice") is not None:
+        chosen = _tool_choice(body["tool_choice"])
+        if tools or chosen in ("none", "auto"):
+            asked["tool_choice"] = chosen
+    return asked
 
 
 def _add_item(messages: list[dict[str, Any]], item: dict[str, Any], where: str) -> None:
