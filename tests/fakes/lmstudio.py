@@ -506,63 +506,30 @@ class FakeLMStudio(Resource):
         raise AssertionError(f"unknown mode {mode}")
 
     def _stream(self, request: http.Request, body: dict[str, Any]) -> Any:
+        """A streamed answer, as ``chat.stream`` says: normal, broken in one of several ways, flooding, late."""
         mode = self.chat.stream
         request.setHeader(b"content-type", b"text/event-stream")
-        head = {"id": "cmpl-fakestream" if "prompt" in body else "chatcmpl-fakestream",
-                "object": "text_completion" if "prompt" in body else "chat.completion.chunk", "created": 1700000000,
-                "model": body["model"]}
-
-        def event(choices: list[Any], **extra: Any) -> bytes:
-            return b"data: " + json.dumps({**head, "choices": choices, **extra}).encode() + b"\n\n"
-
-        text_completion = "prompt" in body
-
-        def delta(content: str, **more: Any) -> bytes:
-            if text_completion:
-                return event([{"index": 0, "text": content, "logprobs": None, "finish_reason": None}])
-            return event([{"index": 0, "delta": {"content": content, **more}, "finish_reason": None}])
-
+        events = _StreamEvents(body)
         words, finish = self._words(body)
-        pieces = [] if text_completion else \
-            [event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
         call = self._tool_call(body)
-        for i, (name, arguments) in enumerate(self._calls(body)):  # each call's id and name, then its arguments
-            half = len(arguments) // 2  # in two pieces
-            opening = {"index": i, "id": f"call_fake{i + 1}", "type": "function",
-                       "function": {"name": name, "arguments": ""}}
-            calls = [[opening], *[[{"index": i, "function": {"arguments": piece}}] for piece in
-                                  (arguments[:half], arguments[half:])]]
-            pieces += [event([{"index": 0, "delta": {"tool_calls": c}, "finish_reason": None}]) for c in calls]
+        pieces = events.opening()
+        for i, (name, arguments) in enumerate(self._calls(body)):
+            pieces += events.tool_call(i, name, arguments)
         if call is None and mode == "reasoning":  # LM Studio's reasoning deltas first, then the answer
-            pieces += [delta("", reasoning=w) for w in ("let", " me", " think")]
+            pieces += [events.delta("", reasoning=w) for w in ("let", " me", " think")]
         if call is None:
-            pieces += [delta(w if i == 0 else " " + w, reasoning="") for i, w in enumerate(words)]
+            pieces += [events.delta(w if i == 0 else " " + w, reasoning="") for i, w in enumerate(words)]
         if mode in ("die", "stall", "garbage", "error_event", "huge_event"):
-            request.write(b"".join(pieces[:3]))
-            if mode == "die":  # the process dies: what was sent arrives, then the connection closes
-                request.channel.transport.loseConnection()
-            elif mode == "huge_event":
-                request.write(b'data: {"choices": [{"delta": {"content": "' + b"y" * self.chat.huge_bytes)
-            elif mode == "garbage":
-                request.write(b'data: {"choices": [{"delta": {"content": "x"\n\n')
-            elif mode == "error_event":
-                request.write(b'data: {"error": {"message": "model crashed", "type": "server_error"}}\n\n')
-            self.pending.append(request)
-            request.notifyFinish().addBoth(self._held_closed, request)
-            return NOT_DONE_YET
+            return self._broken_stream(request, pieces[:3], mode)
         if mode == "flood":
-            Flood(request, self).start(delta("x" * 4000), self.chat.flood_bytes,
-                                       event([], usage={"prompt_tokens": 1, "completion_tokens": 1,
-                                                        "total_tokens": 2}) + b"data: [DONE]\n\n")
+            Flood(request, self).start(events.delta("x" * 4000), self.chat.flood_bytes,
+                                       events.usage(1, 1) + b"data: [DONE]\n\n")
             return NOT_DONE_YET
         if mode == "empty":
             return b""
-        pieces.append(event([{"index": 0, "text": "", "finish_reason": "stop"} if text_completion else
-                             {"index": 0, "delta": {}, "finish_reason": "tool_calls" if call else finish}]))
-        wants_usage = (body.get("stream_options") or {}).get("include_usage")
-        if wants_usage and mode != "no_usage":
-            pieces.append(event([], usage={"prompt_tokens": 12, "completion_tokens": len(words),
-                                           "total_tokens": 12 + len(words)}))
+        pieces.append(events.finish("tool_calls" if call else finish))
+        if (body.get("stream_options") or {}).get("include_usage") and mode != "no_usage":
+            pieces.append(events.usage(12, len(words)))
         if mode != "no_done":
             pieces.append(b"data: [DONE]\n\n")
         if mode == "comments":
@@ -572,10 +539,27 @@ class FakeLMStudio(Resource):
         if mode == "late":  # the headers now, the events when released (as while a model is being loaded)
             request.write(b"")
             self._late[request] = b"".join(pieces)
-            self.pending.append(request)
-            request.notifyFinish().addBoth(self._held_closed, request)
+            self._hold(request)
             return NOT_DONE_YET
         return b"".join(pieces)
+
+    def _broken_stream(self, request: http.Request, sent: list[bytes], mode: str) -> Any:
+        """A few events, then the stream breaks as ``mode`` says, and the request is held."""
+        request.write(b"".join(sent))
+        if mode == "die":  # the process dies: what was sent arrives, then the connection closes
+            request.channel.transport.loseConnection()
+        elif mode == "huge_event":
+            request.write(b'data: {"choices": [{"delta": {"content": "' + b"y" * self.chat.huge_bytes)
+        elif mode == "garbage":
+            request.write(b'data: {"choices": [{"delta": {"content": "x"\n\n')
+        elif mode == "error_event":
+            request.write(b'data: {"error": {"message": "model crashed", "type": "server_error"}}\n\n')
+        self._hold(request)
+        return NOT_DONE_YET
+
+    def _hold(self, request: http.Request) -> None:
+        self.pending.append(request)
+        request.notifyFinish().addBoth(self._held_closed, request)
 
     def release(self) -> None:
         """Answer every held request normally (the ones waiting in ``hang`` mode)."""
@@ -620,6 +604,47 @@ class FakeLMStudio(Resource):
         """Stop listening and drop every open connection (held requests included)."""
         d = self.port.stopListening()
         return DeferredList([d, self.connections.close_all()])
+
+
+class _StreamEvents:
+    """The events of a streamed chat or text completion, as LM Studio writes them."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.text_completion = "prompt" in body
+        self._head = {"id": "cmpl-fakestream" if self.text_completion else "chatcmpl-fakestream",
+                      "object": "text_completion" if self.text_completion else "chat.completion.chunk",
+                      "created": 1700000000, "model": body["model"]}
+
+    def event(self, choices: list[Any], **extra: Any) -> bytes:
+        return b"data: " + json.dumps({**self._head, "choices": choices, **extra}).encode() + b"\n\n"
+
+    def opening(self) -> list[bytes]:
+        if self.text_completion:
+            return []
+        return [self.event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
+
+    def delta(self, content: str, **more: Any) -> bytes:
+        if self.text_completion:
+            return self.event([{"index": 0, "text": content, "logprobs": None, "finish_reason": None}])
+        return self.event([{"index": 0, "delta": {"content": content, **more}, "finish_reason": None}])
+
+    def tool_call(self, index: int, name: str, arguments: str) -> list[bytes]:
+        """A call's id and name, then its arguments in two pieces."""
+        half = len(arguments) // 2
+        opening = {"index": index, "id": f"call_fake{index + 1}", "type": "function",
+                   "function": {"name": name, "arguments": ""}}
+        calls = [[opening], *[[{"index": index, "function": {"arguments": piece}}]
+                              for piece in (arguments[:half], arguments[half:])]]
+        return [self.event([{"index": 0, "delta": {"tool_calls": c}, "finish_reason": None}]) for c in calls]
+
+    def finish(self, reason: str) -> bytes:
+        if self.text_completion:
+            return self.event([{"index": 0, "text": "", "finish_reason": "stop"}])
+        return self.event([{"index": 0, "delta": {}, "finish_reason": reason}])
+
+    def usage(self, prompt: int, completion: int) -> bytes:
+        return self.event([], usage={"prompt_tokens": prompt, "completion_tokens": completion,
+                                     "total_tokens": prompt + completion})
 
 
 def reset(request: http.Request) -> None:
