@@ -309,8 +309,27 @@ class UpstreamCall:
 
     def _trace(self, span: Span, ended: _Ended) -> None:
         """The CLIENT span's closing attributes, events and status."""
-        facts, route, error = ended.facts, ended.route, ended.error
-        attributes: dict[str, Any] = dict(facts.attributes)
+        attributes: dict[str, Any] = {**ended.facts.attributes, **_answer_attributes(ended),
+                                      **self._served_attributes(span, ended)}
+        if ended.first_token_at is not None:
+            attributes["gen_ai.response.time_to_first_chunk"] = ended.first_token_at - self.started
+            start_time = getattr(span, "start_time", None)
+            if start_time is not None:
+                span.add_event("first_token", timestamp=start_time + int((ended.first_token_at - self.started) * 1e9))
+        if ended.outcome == "disconnected":
+            attributes["error.type"] = "cancelled"
+            span.set_status(Status(StatusCode.ERROR, "the client disconnected"))
+        elif ended.error is not None:
+            attributes["error.type"] = ended.error.code or type(ended.error).__name__
+            span.set_status(Status(StatusCode.ERROR, ended.error.message))
+        span.set_attributes(attributes)
+        span.end()
+
+    def _served_attributes(self, span: Span, ended: _Ended) -> dict[str, Any]:
+        """How the call was served: the fleet's routing (and a ``failover`` event per host passed over), a model
+        load, a translation and what it left out."""
+        attributes: dict[str, Any] = {}
+        route = ended.route
         if route is not None:
             attributes["inference.upstream.name"] = route.host
             attributes["inference.routing.reason"] = route.reason
@@ -331,33 +350,7 @@ class UpstreamCall:
                 attributes["inference.translation.dropped"] = dropped
                 log.debug("{route} served through {via}, which has no words for {dropped}: left out",
                           route=self._operation.path, via=CHAT.path, dropped=", ".join(dropped))
-        if facts.response_id is not None:
-            attributes["gen_ai.response.id"] = facts.response_id
-        if facts.response_model is not None:
-            attributes["gen_ai.response.model"] = facts.response_model
-        if facts.finish_reasons:
-            attributes["gen_ai.response.finish_reasons"] = list(facts.finish_reasons)
-        if facts.input_tokens is not None:
-            attributes["gen_ai.usage.input_tokens"] = facts.input_tokens
-        if ended.output_tokens is not None:
-            attributes["gen_ai.usage.output_tokens"] = ended.output_tokens
-            attributes["inference.usage.source"] = ended.usage_source
-        if ended.first_token_at is not None:
-            attributes["gen_ai.response.time_to_first_chunk"] = ended.first_token_at - self.started
-            start_time = getattr(span, "start_time", None)
-            if start_time is not None:
-                span.add_event("first_token", timestamp=start_time + int((ended.first_token_at - self.started) * 1e9))
-        if facts.output is not None:
-            attributes["gen_ai.output.messages"] = json.dumps(
-                [{"role": "assistant", "content": content} for content in facts.output], ensure_ascii=False)
-        if ended.outcome == "disconnected":
-            attributes["error.type"] = "cancelled"
-            span.set_status(Status(StatusCode.ERROR, "the client disconnected"))
-        elif error is not None:
-            attributes["error.type"] = error.code or type(error).__name__
-            span.set_status(Status(StatusCode.ERROR, error.message))
-        span.set_attributes(attributes)
-        span.end()
+        return attributes
 
     def _observe_speed(self, tokens: int, seconds: float, exemplar: dict[str, str] | None) -> None:
         if tokens <= 0 or seconds <= 0:
@@ -380,6 +373,27 @@ class _Ended:
     error: GatewayError | None
     route: Route | None
     model_load: float | None
+
+
+def _answer_attributes(ended: _Ended) -> dict[str, Any]:
+    """What the answer said of itself, as GenAI attributes (its content only when it was kept)."""
+    facts = ended.facts
+    attributes: dict[str, Any] = {}
+    if facts.response_id is not None:
+        attributes["gen_ai.response.id"] = facts.response_id
+    if facts.response_model is not None:
+        attributes["gen_ai.response.model"] = facts.response_model
+    if facts.finish_reasons:
+        attributes["gen_ai.response.finish_reasons"] = list(facts.finish_reasons)
+    if facts.input_tokens is not None:
+        attributes["gen_ai.usage.input_tokens"] = facts.input_tokens
+    if ended.output_tokens is not None:
+        attributes["gen_ai.usage.output_tokens"] = ended.output_tokens
+        attributes["inference.usage.source"] = ended.usage_source
+    if facts.output is not None:
+        attributes["gen_ai.output.messages"] = json.dumps(
+            [{"role": "assistant", "content": content} for content in facts.output], ensure_ascii=False)
+    return attributes
 
 
 def _facts_of(stats: StreamStats) -> Facts:
