@@ -164,8 +164,11 @@ class Gateway:
             model = self.catalog.cached(parsed.model, kind) or await job.run(self.catalog.resolve(parsed.model, kind))
             parsed.body["model"] = model
             if operation.output_limits:
-                self._check_context(operation, parsed.body)
-                operation.limit_output(parsed.body, self._output_cap(parsed.body["model"]))
+                context = self.catalog.context_length(parsed.body["model"])  # (where the upstream says it)
+                if context is not None:
+                    self._check_context(operation, parsed.body, context)
+                operation.limit_output(parsed.body, self.config.inference.limits.max_output_tokens or context
+                                       or DEFAULT_MAX_OUTPUT_TOKENS)
             slot = self.admission.try_acquire()
             if slot is None:
                 slot = await job.run(self.admission.acquire())
@@ -316,27 +319,18 @@ class Gateway:
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
-    def _output_cap(self, model: str) -> int:
-        """``inference.limits.max_output_tokens``, else the model's loaded context length (LM Studio says it), else
-        the default: no call may ask a model to write more than its context holds."""
-        configured = self.config.inference.limits.max_output_tokens
-        return configured or self.catalog.context_length(model) or DEFAULT_MAX_OUTPUT_TOKENS
-
-    def _check_context(self, operation: Operation, body: dict[str, Any]) -> None:
-        """A prompt longer than the largest context the model is loaded with (where the upstream says it) is refused
-        before any upstream call. Its output limit is not counted: it is lowered to the context (below) rather
-        than refused, as agents ask for more output (Claude Code 32,000 tokens) than a local context holds."""
-        context = self.catalog.context_length(body["model"])
-        if context is None:
-            return
+    @staticmethod
+    def _check_context(operation: Operation, body: dict[str, Any], context: int) -> None:
+        """A prompt longer than ``context`` (the largest the model is loaded with) is refused before any upstream
+        call. Its output limit is not counted: it is lowered to fit rather than refused, as agents ask for more
+        output (Claude Code 32,000 tokens) than a local context holds."""
         demand = Demand.of(body, operation.output_limits)
         if not demand.fits_prompt(context):
-            param = next((key for key in ("messages", "input", "prompt") if key in body), None)
             raise ContextLengthExceeded(
                 f"prompt is too long: about {demand.prompt_tokens} tokens > {context} maximum. This model's maximum "
                 f"context length is {context} tokens, as loaded; the prompt comes to about {demand.prompt_tokens} "
                 f"tokens ({CHARS_PER_TOKEN} characters a token). Shorten it, or load the model with a larger "
-                "context length.", param=param)
+                "context length.", param=operation.input_field)
 
     def _authorize(self, request: GatewayRequest, operation: Operation | None = None) -> None:
         """The gateway key, from ``Authorization: Bearer``; Anthropic's clients send it as ``x-api-key``."""

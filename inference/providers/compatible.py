@@ -53,7 +53,7 @@ class OpenAICompatibleProvider(Provider):
 
     async def list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:
         answer = await self.client.request("GET", "/v1/models", timeout=timeout)
-        data = _json_answer(answer)
+        data = json_answer(answer)
         models = data.get("data")
         if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
                                                    for m in models):
@@ -84,7 +84,7 @@ class OpenAICompatibleProvider(Provider):
         if self._missing.says_missing(operation, answer):
             return await call_translated(self, operation, body, headers)
         try:
-            data = _json_answer(answer)
+            data = json_answer(answer)
         except GatewayError as e:
             if self._refused_late_system(operation, body, e):
                 return await self.call(operation, body, headers)
@@ -113,7 +113,7 @@ class OpenAICompatibleProvider(Provider):
             if self._missing.says_missing(operation, response):
                 return await open_translated(self, operation, body, headers)
             try:
-                _json_answer(response)
+                json_answer(response)
             except GatewayError as e:
                 if self._refused_late_system(operation, body, e):
                     return await self.open_stream(operation, body, headers)
@@ -238,7 +238,7 @@ def _loading(deadline: float | None) -> Iterator[None]:
         raise
 
 
-def _json_answer(answer: Answer) -> dict[str, Any]:
+def json_answer(answer: Answer) -> dict[str, Any]:
     """Decode a JSON answer, turning error statuses and errors hidden in a 200 into gateway errors."""
     if answer.status >= 400:
         raise from_upstream(answer.status, answer.body)

@@ -133,7 +133,7 @@ class FleetProvider(Provider):
         for host in answering:
             for model in host.models:
                 entry = merged.setdefault(model["id"], {**_shared_fields(model), "hosts": []})
-                entry["hosts"].append(_placement(host.view.name, model))
+                entry["hosts"].append({"name": host.view.name, **_said(host.view.models[model["id"]])})
                 _merge_native(entry, model)
         return list(merged.values())
 
@@ -255,10 +255,10 @@ class FleetProvider(Provider):
                 raise UpstreamUnreachable(f"no host that serves '{model}' is up") from None
             if chosen is not None:
                 hosts = [self._by_name[view.name] for view in chosen.hosts]
-                reason = "affinity" if len(views) == 1 and len(self._views) > 1 else chosen.reason
-                step = "previous_response" if len(views) == 1 and len(self._views) > 1 else chosen.step
-                return key, Ranking(hosts, reason, elsewhere=isinstance(previous, str) and len(views) > 1,
-                                    key_source=source, step=step)
+                at_home = len(views) == 1 and len(self._views) > 1  # the host holding the previous response
+                return key, Ranking(hosts, "affinity" if at_home else chosen.reason,
+                                    elsewhere=isinstance(previous, str) and len(views) > 1, key_source=source,
+                                    step="previous_response" if at_home else chosen.step)
             if len(self._waiting) >= self._max_waiting:
                 raise Overloaded(f"{len(self._waiting)} calls already wait for a host of the fleet to free a slot "
                                  "(inference.routing.max_waiting); retry shortly",
@@ -340,15 +340,12 @@ class FleetProvider(Provider):
             await host.provider.close()
 
 
-def _placement(name: str, model: dict[str, Any]) -> dict[str, Any]:
-    """Where a model is, on one host, as ``/v1/models`` lists it: the host's name and what the host says of the
-    model there (LM Studio's state; from 0.4, its loaded instances, their slots and context length)."""
-    instances = model.get("instances")
-    said: dict[str, Any] = {"state": model.get("state"), "context_length": model.get("loaded_context_length")}
-    if isinstance(instances, list):
-        said["instances"] = len(instances)
-        said["slots"] = _reported_slots([model]) or None
-    return {"name": name, **{key: value for key, value in said.items() if value is not None}}
+def _said(facts: ModelOnHost) -> dict[str, Any]:
+    """What a host says of one of its models, as ``/v1/models`` (under ``hosts``) and ``/health`` show it: LM
+    Studio's state; from 0.4, its loaded instances, their slots and context length (what it does not say is left
+    out)."""
+    said = {"state": facts.state, "context_length": facts.context, "instances": facts.instances, "slots": facts.slots}
+    return {key: value for key, value in said.items() if value is not None}
 
 
 def _reported_slots(models: list[dict[str, Any]]) -> int:
@@ -370,13 +367,8 @@ def _facts(model: dict[str, Any]) -> ModelOnHost:
 def _loaded_here(host: Host) -> dict[str, dict[str, Any]]:
     """What ``/health`` says a host has loaded: by model, its instances, their slots and context length (what the
     host says: LM Studio 0.4 says all three, 0.3 the context)."""
-    loaded = {}
-    for model, facts in host.view.models.items():
-        if facts.state == "loaded" or facts.instances:
-            said = {"instances": facts.instances, "slots": facts.slots, "context_length": facts.context,
-                    "in_flight": host.view.by_model.get(model, 0)}
-            loaded[model] = {key: value for key, value in said.items() if value is not None}
-    return loaded
+    return {model: {**_said(dataclasses.replace(facts, state=None)), "in_flight": host.view.by_model.get(model, 0)}
+            for model, facts in host.view.models.items() if facts.state == "loaded" or facts.instances}
 
 
 def _shared_fields(model: dict[str, Any]) -> dict[str, Any]:

@@ -9,10 +9,10 @@ from twisted.web.iweb import IAgent
 
 from .. import jsonio
 from ..config import InferenceConfig
-from ..errors import GatewayError, UpstreamError, from_upstream
+from ..errors import GatewayError
 from ..operations import Operation
 from ..reactor import IGatewayReactor
-from .compatible import OpenAICompatibleProvider
+from .compatible import OpenAICompatibleProvider, json_answer
 
 NATIVE_FIELDS = ("type", "state", "max_context_length", "loaded_context_length")
 JSON_OBJECT_SCHEMA = {"type": "json_schema", "json_schema": {"name": "json_object", "schema": {"type": "object"}}}
@@ -85,16 +85,7 @@ class LMStudioProvider(OpenAICompatibleProvider):
         await self._native_post("/api/v1/models/unload", {"instance_id": instance_id}, timeout)
 
     async def _native_post(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-        answer = await self.client.request("POST", path, jsonio.dumps(body), timeout=timeout)
-        if answer.status != 200:
-            raise from_upstream(answer.status, answer.body)
-        try:
-            data = jsonio.loads(answer.body)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            raise UpstreamError(f"{path} answered something that is not a JSON object", kind="bad_response")
-        return data
+        return json_answer(await self.client.request("POST", path, jsonio.dumps(body), timeout=timeout))
 
     def prepare(self, operation: Operation, body: dict[str, Any]) -> dict[str, Any]:
         # LM Studio rejects {"type": "json_object"}; a schema that only asks for an object means the same.
@@ -103,10 +94,10 @@ class LMStudioProvider(OpenAICompatibleProvider):
             body = {**body, "response_format": JSON_OBJECT_SCHEMA}
         # No output limit above this host's context (in a fleet, the gateway's cap is the largest host's).
         context = self.contexts.get(body["model"]) if isinstance(body.get("model"), str) else None
-        over = [key for key in operation.output_limits if context and isinstance(body.get(key), int)
-                and body[key] > context]
-        if over:
-            body = {**body, **{key: context for key in over}}
+        if context is not None and any(isinstance(body.get(key), int) and body[key] > context
+                                       for key in operation.output_limits):
+            body = dict(body)
+            operation.limit_output(body, context)
         return body
 
 
