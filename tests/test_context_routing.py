@@ -123,3 +123,15 @@ async def test_when_no_host_says_it_has_the_capability_the_call_is_passed_on(pai
     gateway = fleet(start_gateway, tmp_path, pair)
     reply = await gateway.post_chat(chat("weather?", tools=[TOOL]))
     assert reply.status == 200 and reply.json()["choices"][0]["message"]["tool_calls"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tool_schema_with_a_property_named_type_is_estimated_not_a_500(fake, start_gateway):
+    """Claude Code's tools have properties named "type" (an object where the estimate looks for a type name)."""
+    fake.models, fake.native_types, fake.native_versions = [QWEN], {QWEN: "llm"}, ("v1",)
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url})
+    schema = {"type": "object", "properties": {"type": {"type": "string", "enum": ["file", "dir"]}}}
+    reply = await call("POST", gateway.url + "/v1/messages", {
+        "model": QWEN, "max_tokens": 50, "messages": [{"role": "user", "content": "list the files"}],
+        "tools": [{"name": "list", "description": "List entries", "input_schema": schema}]})
+    assert reply.status == 200, reply.body

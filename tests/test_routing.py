@@ -163,6 +163,11 @@ def test_a_prompts_estimate_counts_text_and_tools_not_image_data():
         {"type": "image", "source": {"type": "base64", "data": "B" * 90_000}}]}], "tool_choice": "none"},
         MESSAGES.output_limits)
     assert anthropic.prompt_tokens < 20 and anthropic.images and not anthropic.tools
+    # A tool whose schema has a property named "type" (Claude Code's tools do): an object where a type name stands.
+    schema = {"type": "object", "properties": {"type": {"type": "string", "enum": ["file", "dir"]}}}
+    tooled = Demand.of({"model": "qwen", "max_tokens": 10, "messages": [{"role": "user", "content": "ls"}],
+                        "tools": [{"name": "list", "input_schema": schema}]}, MESSAGES.output_limits)
+    assert tooled.tools and not tooled.images and tooled.prompt_tokens > 5
 
 
 def test_a_host_with_the_model_loaded_beats_one_that_would_load_it():

@@ -50,7 +50,8 @@ def _text_and_images(body: dict[str, Any]) -> tuple[int, bool]:
             if not value.startswith("data:"):
                 characters += len(value)
         elif isinstance(value, dict):
-            if value.get("type") in _IMAGE_TYPES:
+            kind = value.get("type")  # (in a tool's JSON schema, "type" may be a property: an object)
+            if isinstance(kind, str) and kind in _IMAGE_TYPES:
                 images = True
             pending.extend(item for key, item in value.items() if key not in _MEDIA_KEYS)
         elif isinstance(value, list):
