@@ -359,9 +359,11 @@ def _facts(model: dict[str, Any]) -> ModelOnHost:
     instances = model.get("instances")
     capabilities = model.get("capabilities")
     said = capabilities if isinstance(capabilities, dict) else {}
+    context, tools, vision = model.get("loaded_context_length"), said.get("trained_for_tool_use"), said.get("vision")
     return ModelOnHost(state=model.get("state"), instances=len(instances) if isinstance(instances, list) else None,
-                       slots=_reported_slots([model]) or None, context=model.get("loaded_context_length"),
-                       tools=said.get("trained_for_tool_use"), vision=said.get("vision"))
+                       slots=_reported_slots([model]) or None, context=context if isinstance(context, int) else None,
+                       tools=tools if isinstance(tools, bool) else None,  # (what a host says is not trusted blindly)
+                       vision=vision if isinstance(vision, bool) else None)
 
 
 def _loaded_here(host: Host) -> dict[str, dict[str, Any]]:
