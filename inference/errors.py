@@ -44,6 +44,15 @@ class GatewayError(Exception):
     def to_bytes(self) -> bytes:
         return json.dumps(self.body()).encode("utf-8")
 
+    def responses_error(self) -> dict[str, Any]:
+        """The Responses API's ``error`` stream event's own fields (its type and sequence number are the stream's)."""
+        return {"code": self.code, "message": self.message, "param": self.param}
+
+    def response_failure(self) -> dict[str, Any]:
+        """A failed response's ``error`` object: a stream that failed after its 200 failed on the server's side
+        (the spec's response error codes are its own list, which ``server_error`` is on)."""
+        return {"code": "server_error", "message": self.message}
+
     def anthropic_body(self) -> dict[str, Any]:
         """The same failure in the shape of Anthropic's Messages API (its ``error.type`` follows the status)."""
         return {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(self.status, "api_error"),

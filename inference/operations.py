@@ -308,10 +308,10 @@ def _responses_error_event(error: GatewayError, stats: StreamStats) -> bytes:
     """The spec's ending of a failed Responses stream (it has no ``[DONE]``): an ``error`` event numbered after the
     last event, then ``response.failed`` for the response the stream opened, so that clients end it as failed."""
     sequence = stats.sequence + 1
-    events = encode(json.dumps({"type": "error", "sequence_number": sequence, "code": error.code,
-                                "message": error.message, "param": error.param}).encode(), b"error")
+    events = encode(json.dumps({"type": "error", "sequence_number": sequence, **error.responses_error()}).encode(),
+                    b"error")
     if stats.opening is not None:
-        failed = {**stats.opening, "status": "failed", "error": {"code": "server_error", "message": error.message}}
+        failed = {**stats.opening, "status": "failed", "error": error.response_failure()}
         events += encode(json.dumps({"type": "response.failed", "sequence_number": sequence + 1,
                                      "response": failed}).encode(), b"response.failed")
     return events

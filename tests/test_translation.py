@@ -310,6 +310,34 @@ async def test_a_chat_stream_cut_short_is_anthropics_error_event(fake, chat_only
     assert "message_stop" not in reply.body.decode()
 
 
+@pytest.mark.parametrize("route, body", [
+    ("/v1/messages", {"max_tokens": 10, "messages": [{"role": "user", "content": "a b c"}]}),
+    ("/v1/responses", {"input": "a b c"}),
+])
+def test_a_translated_stream_that_times_out_ends_as_a_passthrough_one_does(fake, in_memory, route, body):
+    """Both endings are built from the one error: the timeout's type (Anthropic's ``timeout_error``) and code
+    (``upstream_timeout``) reach the client whichever path served it."""
+    fake.chat_only = True
+    fake.chat.stream = "stall"
+    gateway = in_memory({"INFERENCE_INFERENCE_HTTP_TIMEOUT_SECS": "5"})
+    pending = gateway.send("POST", route, {"model": MODEL, "stream": True, **body})
+    gateway.settle()
+    assert not gateway.answered(pending)
+    gateway.advance(5)
+    reply = gateway.result(pending)
+    events = named_events(reply.body)
+    assert reply.status == 200
+    if route == "/v1/messages":
+        name, error = events[-1]
+        assert name == "error" and error["error"]["type"] == "timeout_error" and "5" in error["error"]["message"]
+    else:
+        names = [name for name, _ in events]
+        error, (last, failed) = events[names.index("error")][1], events[-1]
+        assert error["code"] == "upstream_timeout"
+        assert last == "response.failed" and failed["response"]["error"]["code"] == "server_error"
+        assert failed["response"]["output"][0]["content"][0]["text"].startswith("echo:")  # what came, kept
+
+
 # -- which path served a call --------------------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred

@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from ..errors import GatewayError
 from ..operations import Operation
 
 
@@ -79,7 +80,7 @@ class ChatStream(abc.ABC):
     def fail(self, error: Exception) -> None:
         """Stop the stream and make ``begin``'s Deferred fail with ``error``."""
 
-    def failure_events(self, error: Exception) -> bytes | None:
+    def failure_events(self, error: GatewayError) -> bytes | None:
         """The events that end this stream when it fails with ``error`` after its 200 (None: the operation's
         usual error event). A translated stream knows what it sent, so it can close that properly."""
         return None
@@ -114,7 +115,7 @@ class WrappedStream(ChatStream):
     def fail(self, error: Exception) -> None:
         self._inner.fail(error)
 
-    def failure_events(self, error: Exception) -> bytes | None:
+    def failure_events(self, error: GatewayError) -> bytes | None:
         return self._inner.failure_events(error)
 
     def pauseProducing(self) -> None:

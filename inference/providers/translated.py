@@ -52,9 +52,8 @@ class TranslatedStream(WrappedStream):
         self.served = dataclasses.replace(chat.served, translated=True)
         self._reader = reader
 
-    def failure_events(self, error: Exception) -> bytes | None:
-        message = error.message if isinstance(error, GatewayError) else str(error)
-        return b"".join(encode(jsonio.dumps(data), name.encode()) for data, name in self._reader.broken(message))
+    def failure_events(self, error: GatewayError) -> bytes | None:
+        return b"".join(encode(jsonio.dumps(data), name.encode()) for data, name in self._reader.broken(error))
 
     def begin(self, consumer: EventConsumer) -> Deferred[None]:
         ended = super().begin(consumer)

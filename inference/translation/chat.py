@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from ..errors import InvalidRequest
+from ..errors import GatewayError, InvalidRequest
 
 Event = tuple[dict[str, Any], str]  # an event of the translated stream: its JSON object and its ``event:`` name
 
@@ -152,7 +152,9 @@ class StreamWriter(Protocol):
 
     def finished(self, result: ChatResult) -> list[Event]: ...
 
-    def failed(self, message: str, result: ChatResult) -> list[Event]: ...
+    def failed(self, error: GatewayError, result: ChatResult) -> list[Event]:
+        """The stream failed after its 200: ``error`` in the API's own shape (the one a passthrough stream of
+        the API ends with too: :class:`~inference.errors.GatewayError` builds both)."""
 
 
 class ChatStreamReader:
@@ -244,9 +246,9 @@ class ChatStreamReader:
         self._over = True
         return self._close() + self._writer.finished(self.result)
 
-    def broken(self, message: str) -> list[Event]:
-        """The upstream sent something that is not a chat chunk."""
+    def broken(self, error: GatewayError) -> list[Event]:
+        """The stream failed (the upstream reported an error, sent something that is not a chat chunk, or cut it)."""
         if self._over:
             return []
         self._over = True
-        return self._writer.failed(message, self.result)
+        return self._writer.failed(error, self.result)

@@ -14,7 +14,7 @@ import hashlib
 import json
 from typing import Any
 
-from ..errors import InvalidRequest
+from ..errors import GatewayError, InvalidRequest
 from . import chat
 from .chat import Block, ChatResult, Event, new_id, string_field, unsupported_tool
 
@@ -291,5 +291,5 @@ class MessageEvents:
                  "usage": _usage(result)}
         return [(delta, "message_delta"), ({"type": "message_stop"}, "message_stop")]
 
-    def failed(self, message: str, result: ChatResult) -> list[Event]:
-        return [({"type": "error", "error": {"type": "api_error", "message": message}}, "error")]
+    def failed(self, error: GatewayError, result: ChatResult) -> list[Event]:
+        return [(error.anthropic_body(), "error")]

@@ -14,7 +14,7 @@ import json
 import time
 from typing import Any
 
-from ..errors import InvalidRequest
+from ..errors import GatewayError, InvalidRequest
 from . import chat
 from .chat import Block, ChatResult, Event, new_id, string_field, unsupported_tool
 
@@ -426,15 +426,14 @@ class ResponseEvents:
         response = _response(result, self._body, self._ids, self._tools, status)
         return [self._event(f"response.{status}", response=response)]
 
-    def failed(self, message: str, result: ChatResult) -> list[Event]:
+    def failed(self, error: GatewayError, result: ChatResult) -> list[Event]:
         """The spec's ending of a failed stream: an ``error`` event, the open item closed as cut short, and
         ``response.failed`` with what was generated, so that a client's accumulator keeps it."""
-        events = [self._event("error", code="server_error", message=message, param=None)]
+        events = [self._event("error", **error.responses_error())]
         if self._open is not None:
             events += self.closed(*self._open, cut=True)
         if result.id or result.blocks or self._sequence > 1:  # the response was created: it failed
-            error = {"code": "server_error", "message": message}
             events.append(self._event("response.failed",
                                       response=_response(result, self._body, self._ids, self._tools, "failed",
-                                                         error)))
+                                                         error.response_failure())))
         return events
