@@ -20,6 +20,9 @@ setup(
         "opentelemetry-exporter-otlp>=1.27",
         "prometheus-client>=0.20",
         "orjson>=3.9",
+        # Tenants' limits shared by several processes live in Redis: txredisapi is a Twisted client (a blocking
+        # one would stall the reactor on every call).
+        "txredisapi>=1.4",
     ],
     entry_points={"console_scripts": ["inference = inference.cli:main"]},
     extras_require={

@@ -1,4 +1,4 @@
-"""Admission control: at most N upstream calls at once, a bounded FIFO queue, and 429 past it."""
+"""Admission control: at most N upstream calls at once, a bounded fair queue, and 429 past it."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
-from twisted.internet.defer import DeferredSemaphore
+from twisted.internet.defer import Deferred
 
 from .errors import Overloaded
+from .fairness import FairQueue, Shares
+from .tenants import ANONYMOUS, Caller
 
 RETRY_AFTER_SECS = 1
 
@@ -34,16 +36,21 @@ class Slot:
 
 
 class Admission:
-    """Lets ``limit`` requests reach the upstream at once (0: no limit) and queues up to ``max_queue`` more.
+    """Lets ``limit`` requests reach the upstream at once (0: no limit) and queues up to ``max_queue`` more, handed
+    the freed slots in the fair order of :class:`~inference.fairness.FairQueue` (priority class, then tenants'
+    shares); ``sheddable`` calls are refused first when the queue passes ``shed_above``.
 
     A queued request that is cancelled (its client left, its deadline passed, the daemon is stopping) leaves
-    the queue: DeferredSemaphore removes a cancelled waiter, so abandoned requests never hold a place.
+    the queue, so abandoned requests never hold a place.
     ``observe_wait`` gets every request's wait (0 when a slot was free), admitted or given up while queued.
     """
 
     def __init__(self, limit: int, max_queue: int,
-                 observe_wait: Callable[[float], None] = lambda seconds: None) -> None:
-        self._semaphore = DeferredSemaphore(limit) if limit else None
+                 observe_wait: Callable[[float], None] = lambda seconds: None, shares: Shares | None = None,
+                 shed_above: int | None = None) -> None:
+        self._limit = limit
+        self._free = limit
+        self._queue: FairQueue[Deferred[None]] = FairQueue(shares, shed_above)
         self._max_queue = max_queue
         self._observe_wait = observe_wait
         self._active = 0
@@ -51,48 +58,71 @@ class Admission:
     @property
     def queued(self) -> int:
         """Requests waiting for a slot."""
-        return len(self._semaphore.waiting) if self._semaphore else 0
+        return len(self._queue)
 
     @property
     def active(self) -> int:
         """Requests holding a slot (with no limit, every request between admission and its end)."""
         return self._active
 
-    def try_acquire(self) -> Slot | None:
+    def try_acquire(self, caller: Caller = ANONYMOUS, cost: float = 1.0) -> Slot | None:
         """A slot at once when one is free, else None (then :meth:`acquire` queues or refuses)."""
-        semaphore = self._semaphore
-        if semaphore is not None:
-            if semaphore.tokens == 0:
+        if self._limit:
+            if self._free == 0:
                 return None
-            semaphore.acquire()  # a token is free: it is taken now, and the Deferred has already fired
-        self._observe_wait(0.0)
-        self._active += 1
-        return Slot(self, 0.0, False)
+            self._free -= 1
+        return self._admitted(caller, cost, 0.0, False)
 
-    async def acquire(self) -> Slot:
-        """A slot, at once or after waiting in the queue; :class:`Overloaded` when the queue is full."""
-        semaphore = self._semaphore
-        waited, queued = 0.0, False
-        if semaphore is not None:
-            if semaphore.tokens == 0:
-                if len(semaphore.waiting) >= self._max_queue:
-                    raise Overloaded(f"The gateway is at capacity ({semaphore.limit} requests running, "
-                                     f"{len(semaphore.waiting)} waiting). Retry shortly.",
-                                     headers={"Retry-After": str(RETRY_AFTER_SECS)})
-                queued, queued_at = True, perf_counter()
-                try:
-                    await semaphore.acquire()
-                finally:
-                    waited = perf_counter() - queued_at
-                    self._observe_wait(waited)
-            else:
-                await semaphore.acquire()
+    async def acquire(self, caller: Caller = ANONYMOUS, cost: float = 1.0) -> Slot:
+        """A slot, at once or after waiting in the queue; :class:`Overloaded` when the queue is full (or past
+        ``shed_above`` for a sheddable call)."""
+        slot = self.try_acquire(caller, cost)
+        if slot is not None:
+            return slot
+        self._make_room(caller)
+        queued_at = perf_counter()
+        waiting: Deferred[None] = Deferred(self._give_up)
+        self._queue.push(waiting, caller, cost)
+        try:
+            await waiting
+        finally:
+            waited = perf_counter() - queued_at
+            self._observe_wait(waited)
+        return self._admitted(caller, cost, waited, True, charged=True)
+
+    def _give_up(self, waiting: Deferred[None]) -> None:
+        self._queue.remove(waiting)
+
+    def _make_room(self, caller: Caller) -> None:
+        """Refuse ``caller``'s call, or a sheddable one in its place, when the queue has no room for it."""
+        if self._queue.refuses(caller):
+            raise Overloaded(f"The gateway sheds sheddable calls while more than {self._queue.shed_above} wait "
+                             f"for a slot ({self._limit} running); retry shortly.",
+                             headers={"Retry-After": str(RETRY_AFTER_SECS)})
+        if len(self._queue) < self._max_queue:
+            return
+        shed = self._queue.shed(caller)
+        if shed is None:
+            raise Overloaded(f"The gateway is at capacity ({self._limit} requests running, "
+                             f"{len(self._queue)} waiting). Retry shortly.",
+                             headers={"Retry-After": str(RETRY_AFTER_SECS)})
+        shed.errback(Overloaded("The gateway is at capacity and gave this sheddable call's place to a more urgent "
+                                "one. Retry shortly.", headers={"Retry-After": str(RETRY_AFTER_SECS)}))
+
+    def _admitted(self, caller: Caller, cost: float, waited: float, queued: bool, charged: bool = False) -> Slot:
         if not queued:
             self._observe_wait(0.0)
+        if not charged:  # (the queue charged a call it handed a slot)
+            self._queue.shares.served(caller, cost)
         self._active += 1
         return Slot(self, waited, queued)
 
     def _release(self) -> None:
         self._active -= 1
-        if self._semaphore is not None:
-            self._semaphore.release()
+        if not self._limit:
+            return
+        waiting = self._queue.pop()
+        if waiting is not None:
+            waiting.callback(None)  # the slot passes straight to the next caller in the fair order
+        else:
+            self._free += 1

@@ -17,24 +17,28 @@ from .admission import Admission
 from .auth import ApiKeys
 from .catalog import ModelCatalog
 from .config import DEFAULT_MAX_OUTPUT_TOKENS, Config
-from .drain import InFlight
+from .drain import InFlight, Job
 from .errors import (
     ContextLengthExceeded,
     GatewayError,
     MethodNotAllowed,
+    PermissionDenied,
     RouteNotFound,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from .fairness import Shares
 from .monitor import UpstreamMonitor
 from .openapi import openapi_bytes
 from .operations import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES, Operation
 from .providers import Provider
+from .quota import Lease, Quota, quota_store
 from .reactor import IGatewayReactor
 from .relay import StreamRelay
 from .request import GatewayRequest
 from .routing.demand import CHARS_PER_TOKEN, Demand
 from .telemetry import RequestState, Telemetry
+from .tenants import ANONYMOUS, Caller
 
 log = Logger()
 
@@ -98,8 +102,10 @@ class Gateway:
         inference = config.inference
         self.catalog = ModelCatalog(provider, reactor, inference.models_cache_secs, inference.allowed_models,
                                     inference.default_model)
+        self.shares = Shares()  # the tenants' use, which orders every queue of calls
         self.admission = Admission(inference.max_concurrent_requests, inference.max_queue,
-                                   telemetry.metrics.queue_wait_child.observe)
+                                   telemetry.metrics.queue_wait_child.observe, self.shares, inference.shed_above)
+        self.quota = Quota(quota_store(inference.limits, reactor, telemetry.metrics), reactor)
         self.inflight = InFlight(reactor)
         self.monitor = UpstreamMonitor(self.probe_upstream, reactor, inference.health_check_secs,
                                        provider.base_url)
@@ -115,6 +121,7 @@ class Gateway:
     async def close(self) -> None:
         """Release upstream connections and flush telemetry (at shutdown)."""
         self.monitor.stop()
+        await self.quota.store.close()
         await self.provider.close()
         await self.telemetry.close()
 
@@ -151,60 +158,78 @@ class Gateway:
     async def _serve(self, request: GatewayRequest, operation: Operation) -> bytes | None:
         """Every API call's steps: auth, parse, resolve the model, admission, deadline, the upstream call, the
         answer or the relayed stream, and the record of it all."""
-        request.record.error_style = operation.error_style
-        if operation.error_style == "anthropic":  # Anthropic's clients read the request's id from this header
+        record = request.record
+        record.error_style, record.operation = operation.error_style, operation.name
+        anthropic = operation.error_style == "anthropic"
+        if anthropic:  # Anthropic's clients read the request's id from this header
             request.setHeader(b"request-id", request.request_id)
-        self._authorize(request, operation)
+        caller = record.caller = self._authorize(request, operation)
         server = self.config.server
-        parsed = operation.parse(self._body(request), self.config)
+        raw = self._body(request)
+        parsed = operation.parse(raw, self.config)
         self.monitor.require_up()
         with self.inflight.track(server.request_timeout_secs) as job:
-            # The common case (a model in the cached list, a free slot) is answered without a Deferred.
-            kind = operation.model_kind
-            model = self.catalog.cached(parsed.model, kind) or await job.run(self.catalog.resolve(parsed.model, kind))
-            parsed.body["model"] = model
+            # The common case (a model in the cached list, no limit, a free slot) is answered without a Deferred.
+            kind, tenant = operation.model_kind, caller.tenant
+            model = self.catalog.cached(parsed.model, kind, tenant) or \
+                await job.run(self.catalog.resolve(parsed.model, kind, tenant))
+            parsed.body["model"] = record.model = model
             if operation.output_limits:
                 context = self.catalog.context_length(parsed.body["model"])  # (where the upstream says it)
                 if context is not None:
                     self._check_context(operation, parsed.body, context)
                 operation.limit_output(parsed.body, self.config.inference.limits.max_output_tokens or context
                                        or DEFAULT_MAX_OUTPUT_TOKENS)
-            slot = self.admission.try_acquire()
-            if slot is None:
-                slot = await job.run(self.admission.acquire())
-            with slot, self.telemetry.upstream_call(request, operation, parsed.body, parsed.stream, slot) as call:
-                headers = call.headers
-                for name in operation.forward_headers:
-                    value = request.getHeader(name)
-                    if value is not None:
-                        headers = {**headers, name.decode("latin-1"): value.decode("latin-1")}
-                if not parsed.stream or operation.read_event is None:
-                    answer = await job.run(self.provider.call(operation, parsed.body, headers))
-                    call.served = answer.served
-                    call.answered(answer.data)
-                    return write_body(request, answer.raw)
-                stream = await job.run(self.provider.open_stream(operation, parsed.body, headers))
-                call.served = stream.served
-                job.clear_deadline()
-                relay = StreamRelay(request, stream, operation.read_event, operation.stream_format,
-                                    call.capture_content)
-                job.on_interrupt(relay.interrupt)
-                try:
-                    await relay.run()
-                finally:  # also when the client left: what was generated until then is counted
-                    call.streamed(relay.stats)
-                return None  # the relay wrote everything; Klein finishes the response
+            lease = await job.run(self.quota.admit(caller, anthropic)) if tenant.limits.any else None
+            try:
+                return await self._call(request, operation, parsed.body, parsed.stream, caller, lease, len(raw),
+                                        job)
+            finally:
+                self._used(caller, lease, request)
+
+    async def _call(self, request: GatewayRequest, operation: Operation, body: dict[str, Any], stream_asked: bool,
+                    caller: Caller, lease: Lease | None, size: int, job: Job) -> bytes | None:
+        """The upstream call, once the call may be made: its slot, the answer or the relayed stream."""
+        if lease is not None:  # every answer of a limited tenant says where it stands
+            for header, said in lease.headers.items():
+                request.setHeader(header, said)
+        cost = size / CHARS_PER_TOKEN  # the prompt's tokens, roughly: its share of the slots
+        slot = self.admission.try_acquire(caller, cost)
+        if slot is None:
+            slot = await job.run(self.admission.acquire(caller, cost))
+        with slot, self.telemetry.upstream_call(request, operation, body, stream_asked, slot) as call:
+            headers = call.headers
+            for name in operation.forward_headers:
+                value = request.getHeader(name)
+                if value is not None:
+                    headers = {**headers, name.decode("latin-1"): value.decode("latin-1")}
+            if not stream_asked or operation.read_event is None:
+                answer = await job.run(self.provider.call(operation, body, headers))
+                call.served = answer.served
+                call.answered(answer.data)
+                return write_body(request, answer.raw)
+            stream = await job.run(self.provider.open_stream(operation, body, headers))
+            call.served = stream.served
+            job.clear_deadline()
+            relay = StreamRelay(request, stream, operation.read_event, operation.stream_format,
+                                call.capture_content)
+            job.on_interrupt(relay.interrupt)
+            try:
+                await relay.run()
+            finally:  # also when the client left: what was generated until then is counted
+                call.streamed(relay.stats)
+            return None  # the relay wrote everything; Klein finishes the response
 
     @app.route("/v1/models", methods=["GET"])
     async def list_models(self, request: GatewayRequest) -> bytes:
-        self._authorize(request)
         self.monitor.require_up()
-        return write_json(request, {"object": "list", "data": await self.catalog.models()})
+        tenant = self._authorize(request).tenant
+        return write_json(request, {"object": "list", "data": await self.catalog.models(tenant=tenant)})
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])
     async def get_model(self, request: GatewayRequest, model_id: str) -> bytes:
-        self._authorize(request)
-        return write_json(request, await self.catalog.get(model_id))
+        tenant = self._authorize(request).tenant
+        return write_json(request, await self.catalog.get(model_id, tenant))
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: GatewayRequest) -> bytes:
@@ -332,18 +357,32 @@ class Gateway:
                 f"tokens ({CHARS_PER_TOKEN} characters a token). Shorten it, or load the model with a larger "
                 "context length.", param=operation.input_field)
 
-    def _authorize(self, request: GatewayRequest, operation: Operation | None = None) -> None:
-        """The gateway key, from ``Authorization: Bearer``; Anthropic's clients send it as ``x-api-key``."""
+    def _authorize(self, request: GatewayRequest, operation: Operation | None = None) -> Caller:
+        """Whose call it is, from the gateway key in ``Authorization: Bearer`` (Anthropic's clients send it as
+        ``x-api-key``)."""
         authorization = request.getHeader(b"authorization")
         if authorization is None and operation is not None and operation.error_style == "anthropic":
             api_key = request.getHeader(b"x-api-key")
             authorization = b"Bearer " + api_key if api_key is not None else None
-        self.keys.check(authorization)
+        return self.keys.check(authorization)
 
-    def authorize_operator(self, request: Request) -> None:
-        """Metrics and health need a key only when ``server.protect_metrics`` says so (probes stay simple)."""
-        if self._protect_operator_routes:
-            self.keys.check(request.getHeader(b"authorization"))
+    def authorize_operator(self, request: Request, always: bool = False) -> None:
+        """Metrics and health need an operator's key only when ``server.protect_metrics`` says so (probes stay
+        simple); ``always`` for what only operators may read (usage)."""
+        if self._protect_operator_routes or always:
+            caller = self.keys.check(request.getHeader(b"authorization"))
+            if not caller.tenant.operator:
+                raise PermissionDenied(f"Tenant '{caller.tenant.name}' is not an operator: this route is for keys "
+                                       "of a tenant with operator: true.")
+
+    def _used(self, caller: Caller, lease: Lease | None, request: GatewayRequest) -> None:
+        """A call ended: its tokens count against its tenant's limits and in its share of the slots."""
+        if caller is ANONYMOUS:
+            return
+        record = request.record
+        if lease is not None:
+            lease.end((record.input_tokens or 0) + (record.output_tokens or 0))
+        self.shares.used(caller, record.output_tokens or 0)
 
     @staticmethod
     def _body(request: GatewayRequest) -> bytes:

@@ -150,6 +150,24 @@ async def probe_completion(report: Report, gateway: Gateway, model: str) -> None
               f"({usage.get('completion_tokens', '?')} token(s))")
 
 
+def run_keys(tenant: str, path: str | None, config_path: str | None, environ: Mapping[str, str]) -> int:
+    """``inference keys add``: the exit status."""
+    from .admin import add_key
+
+    try:
+        if path is None:
+            config, _ = load_with_sources(config_path, environ)
+            path = config.server.api_keys_file
+        if path is None:
+            print("keys add: no key file: give --file, or set server.api_keys_file", file=sys.stderr)
+            return EXIT_CONFIG
+        add_key(path, tenant, sys.stdout, sys.stderr)
+    except ConfigError as e:
+        print(f"keys add: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inference", description="OpenAI-compatible gateway: tools beside the "
                                      "daemon (run the daemon itself with `twistd inference`).")
@@ -159,7 +177,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 "would serve")
     check.add_argument("-c", "--config", help="YAML config file, as given to `twistd inference --config`")
     check.add_argument("--probe", action="store_true", help="also run a one-token completion on the default model")
+    keys = commands.add_parser("keys", help="tenants' keys: `inference keys add TENANT` prints a new key once and "
+                               "writes its hash to the key file")
+    keys.add_argument("action", choices=["add"])
+    keys.add_argument("tenant", help="the tenant the key is for (added to the file when new, with no limit)")
+    keys.add_argument("-c", "--config", help="YAML config file whose server.api_keys_file is the key file")
+    keys.add_argument("-f", "--file", help="the key file (default: server.api_keys_file of the configuration)")
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        raise SystemExit(run_keys(args.tenant, args.file, args.config, os.environ))
     if args.command != "check":
         parser.print_help()
         raise SystemExit(EXIT_CONFIG)

@@ -67,6 +67,20 @@ def _origins(value: Any) -> str | None:
     return None
 
 
+def _limits_store(value: Any) -> str | None:
+    if value == "memory" or (urlsplit(value).scheme in ("redis", "rediss") and urlsplit(value).hostname):
+        return None
+    return "memory, or a Redis URL like redis://localhost:6379/0"
+
+
+def _usage_store(value: Any) -> str | None:
+    parts = urlsplit(value)
+    if value in ("none", "auto") or (parts.scheme == "sqlite" and parts.path not in ("", "/")) or \
+            (parts.scheme in ("postgresql", "postgres") and parts.hostname):
+        return None
+    return "none, auto, sqlite:///path/to/usage.db or postgresql://user@host/db"
+
+
 def _non_empty(value: Any) -> str | None:
     return None if value else "a non-empty value"
 
@@ -178,6 +192,10 @@ class LimitsConfig:
     # Responses call that asks none gets it. None: the model's loaded context length where LM Studio says it,
     # else DEFAULT_MAX_OUTPUT_TOKENS.
     max_output_tokens: int | None = _opt(_range(1), None)
+    # Where tenants' limits are counted: memory (this process) or redis://host:port/db (every process using it).
+    store: str = _opt(_limits_store, "memory")
+    # The processes sharing the limits: while Redis cannot be reached each counts alone, to its limits divided by it.
+    expected_processes: int = _opt(_range(1), 1)
 
 
 DEFAULT_MAX_OUTPUT_TOKENS = 32768
@@ -202,6 +220,16 @@ class TranslationConfig:
 
 
 @dataclass(frozen=True)
+class UsageConfig:
+    # The usage ledger (one row per call; never content): none, auto (sqlite in systemd's StateDirectory when the
+    # daemon has one, else none), sqlite:///path/usage.db, or postgresql://... for several gateways.
+    store: str = _opt(_usage_store, "auto")
+    keep_days: int = _opt(_range(1), 90)  # rows older than this are deleted
+    max_buffered_rows: int = _opt(_range(1), 10000)  # rows waiting for the store; more are dropped and counted
+    flush_secs: float = _opt(_range(0, above=True), 1.0)  # how often buffered rows are written
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
     provider: str = _opt(_one_of("lmstudio", "openai", "mock"), "lmstudio")
     base_url: str = _opt(_http_url, "http://localhost:1234")
@@ -212,6 +240,8 @@ class InferenceConfig:
     models_cache_secs: float = _opt(_range(0), 10.0)
     max_concurrent_requests: int = _opt(_range(0), 0)
     max_queue: int = _opt(_range(0), 64)
+    # More calls than this waiting for a slot (the queue, a fleet's wait): sheddable tenants' calls are refused.
+    shed_above: int | None = _opt(_range(0), None)
     health_check_secs: float = _opt(_range(0), 10.0)  # 0: no background probe, no fail-fast
     http: HttpConfig = field(default_factory=HttpConfig)
     mock: MockConfig = field(default_factory=MockConfig)
@@ -220,6 +250,7 @@ class InferenceConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     translation: TranslationConfig = field(default_factory=TranslationConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    usage: UsageConfig = field(default_factory=UsageConfig)
 
     def idle_connections(self, host: UpstreamConfig) -> int:
         """The idle connections kept open to ``host``: ``http.max_idle_connections``, else as many as calls can be

@@ -88,6 +88,10 @@ class AuthenticationFailed(GatewayError):
     status, type, code = 401, "authentication_error", "invalid_api_key"
 
 
+class PermissionDenied(GatewayError):
+    status, type, code = 403, "permission_error", "permission_denied"
+
+
 class ModelNotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 
@@ -124,6 +128,12 @@ class HeadersTooLarge(GatewayError):
 
 class Overloaded(GatewayError):
     status, type, code = 429, "rate_limit_error", "overloaded"
+
+
+class RateLimited(GatewayError):
+    """A tenant's limit is reached (its key file's ``limits``): 429 with ``Retry-After`` and the limits' headers."""
+
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 
 
 class ShuttingDown(GatewayError):

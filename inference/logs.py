@@ -226,6 +226,10 @@ def log_access(request: Accessed, status: int | None) -> None:
     # the benchmark's profile. JSON lines still carry every field.
     text = (f'{fields["client"]} "{fields["method"]} {fields["path"]}" {fields["status"]} {fields["bytes"]}B '
             f'{fields["duration_ms"]}ms')
+    caller = record.caller
+    if caller is not None and caller.key_id is not None:  # the tenant and which of its keys; never the key
+        fields.update(tenant=caller.tenant.name, key_id=caller.key_id)
+        text += f" tenant={caller.tenant.name} key={caller.key_id}"
     if record.model is not None:
         ttft = record.time_to_first_token
         fields.update(model=record.model, input_tokens=record.input_tokens, output_tokens=record.output_tokens,

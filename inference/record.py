@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from opentelemetry.trace import Span
 
+from .tenants import Caller
+
 
 @dataclass(slots=True)
 class CallRecord:
@@ -30,3 +32,5 @@ class CallRecord:
     output_tokens: int | None = None
     via: str | None = None  # the upstream route that served a translated call (``/v1/chat/completions``)
     upstream: str | None = None  # the host of a fleet that served the call
+    caller: Caller | None = None  # whose key the request came with (None: refused before, or not an API route)
+    operation: str | None = None  # the API called (``chat``, ``messages`` ...), once the route is known

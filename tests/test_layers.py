@@ -9,14 +9,15 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "inference"
 
 LAYERS = {  # top-level module or package of inference -> its layer (docs/design.md, "Modules and layers")
-    **dict.fromkeys(["config", "errors", "schema", "sse", "jsonio", "auth", "logs", "reactor", "record", "__init__"],
+    **dict.fromkeys(["config", "errors", "schema", "sse", "jsonio", "auth", "logs", "reactor", "record", "tenants",
+                     "__init__"],
                     0),
-    **dict.fromkeys(["routing", "translation"], 1),
+    **dict.fromkeys(["routing", "translation", "fairness"], 1),
     "operations": 2,
     "providers": 3,
-    **dict.fromkeys(["relay", "admission", "drain", "monitor", "catalog", "telemetry"], 4),
+    **dict.fromkeys(["relay", "admission", "drain", "monitor", "catalog", "telemetry", "quota", "quota_redis"], 4),
     **dict.fromkeys(["api", "resource", "channel", "request", "cors", "openapi", "openapi_typed"], 5),
-    **dict.fromkeys(["service", "tap", "listen", "cli", "__main__"], 6),
+    **dict.fromkeys(["service", "tap", "listen", "cli", "admin", "__main__"], 6),
 }
 WITH_A_CLOCK = {"routing/health.py"}  # the one policy module with timers: its clock is passed in
 

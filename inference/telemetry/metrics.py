@@ -109,6 +109,15 @@ class Metrics:
         self.upstream_up = Gauge(
             "inference_upstream_up", "1 when the upstream answered its last probe or call, 0 when unreachable",
             ["provider"], registry=registry)
+        self.limits_store_up = Gauge(
+            "inference_limits_store_up", "1 while tenants' limits are counted in their store (Redis), 0 while each "
+            "process counts alone (the store cannot be reached)", ["store"], registry=registry)
+        self.tenant_requests = Counter(
+            "inference_tenant_requests", "API calls by tenant, model, operation and HTTP status",
+            ["tenant", "model", "operation", "status"], registry=registry)
+        self.tenant_tokens = Counter(
+            "inference_tenant_tokens", "Tokens by tenant, model and type (input or output)",
+            ["tenant", "model", "type"], registry=registry)
         self.build_info = Gauge("inference_build_info", "Always 1; the version is the label", ["version"],
                                 registry=registry)
         self.build_info.labels(__version__).set(1)

@@ -24,6 +24,7 @@ from ..operations import CHAT, Facts, Operation, StreamStats
 from ..providers.base import NOT_SAID, Route
 from ..reactor import IGatewayReactor
 from ..record import CallRecord
+from ..tenants import Caller
 from .metrics import Metrics, method_label
 from .tracing import Tracing
 
@@ -117,8 +118,13 @@ class Telemetry:
         if record.answered_at is not None and code is not None:
             metrics.child(metrics.overhead, record.route).observe(
                 record.overhead_before + now - record.answered_at, exemplar)
+        caller = record.caller
+        if caller is not None and record.operation is not None:
+            self._tenant_usage(record, caller, label)
         if span is None:
             return
+        if caller is not None and caller.key_id is not None:  # the tenant and which of its keys; never the key
+            span.set_attributes({"inference.tenant": caller.tenant.name, "inference.key_id": caller.key_id})
         if code is not None:
             span.set_attribute("http.response.status_code", code)
         if (code is not None and code >= 500) or record.stream_failed:
@@ -127,6 +133,15 @@ class Telemetry:
         elif code is None:
             span.add_event("client_disconnected")
         span.end()
+
+    def _tenant_usage(self, record: CallRecord, caller: Caller, status: str) -> None:
+        """The tenant's call and tokens (the tenant label is bounded: the key file's tenants)."""
+        metrics, tenant, model = self.metrics, caller.tenant.name, record.model or "none"
+        metrics.child(metrics.tenant_requests, tenant, model, record.operation or "none", status).inc()
+        if record.input_tokens:
+            metrics.child(metrics.tenant_tokens, tenant, model, "input").inc(record.input_tokens)
+        if record.output_tokens:
+            metrics.child(metrics.tenant_tokens, tenant, model, "output").inc(record.output_tokens)
 
     # -- upstream calls ------------------------------------------------------------------------------------------
 
