@@ -102,7 +102,7 @@ class Gateway:
         inference = config.inference
         self.catalog = ModelCatalog(provider, reactor, inference.models_cache_secs, inference.allowed_models,
                                     inference.default_model)
-        self.shares = Shares()  # the tenants' use, which orders every queue of calls
+        self.shares = provider.fair_shares() or Shares()  # the tenants' use, which orders every queue of calls
         self.admission = Admission(inference.max_concurrent_requests, inference.max_queue,
                                    telemetry.metrics.queue_wait_child.observe, self.shares, inference.shed_above)
         self.quota = Quota(quota_store(inference.limits, reactor, telemetry.metrics), reactor)
@@ -204,11 +204,11 @@ class Gateway:
                 if value is not None:
                     headers = {**headers, name.decode("latin-1"): value.decode("latin-1")}
             if not stream_asked or operation.read_event is None:
-                answer = await job.run(self.provider.call(operation, body, headers))
+                answer = await job.run(self.provider.call(operation, body, headers, caller))
                 call.served = answer.served
                 call.answered(answer.data)
                 return write_body(request, answer.raw)
-            stream = await job.run(self.provider.open_stream(operation, body, headers))
+            stream = await job.run(self.provider.open_stream(operation, body, headers, caller))
             call.served = stream.served
             job.clear_deadline()
             relay = StreamRelay(request, stream, operation.read_event, operation.stream_format,

@@ -36,7 +36,7 @@ def _make(reactor: IGatewayReactor, config: InferenceConfig, connect: Connector 
     # connection that failed before the request went out is still retried on the same host.
     return FleetProvider([Host(host, _host_provider(reactor, config, host, False, connect))
                           for host in hosts], config.routing, reactor, placement=config.placement,
-                         load_timeout=config.http.load_timeout_secs)
+                         load_timeout=config.http.load_timeout_secs, shed_above=config.shed_above)
 
 
 def _host_provider(reactor: IGatewayReactor, config: InferenceConfig, host: UpstreamConfig,

@@ -12,7 +12,9 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from ..errors import GatewayError
+from ..fairness import Shares
 from ..operations import Operation
+from ..tenants import ANONYMOUS, Caller
 
 
 @dataclass(frozen=True)
@@ -145,17 +147,23 @@ class Provider(abc.ABC):
         """The models the server serves now, as OpenAI model objects (each with an ``id``)."""
 
     @abc.abstractmethod
-    async def call(self, operation: Operation, body: dict[str, Any],
-                   headers: dict[str, str] | None = None) -> Completion:
+    async def call(self, operation: Operation, body: dict[str, Any], headers: dict[str, str] | None = None,
+                   caller: Caller = ANONYMOUS) -> Completion:
         """One non-streaming call; raise a :class:`~inference.errors.GatewayError` on failure.
 
-        ``headers`` are sent with the upstream request (the trace context that continues the client's trace).
+        ``headers`` are sent with the upstream request (the trace context that continues the client's trace);
+        ``caller`` is whose call it is, for a provider that makes calls wait (a fleet's fair order).
         """
 
     @abc.abstractmethod
-    async def open_stream(self, operation: Operation, body: dict[str, Any],
-                          headers: dict[str, str] | None = None) -> ChatStream:
+    async def open_stream(self, operation: Operation, body: dict[str, Any], headers: dict[str, str] | None = None,
+                          caller: Caller = ANONYMOUS) -> ChatStream:
         """Start a streaming call; return once the server accepted it (errors before that are raised)."""
+
+    def fair_shares(self) -> Shares | None:
+        """The tenants' shares that order the calls this provider makes wait (a fleet's); None: it makes none
+        wait."""
+        return None
 
     def watch_models(self, changed: Callable[[], None]) -> None:  # noqa: B027 (a hook: most servers need none)
         """Have ``changed`` called when the gateway itself changed what the server has loaded (a fleet's

@@ -15,6 +15,7 @@ from ..config import InferenceConfig
 from ..errors import GatewayError, UpstreamError, from_upstream
 from ..operations import CHAT, Operation
 from ..reactor import IGatewayReactor
+from ..tenants import ANONYMOUS, Caller
 from .base import ChatStream, Completion, Provider, Served
 from .quirks import (
     LATE_SYSTEM,
@@ -72,8 +73,8 @@ class OpenAICompatibleProvider(Provider):
             complete["owned_by"] = self.name
         return complete
 
-    async def call(self, operation: Operation, body: dict[str, Any],
-                   headers: dict[str, str] | None = None) -> Completion:
+    async def call(self, operation: Operation, body: dict[str, Any], headers: dict[str, str] | None = None,
+                   caller: Caller = ANONYMOUS) -> Completion:
         if self._missing.lacks(operation):
             return await call_translated(self, operation, body, headers)
         body = self._shaped(operation, body)
@@ -94,8 +95,8 @@ class OpenAICompatibleProvider(Provider):
         self._loaded(body["model"], loading)
         return Completion(data, answer.body, Served(model_load=loading))
 
-    async def open_stream(self, operation: Operation, body: dict[str, Any],
-                          headers: dict[str, str] | None = None) -> ChatStream:
+    async def open_stream(self, operation: Operation, body: dict[str, Any], headers: dict[str, str] | None = None,
+                          caller: Caller = ANONYMOUS) -> ChatStream:
         if self._missing.lacks(operation):
             return await open_translated(self, operation, body, headers)
         body = self._shaped(operation, body)

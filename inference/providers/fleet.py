@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import cache, partial
@@ -26,12 +25,14 @@ from twisted.python.failure import Failure
 from .. import jsonio
 from ..config import DEFAULT_HOST_SLOTS, PlacementConfig, RoutingConfig, UpstreamConfig
 from ..errors import GatewayError, Overloaded, UpstreamClientError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from ..fairness import FairQueue, Shares
 from ..operations import Operation
 from ..routing.conversation import conversation
 from ..routing.demand import Demand
 from ..routing.health import CHECKING, DOWN, EJECTED, PROBING, SERVING, HealthRules, HostHealth
 from ..routing.memory import PrefixMemory, ResponseHomes
 from ..routing.picker import HostView, ModelOnHost, Pick, pick, serving
+from ..tenants import ANONYMOUS, Caller
 from .base import ChatStream, Completion, EventConsumer, Provider, Route, WrappedStream
 from .placement import Placement
 
@@ -79,12 +80,20 @@ class Host:
 RETRY_AFTER_SECS = 1
 
 
+@dataclass(frozen=True)
+class _Waiting:
+    """A call waiting for a host to free a slot for its model."""
+
+    model: str
+    woken: Deferred[None]  # fired when a slot it may take is free (it then looks again)
+
+
 class FleetProvider(Provider):
     """The hosts of ``inference.upstreams`` as one provider: their models together, each call routed."""
 
     def __init__(self, hosts: list[Host], routing: RoutingConfig, clock: IReactorTime,
                  rng: random.Random | None = None, placement: PlacementConfig | None = None,
-                 load_timeout: float = 300.0) -> None:
+                 load_timeout: float = 300.0, shed_above: int | None = None) -> None:
         self.hosts = hosts
         self._probe_timeout = routing.probe_timeout_secs
         self.on_eject: Callable[[str], None] = lambda name: None  # telemetry counts ejections
@@ -100,7 +109,8 @@ class FleetProvider(Provider):
         self._rng = rng or random.Random()
         self.memory = PrefixMemory(lambda name: self._by_name[name].view.max_concurrent)
         self.responses = ResponseHomes()
-        self._waiting: deque[tuple[str, Deferred[None]]] = deque()  # calls (and their model) waiting for a slot
+        # Calls waiting for a slot, handed freed slots by priority class and tenants' shares.
+        self._waiting: FairQueue[_Waiting] = FairQueue(Shares(), shed_above)
         self._listed = False  # whether the hosts' model lists were asked once
         self.placement = Placement(placement or PlacementConfig(), hosts, clock, load_timeout,
                                    routing.probe_timeout_secs, self._learn_models)
@@ -183,27 +193,31 @@ class FleetProvider(Provider):
             log.info("upstream host {host} is asked for its model list at once ({why})", host=name, why=health.why)
         self._wake_all()  # calls waiting for it look again: another host may serve them, or none
 
-    async def call(self, operation: Operation, body: dict[str, Any],
-                   headers: dict[str, str] | None = None) -> Completion:
+    def fair_shares(self) -> Shares:
+        return self._waiting.shares
+
+    async def call(self, operation: Operation, body: dict[str, Any], headers: dict[str, str] | None = None,
+                   caller: Caller = ANONYMOUS) -> Completion:
         host, answer, route = await self._first_answer(operation, body,
-                                                       lambda host: host.provider.call(operation, body, headers))
+                                                       lambda host: host.provider.call(operation, body, headers),
+                                                       caller)
         self._release(host, body["model"])
         if operation.continues_responses and isinstance(answer.data.get("id"), str):
             self.responses.remember(answer.data["id"], host.view.name)
         return dataclasses.replace(answer, served=dataclasses.replace(answer.served, route=route))
 
-    async def open_stream(self, operation: Operation, body: dict[str, Any],
-                          headers: dict[str, str] | None = None) -> ChatStream:
+    async def open_stream(self, operation: Operation, body: dict[str, Any], headers: dict[str, str] | None = None,
+                          caller: Caller = ANONYMOUS) -> ChatStream:
         host, stream, route = await self._first_answer(
-            operation, body, lambda host: host.provider.open_stream(operation, body, headers))
+            operation, body, lambda host: host.provider.open_stream(operation, body, headers), caller)
         # The slot is the stream's until it ends; a Responses stream names its response in its first event.
         created = partial(self.responses.remember, host=host.view.name) if operation.continues_responses else None
         return HostStream(stream, partial(self._stream_ended, host, body["model"]), route, created)
 
     async def _first_answer(self, operation: Operation, body: dict[str, Any],
-                            attempt: Callable[[Host], Coroutine[Any, Any, T]]) -> tuple[Host, T, Route]:
+                            attempt: Callable[[Host], Coroutine[Any, Any, T]], caller: Caller) -> tuple[Host, T, Route]:
         """``attempt`` on the ranked hosts until one answers; that host's slot is still taken when this returns."""
-        key, ranking = await self._ranking(operation, body)
+        key, ranking = await self._ranking(operation, body, caller)
         failed: list[tuple[str, str]] = []
         model = body["model"]
         for host in ranking.hosts:
@@ -234,7 +248,8 @@ class FleetProvider(Provider):
             return host, answer, _route(host, ranking, failed)
         raise AssertionError("unreachable: the last host's failure is raised")
 
-    async def _ranking(self, operation: Operation, body: dict[str, Any]) -> tuple[bytes | None, Ranking]:
+    async def _ranking(self, operation: Operation, body: dict[str, Any],
+                       caller: Caller) -> tuple[bytes | None, Ranking]:
         """The conversation's key and the hosts to try, once one of them has a free slot.
 
         A ``previous_response_id`` the fleet saw given goes to the host holding it alone (waiting for its slot if
@@ -259,31 +274,40 @@ class FleetProvider(Provider):
                 return key, Ranking(hosts, "affinity" if at_home else chosen.reason,
                                     elsewhere=isinstance(previous, str) and len(views) > 1, key_source=source,
                                     step="previous_response" if at_home else chosen.step)
-            if len(self._waiting) >= self._max_waiting:
-                raise Overloaded(f"{len(self._waiting)} calls already wait for a host of the fleet to free a slot "
+            await self._wait(model, caller)
+
+    def _wait(self, model: str, caller: Caller) -> Deferred[None]:
+        """Wait for a host to free a slot for ``model``, in the fair order; 429 when there is no room to wait."""
+        waiting = self._waiting
+        if waiting.refuses(caller):
+            raise Overloaded(f"{len(waiting)} calls wait for a host of the fleet, more than inference.shed_above "
+                             f"({waiting.shed_above}): sheddable calls are refused; retry shortly",
+                             headers={"Retry-After": str(RETRY_AFTER_SECS)})
+        if len(waiting) >= self._max_waiting:
+            shed = waiting.shed(caller)
+            if shed is None:
+                raise Overloaded(f"{len(waiting)} calls already wait for a host of the fleet to free a slot "
                                  "(inference.routing.max_waiting); retry shortly",
                                  headers={"Retry-After": str(RETRY_AFTER_SECS)})
-            waiting: Deferred[None] = Deferred(self._give_up)
-            self._waiting.append((model, waiting))
-            await waiting
+            shed.woken.errback(Overloaded("The fleet's wait is full and gave this sheddable call's place to a more "
+                                          "urgent one; retry shortly", headers={"Retry-After": str(RETRY_AFTER_SECS)}))
 
-    def _give_up(self, waiting: Deferred[None]) -> None:
-        """A waiting call was cancelled (its deadline, or its client left)."""
-        for entry in self._waiting:
-            if entry[1] is waiting:
-                self._waiting.remove(entry)
-                return
+        def give_up(woken: Deferred[None]) -> None:  # cancelled: its deadline passed, or its client left
+            waiting.remove(entry)
+
+        entry = _Waiting(model, Deferred(give_up))
+        waiting.push(entry, caller)
+        return entry.woken
 
     def _wake_one(self, host: Host) -> None:
         """A slot of ``host`` is free: the longest-waiting call for a model it serves looks again (one call, not
         every waiting one: at 2,000 waiting, waking all cost 10 ms of CPU per freed slot)."""
         if not host.view.routed or host.view.outstanding >= host.view.slots:
             return
-        for entry in self._waiting:
-            if entry[0] in host.view.models and host.view.has_free_slot(entry[0]):
-                self._waiting.remove(entry)
-                entry[1].callback(None)
-                return
+        view = host.view
+        entry = self._waiting.pop(lambda waiting: waiting.model in view.models and view.has_free_slot(waiting.model))
+        if entry is not None:
+            entry.woken.callback(None)
 
     def _wake_for_free_slots(self, host: Host) -> None:
         """``host`` has more free slots than before: as many waiting calls look again."""
@@ -292,9 +316,8 @@ class FleetProvider(Provider):
 
     def _wake_all(self) -> None:
         """Every waiting call looks again (a host left or joined the fleet: rare)."""
-        waiting, self._waiting = self._waiting, deque()
-        for _, d in waiting:
-            d.callback(None)
+        for entry in self._waiting.clear():
+            entry.woken.callback(None)
 
     def _report(self, host: Host, error: GatewayError) -> None:
         """Tell a host's health what a call's error says of the host (a 4xx says nothing of it)."""

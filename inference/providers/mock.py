@@ -20,6 +20,7 @@ from ..errors import InvalidRequest
 from ..operations import CHAT, Operation
 from ..reactor import IGatewayReactor
 from ..sse import DONE
+from ..tenants import ANONYMOUS, Caller
 from ..translation.chat import as_object
 from .base import ChatStream, Completion, Provider
 from .replay import PreparedStream
@@ -124,8 +125,8 @@ class MockProvider(Provider):
         return [{"id": m, "object": "model", "created": self._created, "owned_by": "mock", "type": kind,
                  "state": "loaded"} for m, kind in kinds]
 
-    async def call(self, operation: Operation, body: dict[str, Any],
-                   headers: dict[str, str] | None = None) -> Completion:
+    async def call(self, operation: Operation, body: dict[str, Any], headers: dict[str, str] | None = None,
+                   caller: Caller = ANONYMOUS) -> Completion:
         if operation.model_kind == "embeddings":
             return _embeddings(body)
         if operation.translation is not None:  # the mock serves the Responses and Messages APIs as chat
@@ -153,8 +154,8 @@ class MockProvider(Provider):
         }
         return Completion(data, jsonio.dumps(data))
 
-    async def open_stream(self, operation: Operation, body: dict[str, Any],
-                          headers: dict[str, str] | None = None) -> ChatStream:
+    async def open_stream(self, operation: Operation, body: dict[str, Any], headers: dict[str, str] | None = None,
+                          caller: Caller = ANONYMOUS) -> ChatStream:
         if operation.translation is not None:
             return await open_translated(self, operation, body, headers)
         words, finish_reason = reply_words(operation, body)
