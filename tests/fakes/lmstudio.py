@@ -561,9 +561,9 @@ class FakeLMStudio(Resource):
         self.pending.append(request)
         request.notifyFinish().addBoth(self._held_closed, request)
 
-    def release(self) -> None:
-        """Answer every held request normally (the ones waiting in ``hang`` mode)."""
-        for request in list(self.pending):
+    def release(self, count: int | None = None) -> None:
+        """Answer the held requests (the ones waiting in ``hang`` mode) normally: the first ``count``, else all."""
+        for request in list(self.pending)[:count]:
             self.pending.remove(request)
             late = self._late.pop(request, None)  # a stream held before its first event
             request.write(late if late is not None else
