@@ -37,7 +37,8 @@ MODULE_MARKS = {
     "daemon": {"test_daemon", "test_fleet_faults", "test_systemd", "test_load"},  # real twistd processes
     "prometheus": {"test_prometheus"},  # a real Prometheus server scraping the gateway
     "fuzz": {"test_properties"},  # hypothesis property tests
-    "clients": {"test_agent_clis", "test_agents", "test_sdk_loops", "test_conformance"},  # SDKs and agent CLIs
+    "clients": {"test_agent_clis", "test_agents", "test_sdk_loops", "test_conformance",  # SDKs and agent CLIs
+                "test_tenant_clients"},
 }
 PLUGIN_CHECK = ("from twisted.plugin import IPlugin, getPlugins\n"
                 "import sys\n"
