@@ -1,16 +1,21 @@
-"""``inference keys add TENANT``: a new key, printed once, its hash written to the tenants' key file."""
+"""The operator's commands beside the daemon: ``inference keys add TENANT`` (a new key, printed once, its hash
+written to the tenants' key file) and ``inference usage`` (the usage ledger, read from its store)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import secrets
 import tempfile
+import time
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 import yaml
 
 from .config import ConfigError
 from .tenants import key_hash, key_id, parse_tenants
+from .usage import SUMS, connect_args, iso, summary_rows, summary_sql, where_store
 
 KEY_PREFIX = "sk-inf-"
 
@@ -66,3 +71,26 @@ def _write(path: str, text: str) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def usage_report(store: str, since: float, group_by: Sequence[str], out: TextIO) -> None:
+    """Calls, errors and tokens per group since ``since``, as a table (the CLI may block: it is not the daemon)."""
+    dialect, args, kwargs = connect_args(store)
+    try:
+        connection = importlib.import_module(dialect.driver).connect(*args, **kwargs)
+    except Exception as e:  # the driver's own errors: one line, no password
+        raise ConfigError(f"cannot open the usage store {where_store(store)}: {str(e).splitlines()[0]}") from None
+    try:
+        cursor = connection.cursor()
+        cursor.execute(summary_sql(dialect, group_by), (since, time.time() + 1))
+        rows = summary_rows(group_by, cursor.fetchall())
+    except Exception as e:
+        raise ConfigError(f"cannot read the usage store {where_store(store)}: {str(e).splitlines()[0]}") from None
+    finally:
+        connection.close()
+    header = [*group_by, *SUMS]
+    table = [header] + [[str(row[name]) for name in header] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    print(f"usage since {iso(since)} ({where_store(store)})", file=out)
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip(), file=out)

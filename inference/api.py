@@ -21,6 +21,7 @@ from .drain import InFlight, Job
 from .errors import (
     ContextLengthExceeded,
     GatewayError,
+    InvalidRequest,
     MethodNotAllowed,
     PermissionDenied,
     RouteNotFound,
@@ -39,6 +40,7 @@ from .request import GatewayRequest
 from .routing.demand import CHARS_PER_TOKEN, Demand
 from .telemetry import RequestState, Telemetry
 from .tenants import ANONYMOUS, Caller
+from .usage import MAX_GROUPS, iso, parse_group_by, parse_when
 
 log = Logger()
 
@@ -48,7 +50,8 @@ OPERATIONS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES)
 
 _POST_ROUTES = ", ".join(f"POST {op.path}" for op in OPERATIONS)
 _ROUTES = {path.encode(): path for path in
-           (*(op.path for op in OPERATIONS), "/v1/models", "/health", "/health/live", "/health/ready", "/openapi.json")}
+           (*(op.path for op in OPERATIONS), "/v1/models", "/v1/usage", "/health", "/health/live", "/health/ready",
+            "/openapi.json")}
 
 
 def route_of(path: bytes) -> str:
@@ -115,13 +118,17 @@ class Gateway:
         self._openapi = openapi_bytes(config)
 
     def start(self) -> None:
-        """Begin watching the upstream (the daemon calls it once it runs)."""
+        """Begin watching the upstream, and writing usage (the daemon calls it once it runs)."""
         self.monitor.start()
+        if self.telemetry.ledger is not None:
+            self.telemetry.ledger.start()
 
     async def close(self) -> None:
         """Release upstream connections and flush telemetry (at shutdown)."""
         self.monitor.stop()
         await self.quota.store.close()
+        if self.telemetry.ledger is not None:
+            await self.telemetry.ledger.close()
         await self.provider.close()
         await self.telemetry.close()
 
@@ -230,6 +237,26 @@ class Gateway:
     async def get_model(self, request: GatewayRequest, model_id: str) -> bytes:
         tenant = self._authorize(request).tenant
         return write_json(request, await self.catalog.get(model_id, tenant))
+
+    @app.route("/v1/usage", methods=["GET"])
+    async def usage(self, request: GatewayRequest) -> bytes:
+        """Calls and tokens per tenant, model, day ... from the usage ledger (operators' keys only)."""
+        self.authorize_operator(request, always=True)
+        ledger = self.telemetry.ledger
+        if ledger is None:
+            raise RouteNotFound("No usage ledger: set inference.usage.store (sqlite:///path or postgresql://...).")
+        now = self.reactor.seconds()
+        since = self._query_time(request, "from", now - 7 * 86400, now)
+        until = self._query_time(request, "to", now + 1, now)
+        try:
+            group_by = parse_group_by(self._query(request, "group_by") or "tenant,model")
+        except ValueError as e:
+            raise InvalidRequest(str(e), param="group_by") from None
+        if until <= since:
+            raise InvalidRequest("'to' must come after 'from'", param="to")
+        rows = await ledger.summary(since, until, group_by)
+        return write_json(request, {"object": "usage", "from": iso(since), "to": iso(until), "group_by": group_by,
+                                    "data": rows, "truncated": len(rows) >= MAX_GROUPS})
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: GatewayRequest) -> bytes:
@@ -383,6 +410,21 @@ class Gateway:
         if lease is not None:
             lease.end((record.input_tokens or 0) + (record.output_tokens or 0))
         self.shares.used(caller, record.output_tokens or 0)
+
+    @staticmethod
+    def _query(request: GatewayRequest, name: str) -> str | None:
+        values = request.args.get(name.encode())
+        return values[0].decode("utf-8", "replace") if values else None
+
+    def _query_time(self, request: GatewayRequest, name: str, default: float, now: float) -> float:
+        value = self._query(request, name)
+        if not value:
+            return default
+        try:
+            return parse_when(value, now)
+        except ValueError:
+            raise InvalidRequest(f"'{name}' must be a date (2026-12-01), an ISO time, Unix seconds, or an age like "
+                                 f"7d, 24h or 30m; not {value[:40]!r}", param=name) from None
 
     @staticmethod
     def _body(request: GatewayRequest) -> bytes:

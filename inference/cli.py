@@ -11,6 +11,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TextIO
@@ -168,6 +169,26 @@ def run_keys(tenant: str, path: str | None, config_path: str | None, environ: Ma
     return EXIT_OK
 
 
+def run_usage(store: str | None, since: str, group_by: str, config_path: str | None,
+              environ: Mapping[str, str]) -> int:
+    """``inference usage``: the exit status."""
+    from .admin import usage_report
+    from .usage import parse_group_by, parse_when, resolve_store
+
+    try:
+        if store is None:
+            config, _ = load_with_sources(config_path, environ)
+            store = resolve_store(config.inference.usage, environ)
+        if store == "none":
+            print("usage: no usage store: give --store, or set inference.usage.store", file=sys.stderr)
+            return EXIT_CONFIG
+        usage_report(store, parse_when(since, time.time()), parse_group_by(group_by), sys.stdout)
+    except (ConfigError, ValueError) as e:
+        print(f"usage: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inference", description="OpenAI-compatible gateway: tools beside the "
                                      "daemon (run the daemon itself with `twistd inference`).")
@@ -183,7 +204,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     keys.add_argument("tenant", help="the tenant the key is for (added to the file when new, with no limit)")
     keys.add_argument("-c", "--config", help="YAML config file whose server.api_keys_file is the key file")
     keys.add_argument("-f", "--file", help="the key file (default: server.api_keys_file of the configuration)")
+    usage = commands.add_parser("usage", help="calls and tokens per tenant, model, day ... from the usage ledger")
+    usage.add_argument("--since", default="7d", help="an age (7d, 24h, 30m), a date or an ISO time (default 7d)")
+    usage.add_argument("--group-by", default="tenant,model,day", help="among tenant, key_id, model, host, "
+                       "operation, status, day (default tenant,model,day)")
+    usage.add_argument("-c", "--config", help="YAML config file whose inference.usage.store is read")
+    usage.add_argument("--store", help="the store (sqlite:///path or postgresql://...; default: the configuration's)")
     args = parser.parse_args(argv)
+    if args.command == "usage":
+        raise SystemExit(run_usage(args.store, args.since, args.group_by, args.config, os.environ))
     if args.command == "keys":
         raise SystemExit(run_keys(args.tenant, args.file, args.config, os.environ))
     if args.command != "check":

@@ -35,6 +35,7 @@ from .request import GatewayRequest
 from .resource import GatewayResource
 from .telemetry import Metrics, Telemetry
 from .telemetry.models import ModelTelemetry
+from .usage import UsageLedger, resolve_store
 
 log = Logger()
 
@@ -118,6 +119,9 @@ def build_site(config: Config, reactor: IGatewayReactor, environ: Mapping[str, s
         provider.placement.events = ModelTelemetry(metrics, telemetry.tracing)
     else:  # one host: every call is its
         telemetry.upstream = "mock" if config.inference.provider == "mock" else config.inference.hosts()[0].name
+    store = resolve_store(config.inference.usage, os.environ if environ is None else environ)
+    if store != "none":
+        telemetry.ledger = UsageLedger(store, config.inference.usage, reactor, telemetry.metrics.usage_rows_dropped.inc)
     return GatewaySite(Gateway(config, provider, reactor, telemetry))
 
 

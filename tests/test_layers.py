@@ -15,7 +15,8 @@ LAYERS = {  # top-level module or package of inference -> its layer (docs/design
     **dict.fromkeys(["routing", "translation", "fairness"], 1),
     "operations": 2,
     "providers": 3,
-    **dict.fromkeys(["relay", "admission", "drain", "monitor", "catalog", "telemetry", "quota", "quota_redis"], 4),
+    **dict.fromkeys(["relay", "admission", "drain", "monitor", "catalog", "telemetry", "quota", "quota_redis",
+                     "usage"], 4),
     **dict.fromkeys(["api", "resource", "channel", "request", "cors", "openapi", "openapi_typed"], 5),
     **dict.fromkeys(["service", "tap", "listen", "cli", "admin", "__main__"], 6),
 }

@@ -118,6 +118,9 @@ class Metrics:
         self.tenant_tokens = Counter(
             "inference_tenant_tokens", "Tokens by tenant, model and type (input or output)",
             ["tenant", "model", "type"], registry=registry)
+        self.usage_rows_dropped = Counter(
+            "inference_usage_rows_dropped", "Usage ledger rows dropped: the store could not take them and the buffer "
+            "was full", registry=registry)
         self.build_info = Gauge("inference_build_info", "Always 1; the version is the label", ["version"],
                                 registry=registry)
         self.build_info.labels(__version__).set(1)

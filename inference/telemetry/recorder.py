@@ -25,6 +25,7 @@ from ..providers.base import NOT_SAID, Route
 from ..reactor import IGatewayReactor
 from ..record import CallRecord
 from ..tenants import Caller
+from ..usage import UsageLedger, UsageRow
 from .metrics import Metrics, method_label
 from .tracing import Tracing
 
@@ -55,6 +56,8 @@ class Telemetry:
                  environ: Mapping[str, str], reactor: IGatewayReactor) -> None:
         self.metrics = Metrics(provider_name)
         self.tracing = Tracing(config.tracing, environ, reactor)
+        self._clock = reactor
+        self.ledger: UsageLedger | None = None  # where each API call's row goes (inference.usage.store)
         self.provider = provider_name
         self.upstream = "fleet"  # the one host's name; a fleet's calls say which host served them (their Route)
         self.metrics_path: bytes | None = config.metrics.path.encode() if config.metrics.enabled else None
@@ -135,13 +138,20 @@ class Telemetry:
         span.end()
 
     def _tenant_usage(self, record: CallRecord, caller: Caller, status: str) -> None:
-        """The tenant's call and tokens (the tenant label is bounded: the key file's tenants)."""
+        """The tenant's call and tokens (the tenant label is bounded: the key file's tenants), and its ledger row."""
         metrics, tenant, model = self.metrics, caller.tenant.name, record.model or "none"
-        metrics.child(metrics.tenant_requests, tenant, model, record.operation or "none", status).inc()
+        operation = record.operation or "none"
+        metrics.child(metrics.tenant_requests, tenant, model, operation, status).inc()
         if record.input_tokens:
             metrics.child(metrics.tenant_tokens, tenant, model, "input").inc(record.input_tokens)
         if record.output_tokens:
             metrics.child(metrics.tenant_tokens, tenant, model, "output").inc(record.output_tokens)
+        if self.ledger is not None:
+            ttft = record.time_to_first_token
+            self.ledger.record(UsageRow(
+                self._clock.seconds(), tenant, caller.key_id, record.model, record.upstream or self.upstream,
+                operation, int(status), record.input_tokens, record.output_tokens,
+                round(ttft * 1000, 2) if ttft is not None else None, round(record.duration * 1000, 2)))
 
     # -- upstream calls ------------------------------------------------------------------------------------------
 

@@ -1,0 +1,260 @@
+"""The usage ledger: one row per API call (when, whose, which key id, model, host, operation, status, tokens, time
+to first token, duration; never content), written in batches off the reactor thread (twisted.enterprise.adbapi)
+to SQLite, or to PostgreSQL for several gateways.
+
+Rows wait in a bounded buffer and are written every ``flush_secs``; a store that is full or cannot be reached
+never fails a call: rows stay buffered up to ``max_buffered_rows``, then the oldest are dropped and counted
+(``inference_usage_rows_dropped_total``). Rows older than ``keep_days`` are deleted once an hour.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import astuple, dataclass
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from .config import ConfigError, UsageConfig
+from .reactor import IGatewayReactor
+
+log = Logger()
+
+RETENTION_EVERY_SECS = 3600
+MAX_GROUPS = 10000  # the most rows a usage query answers (one per group)
+GROUPS = ("tenant", "key_id", "model", "host", "operation", "status", "day")
+COLUMNS = ("at", "tenant", "key_id", "model", "host", "operation", "status", "input_tokens", "output_tokens",
+           "ttft_ms", "duration_ms")
+SCHEMA = ("CREATE TABLE IF NOT EXISTS inference_usage (at DOUBLE PRECISION NOT NULL, tenant TEXT NOT NULL, "
+          "key_id TEXT, model TEXT, host TEXT, operation TEXT, status INTEGER, input_tokens INTEGER, "
+          "output_tokens INTEGER, ttft_ms DOUBLE PRECISION, duration_ms DOUBLE PRECISION)",
+          "CREATE INDEX IF NOT EXISTS inference_usage_at ON inference_usage (at)")
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    at: float  # when the call ended (Unix seconds)
+    tenant: str
+    key_id: str | None
+    model: str | None
+    host: str | None
+    operation: str
+    status: int
+    input_tokens: int | None
+    output_tokens: int | None
+    ttft_ms: float | None
+    duration_ms: float
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the stores: the driver, its placeholder, how a time becomes its UTC day."""
+
+    driver: str
+    placeholder: str
+    day: str  # SQL of the UTC day of ``at``, as YYYY-MM-DD
+
+
+SQLITE = Dialect("sqlite3", "?", "date(at, 'unixepoch')")
+POSTGRES = Dialect("psycopg2", "%s", "to_char(to_timestamp(at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')")
+
+
+def resolve_store(config: UsageConfig, environ: Mapping[str, str]) -> str:
+    """``usage.store`` with ``auto`` made concrete: SQLite in systemd's StateDirectory when the daemon has one (the
+    units in systemd/ give it /var/lib/inference), else none (a gateway run by hand keeps no ledger unasked)."""
+    if config.store != "auto":
+        return config.store
+    state = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return f"sqlite:///{state.lstrip('/')}/usage.db" if state else "none"
+
+
+def connect_args(store: str) -> tuple[Dialect, tuple[Any, ...], dict[str, Any]]:
+    """The dialect and DB-API connect arguments for a ``sqlite:///path`` or ``postgresql://`` store URL."""
+    parts = urlsplit(store)
+    if parts.scheme == "sqlite":
+        return SQLITE, ("/" + parts.path.lstrip("/"),), {"check_same_thread": False, "timeout": 5}
+    kwargs = {"host": parts.hostname, "port": parts.port or 5432, "dbname": unquote(parts.path.lstrip("/")),
+              "user": unquote(parts.username) if parts.username else None,
+              "password": unquote(parts.password) if parts.password else None, "connect_timeout": 5}
+    return POSTGRES, (), {k: v for k, v in kwargs.items() if v is not None}
+
+
+def where_store(store: str) -> str:
+    """The store as it may be said (no password)."""
+    parts = urlsplit(store)
+    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+
+
+def summary_sql(dialect: Dialect, group_by: Sequence[str]) -> str:
+    """Calls, errors and tokens per group, between two times (the query's two parameters)."""
+    columns = [dialect.day if name == "day" else name for name in group_by]
+    selected = "".join(f"{column} AS {name}, " for column, name in zip(columns, group_by, strict=True))
+    grouping = f" GROUP BY {', '.join(columns)} ORDER BY {', '.join(columns)}" if columns else ""
+    p = dialect.placeholder
+    return (f"SELECT {selected}COUNT(*), SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), "
+            f"COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0) FROM inference_usage "
+            f"WHERE at >= {p} AND at < {p}{grouping} LIMIT {MAX_GROUPS}")
+
+
+SUMS = ("requests", "errors", "input_tokens", "output_tokens")
+
+
+def summary_rows(group_by: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    """The query's rows as objects: the group's values, then its sums."""
+    width = len(group_by)
+    return [{**dict(zip(group_by, row[:width], strict=True)),
+             **dict(zip(SUMS, (int(value or 0) for value in row[width:]), strict=True))} for row in rows]
+
+
+def parse_when(value: str, now: float) -> float:
+    """A time in a usage query: ``7d`` / ``24h`` / ``30m`` ago, a date (``2026-12-01``, UTC), an ISO time, or Unix
+    seconds; :class:`ValueError` otherwise."""
+    text = value.strip()
+    units = {"d": 86400, "h": 3600, "m": 60}
+    if text[-1:] in units and text[:-1].isdigit():
+        return now - int(text[:-1]) * units[text[-1]]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def parse_group_by(value: str) -> list[str]:
+    """``tenant,model,day`` as a list of known groups; :class:`ValueError` naming what is not one."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in GROUPS]
+    if unknown or len(set(names)) < len(names):
+        raise ValueError(f"group_by takes distinct names among {', '.join(GROUPS)} (not {', '.join(unknown) or value})")
+    return names
+
+
+def iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _create(connection: Any) -> None:
+    """The table and its index, on every new connection (adbapi's ``cp_openfun``)."""
+    cursor = connection.cursor()
+    for statement in SCHEMA:
+        cursor.execute(statement)
+    connection.commit()
+
+
+class UsageLedger:
+    """Rows buffered here and written to the store in batches, by a thread of adbapi's pool."""
+
+    def __init__(self, store: str, config: UsageConfig, reactor: IGatewayReactor,
+                 dropped: Callable[[int], None] = lambda rows: None) -> None:
+        self.dialect, args, kwargs = connect_args(store)
+        if self.dialect is SQLITE:
+            try:
+                os.makedirs(os.path.dirname(args[0]) or ".", exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"inference.usage.store: cannot make the folder of {args[0]}: "
+                                  f"{e.strerror or e}") from None
+        self._where = where_store(store)
+        self._pool = adbapi.ConnectionPool(self.dialect.driver, *args, cp_min=1, cp_max=1, cp_reactor=reactor,
+                                           cp_openfun=_create, **kwargs)
+        self._reactor = reactor
+        self._config = config
+        self._buffer: deque[UsageRow] = deque()
+        self._writing: Deferred[None] | None = None
+        self._timer: IDelayedCall | None = None
+        self._retention: IDelayedCall | None = None
+        self._dropped = dropped  # counts rows dropped (inference_usage_rows_dropped_total)
+        self._up = True
+        self._closed = False
+        self._insert = (f"INSERT INTO inference_usage ({', '.join(COLUMNS)}) VALUES "
+                        f"({', '.join([self.dialect.placeholder] * len(COLUMNS))})")
+
+    def start(self) -> None:
+        self._timer = self._reactor.callLater(self._config.flush_secs, self._tick)
+        self._retention = self._reactor.callLater(0, self._forget_old)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def record(self, row: UsageRow) -> None:
+        """Keep ``row`` for the next write; past the bound the oldest row is dropped (and counted)."""
+        if len(self._buffer) >= self._config.max_buffered_rows:
+            self._buffer.popleft()
+            self._dropped(1)
+        self._buffer.append(row)
+
+    def flush(self) -> Deferred[None]:
+        """Write what is buffered now (after a write under way); fires when it is written, or failed and kept."""
+        if self._writing is not None:
+            return self._writing.addCallback(lambda _: self.flush())
+        if not self._buffer:
+            return Deferred.fromCoroutine(_nothing())
+        batch = list(self._buffer)
+        self._buffer.clear()
+        self._writing = self._pool.runInteraction(_write_rows, self._insert, [astuple(row) for row in batch])
+        self._writing.addCallbacks(self._written, self._not_written, errbackArgs=(batch,))
+        return self._writing
+
+    def _written(self, _: Any) -> None:
+        self._writing = None
+        if not self._up:
+            self._up = True
+            log.info("usage store {where} is written again", where=self._where)
+
+    def _not_written(self, failure: Any, batch: list[UsageRow]) -> None:
+        """Keep the batch (ahead of newer rows) within the bound; say so once until a write succeeds."""
+        self._writing = None
+        room = self._config.max_buffered_rows - len(self._buffer)
+        kept = batch[-room:] if room > 0 else []
+        if len(kept) < len(batch):
+            self._dropped(len(batch) - len(kept))
+        self._buffer.extendleft(reversed(kept))
+        if self._up:
+            self._up = False
+            log.error("usage store {where} cannot be written ({error}); rows are kept, up to {bound}, and "
+                      "written when it can be", where=self._where, error=failure.getErrorMessage()[:200],
+                      bound=self._config.max_buffered_rows)
+
+    def _tick(self) -> None:
+        self.flush()
+        self._timer = self._reactor.callLater(self._config.flush_secs, self._tick)
+
+    def _forget_old(self) -> None:
+        cutoff = self._reactor.seconds() - self._config.keep_days * 86400
+        self._pool.runOperation(f"DELETE FROM inference_usage WHERE at < {self.dialect.placeholder}",
+                                (cutoff,)).addErrback(lambda failure: None)  # (a store that is away: next hour)
+        self._retention = self._reactor.callLater(RETENTION_EVERY_SECS, self._forget_old)
+
+    async def summary(self, since: float, until: float, group_by: Sequence[str]) -> list[dict[str, Any]]:
+        """Calls and tokens per group between ``since`` and ``until`` (what is buffered is written first)."""
+        await self.flush()
+        rows = await self._pool.runQuery(summary_sql(self.dialect, group_by), (since, until))
+        return summary_rows(group_by, rows)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for timer in (self._timer, self._retention):
+            if timer is not None and timer.active():
+                timer.cancel()
+        try:
+            await self.flush()
+        finally:
+            self._pool.close()
+
+
+def _write_rows(cursor: Any, insert: str, rows: list[tuple[Any, ...]]) -> None:
+    cursor.executemany(insert, rows)
+
+
+async def _nothing() -> None:
+    return None
