@@ -34,7 +34,8 @@ FAKE_URL = "http://lmstudio.test:1234"  # where an in-memory gateway finds the `
 # Tests that are slow or need what a quick run may lack, by module (single tests elsewhere carry the mark
 # themselves): ``pytest -m "not daemon and not prometheus and not fuzz and not clients"`` is the quick set.
 MODULE_MARKS = {
-    "daemon": {"test_daemon", "test_fleet_faults", "test_systemd", "test_load"},  # real twistd processes
+    "daemon": {"test_daemon", "test_fleet_faults", "test_systemd", "test_load",  # real twistd processes
+               "test_shared_limits"},
     "prometheus": {"test_prometheus"},  # a real Prometheus server scraping the gateway
     "fuzz": {"test_properties"},  # hypothesis property tests
     "clients": {"test_agent_clis", "test_agents", "test_sdk_loops", "test_conformance",  # SDKs and agent CLIs
