@@ -32,8 +32,11 @@ setup(
         # so that a new release's new rules cannot fail a build that changed nothing.
         # openai-agents, langchain-openai and langchain-anthropic: the agent frameworks whose tool loops the
         # tests run unmodified through the gateway (users run them; their requests are what must work).
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "openai>=1.40", "anthropic>=0.40", "hypothesis>=6.100",
-                 "schemathesis>=4.0", "openai-agents>=0.24", "langchain-openai>=1.7", "langchain-anthropic>=1.7",
+        # The usage ledger in PostgreSQL (several gateways, one ledger): the driver adbapi runs in its threads.
+        "postgres": ["psycopg2-binary>=2.9"],
+        "test": ["psycopg2-binary>=2.9", "pytest>=8", "pytest-twisted>=1.14", "openai>=1.40", "anthropic>=0.40",
+                 "hypothesis>=6.100", "schemathesis>=4.0", "openai-agents>=0.24", "langchain-openai>=1.7",
+                 "langchain-anthropic>=1.7",
                  "ruff~=0.17.6", "mypy~=2.4.1", "mypy-zope~=1.0.17", "types-PyYAML>=6"],
     },
 )

@@ -9,6 +9,7 @@ never fails a call: rows stay buffered up to ``max_buffered_rows``, then the old
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -155,6 +156,11 @@ class UsageLedger:
     def __init__(self, store: str, config: UsageConfig, reactor: IGatewayReactor,
                  dropped: Callable[[int], None] = lambda rows: None) -> None:
         self.dialect, args, kwargs = connect_args(store)
+        try:
+            importlib.import_module(self.dialect.driver)
+        except ImportError:
+            raise ConfigError(f"inference.usage.store: {where_store(store)} needs the {self.dialect.driver} driver: "
+                              "pip install 'inference[postgres]'") from None
         if self.dialect is SQLITE:
             try:
                 os.makedirs(os.path.dirname(args[0]) or ".", exist_ok=True)
