@@ -172,13 +172,15 @@ def read_key_file(path: str) -> list[tuple[Tenant, list[str]]]:
         raise ConfigError(f"server.api_keys_file: cannot read {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{where} is not UTF-8 text") from None
-    if re.search(r"^tenants\s*:", text, re.MULTILINE):
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        if re.search(r"^tenants\s*:", text, re.MULTILINE):  # meant as tenants: say where it went wrong
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{where} is not valid YAML{at}") from None
+        data = None  # plain keys need not be valid YAML
+    if isinstance(data, dict) and "tenants" in data:
         return parse_tenants(data, where)
     return [plain_tenant([key_hash(key.encode("utf-8")) for key in _plain_keys(text.splitlines(), where)])]
 

@@ -150,6 +150,13 @@ def _create(connection: Any) -> None:
     connection.commit()
 
 
+def _create_sqlite(connection: Any) -> None:
+    """The same, with SQLite's write-ahead log: several gateway processes may share one file (a writer does not
+    block the readers of /v1/usage)."""
+    connection.execute("PRAGMA journal_mode=WAL")
+    _create(connection)
+
+
 class UsageLedger:
     """Rows buffered here and written to the store in batches, by a thread of adbapi's pool."""
 
@@ -169,7 +176,8 @@ class UsageLedger:
                                   f"{e.strerror or e}") from None
         self._where = where_store(store)
         self._pool = adbapi.ConnectionPool(self.dialect.driver, *args, cp_min=1, cp_max=1, cp_reactor=reactor,
-                                           cp_openfun=_create, **kwargs)
+                                           cp_openfun=_create_sqlite if self.dialect is SQLITE else _create,
+                                           **kwargs)
         self._reactor = reactor
         self._config = config
         self._buffer: deque[UsageRow] = deque()
