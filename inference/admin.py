@@ -89,7 +89,7 @@ def usage_report(store: str, since: float, group_by: Sequence[str], out: TextIO)
     finally:
         connection.close()
     header = [*group_by, *SUMS]
-    table = [header] + [[str(row[name]) for name in header] for row in rows]
+    table = [header] + [["-" if row[name] is None else str(row[name]) for name in header] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     print(f"usage since {iso(since)} ({where_store(store)})", file=out)
     for line in table:

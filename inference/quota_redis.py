@@ -6,7 +6,8 @@ hold its tenants' slots for ever). txredisapi is a Twisted client: nothing block
 
 When Redis cannot be reached (an error, or no answer within ``TIMEOUT_SECS``) the gateway keeps serving: each
 process counts alone, to its limits divided by ``expected_processes``; it says so once in the log and in
-``inference_limits_store_up``, looks for Redis again every ``PROBE_SECS``, and says so again when it is back.
+``inference_limits_store_up``, looks for Redis again every ``PROBE_SECS`` (txredisapi reconnects at most 10 s
+apart), and says so again when it is back.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import txredisapi  # type: ignore[import-untyped]
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
@@ -123,9 +124,11 @@ class RedisQuotaStore:
             return
         self.up = False
         self._up_gauge.set(0)
-        log.error("limits store: Redis at {where} cannot be reached ({error}); counting tenants' limits in this "
+        why = f"no answer within {TIMEOUT_SECS:g}s" if isinstance(error, CancelledError) else \
+            str(error)[:200] or type(error).__name__
+        log.error("limits store: Redis at {where} cannot be reached ({why}); counting tenants' limits in this "
                   "process, each divided by {expected} (inference.limits.expected_processes), until it is back",
-                  where=self._where, error=type(error).__name__, expected=self._expected)
+                  where=self._where, why=why, expected=self._expected)
         self._probe = self._reactor.callLater(PROBE_SECS, self._look_again)
 
     def _look_again(self) -> None:

@@ -90,6 +90,8 @@ def connect_args(store: str) -> tuple[Dialect, tuple[Any, ...], dict[str, Any]]:
 def where_store(store: str) -> str:
     """The store as it may be said (no password)."""
     parts = urlsplit(store)
+    if parts.scheme == "sqlite":
+        return "sqlite:///" + parts.path.lstrip("/")
     return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}{parts.path}"
 
 
