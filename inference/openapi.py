@@ -30,12 +30,13 @@ def _error(description: str, *schemas: str) -> dict[str, Any]:
 _ERRORS = {
     "400": "Malformed JSON or an invalid parameter (`param` names it); ambiguous model; a model of the wrong kind",
     "401": "Missing or invalid API key",
+    "403": "The key's tenant is not an operator",
     "404": "Model not found, not allowed or not loaded; unknown route",
     "405": "Wrong method for the route",
     "408": "The request was not received within server.read_timeout_secs",
     "413": "Body larger than server.max_body_bytes",
     "414": "URL longer than server.max_url_bytes",
-    "429": "Queue full (see Retry-After)",
+    "429": "Queue full, a sheddable call shed, or the tenant's limit reached (see Retry-After)",
     "431": "Headers larger than server.max_header_bytes",
     "500": "The upstream failed or answered something invalid",
     "502": "The upstream cannot be reached (or is known to be down)",
@@ -43,6 +44,12 @@ _ERRORS = {
     "504": "The upstream, or the request as a whole (server.request_timeout_secs), took too long",
 }
 _CONNECTION_ERRORS = ("400", "405", "408", "414", "431")  # any route: answered before routing, or by the router
+
+
+_WHEN = {"anyOf": [{"type": "string", "pattern": "^[0-9]{1,5}[dhm]$"},  # (usage.parse_when)
+                   {"type": "string", "pattern": "^[0-9]{1,11}([.][0-9]{1,6})?$"},
+                   {"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]}
+_GROUP = "(tenant|key_id|model|host|operation|status|day)"
 
 
 def _responses(ok: dict[str, Any], *codes: str, auth: bool, error_schema: str = "Error") -> dict[str, Any]:
@@ -270,6 +277,15 @@ def _schemas(config: Config) -> dict[str, Any]:
         "About": {"type": "object", "required": ["name", "version"],
                   "properties": {"name": {"type": "string"}, "version": {"type": "string"},
                                  "routes": {"type": "array", "items": {"type": "string"}}}},
+        "UsageSummary": {
+            "type": "object", "required": ["object", "from", "to", "group_by", "data", "truncated"],
+            "properties": {"object": {"const": "usage"}, "from": {"type": "string"}, "to": {"type": "string"},
+                           "group_by": {"type": "array", "items": {"type": "string"}},
+                           "data": {"type": "array", "items": {
+                               "type": "object", "required": ["requests", "errors", "input_tokens", "output_tokens"],
+                               "properties": {name: {"type": "integer", "minimum": 0} for name in
+                                              ("requests", "errors", "input_tokens", "output_tokens")}}},
+                           "truncated": {"type": "boolean"}}},
         "Probe": {"type": "object", "required": ["status"],
                   "properties": {"status": {"enum": ["ok", "ready", "not ready"]},
                                  "error": nullable_string}},
@@ -337,6 +353,17 @@ def openapi_document(config: Config) -> dict[str, Any]:
             operationId="retrieveModel",
             parameters=[{"name": "model", "in": "path", "required": True,
                          "schema": {"type": "string", "minLength": 1}}])},
+        "/v1/usage": {"get": operation(
+            "Calls and tokens from the usage ledger, summed per group (operators' keys; 404 without a ledger)",
+            json_ok("The sums", "UsageSummary"), "400", "403", "404", auth=keys, tag="Operations",
+            operationId="usage", parameters=[
+                {"name": "from", "in": "query", "required": False, "schema": _WHEN,
+                 "description": "an age (7d, 24h, 30m), a date, an ISO time or Unix seconds (default 7d)"},
+                {"name": "to", "in": "query", "required": False, "schema": _WHEN,
+                 "description": "the same (default now); not after from: no rows"},
+                {"name": "group_by", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": f"^{_GROUP}(,{_GROUP})*$"},
+                 "description": "among tenant, key_id, model, host, operation, status, day (default tenant,model)"}])},
         "/health": {"get": operation(
             "Gateway and upstream status (503 with the same shape when the upstream is unreachable)",
             json_ok("Healthy", "Health"), auth=operator_auth, tag="Operations", operationId="health")},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import astuple, dataclass
@@ -116,27 +117,49 @@ def summary_rows(group_by: Sequence[str], rows: Sequence[Sequence[Any]]) -> list
              **dict(zip(SUMS, (int(value or 0) for value in row[width:]), strict=True))} for row in rows]
 
 
+_AGE = re.compile(r"([0-9]{1,5})([dhm])")
+_SECONDS = re.compile(r"[0-9]{1,11}(?:\.[0-9]{1,6})?")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_DATE_TIME = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt]([0-9]{2}:[0-9]{2}):([0-9]{2})(\.[0-9]+)?"
+                        r"([Zz]|[+-][0-9]{2}:[0-9]{2})")
+
+
 def parse_when(value: str, now: float) -> float:
-    """A time in a usage query: ``7d`` / ``24h`` / ``30m`` ago, a date (``2026-12-01``, UTC), an ISO time, or Unix
-    seconds; :class:`ValueError` otherwise."""
-    text = value.strip()
-    units = {"d": 86400, "h": 3600, "m": 60}
-    if text[-1:] in units and text[:-1].isdigit():
-        return now - int(text[:-1]) * units[text[-1]]
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+    """A time in a usage query, in exactly the forms /openapi.json gives: ``7d`` / ``24h`` / ``30m`` ago, Unix
+    seconds, a date (``2026-12-01``, UTC) or an RFC 3339 time (``2026-12-01T10:00:00Z``); :class:`ValueError`
+    otherwise."""
+    age = _AGE.fullmatch(value)
+    if age is not None:
+        return _within(now - int(age[1]) * {"d": 86400, "h": 3600, "m": 60}[age[2]])
+    if _SECONDS.fullmatch(value):
+        return _within(float(value))
+    if _DATE.fullmatch(value):
+        return _within(datetime.fromisoformat(value).replace(tzinfo=timezone.utc).timestamp())
+    moment = _DATE_TIME.fullmatch(value)
+    if moment is None:
+        raise ValueError(f"not a time: {value[:40]!r}")
+    day, minutes, seconds, fraction, zone = moment.groups()
+    seconds = min(seconds, "59")  # (a leap second is the second before it)
+    zone = "+00:00" if zone in ("Z", "z") else zone
+    return _within(datetime.fromisoformat(f"{day}T{minutes}:{seconds}{(fraction or '')[:7]}{zone}").timestamp())
+
+
+LATEST = 253402300799.0  # 9999-12-31T23:59:59Z: the last time an answer can write
+
+
+def _within(seconds: float) -> float:
+    """A time the ledger can hold and an answer can write (0 for the distant past, 9999 for the far future)."""
+    if seconds != seconds:  # NaN
+        raise ValueError("not a time")
+    return min(max(seconds, 0.0), LATEST)
 
 
 def parse_group_by(value: str) -> list[str]:
-    """``tenant,model,day`` as a list of known groups; :class:`ValueError` naming what is not one."""
-    names = [name.strip() for name in value.split(",") if name.strip()]
+    """``tenant,model,day`` as a list of known groups (each once); :class:`ValueError` naming what is not one."""
+    names = list(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))  # (in order, once)
     unknown = [name for name in names if name not in GROUPS]
-    if unknown or len(set(names)) < len(names):
-        raise ValueError(f"group_by takes distinct names among {', '.join(GROUPS)} (not {', '.join(unknown) or value})")
+    if unknown or not names:
+        raise ValueError(f"group_by takes names among {', '.join(GROUPS)} (not {', '.join(unknown) or 'none'})")
     return names
 
 

@@ -23,7 +23,7 @@ async def test_the_document_follows_the_configuration(start_gateway):
     document = reply.json()
     assert document["openapi"] == "3.1.0"
     assert set(document["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
-                                      "/v1/messages", "/v1/models",
+                                      "/v1/messages", "/v1/models", "/v1/usage",
                                       "/v1/models/{model}",
                                       "/", "/health", "/health/live", "/health/ready", "/openapi.json", "/metrics"}
     assert "securitySchemes" not in document["components"]
@@ -51,7 +51,8 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_pa
                              "INFERENCE_SERVER_MAX_EMBEDDING_INPUTS": "16",
                              "INFERENCE_SERVER_MAX_EMBEDDING_SIZE": "2000",
                              "INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS": "1",
-                             "INFERENCE_INFERENCE_MAX_QUEUE": "1"})
+                             "INFERENCE_INFERENCE_MAX_QUEUE": "1",
+                             "INFERENCE_INFERENCE_USAGE_STORE": f"sqlite:///{tmp_path}/usage.db"})
     # One worker: with two threads, CPython 3.11.7's parser sometimes fails hypothesis's lambda descriptions with
     # "SystemError: AST constructor recursion depth mismatch" (a schemathesis run error, not a finding).
     common = ("run", gateway.url + "/openapi.json", "--header", "Authorization: Bearer fuzz-key",
