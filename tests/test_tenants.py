@@ -203,6 +203,41 @@ def test_a_freed_slot_goes_to_the_tenant_that_waited_least_not_to_the_longest_qu
     assert order == ["a0", "o0", "b0", "a1", "a2", "a3"]  # the critical tenant first, then bob before alice's rest
 
 
+def test_a_fleets_wait_for_a_slot_is_fair_too(in_memory, tmp_path):
+    from .fakes.lmstudio import FakeLMStudio
+    hosts = {f"http://host{i}.test:1234": FakeLMStudio([MODEL]) for i in range(2)}
+    config = tmp_path / "fleet.yaml"
+    config.write_text("server:\n  api_keys_file: " + key_file(tmp_path, tenant("alice"), tenant("bob")) +
+                      "\ninference:\n  upstreams:\n" + "".join(
+                          f'    - {{name: h{i}, base_url: "{url}", max_concurrent: 1}}\n'
+                          for i, url in enumerate(hosts)))
+    gateway = in_memory(upstreams=hosts, config_path=str(config))
+    for host in hosts.values():
+        host.chat.mode = "hang"
+    said = [gateway.send("POST", "/v1/chat/completions", chat(messages=[{"role": "user", "content": f"a{i}"}]),
+                         as_("alice")) for i in range(4)]
+    gateway.settle()
+    said.append(gateway.send("POST", "/v1/chat/completions",
+                             chat(messages=[{"role": "user", "content": "b0"}]), as_("bob")))
+    gateway.settle()
+    assert gateway.gateway.provider.waiting() == 3
+
+    def running() -> list[str]:
+        return [json.loads(r.content.getvalue())["messages"][0]["content"] for h in hosts.values() for r in h.pending]
+
+    order = sorted(running())  # a0 and a1 hold the two slots
+    for _ in range(3):  # one slot frees at a time: who runs next?
+        next(h for h in hosts.values() if h.pending).release(1)
+        gateway.settle()
+        order += [said for said in running() if said not in order]
+    for host in hosts.values():
+        host.chat.mode = "normal"
+        host.release()
+    gateway.settle()
+    assert all(gateway.result(d).status == 200 for d in said)
+    assert order == ["a0", "a1", "b0", "a2", "a3"]  # bob's one call before alice's queue (FIFO: a2, a3, b0)
+
+
 def test_past_shed_above_sheddable_calls_are_refused_and_a_full_queue_sheds_them_first(tenants_gateway, fake):
     gateway = tenants_gateway(tenant("alice", priority="sheddable"), tenant("bob"),
                               INFERENCE_INFERENCE_MAX_CONCURRENT_REQUESTS="1", INFERENCE_INFERENCE_MAX_QUEUE="3",

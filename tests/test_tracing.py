@@ -380,3 +380,18 @@ async def test_twistd_with_an_otlp_endpoint_exports_complete_traces(tmp_path, fa
     streamed, failed = sorted(traces.values(), key=lambda t: any(s.status == "ERROR" for s in t))
     assert [s.event("first_token") is not None for s in streamed if s.kind == "CLIENT"] == [True]
     assert {s.status for s in failed} == {"ERROR"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tenants_call_names_the_tenant_and_its_key_id_never_the_key(fake, traced, collector, tmp_path):
+    from inference.tenants import key_hash
+
+    from .test_tenants import KEYS, key_file, tenant
+    gateway = traced(server_api_keys_file=key_file(tmp_path, tenant("alice")))
+    reply = await gateway.post_chat(chat(), headers={"Authorization": f"Bearer {KEYS['alice']}"})
+    assert reply.status == 200
+    await spans_of(gateway, collector, 2)
+    server, client = pair(collector)
+    assert server.attributes["inference.tenant"] == "alice"
+    assert server.attributes["inference.key_id"] == "key_" + key_hash(KEYS["alice"].encode())[7:15]
+    assert KEYS["alice"] not in repr(server.attributes) + repr(client.attributes)
