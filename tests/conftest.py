@@ -323,6 +323,33 @@ def no_logged_failures() -> Any:
     assert not failures, [str(e.get("log_failure") or e) for e in failures]
 
 
+class ServerProcess(ProcessProtocol):
+    """A server a test starts (Redis, PostgreSQL): ``ready`` fires once ``marker`` is in its output, ``ended`` when
+    it exits (``ready`` fails with its last output if it exits first)."""
+
+    def __init__(self, marker: bytes) -> None:
+        self.marker = marker
+        self.ready: Deferred[None] = Deferred()
+        self.ended: Deferred[None] = Deferred()
+        self._output = b""
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's)
+        self._seen(data)
+
+    def errReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's)
+        self._seen(data)
+
+    def _seen(self, data: bytes) -> None:
+        self._output += data
+        if self.marker in self._output and not self.ready.called:
+            self.ready.callback(None)
+
+    def processEnded(self, reason: Any) -> None:  # noqa: N802 (Twisted's)
+        if not self.ready.called:
+            self.ready.errback(AssertionError(self._output.decode(errors="replace")[-800:]))
+        self.ended.callback(None)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now, for a process that must be told its port before it starts."""
     with socket.socket() as probe:

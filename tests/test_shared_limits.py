@@ -6,16 +6,14 @@ A throwaway ``redis-server`` (Debian package redis-server; ``.ci/run`` installs 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 
-from .conftest import call, free_port, tool
+from .conftest import ServerProcess, call, free_port, tool
 from .test_daemon import TWISTD, spawn, stop
 from .test_tenants import KEYS, MODEL, key_file, tenant
 
@@ -24,36 +22,24 @@ pytestmark = pytest.mark.skipif(TWISTD is None, reason="twistd is not installed 
 ALICE = {"Authorization": f"Bearer {KEYS['alice']}"}
 
 
-class RedisServer(ProcessProtocol):
-    """``redis-server`` on ``port``, without persistence; fires ``ready`` once it accepts connections."""
+class RedisServer:
+    """``redis-server`` on ``port``, without persistence, started (and started again) and killed by the test."""
 
     def __init__(self, port: int) -> None:
         self.port = port
-        self.ready: Deferred[None] = Deferred()
-        self.ended: Deferred[None] = Deferred()
-        self._out = b""
+        self.process = ServerProcess(b"Ready to accept connections")
 
     def start(self) -> Deferred[None]:
-        self.ready, self.ended, self._out = Deferred(), Deferred(), b""
-        reactor.spawnProcess(self, tool("redis-server", "redis-server"), [
+        self.process = ServerProcess(b"Ready to accept connections")
+        reactor.spawnProcess(self.process, tool("redis-server", "redis-server"), [
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             env={})
-        return self.ready
-
-    def outReceived(self, data: bytes) -> None:
-        self._out += data
-        if b"Ready to accept connections" in self._out and not self.ready.called:
-            self.ready.callback(None)
-
-    def processEnded(self, reason: Any) -> None:
-        if not self.ready.called:
-            self.ready.errback(AssertionError(f"redis-server ended: {self._out.decode()[-500:]}"))
-        self.ended.callback(None)
+        return self.process.ready
 
     def kill(self) -> Deferred[None]:
-        if not self.ended.called:
-            self.transport.signalProcess("KILL")
-        return self.ended
+        if not self.process.ended.called:
+            self.process.transport.signalProcess("KILL")
+        return self.process.ended
 
 
 @pytest.fixture

@@ -9,16 +9,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Any
 
 import psycopg2
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 
-from .conftest import call, free_port
+from .conftest import ServerProcess, call, free_port
 from .test_usage import _as, _calls, _env
 
 pytestmark = pytest.mark.daemon
@@ -38,23 +35,6 @@ def _as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
-class Postgres(ProcessProtocol):
-    def __init__(self) -> None:
-        self.ready: Deferred[None] = Deferred()
-        self.ended: Deferred[None] = Deferred()
-        self._err = b""
-
-    def errReceived(self, data: bytes) -> None:
-        self._err += data
-        if b"ready to accept connections" in self._err and not self.ready.called:
-            self.ready.callback(None)
-
-    def processEnded(self, reason: Any) -> None:
-        if not self.ready.called:
-            self.ready.errback(AssertionError(self._err.decode()[-800:]))
-        self.ended.callback(None)
-
-
 @pytest.fixture
 def postgres():
     initdb, server = _bin("initdb"), _bin("postgres")
@@ -65,7 +45,7 @@ def postgres():
     data, port = os.path.join(folder, "data"), free_port()
     subprocess.run(_as_postgres([initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"]), check=True,
                    capture_output=True)
-    process = Postgres()
+    process = ServerProcess(b"ready to accept connections")
     command = _as_postgres([server, "-D", data, "-p", str(port), "-k", folder, "-c", "listen_addresses=127.0.0.1",
                             "-c", "fsync=off"])
     reactor.spawnProcess(process, command[0], command, env={})
