@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import react
 
 from . import __version__
-from .config import ConfigError, load_with_sources, settings
+from .config import ConfigError, load_with_sources, settings, without_password
 from .errors import GatewayError
 from .operations import CHAT
 from .reactor import IGatewayReactor
@@ -60,7 +60,7 @@ def describe_settings(report: Report, config: Any, sources: Mapping[str, str], e
         if key == "inference.api_key" and source == "default" and value and environ.get("OPENAI_API_KEY"):
             source = "from OPENAI_API_KEY"
         secret = key in SECRET_KEYS or key.endswith(".api_key")  # a host's key too
-        shown = "<set>" if secret and value else repr(value)
+        shown = "<set>" if secret and value else repr(without_password(value))
         report.line(f"  {key:<42} {shown:<24} {source}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -555,11 +556,18 @@ def _upstreams(raw: Any, keys: tuple[str, ...], sources: Mapping[str, str]) -> l
     return hosts
 
 
+def without_password(value: Any) -> Any:
+    """``value`` with the password of a URL in it (redis://:secret@host, postgresql://user:secret@db) hidden."""
+    if isinstance(value, str) and "://" in value:
+        return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", value)
+    return value
+
+
 def _value(kind: Any, check: Check | None, raw: Any, keys: tuple[str, ...], sources: Mapping[str, str]) -> Any:
     dotted = ".".join(keys)
     origin = sources.get(dotted, "")
 
-    shown = "<redacted>" if "api_key" in dotted else repr(raw)  # never echo a secret
+    shown = "<redacted>" if "api_key" in dotted else repr(without_password(raw))  # never echo a secret
 
     def fail(allowed: str) -> ConfigError:
         return ConfigError(f"{dotted} = {shown} {origin}".rstrip() + f": expected {allowed}")

@@ -20,6 +20,7 @@ import txredisapi  # type: ignore[import-untyped]
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .quota import DAY, MINUTE, MemoryQuotaStore, Standing
 from .reactor import IGatewayReactor
@@ -116,7 +117,7 @@ class RedisQuotaStore:
         timer = self._reactor.callLater(TIMEOUT_SECS, d.cancel)
         return d.addBoth(_stop_timer, timer)
 
-    def _lost_failure(self, failure: Any) -> None:
+    def _lost_failure(self, failure: Failure) -> None:
         self._lost(failure.value)
 
     def _lost(self, error: BaseException) -> None:
@@ -133,9 +134,9 @@ class RedisQuotaStore:
 
     def _look_again(self) -> None:
         self._probe = None
-        self._timed(self._redis.ping()).addCallbacks(self._back, lambda failure: self._wait_again())
+        self._timed(self._redis.ping()).addCallbacks(self._back, self._wait_again)
 
-    def _wait_again(self) -> None:
+    def _wait_again(self, failure: Failure) -> None:
         self._probe = self._reactor.callLater(PROBE_SECS, self._look_again)
 
     def _back(self, answer: Any) -> None:

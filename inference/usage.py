@@ -23,6 +23,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .config import ConfigError, UsageConfig
 from .reactor import IGatewayReactor
@@ -248,7 +249,7 @@ class UsageLedger:
             self._up = True
             log.info("usage store {where} is written again", where=self._where)
 
-    def _not_written(self, failure: Any, batch: list[UsageRow]) -> None:
+    def _not_written(self, failure: Failure, batch: list[UsageRow]) -> None:
         """Keep the batch (ahead of newer rows) within the bound; say so once until a write succeeds."""
         self._writing = None
         room = self._config.max_buffered_rows - len(self._buffer)

@@ -141,6 +141,24 @@ def test_secret_values_are_not_echoed_in_errors(yaml_file):
     assert "sk-secret-value" not in str(info.value)
 
 
+@pytest.mark.parametrize("key, value", [
+    ("INFERENCE_INFERENCE_USAGE_STORE", "mysql://usage:db-secret@db/usage"),
+    ("INFERENCE_INFERENCE_LIMITS_STORE", "memcached://:db-secret@cache:11211"),
+])
+def test_a_stores_password_is_not_echoed_in_errors(key, value):
+    with pytest.raises(ConfigError) as info:
+        load(None, {key: value})
+    assert "db-secret" not in str(info.value) and "***@" in str(info.value)
+
+
+def test_tenants_stores_are_read():
+    config = load(None, {"INFERENCE_INFERENCE_LIMITS_STORE": "redis://:pw@redis.internal:6379/2",
+                         "INFERENCE_INFERENCE_USAGE_STORE": "postgresql://inference@db/usage",
+                         "INFERENCE_INFERENCE_SHED_ABOVE": "100"})
+    assert config.inference.limits.store == "redis://:pw@redis.internal:6379/2"
+    assert (config.inference.usage.store, config.inference.shed_above) == ("postgresql://inference@db/usage", 100)
+
+
 @pytest.mark.parametrize("name", ["lmstudio.yaml", "mock.yaml"])
 def test_the_example_configs_load(name):
     path = os.path.join(os.path.dirname(__file__), "..", "examples", name)
