@@ -118,7 +118,7 @@ class RedisQuotaStore:
         return d.addBoth(_stop_timer, timer)
 
     def _lost_failure(self, failure: Failure) -> None:
-        self._lost(failure.value)
+        self._lost(failure.value or Exception(failure.getErrorMessage()))
 
     def _lost(self, error: BaseException) -> None:
         if not self.up:
