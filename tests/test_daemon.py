@@ -248,9 +248,9 @@ async def test_two_processes_share_one_port_and_both_serve(tmp_path):
                 break
         assert all(served), served
         assert (await call("GET", f"http://127.0.0.1:{port}/metrics")).status == 404  # only on the metrics ports
-    finally:
-        for daemon, transport in daemons:
-            assert await stop(daemon, transport)
+    finally:  # both are stopped, whatever the first says
+        stopped = [await stop(daemon, transport) for daemon, transport in daemons]
+        assert all(stopped), stopped
 
 
 @pytest_twisted.ensureDeferred
