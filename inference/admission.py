@@ -8,11 +8,8 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from .errors import Overloaded
-from .fairness import FairQueue, Shares
+from .fairness import FairQueue, Shares, overloaded
 from .tenants import ANONYMOUS, Caller
-
-RETRY_AFTER_SECS = 1
 
 
 class Slot:
@@ -95,19 +92,10 @@ class Admission:
 
     def _make_room(self, caller: Caller) -> None:
         """Refuse ``caller``'s call, or a sheddable one in its place, when the queue has no room for it."""
-        if self._queue.refuses(caller):
-            raise Overloaded(f"The gateway sheds sheddable calls while more than {self._queue.shed_above} wait "
-                             f"for a slot ({self._limit} running); retry shortly.",
-                             headers={"Retry-After": str(RETRY_AFTER_SECS)})
-        if len(self._queue) < self._max_queue:
-            return
-        shed = self._queue.shed(caller)
-        if shed is None:
-            raise Overloaded(f"The gateway is at capacity ({self._limit} requests running, "
-                             f"{len(self._queue)} waiting). Retry shortly.",
-                             headers={"Retry-After": str(RETRY_AFTER_SECS)})
-        shed.errback(Overloaded("The gateway is at capacity and gave this sheddable call's place to a more urgent "
-                                "one. Retry shortly.", headers={"Retry-After": str(RETRY_AFTER_SECS)}))
+        shed = self._queue.make_room(caller, self._max_queue, "a slot of the gateway", "inference.max_queue")
+        if shed is not None:
+            shed.errback(overloaded("The gateway's queue is full and gave this sheddable call's place to a more "
+                                    "urgent one; retry shortly"))
 
     def _admitted(self, caller: Caller, cost: float, waited: float, queued: bool, charged: bool = False) -> Slot:
         if not queued:

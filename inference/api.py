@@ -229,8 +229,8 @@ class Gateway:
 
     @app.route("/v1/models", methods=["GET"])
     async def list_models(self, request: GatewayRequest) -> bytes:
+        tenant = self._authorize(request).tenant  # (a key first: an unknown client learns nothing of the upstream)
         self.monitor.require_up()
-        tenant = self._authorize(request).tenant
         return write_json(request, {"object": "list", "data": await self.catalog.models(tenant=tenant)})
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])

@@ -21,11 +21,18 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Generic, TypeVar
 
+from .errors import Overloaded
 from .tenants import PRIORITIES, Caller
 
 T = TypeVar("T")
 
 SHEDDABLE = PRIORITIES.index("sheddable")
+RETRY_AFTER_SECS = 1  # what a call refused for want of room in a queue is told to wait
+
+
+def overloaded(message: str) -> Overloaded:
+    """The 429 of a queue with no room (or a sheddable call's place given away)."""
+    return Overloaded(message, headers={"Retry-After": str(RETRY_AFTER_SECS)})
 
 
 @dataclass(slots=True)
@@ -118,6 +125,21 @@ class FairQueue(Generic[T]):
                         self._take(tenants, entry)
                         return True
         return False
+
+    def make_room(self, caller: Caller, bound: int, waiting_for: str, setting: str) -> T | None:
+        """Room for ``caller``'s call in this queue of at most ``bound``: :class:`Overloaded` when the call is to be
+        shed or the queue is full with no sheddable call to give up its place; else the sheddable call that gave
+        it up, taken out (the caller refuses it with :func:`overloaded`), or None. ``waiting_for`` and ``setting``
+        name the queue in the 429s."""
+        if self.refuses(caller):
+            raise overloaded(f"{self._size} calls wait for {waiting_for}, more than inference.shed_above "
+                             f"({self.shed_above}): sheddable calls are refused; retry shortly")
+        if self._size < bound:
+            return None
+        shed = self.shed(caller)
+        if shed is None:
+            raise overloaded(f"{self._size} calls already wait for {waiting_for} ({setting}); retry shortly")
+        return shed
 
     def shed(self, for_caller: Caller) -> T | None:
         """Make room for ``for_caller``'s call in a full queue: the sheddable call that came last, taken out (to be

@@ -23,7 +23,7 @@ from .config import LimitsConfig
 from .errors import RateLimited
 from .reactor import IGatewayReactor
 from .telemetry.metrics import Metrics
-from .tenants import Caller, TenantLimits
+from .tenants import LIMITS, Caller, TenantLimits
 
 log = Logger()
 
@@ -126,8 +126,8 @@ def _standing(counts: _Windows) -> Standing:
 def _divided(limits: TenantLimits, share: int) -> TenantLimits:
     if share == 1:
         return limits
-    return TenantLimits(*(None if value is None else max(1, value // share) for value in (
-        limits.concurrent, limits.requests_per_minute, limits.tokens_per_minute, limits.tokens_per_day)))
+    return TenantLimits(**{name: None if getattr(limits, name) is None else max(1, getattr(limits, name) // share)
+                           for name in LIMITS})
 
 
 class Lease:

@@ -23,6 +23,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from functools import cached_property
 from typing import Any
 
 import yaml
@@ -37,7 +38,8 @@ DEFAULT_TENANT = "default"
 
 _HASH = re.compile(r"sha256:([0-9a-f]{64})")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_LIMITS = ("concurrent", "requests_per_minute", "tokens_per_minute", "tokens_per_day")
+LIMITS = ("concurrent", "requests_per_minute", "tokens_per_minute", "tokens_per_day")
+"""A tenant's limits, in the order they are checked."""
 
 
 def key_hash(key: bytes) -> str:
@@ -59,15 +61,20 @@ class TenantLimits:
     tokens_per_minute: int | None = None
     tokens_per_day: int | None = None
 
-    @property
+    @cached_property
     def any(self) -> bool:
-        return any(getattr(self, name) is not None for name in _LIMITS)
+        """Whether any limit is set (asked on every call: worked out once)."""
+        return any(getattr(self, name) is not None for name in LIMITS)
+
+
+EVERY_MODEL = ("*",)
+"""A tenant's models when its entry names none (checked without a glob match, on every call's model lookup)."""
 
 
 @dataclass(frozen=True)
 class Tenant:
     name: str
-    models: tuple[str, ...] = ("*",)
+    models: tuple[str, ...] = EVERY_MODEL
     priority: str = "standard"
     weight: float = 1.0
     limits: TenantLimits = field(default_factory=TenantLimits)
@@ -75,7 +82,7 @@ class Tenant:
 
     def allows(self, model: str) -> bool:
         """Whether the tenant may use ``model`` (a model it may not use is, to it, a model that does not exist)."""
-        return any(fnmatchcase(model, pattern) for pattern in self.models)
+        return self.models == EVERY_MODEL or any(fnmatchcase(model, pattern) for pattern in self.models)
 
     @property
     def rank(self) -> int:
@@ -150,11 +157,11 @@ def _tenant(entry: Any, where: str) -> tuple[Tenant, list[str]]:
 
 def _limits(data: Any, where: str) -> TenantLimits:
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: 'limits' must be a mapping of {', '.join(_LIMITS)}")
-    unknown = set(data) - set(_LIMITS)
+        raise ConfigError(f"{where}: 'limits' must be a mapping of {', '.join(LIMITS)}")
+    unknown = set(data) - set(LIMITS)
     if unknown:
         raise ConfigError(f"{where}: unknown limit(s) {', '.join(sorted(map(str, unknown)))} "
-                          f"(known: {', '.join(_LIMITS)})")
+                          f"(known: {', '.join(LIMITS)})")
     for name, value in data.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{where}: limits.{name} must be a whole number >= 1 (or omitted), not {value!r}")

@@ -24,8 +24,8 @@ from twisted.python.failure import Failure
 
 from .. import jsonio
 from ..config import DEFAULT_HOST_SLOTS, PlacementConfig, RoutingConfig, UpstreamConfig
-from ..errors import GatewayError, Overloaded, UpstreamClientError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
-from ..fairness import FairQueue, Shares
+from ..errors import GatewayError, UpstreamClientError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from ..fairness import FairQueue, Shares, overloaded
 from ..operations import Operation
 from ..routing.conversation import conversation
 from ..routing.demand import Demand
@@ -75,9 +75,6 @@ class Host:
         self.provider = provider
         self.view = HostView(config.name, config.max_concurrent or DEFAULT_HOST_SLOTS, config.weight)
         self.models: list[dict[str, Any]] = []  # its model list, as it last answered it
-
-
-RETRY_AFTER_SECS = 1
 
 
 @dataclass(frozen=True)
@@ -279,18 +276,11 @@ class FleetProvider(Provider):
     def _wait(self, model: str, caller: Caller) -> Deferred[None]:
         """Wait for a host to free a slot for ``model``, in the fair order; 429 when there is no room to wait."""
         waiting = self._waiting
-        if waiting.refuses(caller):
-            raise Overloaded(f"{len(waiting)} calls wait for a host of the fleet, more than inference.shed_above "
-                             f"({waiting.shed_above}): sheddable calls are refused; retry shortly",
-                             headers={"Retry-After": str(RETRY_AFTER_SECS)})
-        if len(waiting) >= self._max_waiting:
-            shed = waiting.shed(caller)
-            if shed is None:
-                raise Overloaded(f"{len(waiting)} calls already wait for a host of the fleet to free a slot "
-                                 "(inference.routing.max_waiting); retry shortly",
-                                 headers={"Retry-After": str(RETRY_AFTER_SECS)})
-            shed.woken.errback(Overloaded("The fleet's wait is full and gave this sheddable call's place to a more "
-                                          "urgent one; retry shortly", headers={"Retry-After": str(RETRY_AFTER_SECS)}))
+        shed = waiting.make_room(caller, self._max_waiting, "a host of the fleet to free a slot",
+                                 "inference.routing.max_waiting")
+        if shed is not None:
+            shed.woken.errback(overloaded("The fleet's wait is full and gave this sheddable call's place to a more "
+                                          "urgent one; retry shortly"))
 
         def give_up(woken: Deferred[None]) -> None:  # cancelled: its deadline passed, or its client left
             waiting.remove(entry)

@@ -20,7 +20,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config import PlacementConfig
-from ..errors import GatewayError, Overloaded, UpstreamError, UpstreamTimeout
+from ..errors import GatewayError, UpstreamError, UpstreamTimeout
+from ..fairness import overloaded
 from ..routing.picker import HostView
 from ..routing.rendezvous import rank
 from .lmstudio import LMStudioProvider
@@ -99,8 +100,8 @@ class Placement:
             if host is None:
                 if tried or not self._loadable_hosts(model, tried):
                     return  # (after failures: the call goes on, and the host it reaches says why)
-                raise Overloaded(f"every host that can load '{model}' holds inference.placement.max_loaded_per_host "
-                                 "models with calls in flight; retry shortly", headers={"Retry-After": "1"})
+                raise overloaded(f"every host that can load '{model}' holds inference.placement.max_loaded_per_host "
+                                 "models with calls in flight; retry shortly")
             try:
                 await self._placing_on(host, model)
                 return
@@ -228,9 +229,8 @@ class Placement:
                 return
             victim = self._idlest(host, model)
             if victim is None:
-                raise Overloaded(f"upstream host {host.view.name} holds inference.placement.max_loaded_per_host "
-                                 f"({self._max}) models with calls in flight; retry shortly",
-                                 headers={"Retry-After": "1"})
+                raise overloaded(f"upstream host {host.view.name} holds inference.placement.max_loaded_per_host "
+                                 f"({self._max}) models with calls in flight; retry shortly")
             log.info("unloading {model} ({instance}) from upstream host {host}, its least recently used idle "
                      "model, to make room (max_loaded_per_host {max})", model=victim[0], instance=victim[1],
                      host=host.view.name, max=self._max)
