@@ -27,6 +27,7 @@ from .errors import (
     RouteNotFound,
     UpstreamTimeout,
     UpstreamUnreachable,
+    reason_phrase,
 )
 from .fairness import Shares
 from .monitor import UpstreamMonitor
@@ -71,7 +72,7 @@ def write_json(request: IRequest, payload: Any, status: int = 200) -> bytes:
 
 def write_body(request: IRequest, body: bytes, status: int = 200) -> bytes:
     """A JSON body already encoded. With its length known the answer goes out in one piece, not chunked."""
-    request.setResponseCode(status)
+    request.setResponseCode(status, reason_phrase(status))
     request.setHeader(b"Content-Type", JSON)
     request.setHeader(b"Content-Length", b"%d" % len(body))
     return body

@@ -16,9 +16,17 @@ from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.web.http import HTTPChannel
 
-from .errors import BadHTTPRequest, GatewayError, HeadersTooLarge, RequestReadTimeout, RequestTooLarge, URLTooLong
+from .errors import (
+    BadHTTPRequest,
+    GatewayError,
+    HeadersTooLarge,
+    RequestReadTimeout,
+    RequestTooLarge,
+    URLTooLong,
+    reason_phrase,
+)
 
 log = Logger()
 
@@ -128,7 +136,7 @@ class GatewayChannel(HTTPChannel):
         self._stop_read_timer()
         self.setTimeout(None)
         body = error.to_bytes()
-        reason = RESPONSES.get(error.status, b"Error")
+        reason = reason_phrase(error.status)
         head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n" \
             % (error.status, reason, len(body))
         transport = self.transport

@@ -10,6 +10,8 @@ import json
 import re
 from typing import Any
 
+from twisted.web.http import RESPONSES
+
 
 class GatewayError(Exception):
     """A failure the client is told about: ``status`` plus ``{"error": {message, type, param, code}}``."""
@@ -57,6 +59,14 @@ class GatewayError(Exception):
         """The same failure in the shape of Anthropic's Messages API (its ``error.type`` follows the status)."""
         return {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(self.status, "api_error"),
                                            "message": self.message}}
+
+
+_MISSING_REASONS = {429: b"Too Many Requests", 431: b"Request Header Fields Too Large"}
+
+
+def reason_phrase(status: int) -> bytes:
+    """The status line's reason phrase: Twisted's own, and those it lacks (it would say ``429 Unknown Status``)."""
+    return _MISSING_REASONS.get(status) or RESPONSES.get(status, b"Error")
 
 
 ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

@@ -148,3 +148,13 @@ def test_a_stream_may_outlast_the_deadline_once_it_has_started(in_memory):
     gateway.advance(1)
     reply = gateway.result(reply)
     assert reply.status == 200 and reply.body.endswith(b"data: [DONE]\n\n") and b'"error"' not in reply.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_431s_status_line_names_it(fake, start_gateway):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url, "INFERENCE_SERVER_MAX_HEADER_BYTES": "2048"})
+    client = await raw_connect(gateway.port.getHost().port)
+    many = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"y" * 100) for i in range(30))  # 3 kB of headers
+    client.transport.write(b"GET /v1/models HTTP/1.1\r\nHost: a\r\n" + many + b"\r\n")
+    await client.lost
+    assert bytes(client.data).startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")

@@ -169,6 +169,17 @@ def test_messages_get_anthropics_headers_and_error_shape(tenants_gateway):
     assert refused.json()["error"]["type"] == "rate_limit_error" and refused.headers["retry-after"] == "60"
 
 
+def test_a_429s_status_line_says_too_many_requests(tenants_gateway):
+    from .conftest import raw_post
+    gateway = tenants_gateway(tenant("alice", limits={"requests_per_minute": 1}))
+    assert gateway.post_chat(chat(), as_("alice")).status == 200
+    client, send = gateway.raw()
+    request = raw_post("/v1/chat/completions", json.dumps(chat()).encode())
+    send(request.replace(b"\r\n", b"\r\nAuthorization: Bearer " + KEYS["alice"].encode() + b"\r\n", 1))
+    gateway.settle()
+    assert client.data.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")  # (Twisted alone: "429 Unknown Status")
+
+
 def test_a_reload_changes_a_tenants_limits(tenants_gateway, tmp_path):
     gateway = tenants_gateway(tenant("alice", limits={"requests_per_minute": 1}))
     assert gateway.post_chat(chat(), as_("alice")).status == 200
