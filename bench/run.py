@@ -1,13 +1,16 @@
 """The gateway benchmark: each scenario through the gateway and direct to the upstream, in the same run.
 
-    .venv/bin/python bench/run.py [--seconds 5] [--out bench/results]
+    .venv/bin/python bench/run.py [--seconds 5] [--out bench/results] [--compare off,sdk] [--portkey START_JS]
 
 Needs ``node`` (the fake upstream and the stream client), ``wrk`` (Debian package) and ``taskset``. The gateway
 (``twistd inference``, metrics on, tracing on at sample ratio 1.0, exporting OTLP over gRPC, the default, to
-``trace_sink.py``, info logging) gets CPU 0 to itself; the upstream, the trace sink and the load generators share
-CPU 1. Writes
-``report.md`` and ``report.json``. Ratios between the two paths, and the gateway's own CPU time per request and per
-chunk, are the figures to quote; absolute times depend on the machine.
+``trace_sink.py``, info logging to a real file, as journald or ``--logfile`` would take it) gets CPU 0 to itself;
+the upstream, the trace sink and the load generators share CPU 1. ``--compare`` runs the non-streaming loads again
+through gateways with tracing ``off`` or with the plain OpenTelemetry SDK's spans (``sdk``), in the same run, so
+tracing's own cost per request is a difference of two figures taken minutes apart. ``--portkey`` runs them through
+Portkey's gateway too (``npm install @portkey-ai/gateway``, then the path of its ``build/start-server.js``), on the
+same core. Writes ``report.md`` and ``report.json``. Ratios between the two paths, and the gateway's own CPU time
+per request and per chunk, are the figures to quote; absolute times depend on the machine.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -66,12 +70,18 @@ def wait_for(url: str, seconds: float = 20) -> None:
 
 
 @contextmanager
-def process(command: list[str], cpu: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+def process(command: list[str], cpu: str, env: dict[str, str] | None = None,
+            log: Path | None = None) -> Iterator[subprocess.Popen]:
+    """A child pinned to ``cpu``; its stdout goes to ``log`` (a real file: a flush there costs what it costs in
+    production) or nowhere."""
+    out = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (closed below)
     child = subprocess.Popen(["taskset", "-c", cpu, *command], env={**os.environ, **(env or {})},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             stdout=out, stderr=subprocess.PIPE)
     try:
         yield child
     finally:
+        if log is not None:
+            out.close()
         child.send_signal(signal.SIGTERM)
         try:
             child.wait(timeout=40)
@@ -110,11 +120,13 @@ class Usage:
 # -- load generators -----------------------------------------------------------------------------------------------
 
 WRK_SCRIPT = BENCH / "post.lua"
+PORTKEY_SCRIPT = BENCH / "post_portkey.lua"
+PORTKEY_PORT = 18787
 
 
-def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
+def wrk(url: str, connections: int, seconds: float, script: Path = WRK_SCRIPT) -> dict[str, float]:
     out = subprocess.run(["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-                          "-s", str(WRK_SCRIPT), url + "/v1/chat/completions"],
+                          "-s", str(script), url + "/v1/chat/completions"],
                          capture_output=True, text=True, check=True).stdout
     latency = {q: _ms(v, unit) for q, v, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)$", out, re.M)}
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -136,25 +148,45 @@ def streams(url: str, concurrency: int, seconds: float, tokens: int, delay_ms: i
 
 # -- the run -------------------------------------------------------------------------------------------------------
 
-def measure(seconds: float) -> dict[str, Any]:
+CONCURRENCY = (1, 16, 64)
+VARIANTS = {  # --compare: the same gateway with tracing made another way
+    "off": {"INFERENCE_OBSERVABILITY_TRACING_ENABLED": "false"},
+    "sdk": {"INFERENCE_OBSERVABILITY_TRACING_IMPLEMENTATION": "sdk"},
+}
+
+
+def load_series(url: str, seconds: float, usage: Usage, script: Path = WRK_SCRIPT) -> list[dict[str, Any]]:
+    """Non-streaming at each concurrency: req/s, latency, and the server's CPU per request."""
+    wrk(url, 4, 1, script)  # warm-up: connections, caches
+    out = []
+    for connections in CONCURRENCY:
+        before = usage.cpu()
+        result = wrk(url, connections, seconds, script)
+        result["cpu_ms_per_request"] = 1000 * (usage.cpu() - before) / max(result["requests"], 1)
+        out.append({"concurrency": connections, **result})
+    return out
+
+
+def measure(seconds: float, compare: list[str], portkey: str | None, logs: Path) -> dict[str, Any]:
     direct = f"http://127.0.0.1:{UPSTREAM_PORT}"
     through = f"http://127.0.0.1:{GATEWAY_PORT}"
-    results: dict[str, Any] = {"non_streaming": [], "streaming": [], "memory": {}, "processes": {}}
+    results: dict[str, Any] = {"non_streaming": [], "streaming": [], "memory": {}, "processes": {}, "variants": {}}
     with process(["node", str(BENCH / "upstream.js"), str(UPSTREAM_PORT)], LOAD_CPU), \
             process([sys.executable, str(BENCH / "trace_sink.py"), str(SINK_PORT)], LOAD_CPU):
         wait_for(direct + "/v1/models")
-        with process([twistd(), "-n", "--pidfile=", "inference"], GATEWAY_CPU, gateway_env(GATEWAY_PORT)) as gw:
+        for name in compare:
+            results["variants"][name] = variant(seconds, VARIANTS[name], logs / f"gateway-{name}.log")
+        if portkey:
+            results["variants"]["portkey"] = portkey_series(portkey, seconds, logs / "portkey.log")
+        with process([twistd(), "-n", "--pidfile=", "inference"], GATEWAY_CPU, gateway_env(GATEWAY_PORT),
+                     logs / "gateway.log") as gw:
             wait_for(through + "/health/ready")
             usage = Usage(gw.pid)
             time.sleep(1)
             results["memory"]["idle_mb"] = usage.memory()
-            wrk(through, 4, 1)  # warm-up: connections, caches
-            for connections in (1, 16, 64):
-                before = usage.cpu()
-                gateway = wrk(through, connections, seconds)
-                gateway["cpu_ms_per_request"] = 1000 * (usage.cpu() - before) / max(gateway["requests"], 1)
-                results["non_streaming"].append({"concurrency": connections, "gateway": gateway,
-                                                 "direct": wrk(direct, connections, seconds)})
+            for gateway in load_series(through, seconds, usage):
+                results["non_streaming"].append({"concurrency": gateway["concurrency"], "gateway": gateway,
+                                                 "direct": wrk(direct, gateway["concurrency"], seconds)})
             for delay in (0, 20):
                 for concurrency in (1, 32):
                     before = usage.cpu()
@@ -166,8 +198,25 @@ def measure(seconds: float) -> dict[str, Any]:
             results["memory"]["streams_500"] = hold_streams(through, usage)
             results["memory"]["peak_mb"] = usage.memory("VmHWM")
             results["tracing"] = json.load(urllib.request.urlopen(through + "/health"))["observability"]["tracing"]
-        results["processes"] = scale(seconds)
+        results["processes"] = scale(seconds, logs)
     return results
+
+
+def variant(seconds: float, env: dict[str, str], log: Path) -> list[dict[str, Any]]:
+    """The non-streaming series through a gateway configured otherwise (``--compare``)."""
+    with process([twistd(), "-n", "--pidfile=", "inference"], GATEWAY_CPU, gateway_env(GATEWAY_PORT, **env),
+                 log) as gw:
+        wait_for(f"http://127.0.0.1:{GATEWAY_PORT}/health/ready")
+        return load_series(f"http://127.0.0.1:{GATEWAY_PORT}", seconds, Usage(gw.pid))
+
+
+def portkey_series(start_js: str, seconds: float, log: Path) -> list[dict[str, Any]]:
+    """The non-streaming series through Portkey's gateway (Node), on the gateway's core, to the same upstream
+    (``x-portkey-provider: openai`` with ``x-portkey-custom-host``: bench/post_portkey.lua)."""
+    env = {"NODE_ENV": "production"}
+    with process(["node", start_js, f"--port={PORTKEY_PORT}", "--headless"], GATEWAY_CPU, env, log) as portkey:
+        wait_for(f"http://127.0.0.1:{PORTKEY_PORT}/")
+        return load_series(f"http://127.0.0.1:{PORTKEY_PORT}", seconds, Usage(portkey.pid), PORTKEY_SCRIPT)
 
 
 def hold_streams(url: str, usage: Usage) -> dict[str, Any]:
@@ -182,19 +231,20 @@ def hold_streams(url: str, usage: Usage) -> dict[str, Any]:
     return {"rss_mb": highest, "completed": outcome["requests"], "errors": outcome["errors"]}
 
 
-def scale(seconds: float) -> dict[str, Any]:
+def scale(seconds: float, logs: Path) -> dict[str, Any]:
     """Non-streaming at 64 connections: one process on one core, then two processes (SO_REUSEPORT) on two cores
     (where the load generator and the upstream then compete with them: this machine has two)."""
     url = f"http://127.0.0.1:{SHARED_PORT}"
     shared = {"INFERENCE_SERVER_REUSE_PORT": "true"}
     out: dict[str, Any] = {}
     with process([twistd(), "-n", "--pidfile=", "inference"], "0",
-                 gateway_env(SHARED_PORT, **shared, INFERENCE_OBSERVABILITY_METRICS_PORT="18091")):
+                 gateway_env(SHARED_PORT, **shared, INFERENCE_OBSERVABILITY_METRICS_PORT="18091"), logs / "one.log"):
         wait_for(url + "/health/ready")
         wrk(url, 4, 1)
         out["one"] = wrk(url, 64, seconds)
         with process([twistd(), "-n", "--pidfile=", "inference"], "1",
-                     gateway_env(SHARED_PORT, **shared, INFERENCE_OBSERVABILITY_METRICS_PORT="18092")):
+                     gateway_env(SHARED_PORT, **shared, INFERENCE_OBSERVABILITY_METRICS_PORT="18092"),
+                     logs / "two.log"):
             wait_for("http://127.0.0.1:18092/metrics")
             wrk(url, 4, 1)
             out["two"] = wrk(url, 64, seconds)
@@ -212,12 +262,29 @@ def figures(results: dict[str, Any]) -> dict[str, float]:
             "rps_c64": c64["gateway"]["rps"], "chunks_per_sec": fast["gateway"]["chunks_per_sec"],
             "added_ttft_p50_ms_c32_20ms": slow["gateway"]["ttft_p50"] - slow["direct"]["ttft_p50"],
             "rss_idle_mb": results["memory"]["idle_mb"],
-            "rss_500_streams_mb": results["memory"]["streams_500"]["rss_mb"]}
+            "rss_500_streams_mb": results["memory"]["streams_500"]["rss_mb"], **compared(results)}
+
+
+def compared(results: dict[str, Any]) -> dict[str, float]:
+    """Tracing's own CPU per request (against the gateway with tracing off) and the ratio to Portkey's req/s."""
+    out: dict[str, float] = {}
+    ours = {r["concurrency"]: r["gateway"] for r in results["non_streaming"]}
+    variants = results["variants"]
+    for n in CONCURRENCY:
+        if "off" in variants:
+            off = next(r for r in variants["off"] if r["concurrency"] == n)
+            out[f"tracing_cpu_ms_c{n}"] = ours[n]["cpu_ms_per_request"] - off["cpu_ms_per_request"]
+        if "portkey" in variants:
+            portkey = next(r for r in variants["portkey"] if r["concurrency"] == n)
+            out[f"vs_portkey_c{n}"] = ours[n]["rps"] / portkey["rps"]
+    return out
 
 
 def verdicts(numbers: dict[str, float]) -> dict[str, dict[str, Any]]:
     out = {}
     for name, (sense, target) in TARGETS.items():
+        if name not in numbers:  # a comparison not asked for
+            continue
         value = numbers[name]
         met = value <= target if sense == "<=" else value >= target
         gap = value - target if sense == "<=" else target - value
@@ -253,6 +320,18 @@ def markdown(results: dict[str, Any], checked: dict[str, dict[str, Any]]) -> str
                      f"{g['chunks_per_sec']:.0f} | {g['ttft_p50']:.2f} / {g['ttft_p99']:.2f} | "
                      f"{d['ttft_p50']:.2f} / {d['ttft_p99']:.2f} | {g['total_p50']:.1f} / {d['total_p50']:.1f} | "
                      f"{g['cpu_us_per_chunk']:.1f} |")
+    if results["variants"]:
+        lines += ["", "## The same non-streaming load through other configurations and Portkey (same core)", "",
+                  "| through | concurrency | req/s | p50 / p99 ms | server CPU ms/request |", "|---|---|---|---|---|"]
+        for r in results["non_streaming"]:
+            g = r["gateway"]
+            lines.append(f"| this gateway | {r['concurrency']} | {g['rps']:.0f} | {g['p50_ms']:.2f} / "
+                         f"{g['p99_ms']:.2f} | {g['cpu_ms_per_request']:.3f} |")
+        for name, series in results["variants"].items():
+            label = "Portkey" if name == "portkey" else f"tracing {name}"
+            for g in series:
+                lines.append(f"| {label} | {g['concurrency']} | {g['rps']:.0f} | {g['p50_ms']:.2f} / "
+                             f"{g['p99_ms']:.2f} | {g['cpu_ms_per_request']:.3f} |")
     memory, scaling = results["memory"], results["processes"]
     lines += ["", "## Memory", "",
               f"- idle: {memory['idle_mb']:.1f} MB RSS; peak over the run: {memory['peak_mb']:.1f} MB",
@@ -269,13 +348,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5, help="length of each measurement (default 5)")
     parser.add_argument("--out", default=str(BENCH / "results"), help="where report.md and report.json go")
+    parser.add_argument("--compare", default="off", help="gateways configured otherwise, run too: off (tracing "
+                        "off), sdk (the OpenTelemetry SDK's own spans); comma-separated, or '' for none")
+    parser.add_argument("--portkey", help="Portkey's build/start-server.js, to run the same load through it")
     args = parser.parse_args()
+    compare = [name for name in args.compare.split(",") if name]
+    for name in compare:
+        if name not in VARIANTS:
+            sys.exit(f"bench: --compare {name}: expected some of {', '.join(VARIANTS)}")
     for tool, package in (("node", "nodejs"), ("wrk", "wrk"), ("taskset", "util-linux")):
         need(tool, package)
     if (os.cpu_count() or 1) < 2:
         sys.exit("bench: needs two CPUs (one for the gateway, one for the load)")
     started = time.monotonic()
-    results = measure(args.seconds)
+    with tempfile.TemporaryDirectory(prefix="inference-bench-") as logs:
+        results = measure(args.seconds, compare, args.portkey, Path(logs))
     results["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results["machine"] = f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
     results["figures"] = figures(results)
