@@ -288,6 +288,7 @@ class TracingConfig:
     protocol: str | None = _opt(_one_of("grpc", "http/protobuf"), None)  # None: OTEL_* variables, else grpc
     sample_ratio: float = _opt(_range(0, 1), 1.0)
     capture_content: bool = _opt(None, False)
+    implementation: str = _opt(_one_of("lean", "sdk"), "lean")  # sdk: the OpenTelemetry SDK's own spans
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,14 @@ def collector() -> Any:
     pytest_twisted.blockon(receiver.stop())
 
 
-@pytest.fixture
-def traced(fake, start_gateway, collector):
-    """A gateway in front of the fake LM Studio, exporting spans over OTLP gRPC to the test collector."""
+@pytest.fixture(params=["lean", "sdk"])
+def traced(request, fake, start_gateway, collector):
+    """A gateway in front of the fake LM Studio, exporting spans over OTLP gRPC to the test collector, its spans
+    made lean (the default) or by the OpenTelemetry SDK (``tracing.implementation: sdk``): both must pass."""
     def start(**settings: str):
         env = {"INFERENCE_INFERENCE_BASE_URL": fake.url,
                "INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "otlp",
+               "INFERENCE_OBSERVABILITY_TRACING_IMPLEMENTATION": request.param,
                "INFERENCE_OBSERVABILITY_TRACING_ENDPOINT": collector.grpc_endpoint}
         env.update({"INFERENCE_" + key.upper(): value for key, value in settings.items()})
         return start_gateway(env)
@@ -340,6 +342,9 @@ async def test_a_collector_that_is_down_costs_one_log_line_and_nothing_else(fake
         assert health["ok"] is False and health["failed_spans"] == 6 and health["last_error"]
         failing = [e for e in events if "is failing" in e.get("log_format", "")]
         assert len(failing) == 1
+        metrics = await gateway.metrics()
+        assert metrics.value("inference_spans_dropped_total", reason="export_failed") == 6
+        assert metrics.value("inference_spans_dropped_total", reason="queue_full") == 0
         assert collector.http_endpoint in failing[0]["destination"]
 
         collector.listen_http(port)  # the collector is back
@@ -395,3 +400,57 @@ async def test_a_tenants_call_names_the_tenant_and_its_key_id_never_the_key(fake
     assert server.attributes["inference.tenant"] == "alice"
     assert server.attributes["inference.key_id"] == "key_" + key_hash(KEYS["alice"].encode())[7:15]
     assert KEYS["alice"] not in repr(server.attributes) + repr(client.attributes)
+
+
+class Sent:
+    """A sender that keeps what it was given (lean spans, as the SDK's readable spans)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+
+    def prepare(self, span: Any) -> Any:
+        return span.readable()
+
+    def send(self, batch: list[Any]) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+        self.batches.append(batch)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_a_full_export_queue_drops_spans_with_one_warning_and_no_log_record_per_span(caplog):
+    """The SDK's batch processor logged a warning per dropped span (each a record its filter then threw away)."""
+    import logging
+
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+    from opentelemetry.trace import SpanKind
+
+    from inference.telemetry.export import ExportQueue, ExportStatus
+    from inference.telemetry.spans import make_tracer
+
+    reports: list[tuple[str, str]] = []
+    dropped: list[tuple[str, int]] = []
+    sent, status = Sent(), ExportStatus()
+    queue = ExportQueue(sent, "collector", batch_size=100, status=status,
+                        report=lambda level, text, **fields: reports.append((level, text)),
+                        dropped=lambda reason, count: dropped.append((reason, count)), max_queue=4, delay=3600)
+    tracer = make_tracer("lean", Resource.create({}), ALWAYS_ON, RandomIdGenerator(), queue)
+    caplog.set_level(logging.DEBUG)
+    try:
+        for n in range(10):  # no export yet (the batch is not full, the delay is an hour): 4 fit, 6 are dropped
+            tracer.start_span(f"span {n}", SpanKind.SERVER, {}, None).end()
+        assert dropped == [("queue_full", 1)] * 6 and status.dropped_spans == 6
+        assert [level for level, _ in reports] == ["warn"] and "cannot keep up" in reports[0][1]
+        assert caplog.records == []  # not one Python log record for the drops
+        queue.force_flush()
+        assert [[span.name for span in batch] for batch in sent.batches] == [[f"span {n}" for n in range(4)]]
+        assert reports[1][0] == "info" and "caught up" in reports[1][1]
+        tracer.start_span("after", SpanKind.SERVER, {}, None).end()  # room again, no new warning
+        assert len(reports) == 2 and len(dropped) == 6
+    finally:
+        queue.shutdown()
+    assert [span.name for span in sent.batches[-1]] == ["after"]  # what was queued went out at shutdown

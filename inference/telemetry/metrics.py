@@ -121,6 +121,11 @@ class Metrics:
         self.usage_rows_dropped = Counter(
             "inference_usage_rows_dropped", "Usage ledger rows dropped: the store could not take them and the buffer "
             "was full", registry=registry)
+        self.spans_dropped = Counter(
+            "inference_spans_dropped", "Spans that never reached the collector: queue_full (export could not keep "
+            "up) or export_failed (the collector refused or could not be reached)", ["reason"], registry=registry)
+        for reason in ("queue_full", "export_failed"):
+            self.spans_dropped.labels(reason)  # present from the start, at 0
         self.build_info = Gauge("inference_build_info", "Always 1; the version is the label", ["version"],
                                 registry=registry)
         self.build_info.labels(__version__).set(1)
@@ -150,6 +155,10 @@ class Metrics:
             self.upstream_host_up.labels(view.name).set_function(partial(_routed_to, view))
             self.upstream_ejections.labels(view.name)  # present from the start, at 0
         self.upstream_waiting.labels(self.provider).set_function(waiting)
+
+    def drop_spans(self, reason: str, count: int) -> None:
+        """Spans lost on their way to the collector (called from the export thread too: counters lock)."""
+        self.spans_dropped.labels(reason).inc(count)
 
     def set_upstream_up(self, up: bool) -> None:
         self.upstream_up_child.set(1 if up else 0)

@@ -10,13 +10,16 @@ exactly the message the official encoder builds, for every kind of span, event, 
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, cast
 
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import SpanContext
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _FLAGS_HAS_IS_REMOTE, _FLAGS_IS_REMOTE = 0x100, 0x200  # SpanFlags: the parent's remoteness is known / remote
@@ -75,18 +78,42 @@ def _any_value(value: Any) -> bytes:
     raise ValueError(f"cannot export a {type(value).__name__} attribute")
 
 
+_ENCODED: dict[tuple[bytes, str, type, Any], bytes] = {}
+"""Attribute fields already encoded, by (tag, key, type, value): a gateway's spans repeat most of theirs (the method,
+the route, the model, the host, token counts), so most are looked up rather than encoded. Strings, integers and
+booleans only (the type is part of the key: ``True == 1``); emptied when full, so unique values (response ids)
+cannot make it grow without bound. Only the export thread encodes."""
+
+_ENCODED_MAX = 4096
+_CACHED_TYPES = (str, int, bool)
+
+
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, strict: bool = False) -> bytes:
     """``KeyValue`` fields under ``tag``. An attribute that cannot be encoded is left out, as the official encoder
     does; inside a map value (``strict``) it fails the whole value instead, as there."""
     if not attributes:
         return b""
     out = []
+    encoded = _ENCODED
     for key, value in attributes.items():
+        kind = value.__class__
+        cached = kind in _CACHED_TYPES
+        if cached:
+            found = encoded.get((tag, key, kind, value))
+            if found is not None:
+                out.append(found)
+                continue
         try:
-            out.append(_field(tag, _text(b"\x0a", str(key)) + _field(b"\x12", _any_value(value))))
+            field = _field(tag, _text(b"\x0a", str(key)) + _field(b"\x12", _any_value(value)))
         except ValueError:
             if strict:
                 raise
+            continue
+        if cached:
+            if len(encoded) >= _ENCODED_MAX:
+                encoded.clear()
+            encoded[(tag, key, kind, value)] = field
+        out.append(field)
     return b"".join(out)
 
 
@@ -99,7 +126,38 @@ def _count(tag: bytes, value: int) -> bytes:
     return tag + _varint(value) if value else b""
 
 
-def encode_span(span: ReadableSpan) -> bytes:
+class EncodableSpan(Protocol):
+    """What the encoder reads of a span: the SDK's ``ReadableSpan``, or a lean span read directly."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def parent(self) -> SpanContext | None: ...
+    @property
+    def kind(self) -> SpanKind: ...
+    @property
+    def start_time(self) -> int | None: ...
+    @property
+    def end_time(self) -> int | None: ...
+    @property
+    def attributes(self) -> Mapping[str, Any] | None: ...
+    @property
+    def dropped_attributes(self) -> int: ...
+    @property
+    def events(self) -> Sequence[Event]: ...
+    @property
+    def dropped_events(self) -> int: ...
+    @property
+    def links(self) -> Sequence[Link]: ...
+    @property
+    def dropped_links(self) -> int: ...
+    @property
+    def status(self) -> Status: ...
+
+    def get_span_context(self) -> SpanContext | None: ...
+
+
+def encode_span(span: EncodableSpan) -> bytes:
     """A ``Span`` message's bytes, fields in number order."""
     context = span.get_span_context()
     assert context is not None  # a recorded span has one
@@ -140,42 +198,95 @@ def encode_span(span: ReadableSpan) -> bytes:
     return b"".join(out)
 
 
+def encode_span_field(span: EncodableSpan) -> bytes:
+    """The span as a field of ``ScopeSpans``: what :func:`encode_request` joins."""
+    return _field(b"\x12", encode_span(span))
+
+
 def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
     """An ``ExportTraceServiceRequest``'s bytes: spans grouped by resource, then by instrumentation scope.
 
     Groups are told apart by identity: a tracer provider hands every span the same resource and scope objects.
     """
-    resources: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
+    resources: dict[int, tuple[Resource, dict[int, tuple[InstrumentationScope | None, list[bytes]]]]] = {}
     for span in spans:
         resource, scope = span.resource, span.instrumentation_scope
         scopes = resources.setdefault(id(resource), (resource, {}))[1]
-        scopes.setdefault(id(scope), (scope, []))[1].append(_field(b"\x12", encode_span(span)))
-    out = []
-    for resource, scopes in resources.values():
-        body = _field(b"\x0a", _attributes(b"\x0a", resource.attributes))
-        for scope, encoded in scopes.values():
-            scope_body = b""
-            if scope is not None:
-                scope_body = (_text(b"\x0a", scope.name) if scope.name else b"") \
-                    + (_text(b"\x12", scope.version) if scope.version else b"") \
-                    + _attributes(b"\x1a", scope.attributes)
-            scope_spans = _field(b"\x0a", scope_body) + b"".join(encoded)
-            if scope is not None and scope.schema_url:
-                scope_spans += _text(b"\x1a", scope.schema_url)
-            body += _field(b"\x12", scope_spans)
-        if resource.schema_url:
-            body += _text(b"\x1a", resource.schema_url)
-        out.append(_field(b"\x0a", body))
-    return b"".join(out)
+        scopes.setdefault(id(scope), (scope, []))[1].append(encode_span_field(span))
+    return b"".join(_resource_spans(resource, scopes.values()) for resource, scopes in resources.values())
+
+
+def encode_request(resource: Resource, scope: InstrumentationScope, fields: Sequence[bytes]) -> bytes:
+    """An ``ExportTraceServiceRequest``'s bytes for spans of one resource and scope, each encoded already
+    (:func:`encode_span_field`, on the reactor thread as each span ended): joining is all that is left."""
+    return _resource_spans(resource, [(scope, fields)])
+
+
+def _resource_spans(resource: Resource,
+                    scopes: Iterable[tuple[InstrumentationScope | None, Sequence[bytes]]]) -> bytes:
+    body = _field(b"\x0a", _attributes(b"\x0a", resource.attributes))
+    for scope, encoded in scopes:
+        scope_body = b""
+        if scope is not None:
+            scope_body = (_text(b"\x0a", scope.name) if scope.name else b"") \
+                + (_text(b"\x12", scope.version) if scope.version else b"") \
+                + _attributes(b"\x1a", scope.attributes)
+        scope_spans = _field(b"\x0a", scope_body) + b"".join(encoded)
+        if scope is not None and scope.schema_url:
+            scope_spans += _text(b"\x1a", scope.schema_url)
+        body += _field(b"\x12", scope_spans)
+    if resource.schema_url:
+        body += _text(b"\x1a", resource.schema_url)
+    return _field(b"\x0a", body)
+
+
+_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+class _Channel(Protocol):
+    """The part of a ``grpc.Channel`` used here (grpc ships no type information)."""
+
+    def unary_unary(self, method: str, request_serializer: None = None,
+                    response_deserializer: Callable[[bytes], Any] | None = None) -> Callable[..., Any]: ...
+
+
+class _RawTraceService:
+    """TraceService's ``Export`` taking the request as bytes, as they were encoded (no message object built)."""
+
+    def __init__(self, channel: _Channel) -> None:
+        self.Export = channel.unary_unary(_EXPORT, request_serializer=None,
+                                          response_deserializer=ExportTraceServiceResponse.FromString)
+
+
+class EncodedBatch(NamedTuple):
+    """An export request already encoded, and how many spans it holds."""
+
+    request: bytes
+    spans: int
 
 
 class LeanGrpcSpanExporter(OTLPSpanExporter):
-    """The OTLP/gRPC span exporter with :func:`encode_spans` in place of the official encoder.
+    """The OTLP/gRPC span exporter sending bytes :func:`encode_spans` wrote (or an :class:`EncodedBatch`), with the
+    official exporter's channel, credentials, headers, compression, retries and reconnection.
 
-    gRPC wants a request message: the bytes are parsed into one by protobuf's C code, which costs a few
-    microseconds per batch of 64 spans.
+    The official stub would serialize a message object; the exporter's client is swapped for one whose ``Export``
+    takes bytes, whenever the exporter makes one (it makes a new one to reconnect).
     """
 
-    def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
-        request: ExportTraceServiceRequest = ExportTraceServiceRequest.FromString(encode_spans(data))
-        return request
+    @property  # type: ignore[override]
+    def _client(self) -> _RawTraceService | None:
+        return self.__client
+
+    @_client.setter
+    def _client(self, stub: object | None) -> None:
+        self.__client = None if stub is None else _RawTraceService(cast(_Channel, self._channel))
+
+    def export_encoded(self, batch: EncodedBatch) -> SpanExportResult:
+        result: SpanExportResult = self._export(batch)  # type: ignore[arg-type]
+        return result
+
+    def _translate_data(self, data: Sequence[ReadableSpan] | EncodedBatch) -> bytes:  # type: ignore[override]
+        return data.request if isinstance(data, EncodedBatch) else encode_spans(data)
+
+    def _count_data(self, data: Sequence[ReadableSpan] | EncodedBatch) -> int:
+        return data.spans if isinstance(data, EncodedBatch) else len(data)

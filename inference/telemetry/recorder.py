@@ -55,7 +55,7 @@ class Telemetry:
     def __init__(self, config: ObservabilityConfig, provider_name: str, base_url: str,
                  environ: Mapping[str, str], reactor: IGatewayReactor) -> None:
         self.metrics = Metrics(provider_name)
-        self.tracing = Tracing(config.tracing, environ, reactor)
+        self.tracing = Tracing(config.tracing, environ, reactor, self.metrics.drop_spans)
         self._clock = reactor
         self.ledger: UsageLedger | None = None  # where each API call's row goes (inference.usage.store)
         self.provider = provider_name

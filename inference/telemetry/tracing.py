@@ -1,26 +1,25 @@
-"""OpenTelemetry tracing: a tracer provider per gateway, OTLP export off the reactor, W3C propagation.
+"""OpenTelemetry tracing: a tracer per gateway, OTLP export off the reactor, W3C propagation.
 
 Spans are passed around explicitly (on the request, on the upstream call), never through the "current" span:
 Twisted runs protocol callbacks and timers in the reactor's root context, so contextvars cannot be trusted
-across them (docs/twisted.md, "Context across Deferreds"). Export runs in the batch processor's own thread, so
-a slow or absent collector never holds the reactor; its failures are reported once, not once per batch.
+across them (docs/twisted.md, "Context across Deferreds"). Spans are made lean (``spans.py``) unless
+``observability.tracing.implementation`` is ``sdk``. Export runs in a thread of its own (``export.py``), so a
+slow or absent collector never holds the reactor; its failures are reported once, not once per batch or span.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Span, SpanKind, Tracer, set_span_in_context
+from opentelemetry.trace import Span, SpanKind, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -29,6 +28,9 @@ from twisted.web.http_headers import Headers
 from .. import __version__
 from ..config import ConfigError, TracingConfig
 from ..reactor import IGatewayReactor
+from .export import MAX_QUEUE, SCHEDULE_DELAY_MS, Dropped, EncodedSender, ExportQueue, ExportStatus, Sender, SpanSender
+from .otlp import LeanGrpcSpanExporter
+from .spans import SCOPE, SpanMaker, make_tracer, traceparent
 
 log = Logger()
 
@@ -51,84 +53,6 @@ _HEADERS = _HeaderGetter()
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
-class ExportStatus:
-    """How export is going, for ``/health``; the exporter thread writes it, the reactor reads it."""
-
-    def __init__(self) -> None:
-        self.ok: bool | None = None  # None until the first batch was sent
-        self.exported_spans = 0
-        self.failed_spans = 0
-        self.last_error: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "exported_spans": self.exported_spans, "failed_spans": self.failed_spans,
-                "last_error": self.last_error}
-
-
-class _FirstMessage(logging.Handler):
-    """Keeps the OTLP exporter's first complaint of an export (the cause; later ones are about its retries)
-    instead of letting it print one line per retry."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.local = threading.local()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if getattr(self.local, "message", None) is None:
-            self.local.message = record.getMessage()
-
-    def take(self) -> str | None:
-        message = getattr(self.local, "message", None)
-        self.local.message = None
-        return message
-
-
-_EXPORTER_MESSAGES = _FirstMessage()
-_exporter_logger = logging.getLogger("opentelemetry.exporter.otlp")
-_exporter_logger.addHandler(_EXPORTER_MESSAGES)
-_exporter_logger.propagate = False
-
-
-class ReportingExporter(SpanExporter):
-    """Wraps an exporter: logs one line when export starts failing and one when it recovers."""
-
-    def __init__(self, inner: SpanExporter, destination: str, status: ExportStatus,
-                 report: Callable[..., None]) -> None:
-        self._inner = inner
-        self._destination = destination
-        self._status = status
-        self._report = report
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        _EXPORTER_MESSAGES.take()
-        try:
-            result = self._inner.export(spans)
-            error = _EXPORTER_MESSAGES.take()
-        except Exception as e:  # an exporter must not kill the batch thread
-            result, error = SpanExportResult.FAILURE, str(e) or type(e).__name__
-        status = self._status
-        if result is SpanExportResult.SUCCESS:
-            status.exported_spans += len(spans)
-            if status.ok is False:
-                self._report("info", "trace export to {destination} works again", destination=self._destination)
-            status.ok = True
-        else:
-            status.failed_spans += len(spans)
-            status.last_error = error or "export failed"
-            if status.ok is not False:
-                self._report("warn", "trace export to {destination} is failing ({error}); spans are dropped "
-                             "until the collector answers, requests are not affected",
-                             destination=self._destination, error=status.last_error)
-            status.ok = False
-        return result
-
-    def shutdown(self) -> None:
-        self._inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._inner.force_flush(timeout_millis)
-
-
 def resolve_destination(config: TracingConfig, environ: Mapping[str, str]) -> tuple[str, str]:
     """The OTLP protocol and URL: the gateway's config first, then the standard ``OTEL_*`` variables."""
     protocol = config.protocol or "grpc"
@@ -148,23 +72,28 @@ def resolve_destination(config: TracingConfig, environ: Mapping[str, str]) -> tu
     return protocol, endpoint
 
 
-EXPORT_BATCH_SIZE = 64
-"""Spans per export. The SDK's 512 makes its thread encode for tens of milliseconds while holding the GIL, which
-the reactor felt as a 20 ms p99; 64 keeps each pause near a millisecond at the same total cost."""
+EXPORT_BATCH_SIZE = 512
+"""Spans per export (the SDK's default) when lean spans are encoded as they end: the export thread only joins
+bytes, so a big batch costs the reactor nothing and sends a tenth of the calls."""
+
+SDK_EXPORT_BATCH_SIZE = 64
+"""Spans per export when the export thread encodes them (``implementation: sdk``, or an exporter other than
+OTLP/gRPC): encoding 512 there holds the GIL for tens of milliseconds, which the reactor felt as a 20 ms p99; 64
+keeps each pause near a millisecond at the same total cost."""
 
 
-def _batch_size(environ: Mapping[str, str]) -> int:
-    """``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` when set, else :data:`EXPORT_BATCH_SIZE`."""
-    value = environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "")
+def _bsp_setting(environ: Mapping[str, str], name: str, default: int) -> int:
+    """One of the standard ``OTEL_BSP_*`` settings of the batch span processor (a whole number >= 1)."""
+    value = environ.get(name, "")
     if not value:
-        return EXPORT_BATCH_SIZE
+        return default
     try:
-        size = int(value)
+        number = int(value)
     except ValueError:
-        size = 0
-    if size < 1:
-        raise ConfigError(f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE = {value!r}: expected a whole number >= 1")
-    return size
+        number = 0
+    if number < 1:
+        raise ConfigError(f"{name} = {value!r}: expected a whole number >= 1")
+    return number
 
 
 def _with_scheme(endpoint: str) -> str:
@@ -185,7 +114,6 @@ def _otlp_exporter(protocol: str, endpoint: str, environ: Mapping[str, str]) -> 
     except ValueError:
         raise ConfigError(f"OTEL_EXPORTER_OTLP_TIMEOUT = {timeout!r}: expected a number of seconds") from None
     if protocol == "grpc":
-        from .otlp import LeanGrpcSpanExporter
         return LeanGrpcSpanExporter(endpoint=endpoint, timeout=seconds)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
     return HttpExporter(endpoint=endpoint, timeout=seconds)
@@ -194,27 +122,34 @@ def _otlp_exporter(protocol: str, endpoint: str, environ: Mapping[str, str]) -> 
 class Tracing:
     """Spans for one gateway; with tracing off every method is a cheap no-op returning None."""
 
-    def __init__(self, config: TracingConfig, environ: Mapping[str, str], reactor: IGatewayReactor) -> None:
+    def __init__(self, config: TracingConfig, environ: Mapping[str, str], reactor: IGatewayReactor,
+                 dropped: Dropped = lambda reason, count: None) -> None:
         self.config = config
         self._reactor = reactor
+        self._dropped = dropped
         self.status = ExportStatus()
         self.protocol: str | None = None
         self.endpoint: str | None = None
         self.enabled = config.enabled and environ.get("OTEL_SDK_DISABLED", "").lower() != "true"
         self.capture_content = self.enabled and config.capture_content
-        self.tracer: Tracer | None = None
-        self.provider: TracerProvider | None = None
+        self.tracer: SpanMaker | None = None
+        self.queue: ExportQueue[Any] | None = None
         self._exporter: SpanExporter | None = None
         if not self.enabled:
             return
-        resource = Resource.create({"service.name": environ.get("OTEL_SERVICE_NAME") or "inference",
-                                    "service.version": __version__})
-        self.provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
+        self.resource = Resource.create({"service.name": environ.get("OTEL_SERVICE_NAME") or "inference",
+                                         "service.version": __version__})
+        self.sampler = ParentBased(TraceIdRatioBased(config.sample_ratio))
         self._exporter = self._make_exporter(environ)
         if self._exporter is not None:
-            self.provider.add_span_processor(BatchSpanProcessor(self._exporter,
-                                                                max_export_batch_size=_batch_size(environ)))
-        self.tracer = self.provider.get_tracer("inference", __version__)
+            sender = self._sender(self._exporter)
+            batch = _bsp_setting(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+                                 EXPORT_BATCH_SIZE if isinstance(sender, EncodedSender) else SDK_EXPORT_BATCH_SIZE)
+            self.queue = ExportQueue(sender, self.endpoint or "", batch, self.status, self._report, dropped,
+                                     _bsp_setting(environ, "OTEL_BSP_MAX_QUEUE_SIZE", MAX_QUEUE),
+                                     _bsp_setting(environ, "OTEL_BSP_SCHEDULE_DELAY", SCHEDULE_DELAY_MS) / 1000)
+        self.tracer = make_tracer(config.implementation, self.resource, self.sampler, RandomIdGenerator(),
+                                  self.queue)
 
     def _make_exporter(self, environ: Mapping[str, str]) -> SpanExporter | None:
         kind = self.config.exporter
@@ -222,11 +157,16 @@ class Tracing:
             return None
         if kind == "console":
             self.endpoint = "stdout"
-            return ReportingExporter(ConsoleSpanExporter(), "stdout", self.status, self._report)
+            return ConsoleSpanExporter()
         self.protocol, endpoint = resolve_destination(self.config, environ)
         self.endpoint = _without_credentials(endpoint)
-        return ReportingExporter(_otlp_exporter(self.protocol, endpoint, environ), self.endpoint, self.status,
-                                 self._report)
+        return _otlp_exporter(self.protocol, endpoint, environ)
+
+    def _sender(self, exporter: SpanExporter) -> Sender[Any]:
+        """Lean spans to OTLP/gRPC are encoded as they end; anything else is queued as the SDK's spans."""
+        if self.config.implementation == "lean" and isinstance(exporter, LeanGrpcSpanExporter):
+            return EncodedSender(exporter, self.resource, SCOPE)
+        return SpanSender(exporter)
 
     def _report(self, level: str, format: str, **fields: Any) -> None:
         """Log from the exporter thread by handing the event to the reactor thread."""
@@ -238,22 +178,21 @@ class Tracing:
         """A SERVER span continuing the caller's ``traceparent`` when it sent one."""
         if self.tracer is None:
             return None
-        context = _PROPAGATOR.extract(headers, getter=_HEADERS) if headers.hasHeader(b"traceparent") else None
-        return self.tracer.start_span(name, context=context, kind=SpanKind.SERVER, attributes=attributes)
+        parent = None
+        if headers.hasHeader(b"traceparent"):
+            parent = get_current_span(_PROPAGATOR.extract(headers, getter=_HEADERS)).get_span_context()
+        return self.tracer.start_span(name, SpanKind.SERVER, attributes, parent)
 
     def start_client_span(self, name: str, parent: Span | None, attributes: dict[str, Any]) -> Span | None:
         if self.tracer is None:
             return None
-        context = set_span_in_context(parent) if parent is not None else Context()
-        return self.tracer.start_span(name, context=context, kind=SpanKind.CLIENT, attributes=attributes)
+        return self.tracer.start_span(name, SpanKind.CLIENT, attributes,
+                                      parent.get_span_context() if parent is not None else None)
 
     @staticmethod
     def trace_headers(span: Span | None) -> dict[str, str]:
         """The ``traceparent`` that makes the upstream's work part of this trace."""
-        headers: dict[str, str] = {}
-        if span is not None:
-            _PROPAGATOR.inject(headers, context=set_span_in_context(span))
-        return headers
+        return traceparent(span) if span is not None else {}
 
     @staticmethod
     def ids(span: Span) -> tuple[str | None, dict[str, str] | None]:
@@ -271,16 +210,16 @@ class Tracing:
         """Where traces go and whether they get there, for ``/health``."""
         if not self.enabled:
             return {"enabled": False}
-        return {"enabled": True, "exporter": self.config.exporter, "protocol": self.protocol,
-                "endpoint": self.endpoint, "sample_ratio": self.config.sample_ratio,
+        return {"enabled": True, "implementation": self.config.implementation, "exporter": self.config.exporter,
+                "protocol": self.protocol, "endpoint": self.endpoint, "sample_ratio": self.config.sample_ratio,
                 "capture_content": self.capture_content, "export": self.status.as_dict()}
 
     def flush(self) -> Deferred[Any]:
-        """Export what is queued now, in a thread (the batch processor's flush blocks)."""
-        provider = self.provider
-        if provider is None:
+        """Export what is queued now, in a thread (exporting blocks)."""
+        queue = self.queue
+        if queue is None:
             return succeed(None)
-        return self._in_thread(lambda: provider.force_flush(5000))
+        return self._in_thread(lambda: queue.force_flush())
 
     def shutdown(self) -> Deferred[Any]:
         """Flush and stop the exporter without waiting out the exporter's retries (10 s and more).
@@ -288,14 +227,14 @@ class Tracing:
         A collector that took the last batch gets 3 s for the final one; one never reached yet gets 1 s, and
         one known to be failing a moment: stopping must not hang on a collector that is down.
         """
-        provider, exporter = self.provider, self._exporter
-        self.provider = self.tracer = self._exporter = None
-        if provider is None:
+        queue, exporter = self.queue, self._exporter
+        self.queue = self.tracer = self._exporter = None
+        if queue is None:
             return succeed(None)
         timeout = {True: 3.0, None: 1.0, False: 0.2}[self.status.ok]
 
         def stop() -> None:
-            flushing = threading.Thread(target=provider.shutdown, name="inference-trace-shutdown", daemon=True)
+            flushing = threading.Thread(target=queue.shutdown, name="inference-trace-shutdown", daemon=True)
             flushing.start()
             flushing.join(timeout)
             if flushing.is_alive() and exporter is not None:
@@ -305,7 +244,7 @@ class Tracing:
         return self._in_thread(stop)
 
     def _in_thread(self, work: Callable[[], Any]) -> Deferred[Any]:
-        """Run blocking SDK work in a daemon thread of its own: the reactor's pool would make stop wait for it."""
+        """Run blocking export work in a daemon thread of its own: the reactor's pool would make stop wait for it."""
         done: Deferred[Any] = Deferred()
 
         def run() -> None:
