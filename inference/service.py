@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import signal
@@ -27,7 +28,7 @@ from .config import Config
 from .cors import Cors
 from .errors import GatewayError, InvalidRequest, MethodNotAllowed, RouteNotFound
 from .listen import describe, server_endpoint
-from .logs import LogFile, TextSink, make_observer
+from .logs import FlushedPerTurn, LogFile, TextSink, make_observer
 from .providers import Connector, make_provider
 from .providers.fleet import FleetProvider
 from .reactor import IGatewayReactor
@@ -293,9 +294,17 @@ def make_service(config: Config, listen: str | None = None, reactor: IGatewayRea
     site = build_site(config, reactor)
     server = config.server
     where = listen or describe(server.host, server.port) + (" (shared: SO_REUSEPORT)" if server.reuse_port else "")
-    top = _Daemon(make_observer(config.logging, logs) if logs is not None else None)
-    GatewayService(site, where, reactor, reopen_logs=logs.reopen if isinstance(logs, LogFile) else None
-                   ).setServiceParent(top)
+    lines = FlushedPerTurn(logs, reactor) if logs is not None else None
+    top = _Daemon(make_observer(config.logging, lines) if lines is not None else None)
+    reopen = None
+    if isinstance(logs, LogFile) and lines is not None:
+        def reopen() -> None:  # what was written to the old file reaches it first
+            lines.flush()
+            logs.reopen()
+    if lines is not None:  # the last lines: those of the shutdown, and twistd's own once its reactor stopped
+        reactor.addSystemEventTrigger("after", "shutdown", lines.flush)
+        atexit.register(lines.flush)
+    GatewayService(site, where, reactor, reopen_logs=reopen).setServiceParent(top)
     metrics = config.observability.metrics
     if metrics.enabled and metrics.port is not None:
         _Listener(endpoints.serverFromString(reactor, describe(server.host, metrics.port)),

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
@@ -207,6 +208,30 @@ async def test_a_daemon_writes_its_lines_to_the_logfile_and_reopens_it_on_sigusr
 
 @pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
 @pytest_twisted.ensureDeferred
+async def test_no_line_is_lost_to_a_reopen_or_a_stop_right_after_a_burst(tmp_path, fake):
+    """Lines are flushed once per reactor turn: a SIGUSR1 and a SIGTERM sent the moment the answers are in must
+    still find every line in its file."""
+    log = tmp_path / "inference.log"
+    pidfile, port = await daemonised(tmp_path, fake, "--logfile", str(log))
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    pid = int(Path(pidfile).read_text())
+    try:
+        replies = await DeferredList([Deferred.fromCoroutine(call(
+            "POST", f"http://127.0.0.1:{port}/v1/chat/completions", chat)) for _ in range(20)])
+        assert [reply.status for _, reply in replies] == [200] * 20
+        log.rename(tmp_path / "inference.log.1")  # at once: no waiting for the lines to show
+        os.kill(pid, signal.SIGUSR1)
+        await until(log.exists)
+        assert (await call("GET", f"http://127.0.0.1:{port}/v1/models")).status == 200
+    finally:
+        await end_daemon(pidfile)  # at once too
+    rotated, current = (tmp_path / "inference.log.1").read_text(), log.read_text()
+    assert rotated.count('"POST /v1/chat/completions" 200') == 20
+    assert '"GET /v1/models" 200' in current and "Server Shut Down" in current
+
+
+@pytest.mark.skipif(TWISTD is None, reason="twistd is not installed next to this Python")
+@pytest_twisted.ensureDeferred
 async def test_a_daemon_without_logfile_writes_json_lines_to_twistd_log(tmp_path, fake):
     pidfile, port = await daemonised(tmp_path, fake, INFERENCE_LOGGING_FORMAT="json")
     try:
@@ -230,3 +255,32 @@ async def test_a_daemon_cannot_log_to_stdout(tmp_path):
     assert await launcher.ended != 0
     assert launcher.err.decode().strip().splitlines() == [
         "inference: Daemons cannot log to stdout: use --logfile PATH, or --nodaemon"]
+
+
+class CountingSink:
+    def __init__(self) -> None:
+        self.text, self.flushes = "", 0
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def test_lines_are_flushed_once_per_reactor_turn_and_warnings_at_once():
+    from twisted.internet.task import Clock
+
+    from inference.logs import FlushedPerTurn
+    clock, sink = Clock(), CountingSink()
+    observer = make_observer(LoggingConfig(level="info", format="text"), FlushedPerTurn(sink, clock))
+    for n in range(50):
+        emit(observer, LogLevel.info, "access {n}", n=n)
+    assert sink.text.count("\n") == 50 and sink.flushes == 0  # written, not yet flushed
+    clock.advance(0)
+    assert sink.flushes == 1  # one flush for the turn's 50 lines
+    emit(observer, LogLevel.info, "one more")
+    emit(observer, LogLevel.error, "broken")
+    assert sink.flushes == 2  # an error is flushed at once, and the line before it with it
+    clock.advance(0)
+    assert sink.flushes == 2 and not clock.getDelayedCalls()  # nothing left to flush: no timer either
