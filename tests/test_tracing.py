@@ -426,7 +426,7 @@ def test_a_full_export_queue_drops_spans_with_one_warning_and_no_log_record_per_
 
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
     from opentelemetry.trace import SpanKind
 
     from inference.telemetry.export import ExportQueue, ExportStatus
@@ -438,7 +438,7 @@ def test_a_full_export_queue_drops_spans_with_one_warning_and_no_log_record_per_
     queue = ExportQueue(sent, "collector", batch_size=100, status=status,
                         report=lambda level, text, **fields: reports.append((level, text)),
                         dropped=lambda reason, count: dropped.append((reason, count)), max_queue=4, delay=3600)
-    tracer = make_tracer("lean", Resource.create({}), ALWAYS_ON, RandomIdGenerator(), queue)
+    tracer = make_tracer("lean", Resource.create({}), TraceIdRatioBased(1.0), RandomIdGenerator(), queue)
     caplog.set_level(logging.DEBUG)
     try:
         for n in range(10):  # no export yet (the batch is not full, the delay is an hour): 4 fit, 6 are dropped

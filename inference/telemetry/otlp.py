@@ -122,6 +122,10 @@ def _flags(parent: SpanContext | None) -> bytes:
     return _pack_fixed32(flags)
 
 
+_LOCAL_PARENT = b"\x85\x01" + _flags(None)  # the span's flags field: its parent is local (or there is none)
+_REMOTE_PARENT = b"\x85\x01" + _pack_fixed32(_FLAGS_HAS_IS_REMOTE | _FLAGS_IS_REMOTE)
+
+
 def _count(tag: bytes, value: int) -> bytes:
     return tag + _varint(value) if value else b""
 
@@ -157,44 +161,61 @@ class EncodableSpan(Protocol):
     def get_span_context(self) -> SpanContext | None: ...
 
 
+_KINDS = {kind: b"\x30" + _varint(kind.value + 1) for kind in SpanKind}  # OTLP's kinds count from 1
+_UNSET = b"\x7a\x00"  # a Status message with neither code nor description
+_NAMES: dict[str, bytes] = {}  # a span's name field: the gateway's repeat (routes, "chat {model}")
+
+
 def encode_span(span: EncodableSpan) -> bytes:
     """A ``Span`` message's bytes, fields in number order."""
     context = span.get_span_context()
     assert context is not None  # a recorded span has one
     parent = span.parent
-    out = [b"\x0a\x10" + context.trace_id.to_bytes(16, "big"), b"\x12\x08" + context.span_id.to_bytes(8, "big")]
+    out = [b"\x0a\x10" + context.trace_id.to_bytes(16, "big") + b"\x12\x08" + context.span_id.to_bytes(8, "big")]
     if context.trace_state:
         out.append(_text(b"\x1a", ",".join(f"{key}={value}" for key, value in context.trace_state.items())))
     if parent is not None:
         out.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-    if span.name:
-        out.append(_text(b"\x2a", span.name))
-    out.append(b"\x30" + _varint(span.kind.value + 1))  # OTLP's kinds count from 1 (0 is unspecified)
+    name = span.name
+    if name:
+        encoded = _NAMES.get(name)
+        if encoded is None:
+            if len(_NAMES) >= _ENCODED_MAX:
+                _NAMES.clear()
+            encoded = _NAMES[name] = _text(b"\x2a", name)
+        out.append(encoded)
+    out.append(_KINDS[span.kind])
     if span.start_time:
         out.append(b"\x39" + _pack_fixed64(span.start_time))
     if span.end_time:
         out.append(b"\x41" + _pack_fixed64(span.end_time))
     out.append(_attributes(b"\x4a", span.attributes))
-    out.append(_count(b"\x50", span.dropped_attributes))
+    if span.dropped_attributes:
+        out.append(_count(b"\x50", span.dropped_attributes))
     for event in span.events:
         body = b"\x09" + _pack_fixed64(event.timestamp) if event.timestamp else b""
         if event.name:
             body += _text(b"\x12", event.name)
         body += _attributes(b"\x1a", event.attributes) + _count(b"\x20", event.dropped_attributes)
         out.append(_field(b"\x5a", body))
-    out.append(_count(b"\x60", span.dropped_events))
+    if span.dropped_events:
+        out.append(_count(b"\x60", span.dropped_events))
     for link in span.links:
         body = (b"\x0a\x10" + link.context.trace_id.to_bytes(16, "big")
                 + b"\x12\x08" + link.context.span_id.to_bytes(8, "big")
                 + _attributes(b"\x22", link.attributes) + _count(b"\x28", link.dropped_attributes)
                 + b"\x35" + _flags(link.context))
         out.append(_field(b"\x6a", body))
-    out.append(_count(b"\x70", span.dropped_links))
+    if span.dropped_links:
+        out.append(_count(b"\x70", span.dropped_links))
     status = span.status
     code = status.status_code.value
-    out.append(_field(b"\x7a", (_text(b"\x12", status.description) if status.description else b"")
-                      + (b"\x18" + _varint(code) if code else b"")))
-    out.append(b"\x85\x01" + _flags(parent))
+    if code or status.description:
+        out.append(_field(b"\x7a", (_text(b"\x12", status.description) if status.description else b"")
+                          + (b"\x18" + _varint(code) if code else b"")))
+    else:
+        out.append(_UNSET)
+    out.append(_REMOTE_PARENT if parent is not None and parent.is_remote else _LOCAL_PARENT)
     return b"".join(out)
 
 

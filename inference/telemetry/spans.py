@@ -20,7 +20,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.sdk.trace.sampling import Sampler
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     Link,
@@ -44,16 +44,21 @@ _UNSET = Status(StatusCode.UNSET)
 
 
 class SpanMaker(Protocol):
-    """What the gateway asks of a tracer: a span, its parent given explicitly (never the "current" span)."""
+    """What the gateway asks of a tracer: a span, its parent given explicitly (never the "current" span). The span
+    may keep ``attributes`` as its own: each span gets a dict made for it."""
 
     def start_span(self, name: str, kind: SpanKind, attributes: dict[str, AttributeValue],
                    parent: SpanContext | None, start_time: int | None = None) -> Span: ...
 
 
 def _cleaned(attributes: Mapping[str, AttributeValue] | None) -> dict[str, AttributeValue]:
-    """A copy without the None values the SDK would refuse (the gateway's values are otherwise well-typed)."""
+    """Without the None values the SDK would refuse (the gateway's values are otherwise well-typed): the dict itself
+    when it has none (the gateway builds a new one for each span and event, and leaves it to the span), else a
+    copy."""
     if not attributes:
         return {}
+    if None not in attributes.values() and isinstance(attributes, dict):
+        return attributes
     return {key: value for key, value in attributes.items() if value is not None}
 
 
@@ -155,18 +160,19 @@ class Readable:
 
 
 class LeanTracer:
-    """Lean spans, sampled as the gateway's ``ParentBased(TraceIdRatioBased(ratio))`` sampler decides.
+    """Lean spans, sampled as ``ParentBased(root)`` decides, the gateway's sampler.
 
     A span with a parent follows the parent's decision (what ``ParentBased`` does with its default delegates,
-    without building a context to find the parent); a root span asks the sampler.
+    without building a context to find the parent); a root span is sampled when its trace id falls under the
+    ratio's bound (what ``TraceIdRatioBased`` does, without building its result).
     """
 
-    def __init__(self, resource: Resource, sampler: Sampler, id_generator: IdGenerator,
+    def __init__(self, resource: Resource, root: TraceIdRatioBased, id_generator: IdGenerator,
                  sink: LeanSink | None) -> None:
         self.resource = resource
         self.scope = SCOPE
         self.sink = sink
-        self._sampler = sampler
+        self._bound = root.bound
         self._ids = id_generator
         self._random_flag = _RANDOM_TRACE_ID if id_generator.is_trace_id_random() else 0
 
@@ -178,10 +184,8 @@ class LeanTracer:
             trace_id, sampled, trace_state = parent.trace_id, parent.trace_flags.sampled, parent.trace_state
             random_flag = parent.trace_flags & _RANDOM_TRACE_ID
         else:
-            parent, trace_id = None, ids.generate_trace_id()
-            decision = self._sampler.should_sample(None, trace_id, name, kind, attributes)
-            sampled, trace_state, random_flag = decision.decision.is_sampled(), decision.trace_state, \
-                self._random_flag
+            parent, trace_id, trace_state = None, ids.generate_trace_id(), None
+            sampled, random_flag = trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self._bound, self._random_flag
         flags = TraceFlags((TraceFlags.SAMPLED if sampled else 0) | random_flag)
         context = SpanContext(trace_id, ids.generate_span_id(), False, flags, trace_state)
         if not sampled:
@@ -206,16 +210,17 @@ class SdkTracer:
 IMPLEMENTATIONS = ("lean", "sdk")
 
 
-def make_tracer(implementation: str, resource: Resource, sampler: Sampler, id_generator: IdGenerator,
+def make_tracer(implementation: str, resource: Resource, root: TraceIdRatioBased, id_generator: IdGenerator,
                 processor: SpanProcessor | None) -> SpanMaker:
-    """The tracer ``observability.tracing.implementation`` names, ending its spans in ``processor``."""
+    """The tracer ``observability.tracing.implementation`` names, sampling as ``ParentBased(root)`` (a caller's
+    decision is kept, new traces are sampled at the root's ratio) and ending its spans in ``processor``."""
     if implementation == "sdk":
-        provider = TracerProvider(resource=resource, sampler=sampler, id_generator=id_generator)
+        provider = TracerProvider(resource=resource, sampler=ParentBased(root), id_generator=id_generator)
         if processor is not None:
             provider.add_span_processor(processor)
         return SdkTracer(provider)
     sink = None if processor is None else processor if _takes_lean_spans(processor) else Readable(processor)
-    return LeanTracer(resource, sampler, id_generator, sink)
+    return LeanTracer(resource, root, id_generator, sink)
 
 
 def _takes_lean_spans(processor: SpanProcessor) -> TypeGuard[LeanSink]:

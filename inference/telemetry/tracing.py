@@ -18,7 +18,7 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from twisted.internet.defer import Deferred, succeed
@@ -139,7 +139,7 @@ class Tracing:
             return
         self.resource = Resource.create({"service.name": environ.get("OTEL_SERVICE_NAME") or "inference",
                                          "service.version": __version__})
-        self.sampler = ParentBased(TraceIdRatioBased(config.sample_ratio))
+        self.sampler = TraceIdRatioBased(config.sample_ratio)  # of new traces: ParentBased keeps a caller's decision
         self._exporter = self._make_exporter(environ)
         if self._exporter is not None:
             sender = self._sender(self._exporter)
