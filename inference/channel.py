@@ -38,6 +38,7 @@ class GatewayChannel(HTTPChannel):
     """One client connection. ``site`` (set by the site) carries ``config.server``."""
 
     site: Any
+    span_attributes: dict[str, Any] | None = None  # the SERVER span's per-connection attributes (telemetry's)
     _read_timer: IDelayedCall | None = None
     _linger: IDelayedCall | None = None
     _refused = False

@@ -49,6 +49,23 @@ class RequestState(Request):
         self.record = CallRecord()
 
 
+def _connection_attributes(request: RequestState) -> dict[str, Any]:
+    """The SERVER span's attributes that hold for a whole connection (scheme, addresses), found at its first
+    request and kept on the channel (``GatewayChannel.span_attributes``) for the ones that follow."""
+    channel = request.channel
+    found: dict[str, Any] | None = getattr(channel, "span_attributes", None)
+    if found is None:
+        host = request.getHost()
+        found = {"url.scheme": "https" if request.isSecure() else "http",
+                 "server.address": getattr(host, "host", ""), "server.port": getattr(host, "port", 0)}
+        client = request.getClientAddress()
+        if getattr(client, "host", None):
+            found["client.address"] = client.host
+        if hasattr(channel, "span_attributes"):
+            channel.span_attributes = found
+    return found
+
+
 class Telemetry:
     """Metrics and tracing for one gateway."""
 
@@ -79,19 +96,14 @@ class Telemetry:
         record.route = route
         if self.tracing.tracer is None or route in self._untraced:
             return
-        method = request.method.decode("latin-1")
-        host = request.getHost()
-        attributes = {"http.request.method": method_label(method), "url.path": request.path.decode("latin-1"),
-                      "url.scheme": "https" if request.isSecure() else "http",
-                      "server.address": getattr(host, "host", ""), "server.port": getattr(host, "port", 0),
+        method = method_label(request.method.decode("latin-1"))
+        attributes = {"http.request.method": method, "url.path": request.path.decode("latin-1"),
+                      **_connection_attributes(request),
                       "network.protocol.version": request.clientproto.decode("latin-1").partition("/")[2]}
-        client = request.getClientAddress()
-        if getattr(client, "host", None):
-            attributes["client.address"] = client.host
         agent = request.getHeader(b"user-agent")
         if agent:
             attributes["user_agent.original"] = agent.decode("latin-1")
-        name = method_label(method)
+        name = method
         if route != "other":
             attributes["http.route"] = route
             name += " " + route
