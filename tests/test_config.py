@@ -78,6 +78,7 @@ def test_env_values_are_typed():
     ({"INFERENCE_INFERENCE_HTTP_MAX_IDLE_CONNECTIONS": "-1"}, "expected a number >= 0"),
     ({"INFERENCE_OBSERVABILITY_METRICS_ENABLED": "maybe"}, "expected true or false"),
     ({"INFERENCE_LOGGING_FORMAT": "xml"}, "expected one of text, json"),
+    ({"INFERENCE_OBSERVABILITY_TRACING_IMPLEMENTATION": "fast"}, "expected one of lean, sdk"),
     ({"INFERENCE_SERVER_CORS_ORIGINS": "https://app.example.com,app.example.com"},
      "expected origins like https://app.example.com or http://localhost:5173, or * for any (not 'app.example.com')"),
     ({"INFERENCE_OBSERVABILITY_METRICS_PATH": "metrics"}, "expected a path starting with /"),

@@ -454,3 +454,18 @@ def test_a_full_export_queue_drops_spans_with_one_warning_and_no_log_record_per_
     finally:
         queue.shutdown()
     assert [span.name for span in sent.batches[-1]] == ["after"]  # what was queued went out at shutdown
+
+
+@pytest.mark.parametrize("variable", ["OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_SCHEDULE_DELAY",
+                                      "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"])
+def test_the_batch_settings_take_whole_numbers_and_say_which_one_is_wrong(variable):
+    from twisted.internet.task import Clock
+
+    from inference.config import ConfigError, TracingConfig
+    from inference.telemetry.tracing import Tracing
+
+    with pytest.raises(ConfigError, match=f"{variable} = 'soon': expected a whole number >= 1"):
+        Tracing(TracingConfig(), {variable: "soon"}, Clock())  # type: ignore[arg-type]
+    tracing = Tracing(TracingConfig(), {variable: "7"}, Clock())  # type: ignore[arg-type]
+    assert tracing.queue is not None
+    tracing.queue.shutdown()
