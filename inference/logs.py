@@ -23,6 +23,7 @@ from typing import IO, Any, Protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import FilteringLogObserver, ILogObserver, Logger, LogLevel, LogLevelFilterPredicate, formatEvent
 from twisted.python.failure import Failure
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 from .config import LoggingConfig
@@ -74,7 +75,7 @@ class FlushedPerTurn:
     """Lines written to ``out`` at once and flushed once per reactor turn, not once per line: under load the flush
     per access line cost 4.6% of the gateway's CPU (issue 24's profile). A warning or worse is flushed at once
     (the line before a crash is the one that matters), and ``flush()`` runs at shutdown and before a reopen, so no
-    line is lost."""
+    line is lost. A line written from another thread is flushed at once: timers belong to the reactor's thread."""
 
     def __init__(self, out: TextSink, clock: IReactorTime) -> None:
         self._out = out
@@ -83,7 +84,9 @@ class FlushedPerTurn:
 
     def write(self, text: str, /) -> None:
         self._out.write(text)
-        if self._pending is None:
+        if not isInIOThread():
+            self._out.flush()
+        elif self._pending is None:
             self._pending = self._clock.callLater(0, self.flush)
 
     def flush(self) -> None:

@@ -82,7 +82,8 @@ _ENCODED: dict[tuple[bytes, str, type, Any], bytes] = {}
 """Attribute fields already encoded, by (tag, key, type, value): a gateway's spans repeat most of theirs (the method,
 the route, the model, the host, token counts), so most are looked up rather than encoded. Strings, integers and
 booleans only (the type is part of the key: ``True == 1``); emptied when full, so unique values (response ids)
-cannot make it grow without bound. Only the export thread encodes."""
+cannot make it grow without bound. The reactor thread (lean spans as they end) and the export thread (a batch's
+resource) share it: each lookup, insertion and clearing is one atomic dict operation."""
 
 _ENCODED_MAX = 4096
 _CACHED_TYPES = (str, int, bool)
