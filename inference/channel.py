@@ -50,6 +50,7 @@ class GatewayChannel(HTTPChannel):
         self.totalHeadersSize = server.max_header_bytes
         # A single line longer than this never gets a newline in time; the checks below name the limit.
         self.MAX_LENGTH = max(server.max_header_bytes, server.max_url_bytes + 32)
+        self.site.connections.opened(self)
         super().connectionMade()
 
     def getHost(self) -> Any:
@@ -86,6 +87,7 @@ class GatewayChannel(HTTPChannel):
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         super().connectionLost(reason)
+        self.site.connections.closed(self)
 
     def _stop_read_timer(self) -> None:
         if self._read_timer is not None:

@@ -13,8 +13,9 @@ from urllib.parse import unquote_to_bytes
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.web.http import Request as HTTPRequest
@@ -65,6 +66,53 @@ class MetricsResource(Resource):
         return body
 
 
+CLOSE_GRACE_SECS = 2.0
+"""How long a stop waits, after the drain, for clients to take the last bytes written to them."""
+
+
+class Connections:
+    """The site's open client connections, so that a stop can close them itself: the reactor's own shutdown drops
+    every connection at once, with whatever was written to it and not yet sent (the end of a stream that finished
+    during the drain, say)."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._open: set[GatewayChannel] = set()
+        self._all_closed: list[Deferred[None]] = []
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def opened(self, channel: GatewayChannel) -> None:
+        self._open.add(channel)
+
+    def closed(self, channel: GatewayChannel) -> None:
+        self._open.discard(channel)
+        if not self._open:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                d.callback(None)
+
+    async def close(self, seconds: float) -> int:
+        """Close every connection once what it was sent is written; wait up to ``seconds`` for that. Returns how
+        many were still open (a client that reads nothing)."""
+        for channel in list(self._open):
+            channel.loseConnection()  # what is buffered is written first, then the socket closes
+        if not self._open:
+            return 0
+        closed: Deferred[None] = Deferred()
+        self._all_closed.append(closed)
+        timer = self._clock.callLater(seconds, closed.cancel)
+        try:
+            await closed
+        except CancelledError:
+            return len(self._open)
+        finally:
+            if timer.active():
+                timer.cancel()
+        return 0
+
+
 class GatewaySite(Site):
     requestFactory = GatewayRequest
     # Plain HTTP/1.1 (no TLS, so no HTTP/2 negotiation) with the server's limits. twisted.web types this attribute
@@ -76,6 +124,7 @@ class GatewaySite(Site):
         super().__init__(GatewayResource(gateway.app), timeout=gateway.config.server.idle_timeout_secs,
                          reactor=gateway.reactor)
         self.gateway = gateway
+        self.connections = Connections(gateway.reactor)
         self.telemetry = gateway.telemetry
         self.max_body_bytes = gateway.config.server.max_body_bytes
         origins = gateway.config.server.cors_origins
@@ -255,6 +304,10 @@ class GatewayService(service.Service):
                      count=interrupted, grace=grace)
         elif running:
             log.info("all requests finished")
+        unsent = await self._site.connections.close(CLOSE_GRACE_SECS)
+        if unsent:
+            log.warn("{count} client connection(s) had not taken their last bytes after {grace:g}s; closed",
+                     count=unsent, grace=CLOSE_GRACE_SECS)
         await gateway.close()
 
 
