@@ -469,3 +469,18 @@ def test_the_batch_settings_take_whole_numbers_and_say_which_one_is_wrong(variab
     tracing = Tracing(TracingConfig(), {variable: "7"}, Clock())  # type: ignore[arg-type]
     assert tracing.queue is not None
     tracing.queue.shutdown()
+
+
+@pytest.mark.parametrize("implementation", ["lean", "sdk"])
+@pytest_twisted.ensureDeferred
+async def test_the_console_exporter_prints_both_spans(fake, start_gateway, capsys, implementation):
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "console",
+                             "INFERENCE_OBSERVABILITY_TRACING_IMPLEMENTATION": implementation})
+    assert (await gateway.post_chat(chat())).status == 200
+    await gateway.site.gateway.telemetry.tracing.flush()
+    printed = capsys.readouterr().out
+    spans = [json.loads(text + "}") for text in printed.split("\n}\n") if text.strip().startswith("{")]
+    assert sorted(span["name"] for span in spans) == [SERVER_SPAN, CLIENT_SPAN]
+    (client,) = [span for span in spans if span["name"] == CLIENT_SPAN]
+    assert client["attributes"]["gen_ai.usage.output_tokens"] == 3 and client["kind"] == "SpanKind.CLIENT"

@@ -9,6 +9,7 @@ slow or absent collector never holds the reactor; its failures are reported once
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -157,7 +158,7 @@ class Tracing:
             return None
         if kind == "console":
             self.endpoint = "stdout"
-            return ConsoleSpanExporter()
+            return ConsoleSpanExporter(out=sys.stdout)  # (its default is the stdout of when the SDK was imported)
         self.protocol, endpoint = resolve_destination(self.config, environ)
         self.endpoint = _without_credentials(endpoint)
         return _otlp_exporter(self.protocol, endpoint, environ)
