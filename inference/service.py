@@ -80,9 +80,6 @@ class Connections:
         self._open: set[GatewayChannel] = set()
         self._all_closed: list[Deferred[None]] = []
 
-    def __len__(self) -> int:
-        return len(self._open)
-
     def opened(self, channel: GatewayChannel) -> None:
         self._open.add(channel)
 

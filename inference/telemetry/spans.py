@@ -1,12 +1,12 @@
 """Making the gateway's spans: lean (the default) or through the OpenTelemetry SDK's tracer (``implementation: sdk``).
 
-Both make the same spans: same ids from the same id generator, same sampling, the same ``ReadableSpan`` handed to
-the same processor, so what a collector receives is identical (``tests/test_span_equality.py`` checks it byte for
-byte). The SDK's span does more than the gateway needs on every call: a lock around each change, an attribute
-object that validates and copies every value, a context built to find the parent, a processor chain and the SDK's
-own span metrics; about 60 µs of the ~200 µs tracing cost a request. The lean span is a plain object the reactor
-thread alone touches (the gateway passes spans explicitly and never shares one between threads), whose values the
-gateway builds well-typed; it becomes a ``ReadableSpan`` when it ends.
+Both make the same spans: same ids from the same id generator, same sampling, so what a collector receives is
+identical (``tests/test_span_equality.py`` checks it byte for byte). The SDK's span does more than the gateway
+needs on every call: a lock around each change, an attribute object that validates and copies every value, a
+context built to find the parent, a processor chain and the SDK's own span metrics. The lean span is a plain
+object the reactor thread alone touches (the gateway passes spans explicitly and never shares one between
+threads), whose values the gateway builds well-typed; it reads as a ``ReadableSpan`` does, so the export queue
+encodes it as it ends, and makes one of it (:meth:`LeanSpan.readable`) only for other exporters.
 """
 
 from __future__ import annotations
@@ -205,9 +205,6 @@ class SdkTracer:
         context = set_span_in_context(NonRecordingSpan(parent)) if parent is not None else Context()
         return self._tracer.start_span(name, context=context, kind=kind, attributes=attributes,
                                        start_time=start_time)
-
-
-IMPLEMENTATIONS = ("lean", "sdk")
 
 
 def make_tracer(implementation: str, resource: Resource, root: TraceIdRatioBased, id_generator: IdGenerator,

@@ -127,7 +127,6 @@ class Tracing:
                  dropped: Dropped = lambda reason, count: None) -> None:
         self.config = config
         self._reactor = reactor
-        self._dropped = dropped
         self.status = ExportStatus()
         self.protocol: str | None = None
         self.endpoint: str | None = None
@@ -220,7 +219,7 @@ class Tracing:
         queue = self.queue
         if queue is None:
             return succeed(None)
-        return self._in_thread(lambda: queue.force_flush())
+        return self._in_thread(queue.force_flush)
 
     def shutdown(self) -> Deferred[Any]:
         """Flush and stop the exporter without waiting out the exporter's retries (10 s and more).
