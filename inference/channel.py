@@ -17,6 +17,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 
 from .errors import (
     BadHTTPRequest,
@@ -67,6 +68,20 @@ class GatewayChannel(HTTPChannel):
         if secure is None:
             secure = self._secure = super().isSecure()
         return bool(secure)
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """The status line and headers as one piece of bytes: twisted.web hands the transport a list of four
+        pieces a header, each checked and counted on its own (about 3% of a short call's CPU)."""
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)  # (twisted.web sanitises that form)
+            return
+        lines = [b"%s %s %s\r\n" % (version, code, reason)]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines.append(b"%s: %s\r\n" % (name, value))
+        lines.append(b"\r\n")
+        if self.transport is not None:
+            self.transport.write(b"".join(lines))
 
     # -- the time to receive a request ---------------------------------------------------------------------------
 

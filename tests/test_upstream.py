@@ -242,6 +242,19 @@ async def test_gzip_answers_are_decoded(fake, lmstudio):
 
 
 @pytest_twisted.ensureDeferred
+async def test_each_request_names_the_upstream_host_once_and_goes_to_its_path(fake, lmstudio):
+    # (the Host header is the client's own and the Agent keeps each URL it parsed: neither may repeat or stick)
+    port = fake.port.getHost().port
+    assert (await lmstudio.post_chat(CHAT)).status == 200
+    assert (await call("GET", lmstudio.url + "/v1/models?refresh=true")).status == 200
+    assert (await lmstudio.post_chat(CHAT)).status == 200
+    calls = [(r.method, r.path) for r in fake.received]
+    assert calls.count(("POST", "/v1/chat/completions")) == 2 and ("GET", "/v1/models") in calls
+    for received in fake.received:
+        assert [value for name, value in received.every_header if name == "host"] == [f"127.0.0.1:{port}"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_cookies_an_upstream_sets_are_not_sent_back(fake, lmstudio):
     fake.set_cookie = "session=client-a; Path=/"
     assert (await lmstudio.post_chat(CHAT)).status == 200

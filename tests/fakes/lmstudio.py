@@ -46,6 +46,7 @@ class Received:
     headers: dict[str, str]
     body: Any
     at: int = field(default_factory=lambda: next(_ARRIVALS))
+    every_header: list[tuple[str, str]] = field(default_factory=list)  # (name, value) as sent, repeats included
 
 
 @dataclass
@@ -162,7 +163,8 @@ class FakeLMStudio(Resource):
         except ValueError:
             body = raw
         headers = {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
-        got = Received(request.method.decode(), request.path.decode(), headers, body)
+        got = Received(request.method.decode(), request.path.decode(), headers, body, every_header=[
+            (k.decode().lower(), v.decode()) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs])
         self.received.append(got)
         arrivals, self._arrivals = self._arrivals, []
         for d in arrivals:
