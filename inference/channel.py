@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -82,6 +83,18 @@ class GatewayChannel(HTTPChannel):
         lines.append(b"\r\n")
         if self.transport is not None:
             self.transport.write(b"".join(lines))
+
+    def send_now(self) -> None:
+        """Hand what the connection holds to the kernel now, not when the reactor next finds the socket writable.
+
+        Only when the gateway is answering this one request (the caller decides): the answer then leaves before
+        the work that follows it in the same turn (its metrics, span and access line), and the client's next
+        request arrives while that work is done. With other requests in hand, the reactor's next turn sends all
+        the answers together, which costs less (writing each at once was 30% more CPU a request at 16 clients)."""
+        transport: object = self.transport
+        if (isinstance(transport, FileDescriptor) and transport.connected and not transport.disconnecting
+                and not transport.producerPaused and transport._tempDataLen):
+            transport.doWrite()  # as the reactor would; if the send fails, the bytes stay and its write reports it
 
     # -- the time to receive a request ---------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ class RequestSite(Protocol):
     telemetry: Telemetry
     cors: Cors | None
     max_body_bytes: int
+    answering: int  # requests between process() and their end
 
     def route_of(self, path: bytes) -> str: ...
 
@@ -36,6 +37,7 @@ class GatewayRequest(RequestState):
     """
 
     request_id = ""
+    _answering: RequestSite | None = None  # the site counting this request as being answered
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         # No HTML-form parsing: this API takes JSON, and twisted.web would parse every POST's Content-Type
@@ -49,7 +51,8 @@ class GatewayRequest(RequestState):
         return cast(RequestSite, self.channel.site)  # type: ignore[attr-defined]
 
     def process(self) -> None:
-        site = self.gateway_site
+        site = self._answering = self.gateway_site
+        site.answering += 1
         self.request_id = request_id_for(self.getHeader(b"x-request-id"))
         self.setHeader(b"X-Request-ID", self.request_id)
         site.telemetry.request_started(self, site.route_of(self.path))
@@ -65,7 +68,10 @@ class GatewayRequest(RequestState):
             CURRENT_IDS.reset(ids)
 
     def finish(self) -> None:
+        channel = cast("GatewayChannel | None", self.channel)
         super().finish()
+        if channel is not None and self._answering is not None and self._answering.answering == 1:
+            channel.send_now()  # alone: the answer goes before its metrics, span and access line are done
         self._ended(self.code)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -74,6 +80,9 @@ class GatewayRequest(RequestState):
             self._ended(None)
 
     def _ended(self, status: int | None) -> None:
+        if self._answering is not None:
+            self._answering.answering -= 1
+            self._answering = None
         if self.record.recorded:
             return
         cast(RequestSite, self.site).telemetry.request_ended(self, status)  # (the channel is gone by now)

@@ -124,6 +124,7 @@ class GatewaySite(Site):
         self.connections = Connections(gateway.reactor)
         self.telemetry = gateway.telemetry
         self.max_body_bytes = gateway.config.server.max_body_bytes
+        self.answering = 0  # requests between their processing and their end (GatewayRequest counts them)
         origins = gateway.config.server.cors_origins
         self.cors = Cors(origins) if origins else None
         # Metrics with a port of their own are not served here (with several processes on this port, a scrape
