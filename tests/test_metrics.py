@@ -302,3 +302,33 @@ async def test_health_reports_metrics_and_tracing(fake, start_gateway):
     assert tracing["enabled"] is True and tracing["exporter"] == "otlp" and tracing["protocol"] == "http/protobuf"
     assert tracing["endpoint"] == "http://collector.example:4318/v1/traces"  # credentials never shown
     assert tracing["export"]["ok"] is None  # nothing sent yet
+
+
+def test_the_gateways_histogram_observations_expose_as_prometheus_clients_own(monkeypatch):
+    # (Observed finds the bucket by bisection and skips validating the gateway's own exemplar)
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.openmetrics.exposition import generate_latest
+
+    from inference.telemetry import metrics as metrics_module
+    from inference.telemetry.metrics import DURATION_BUCKETS, Observed
+
+    monkeypatch.setattr(metrics_module.time, "time", lambda: 1700000000.0)  # the exemplars' timestamps
+    monkeypatch.setattr("prometheus_client.metrics.time.time", lambda: 1700000000.0)
+    trace = {"trace_id": "0af7651916cd43dd8448eb211c80319c"}
+    amounts = [(0.0, trace), (0.01, trace), (0.010001, None), (0.5, {"other": "x"}), (299.9, trace),
+               (300.0, None), (1e9, trace), (float("inf"), None), (-3.0, trace), (float("nan"), trace)]
+    exposed = []
+    for fast in (False, True):
+        registry = CollectorRegistry()
+        child = Histogram("h_seconds", "h", ["a"], buckets=DURATION_BUCKETS, registry=registry).labels("x")
+        if fast:
+            child = Observed.of(child)
+            assert isinstance(child, Observed)
+        for amount, exemplar in amounts:
+            child.observe(amount, exemplar)
+        with pytest.raises(ValueError):
+            child.observe(1.0, {"trace_id": "x" * 200})  # too long: refused as prometheus_client refuses it
+        exposed.append(generate_latest(registry).decode())
+    assert exposed[0] == exposed[1]
+    assert 'h_seconds_bucket{a="x",le="0.01"} 3.0 # {trace_id="0af7651916cd43dd8448eb211c80319c"} -3.0' in exposed[1]
+    assert 'h_seconds_bucket{a="x",le="0.02"} 4.0\n' in exposed[1]  # 0.010001: the next bucket, no exemplar
