@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from twisted.internet.interfaces import (
     IReactorCore,
     IReactorPluggableNameResolver,
@@ -11,8 +13,21 @@ from twisted.internet.interfaces import (
     IReactorThreads,
     IReactorTime,
 )
+from twisted.internet.main import installReactor
 
 
 class IGatewayReactor(IReactorCore, IReactorTime, IReactorTCP, IReactorThreads, IReactorSocket,
                       IReactorPluggableNameResolver):
     """Start and stop, timers, TCP, threads (span export, signals), adopted sockets (``reuse_port``), DNS."""
+
+
+def install() -> None:
+    """Make :class:`GatewayReactor` the reactor, unless one was chosen already (``twistd --reactor``, a test's)
+    or epoll is missing (then Twisted's default is used)."""
+    if "twisted.internet.reactor" in sys.modules:
+        return
+    try:
+        from .epoll import GatewayReactor
+    except ImportError:  # no epoll here (macOS, the BSDs)
+        return
+    installReactor(GatewayReactor())

@@ -24,6 +24,8 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> service.IService:
+    from .reactor import install
+    install()  # before anything imports Twisted's default reactor
     from .service import make_service
     try:
         config = load(options["config"])

@@ -103,6 +103,21 @@ async def test_twistd_inference_serves_the_mock(tmp_path):
         assert reply.json()["choices"][0]["message"]["content"] == "You said: ping"
     finally:
         assert await stop(daemon, transport)
+    assert b"reactor class: inference.epoll.GatewayReactor" in daemon.out
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reactor_chosen_with_twistd_is_the_one_used(tmp_path):
+    daemon, transport = spawn(["--listen", "tcp:0:interface=127.0.0.1"], {"INFERENCE_INFERENCE_PROVIDER": "mock"},
+                              str(tmp_path), twistd_args=("-n", "--pidfile=", "--reactor=poll"))
+    try:
+        port = await daemon.port()
+        reply = await call("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": "ping"}]})
+        assert reply.status == 200
+    finally:
+        assert await stop(daemon, transport)
+    assert b"reactor class: twisted.internet.pollreactor.PollReactor" in daemon.out
 
 
 @pytest_twisted.ensureDeferred

@@ -9,8 +9,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "inference"
 
 LAYERS = {  # top-level module or package of inference -> its layer (docs/design.md, "Modules and layers")
-    **dict.fromkeys(["config", "errors", "schema", "sse", "jsonio", "auth", "logs", "reactor", "record", "tenants",
-                     "__init__"],
+    **dict.fromkeys(["config", "errors", "schema", "sse", "jsonio", "auth", "logs", "reactor", "epoll", "record",
+                     "tenants", "__init__"],
                     0),
     **dict.fromkeys(["routing", "translation", "fairness"], 1),
     "operations": 2,

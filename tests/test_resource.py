@@ -7,7 +7,6 @@ import gc
 import json
 
 import pytest_twisted
-from twisted.internet.defer import Deferred, gatherResults
 
 from inference import request as request_module
 from inference.request import GatewayRequest
