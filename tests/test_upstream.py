@@ -255,6 +255,19 @@ async def test_each_request_names_the_upstream_host_once_and_goes_to_its_path(fa
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_upstream_at_an_ipv6_address_is_reached_and_named_in_brackets(start_gateway):
+    fake = FakeLMStudio()
+    fake.listen(interface="::1")
+    try:
+        gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url})
+        reply = await gateway.post_chat(CHAT)
+        assert reply.status == 200 and reply.json()["choices"][0]["message"]["content"] == "echo: hi"
+        assert fake.received[-1].headers["host"] == f"[::1]:{fake.port.getHost().port}"
+    finally:
+        await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_cookies_an_upstream_sets_are_not_sent_back(fake, lmstudio):
     fake.set_cookie = "session=client-a; Path=/"
     assert (await lmstudio.post_chat(CHAT)).status == 200

@@ -198,7 +198,7 @@ class UpstreamClient:
         """The URL of ``path`` on the upstream, parsed and encoded once for all the requests that follow."""
         url = self._urls.get(path)
         if url is None:
-            url = self._urls[path] = _EncodedOnce.from_uri(EncodedURL.from_text(self.base_url + path).to_uri())
+            url = self._urls[path] = _EncodedOnce.from_uri(_as_uri(self.base_url + path))
         return url
 
     def close(self) -> Deferred[None]:
@@ -291,9 +291,18 @@ class _Agent(Agent):
                                          headers, bodyProducer, parsed.originForm)
 
 
+def _as_uri(text: str) -> EncodedURL:
+    """``text`` as an ASCII URI (an IDN host IDNA-encoded, the rest percent-encoded). hyperlink would IDNA-encode
+    an IPv6 address too, and fail on its colons: such a host is kept as it is."""
+    url = EncodedURL.from_text(text)
+    if isIPv6Address(url.host):
+        return url.replace(host="ipv6.invalid").to_uri().replace(host=url.host)
+    return url.to_uri()
+
+
 def _host_header(base_url: str) -> str:
     """The Host header of requests to ``base_url``, as twisted.web's Agent writes it."""
-    url = URI.fromBytes(EncodedURL.from_text(base_url).to_uri().to_text().encode("ascii"))
+    url = URI.fromBytes(_as_uri(base_url).to_text().encode("ascii"))
     host: str = url.host.decode("ascii")
     if isIPv6Address(host):
         host = f"[{host}]"

@@ -597,9 +597,10 @@ class FakeLMStudio(Resource):
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
-    def listen(self, port: int = 0) -> Any:
-        self.port = reactor.listenTCP(port, self.connections, interface="127.0.0.1")
-        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+    def listen(self, port: int = 0, interface: str = "127.0.0.1") -> Any:
+        self.port = reactor.listenTCP(port, self.connections, interface=interface)
+        host = f"[{interface}]" if ":" in interface else interface
+        self.url = f"http://{host}:{self.port.getHost().port}"
         return self.port
 
     def stop(self) -> Deferred:
