@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -167,17 +168,37 @@ def load_series(url: str, seconds: float, usage: Usage, script: Path = WRK_SCRIP
     return out
 
 
-def measure(seconds: float, compare: list[str], portkey: str | None, logs: Path) -> dict[str, Any]:
+def median_series(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each concurrency's figures, each the median of its value over the rounds."""
+    out = []
+    for at_each in zip(*rounds, strict=True):
+        keys = [k for k, v in at_each[0].items() if isinstance(v, (int, float)) and k != "concurrency"]
+        out.append({"concurrency": at_each[0]["concurrency"],
+                    **{k: statistics.median(r[k] for r in at_each) for k in keys}})
+    return out
+
+
+def measure(seconds: float, compare: list[str], portkey: str | None, logs: Path, rounds: int = 1) -> dict[str, Any]:
     direct = f"http://127.0.0.1:{UPSTREAM_PORT}"
     through = f"http://127.0.0.1:{GATEWAY_PORT}"
     results: dict[str, Any] = {"non_streaming": [], "streaming": [], "memory": {}, "processes": {}, "variants": {}}
     with process(["node", str(BENCH / "upstream.js"), str(UPSTREAM_PORT)], LOAD_CPU), \
             process([sys.executable, str(BENCH / "trace_sink.py"), str(SINK_PORT)], LOAD_CPU):
         wait_for(direct + "/v1/models")
-        for name in compare:
-            results["variants"][name] = variant(seconds, VARIANTS[name], logs / f"gateway-{name}.log")
-        if portkey:
-            results["variants"]["portkey"] = portkey_series(portkey, seconds, logs / "portkey.log")
+        if rounds > 1:  # the default gateway too, alternated with the others, each figure the median of the rounds
+            taken: dict[str, list[list[dict[str, Any]]]] = {}
+            for _ in range(rounds):
+                for name in ["default", *compare, *(["portkey"] if portkey else [])]:
+                    taken.setdefault(name, []).append(
+                        portkey_series(portkey, seconds, logs / "portkey.log") if name == "portkey" and portkey
+                        else variant(seconds, VARIANTS.get(name, {}), logs / f"gateway-{name}.log"))
+            results["variants"] = {name: median_series(series) for name, series in taken.items()}
+            results["rounds"] = {"count": rounds, "each": taken}
+        else:
+            for name in compare:
+                results["variants"][name] = variant(seconds, VARIANTS[name], logs / f"gateway-{name}.log")
+            if portkey:
+                results["variants"]["portkey"] = portkey_series(portkey, seconds, logs / "portkey.log")
         with process([twistd(), "-n", "--pidfile=", "inference"], GATEWAY_CPU, gateway_env(GATEWAY_PORT),
                      logs / "gateway.log") as gw:
             wait_for(through + "/health/ready")
@@ -269,8 +290,9 @@ def figures(results: dict[str, Any]) -> dict[str, float]:
 def compared(results: dict[str, Any]) -> dict[str, float]:
     """Tracing's own CPU per request (against the gateway with tracing off) and the ratio to Portkey's req/s."""
     out: dict[str, float] = {}
-    ours = {r["concurrency"]: r["gateway"] for r in results["non_streaming"]}
     variants = results["variants"]
+    ours = {r["concurrency"]: r for r in variants["default"]} if "default" in variants else \
+        {r["concurrency"]: r["gateway"] for r in results["non_streaming"]}
     for n in CONCURRENCY:
         if "off" in variants:
             off = next(r for r in variants["off"] if r["concurrency"] == n)
@@ -324,12 +346,16 @@ def markdown(results: dict[str, Any], checked: dict[str, dict[str, Any]]) -> str
     if results["variants"]:
         lines += ["", "## The same non-streaming load through other configurations and Portkey (same core)", "",
                   "| through | concurrency | req/s | p50 / p99 ms | server CPU ms/request |", "|---|---|---|---|---|"]
-        for r in results["non_streaming"]:
-            g = r["gateway"]
-            lines.append(f"| this gateway | {r['concurrency']} | {g['rps']:.0f} | {g['p50_ms']:.2f} / "
-                         f"{g['p99_ms']:.2f} | {g['cpu_ms_per_request']:.3f} |")
+        if "rounds" in results:
+            lines[-2:-2] = [f"Each figure is the median of {results['rounds']['count']} rounds, the configurations "
+                            "alternated within each round.", ""]
+        else:
+            for r in results["non_streaming"]:
+                g = r["gateway"]
+                lines.append(f"| this gateway | {r['concurrency']} | {g['rps']:.0f} | {g['p50_ms']:.2f} / "
+                             f"{g['p99_ms']:.2f} | {g['cpu_ms_per_request']:.3f} |")
         for name, series in results["variants"].items():
-            label = "Portkey" if name == "portkey" else f"tracing {name}"
+            label = {"portkey": "Portkey", "default": "this gateway"}.get(name, f"tracing {name}")
             for g in series:
                 lines.append(f"| {label} | {g['concurrency']} | {g['rps']:.0f} | {g['p50_ms']:.2f} / "
                              f"{g['p99_ms']:.2f} | {g['cpu_ms_per_request']:.3f} |")
@@ -352,6 +378,8 @@ def main() -> None:
     parser.add_argument("--compare", default="off", help="gateways configured otherwise, run too: off (tracing "
                         "off), sdk (the OpenTelemetry SDK's own spans); comma-separated, or '' for none")
     parser.add_argument("--portkey", help="Portkey's build/start-server.js, to run the same load through it")
+    parser.add_argument("--rounds", type=int, default=1, help="with --compare or --portkey: run the comparison this "
+                        "many times, the default gateway too, alternated, and report medians (a noisy machine)")
     args = parser.parse_args()
     compare = [name for name in args.compare.split(",") if name]
     for name in compare:
@@ -363,7 +391,7 @@ def main() -> None:
         sys.exit("bench: needs two CPUs (one for the gateway, one for the load)")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="inference-bench-") as logs:
-        results = measure(args.seconds, compare, args.portkey, Path(logs))
+        results = measure(args.seconds, compare, args.portkey, Path(logs), max(args.rounds, 1))
     results["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results["machine"] = f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
     results["figures"] = figures(results)
