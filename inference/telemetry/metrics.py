@@ -187,9 +187,10 @@ def _routed_to(view: HostView) -> int:
 class Observed:
     """A histogram's child, observed the way prometheus_client does it, less its per-call work: it checks the child
     is observable, walks the buckets one by one and validates the exemplar's label names on every call (six
-    observations a request were 4% of a short call's CPU). Here the bucket is found by bisection, and the one
-    exemplar the gateway attaches, ``{"trace_id": <32 hex digits>}``, is known valid; any other is validated as
-    prometheus_client would. A child without the attributes this reads (another version's) is observed as is."""
+    observations a request: 4% of a short call's time under cProfile, 1% of its instructions under callgrind).
+    Here the bucket is found by bisection, and the one exemplar the gateway attaches, ``{"trace_id": <32 hex
+    digits>}``, is known valid; any other is validated as prometheus_client would. A child without the attributes
+    this reads (another version's) is observed as is."""
 
     __slots__ = ("_child", "_sum", "_bounds", "_buckets")
 
