@@ -1,6 +1,7 @@
 """The gateway benchmark: each scenario through the gateway and direct to the upstream, in the same run.
 
     .venv/bin/python bench/run.py [--seconds 5] [--out bench/results] [--compare off,sdk] [--portkey START_JS]
+                                  [--rounds N]
 
 Needs ``node`` (the fake upstream and the stream client), ``wrk`` (Debian package) and ``taskset``. The gateway
 (``twistd inference``, metrics on, tracing on at sample ratio 1.0, exporting OTLP over gRPC, the default, to
@@ -9,7 +10,9 @@ the upstream, the trace sink and the load generators share CPU 1. ``--compare`` 
 through gateways with tracing ``off`` or with the plain OpenTelemetry SDK's spans (``sdk``), in the same run, so
 tracing's own cost per request is a difference of two figures taken minutes apart. ``--portkey`` runs them through
 Portkey's gateway too (``npm install @portkey-ai/gateway``, then the path of its ``build/start-server.js``), on the
-same core. Writes ``report.md`` and ``report.json``. Ratios between the two paths, and the gateway's own CPU time
+same core. ``--rounds N`` runs those comparisons, the default gateway too, N times alternated, and reports each
+figure's median: on a machine whose speed drifts, one run apiece compares two different minutes. Writes
+``report.md`` and ``report.json``. Ratios between the two paths, and the gateway's own CPU time
 per request and per chunk, are the figures to quote; absolute times depend on the machine.
 """
 
