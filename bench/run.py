@@ -188,20 +188,18 @@ def measure(seconds: float, compare: list[str], portkey: str | None, logs: Path,
     with process(["node", str(BENCH / "upstream.js"), str(UPSTREAM_PORT)], LOAD_CPU), \
             process([sys.executable, str(BENCH / "trace_sink.py"), str(SINK_PORT)], LOAD_CPU):
         wait_for(direct + "/v1/models")
-        if rounds > 1:  # the default gateway too, alternated with the others, each figure the median of the rounds
-            taken: dict[str, list[list[dict[str, Any]]]] = {}
-            for _ in range(rounds):
-                for name in ["default", *compare, *(["portkey"] if portkey else [])]:
-                    taken.setdefault(name, []).append(
-                        portkey_series(portkey, seconds, logs / "portkey.log") if name == "portkey" and portkey
-                        else variant(seconds, VARIANTS.get(name, {}), logs / f"gateway-{name}.log"))
-            results["variants"] = {name: median_series(series) for name, series in taken.items()}
+        # With rounds, the default gateway is measured among the others too, alternated with them
+        names = (["default"] if rounds > 1 else []) + compare + (["portkey"] if portkey else [])
+        taken: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in names}
+        for _ in range(rounds):
+            for name in names:
+                if name == "portkey" and portkey:
+                    taken[name].append(portkey_series(portkey, seconds, logs / "portkey.log"))
+                else:
+                    taken[name].append(variant(seconds, VARIANTS.get(name, {}), logs / f"gateway-{name}.log"))
+        results["variants"] = {name: median_series(series) for name, series in taken.items()}
+        if rounds > 1:
             results["rounds"] = {"count": rounds, "each": taken}
-        else:
-            for name in compare:
-                results["variants"][name] = variant(seconds, VARIANTS[name], logs / f"gateway-{name}.log")
-            if portkey:
-                results["variants"]["portkey"] = portkey_series(portkey, seconds, logs / "portkey.log")
         with process([twistd(), "-n", "--pidfile=", "inference"], GATEWAY_CPU, gateway_env(GATEWAY_PORT),
                      logs / "gateway.log") as gw:
             wait_for(through + "/health/ready")
