@@ -258,17 +258,20 @@ async def test_a_daemon_cannot_log_to_stdout(tmp_path):
 
 
 class CountingSink:
+    """A sink that counts writes as well as flushes: with ``PYTHONUNBUFFERED=1`` each write is a system call."""
+
     def __init__(self) -> None:
-        self.text, self.flushes = "", 0
+        self.text, self.writes, self.flushes = "", 0, 0
 
     def write(self, text: str) -> None:
         self.text += text
+        self.writes += 1
 
     def flush(self) -> None:
         self.flushes += 1
 
 
-def test_lines_are_flushed_once_per_reactor_turn_and_warnings_at_once():
+def test_lines_are_written_and_flushed_once_per_reactor_turn_and_warnings_at_once():
     from twisted.internet.task import Clock
 
     from inference.logs import FlushedPerTurn
@@ -276,11 +279,33 @@ def test_lines_are_flushed_once_per_reactor_turn_and_warnings_at_once():
     observer = make_observer(LoggingConfig(level="info", format="text"), FlushedPerTurn(sink, clock))
     for n in range(50):
         emit(observer, LogLevel.info, "access {n}", n=n)
-    assert sink.text.count("\n") == 50 and sink.flushes == 0  # written, not yet flushed
+    assert sink.writes == 0 and sink.flushes == 0  # held until the turn ends
     clock.advance(0)
-    assert sink.flushes == 1  # one flush for the turn's 50 lines
+    assert (sink.writes, sink.flushes) == (1, 1)  # the turn's 50 lines in one write and one flush, in order
+    assert [line.rpartition(" ")[2] for line in sink.text.splitlines()] == [str(n) for n in range(50)]
     emit(observer, LogLevel.info, "one more")
     emit(observer, LogLevel.error, "broken")
-    assert sink.flushes == 2  # an error is flushed at once, and the line before it with it
-    clock.advance(0)
+    assert (sink.writes, sink.flushes) == (2, 2)  # an error goes out at once, and the line before it with it
+    assert sink.text.splitlines()[-2].endswith("one more") and sink.text.splitlines()[-1].endswith("broken")
     assert sink.flushes == 2 and not clock.getDelayedCalls()  # nothing left to flush: no timer either
+
+
+def test_a_turn_holds_a_bounded_number_of_lines_and_another_threads_line_goes_out_at_once():
+    import threading
+
+    from twisted.internet.task import Clock
+
+    from inference.logs import FlushedPerTurn
+    clock, sink = Clock(), CountingSink()
+    lines = FlushedPerTurn(sink, clock)
+    for n in range(FlushedPerTurn.MAX_HELD + 10):
+        lines.write(f"line {n}\n")
+    assert sink.writes == 1 and sink.text.count("\n") == FlushedPerTurn.MAX_HELD  # written, not held past the bound
+    assert sink.flushes == 0  # still flushed at the turn's end
+    other = threading.Thread(target=lines.write, args=("from a thread\n",))
+    other.start()
+    other.join()
+    assert sink.text.splitlines()[-1] == "from a thread" and sink.flushes == 1  # with the held lines before it
+    assert sink.text.splitlines() == [f"line {n}" for n in range(FlushedPerTurn.MAX_HELD + 10)] + ["from a thread"]
+    clock.advance(0)
+    assert sink.writes == 2 and sink.flushes == 2  # the turn's end: nothing held, a flush
