@@ -6,10 +6,10 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opentelemetry.exporter.otlp.proto.common._internal import _encode_value
+from opentelemetry.exporter.otlp.proto.common._internal import _encode_attributes, _encode_value
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as official_encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValueList
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
@@ -25,7 +25,7 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from inference.telemetry.otlp import _any_value, encode_spans
+from inference.telemetry.otlp import _any_value, _attributes, encode_spans
 
 
 class Keep(SpanExporter):
@@ -112,3 +112,18 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
 @given(values)
 def test_any_attribute_value_encodes_as_the_official_encoder_does(value: Any) -> None:
     assert AnyValue.FromString(_any_value(value)) == _encode_value(value)
+
+
+# Values equal to one another (True == 1 == 1.0, a list and a tuple) that encode differently, or alike.
+LOOKALIKES: list[Any] = [True, 1, 1.0, False, 0, "1", "", ["1"], ("1",), [True], [1], [], (), ["a", "b"], ["a"],
+                         "a", ["1", 1], [["1"]], b"1", -1, 2**63 - 1]
+
+
+def test_attributes_encoded_once_are_told_apart_from_lookalikes() -> None:
+    """The attribute cache hands each value its own bytes, however often and in whatever order equal-looking values
+    come (each is encoded three times, under the same key, between the others)."""
+    for _ in range(3):
+        for value in LOOKALIKES + LOOKALIKES[::-1]:
+            attributes = {"k": value, "gen_ai.response.finish_reasons": value}
+            ours = KeyValueList.FromString(_attributes(b"\x0a", attributes))
+            assert list(ours.values) == _encode_attributes(attributes), value

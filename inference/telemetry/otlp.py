@@ -78,15 +78,15 @@ def _any_value(value: Any) -> bytes:
     raise ValueError(f"cannot export a {type(value).__name__} attribute")
 
 
-_ENCODED: dict[tuple[bytes, str, type, Any], bytes] = {}
-"""Attribute fields already encoded, by (tag, key, type, value): a gateway's spans repeat most of theirs (the method,
-the route, the model, the host, token counts), so most are looked up rather than encoded. Strings, integers and
-booleans only (the type is part of the key: ``True == 1``); emptied when full, so unique values (response ids)
-cannot make it grow without bound. The reactor thread (lean spans as they end) and the export thread (a batch's
-resource) share it: each lookup, insertion and clearing is one atomic dict operation."""
+_ENCODED: dict[tuple[Any, ...], bytes] = {}
+"""Attribute fields already encoded: a gateway's spans repeat most of theirs (the method, the route, the model, the
+host, token counts, finish reasons), so most are looked up rather than encoded. Strings, integers, booleans and
+lists of strings only; types are part of the key where equal values encode differently (``True == 1``), and a list
+is keyed by its items (it encodes as an array whichever sequence holds it). Emptied when full, so unique values
+(response ids) cannot make it grow without bound. The reactor thread (lean spans as they end) and the export thread
+(a batch's resource) share it: each lookup, insertion and clearing is one atomic dict operation."""
 
 _ENCODED_MAX = 4096
-_CACHED_TYPES = (str, int, bool)
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, strict: bool = False) -> bytes:
@@ -97,10 +97,17 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, strict: bool =
     out = []
     encoded = _ENCODED
     for key, value in attributes.items():
-        kind = value.__class__
-        cached = kind in _CACHED_TYPES
-        if cached:
-            found = encoded.get((tag, key, kind, value))
+        kind = value.__class__  # the key, inline: a call per attribute would cost what the cache saves
+        if kind is str:
+            cache_key: tuple[Any, ...] | None = (tag, key, value)
+        elif kind is int or kind is bool:
+            cache_key = (tag, key, kind, value)
+        elif (kind is list or kind is tuple) and all(item.__class__ is str for item in value):
+            cache_key = (tag, key, tuple, *value)
+        else:
+            cache_key = None
+        if cache_key is not None:
+            found = encoded.get(cache_key)
             if found is not None:
                 out.append(found)
                 continue
@@ -110,10 +117,10 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, strict: bool =
             if strict:
                 raise
             continue
-        if cached:
+        if cache_key is not None:
             if len(encoded) >= _ENCODED_MAX:
                 encoded.clear()
-            encoded[(tag, key, kind, value)] = field
+            encoded[cache_key] = field
         out.append(field)
     return b"".join(out)
 
