@@ -456,6 +456,55 @@ def test_a_full_export_queue_drops_spans_with_one_warning_and_no_log_record_per_
     assert [span.name for span in sent.batches[-1]] == ["after"]  # what was queued went out at shutdown
 
 
+class SentBytes:
+    """An encoded-span sender that keeps each export's items (what EncodedSender joins into one request)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[bytes]] = []
+
+    def prepare(self, span: Any) -> bytes:
+        return span.name.encode() * span.attributes["size"]
+
+    def send(self, batch: list[bytes]) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+        self.batches.append(batch)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_an_export_stays_under_the_collectors_message_limit():
+    """Spans that carry prompts and answers (capture_content) are big: 512 of them in one gRPC message would pass
+    the 4 MiB a collector takes by default, and the whole batch would be refused. Exports are cut by size too; a
+    span bigger than the limit goes alone, and the order is kept."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+    from opentelemetry.trace import SpanKind
+
+    from inference.telemetry.export import MAX_EXPORT_BYTES, ExportQueue, ExportStatus
+    from inference.telemetry.spans import make_tracer
+
+    assert MAX_EXPORT_BYTES <= 4 * 1024 * 1024 - 16 * 1024  # room for the request's resource and scope
+    sent, status = SentBytes(), ExportStatus()
+    queue = ExportQueue(sent, "collector", batch_size=512, status=status, report=lambda *a, **k: None,
+                        dropped=lambda reason, count: None, delay=3600)
+    tracer = make_tracer("lean", Resource.create({}), TraceIdRatioBased(1.0), RandomIdGenerator(), queue)
+    megabyte = 1024 * 1024
+    sizes = [1500 * 1024] * 5 + [5 * megabyte] + [10] * 3  # 1.5 MB each, one of 5 MB, three small ones
+    try:
+        for n, size in enumerate(sizes):
+            tracer.start_span(f"{n}", SpanKind.SERVER, {"size": size}, None).end()
+        queue.force_flush()
+    finally:
+        queue.shutdown()
+    assert [[item[:1].decode() for item in batch] for batch in sent.batches] == [
+        ["0", "1"], ["2", "3"], ["4"], ["5"], ["6", "7", "8"]]
+    assert all(sum(map(len, batch)) <= MAX_EXPORT_BYTES for batch in sent.batches if len(batch) > 1)
+    assert status.exported_spans == len(sizes)
+
+
 @pytest.mark.parametrize("variable", ["OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_SCHEDULE_DELAY",
                                       "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"])
 def test_the_batch_settings_take_whole_numbers_and_say_which_one_is_wrong(variable):

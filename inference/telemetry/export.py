@@ -134,6 +134,16 @@ gateway's spans."""
 SCHEDULE_DELAY_MS = 5000
 """Milliseconds between exports of a batch not yet full (the SDK's default, ``OTEL_BSP_SCHEDULE_DELAY``)."""
 
+MAX_EXPORT_BYTES = 4 * 1024 * 1024 - 64 * 1024
+"""Encoded spans sent in one export at most: collectors refuse a gRPC message over 4 MiB by default (grpc-go's
+limit, the OpenTelemetry Collector's ``max_recv_msg_size_mib``), and 512 spans that carry prompts and answers
+(``capture_content``) pass it easily; the whole batch would be lost. A span bigger than this goes on its own."""
+
+
+def _size(item: object) -> int:
+    """What an item adds to an export request: an encoded span's length (the SDK's spans are not weighed)."""
+    return len(item) if isinstance(item, bytes) else 0
+
 
 class ExportQueue(SpanProcessor, Generic[Item]):
     """Ended spans waiting for export, sent ``batch_size`` at a time by one thread of its own.
@@ -147,7 +157,7 @@ class ExportQueue(SpanProcessor, Generic[Item]):
 
     def __init__(self, sender: Sender[Item], destination: str, batch_size: int, status: ExportStatus,
                  report: Report, dropped: Dropped, max_queue: int = MAX_QUEUE,
-                 delay: float = SCHEDULE_DELAY_MS / 1000) -> None:
+                 delay: float = SCHEDULE_DELAY_MS / 1000, max_bytes: int = MAX_EXPORT_BYTES) -> None:
         self._sender = sender
         self._destination = destination
         self._batch_size = batch_size
@@ -156,6 +166,7 @@ class ExportQueue(SpanProcessor, Generic[Item]):
         self._dropped = dropped
         self._max_queue = max_queue
         self._delay = delay
+        self._max_bytes = max_bytes
         self._queue: deque[Item] = deque()
         self._wake = threading.Event()
         self._exporting = threading.Lock()  # the worker and a flush never export at once
@@ -200,10 +211,16 @@ class ExportQueue(SpanProcessor, Generic[Item]):
                 return
 
     def _export_all(self) -> None:
-        queue, size = self._queue, self._batch_size
+        queue, size, limit = self._queue, self._batch_size, self._max_bytes
         with self._exporting:
             while queue:
-                self._send([queue.popleft() for _ in range(min(size, len(queue)))])
+                first = queue.popleft()
+                batch, used = [first], _size(first)
+                while queue and len(batch) < size and used + _size(queue[0]) <= limit:
+                    item = queue.popleft()
+                    batch.append(item)
+                    used += _size(item)
+                self._send(batch)
             if self._overflowing and not queue:
                 self._overflowing = False
                 if self._status.ok:
