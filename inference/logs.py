@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import sys
+import threading
 from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import datetime, timezone
@@ -87,18 +88,20 @@ class FlushedPerTurn:
         self._out = out
         self._clock = clock
         self._held: list[str] = []
+        self._lock = threading.Lock()  # another thread's line, and the reactor's writing out what it held
         self._pending: IDelayedCall | None = None
 
     def write(self, text: str, /) -> None:
-        held = self._held
-        held.append(text)
+        with self._lock:
+            self._held.append(text)
+            held = len(self._held)
         if not isInIOThread():
             self._write_held()
             self._out.flush()
             return
         if self._pending is None:
             self._pending = self._clock.callLater(0, self.flush)
-        if len(held) >= self.MAX_HELD:
+        if held >= self.MAX_HELD:
             self._write_held()
 
     def flush(self) -> None:
@@ -110,9 +113,10 @@ class FlushedPerTurn:
         self._out.flush()
 
     def _write_held(self) -> None:
-        held, self._held = self._held, []  # (one atomic swap: a line from another thread is never lost)
-        if held:
-            self._out.write("".join(held))
+        with self._lock:  # in the order they were held, whichever thread writes them out
+            held, self._held = self._held, []
+            if held:
+                self._out.write("".join(held))
 
 
 def make_observer(config: LoggingConfig, out: TextSink | None = None) -> ILogObserver:
