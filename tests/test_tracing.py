@@ -133,6 +133,33 @@ async def test_a_stream_has_a_first_token_event_and_time_to_first_chunk(fake, tr
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_first_token_sits_inside_its_span_when_the_reactor_was_held_as_the_call_began(
+        fake, traced, collector, monkeypatch):
+    """A busy machine can deschedule the reactor between the call's start (timed by the monotonic clock) and its
+    span's start (by the wall clock): here 50 ms pass there. The first token is placed from the same moment as the
+    span's start, so it still falls inside the span, at the measured time to first chunk."""
+    import time
+
+    from inference.telemetry.recorder import UpstreamCall
+    attributes_of = UpstreamCall._span_attributes
+
+    def held(self: UpstreamCall) -> dict[str, Any]:
+        time.sleep(0.05)  # (the reactor held, as a preempted thread would be)
+        return attributes_of(self)
+
+    monkeypatch.setattr(UpstreamCall, "_span_attributes", held)
+    gateway = traced()
+    reply = await gateway.post_chat(chat("one two three", stream=True))
+    assert reply.status == 200
+    await spans_of(gateway, collector, 2)
+    _, client = pair(collector)
+    first = client.event("first_token")
+    assert first is not None and client.start < first.time <= client.end
+    ttfc = client.attributes["gen_ai.response.time_to_first_chunk"]
+    assert ttfc >= 0.05 and abs((first.time - client.start) / 1e9 - ttfc) < 1e-3
+
+
+@pytest_twisted.ensureDeferred
 async def test_output_tokens_the_gateway_counted_say_so(fake, traced, collector):
     fake.chat.stream = "no_usage"
     gateway = traced()

@@ -195,6 +195,9 @@ class UpstreamCall:
     def __init__(self, telemetry: Telemetry, request: RequestState, operation: Operation, body: dict[str, Any],
                  stream: bool, queued: float) -> None:
         self.started = perf_counter()
+        # The same moment by the wall clock: the span starts then, and its events are placed from it. Read apart,
+        # a thread descheduled between the two reads put a stream's first token after its span's end.
+        self._started_ns = time_ns()
         self._telemetry = telemetry
         self._request = request
         self._operation = operation
@@ -210,7 +213,7 @@ class UpstreamCall:
         self.headers: dict[str, str] = {}
         if tracing.tracer is not None:
             self.span = tracing.start_client_span(f"{operation.gen_ai_name} {self._model}", request.record.span,
-                                                  self._span_attributes())
+                                                  self._span_attributes(), self._started_ns)
             self.headers = tracing.trace_headers(self.span)
 
     def _span_attributes(self) -> dict[str, Any]:
@@ -350,9 +353,8 @@ class UpstreamCall:
                                       **self._served_attributes(span, ended)}
         if ended.first_token_at is not None:
             attributes["gen_ai.response.time_to_first_chunk"] = ended.first_token_at - self.started
-            start_time = getattr(span, "start_time", None)
-            if start_time is not None:
-                span.add_event("first_token", timestamp=start_time + int((ended.first_token_at - self.started) * 1e9))
+            span.add_event("first_token",
+                           timestamp=self._started_ns + int((ended.first_token_at - self.started) * 1e9))
         if ended.outcome == "disconnected":
             attributes["error.type"] = "cancelled"
             span.set_status(Status(StatusCode.ERROR, "the client disconnected"))
@@ -378,7 +380,7 @@ class UpstreamCall:
                 span.add_event("failover", {"inference.upstream.name": failed, "error.type": kind})
         if ended.model_load is not None:  # the call began with the host loading the model
             span.add_event("model_load", {"inference.load_timeout_secs": ended.model_load},
-                           timestamp=getattr(span, "start_time", None))
+                           timestamp=self._started_ns)
         translation = self._operation.translation
         if translation is not None:
             attributes["inference.api.translated"] = self.served.translated

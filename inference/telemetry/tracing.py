@@ -183,11 +183,12 @@ class Tracing:
             parent = get_current_span(_PROPAGATOR.extract(headers, getter=_HEADERS)).get_span_context()
         return self.tracer.start_span(name, SpanKind.SERVER, attributes, parent)
 
-    def start_client_span(self, name: str, parent: Span | None, attributes: dict[str, Any]) -> Span | None:
+    def start_client_span(self, name: str, parent: Span | None, attributes: dict[str, Any],
+                          start_time: int | None = None) -> Span | None:
         if self.tracer is None:
             return None
         return self.tracer.start_span(name, SpanKind.CLIENT, attributes,
-                                      parent.get_span_context() if parent is not None else None)
+                                      parent.get_span_context() if parent is not None else None, start_time)
 
     @staticmethod
     def trace_headers(span: Span | None) -> dict[str, str]:
