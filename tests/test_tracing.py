@@ -532,6 +532,38 @@ def test_an_export_stays_under_the_collectors_message_limit():
     assert status.exported_spans == len(sizes)
 
 
+def test_the_export_queue_holds_a_bounded_number_of_bytes_whatever_the_count():
+    """Spans that carry whole prompts are big: 2,048 of them could hold gigabytes while a collector is slow. Past
+    the queue's bytes, a span is dropped as when it is full by count; once exported, there is room again."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+    from opentelemetry.trace import SpanKind
+
+    from inference.telemetry.export import MAX_QUEUE_BYTES, ExportQueue, ExportStatus
+    from inference.telemetry.spans import make_tracer
+
+    assert MAX_QUEUE_BYTES <= 64 * 1024 * 1024
+    dropped: list[tuple[str, int]] = []
+    sent, status = SentBytes(), ExportStatus()
+    queue = ExportQueue(sent, "collector", batch_size=512, status=status, report=lambda *a, **k: None,
+                        dropped=lambda reason, count: dropped.append((reason, count)), delay=3600,
+                        max_queue_bytes=1000)
+    tracer = make_tracer("lean", Resource.create({}), TraceIdRatioBased(1.0), RandomIdGenerator(), queue)
+    try:
+        for n in range(4):  # 400 bytes each: two fit in 1,000
+            tracer.start_span(f"{n}", SpanKind.SERVER, {"size": 400}, None).end()
+        assert dropped == [("queue_full", 1)] * 2 and status.dropped_spans == 2
+        queue.force_flush()
+        assert [[item[:1] for item in batch] for batch in sent.batches] == [[b"0", b"1"]]
+        for n in range(4, 6):  # room again for two
+            tracer.start_span(f"{n}", SpanKind.SERVER, {"size": 400}, None).end()
+        assert len(dropped) == 2
+    finally:
+        queue.shutdown()
+    assert [item[:1] for item in sent.batches[-1]] == [b"4", b"5"]
+
+
 @pytest.mark.parametrize("variable", ["OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_SCHEDULE_DELAY",
                                       "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"])
 def test_the_batch_settings_take_whole_numbers_and_say_which_one_is_wrong(variable):

@@ -140,6 +140,11 @@ limit, the OpenTelemetry Collector's ``max_recv_msg_size_mib``), and 512 spans t
 (``capture_content``) pass it easily; the whole batch would be lost. A span bigger than this goes on its own."""
 
 
+MAX_QUEUE_BYTES = 64 * 1024 * 1024
+"""Encoded spans held for export at most, whatever their count: 2,048 spans that carry whole prompts
+(``capture_content``) could otherwise hold gigabytes while the collector is slow."""
+
+
 def _size(item: object) -> int:
     """What an item adds to an export request: an encoded span's length (the SDK's spans are not weighed)."""
     return len(item) if isinstance(item, bytes) else 0
@@ -157,7 +162,8 @@ class ExportQueue(SpanProcessor, Generic[Item]):
 
     def __init__(self, sender: Sender[Item], destination: str, batch_size: int, status: ExportStatus,
                  report: Report, dropped: Dropped, max_queue: int = MAX_QUEUE,
-                 delay: float = SCHEDULE_DELAY_MS / 1000, max_bytes: int = MAX_EXPORT_BYTES) -> None:
+                 delay: float = SCHEDULE_DELAY_MS / 1000, max_bytes: int = MAX_EXPORT_BYTES,
+                 max_queue_bytes: int = MAX_QUEUE_BYTES) -> None:
         self._sender = sender
         self._destination = destination
         self._batch_size = batch_size
@@ -167,7 +173,12 @@ class ExportQueue(SpanProcessor, Generic[Item]):
         self._max_queue = max_queue
         self._delay = delay
         self._max_bytes = max_bytes
+        self._max_queue_bytes = max_queue_bytes
         self._queue: deque[Item] = deque()
+        # Bytes queued, as two counts each written by one side (no lock on the reactor's path): what the reactor
+        # added, and what the exporter took (one exporter at a time: ``_exporting``).
+        self._bytes_added = 0
+        self._bytes_taken = 0
         self._wake = threading.Event()
         self._exporting = threading.Lock()  # the worker and a flush never export at once
         self._overflowing = False
@@ -187,18 +198,22 @@ class ExportQueue(SpanProcessor, Generic[Item]):
         if context is None or not context.trace_flags.sampled or self._stopping:
             return
         queue = self._queue
-        if len(queue) >= self._max_queue:
-            self._status.dropped_spans += 1
-            self._dropped("queue_full", 1)
-            if not self._overflowing:
-                self._overflowing = True
-                if self._status.ok is not False:  # a failing export said so already
-                    self._report("warn", "trace export cannot keep up: {count} spans wait; new spans are dropped "
-                                 "(inference_spans_dropped_total) until it catches up", count=len(queue))
-            return
-        queue.append(self._sender.prepare(span))
-        if len(queue) >= self._batch_size and not self._wake.is_set():
-            self._wake.set()
+        if len(queue) < self._max_queue:
+            item = self._sender.prepare(span)
+            size = _size(item)
+            if self._bytes_added + size - self._bytes_taken <= self._max_queue_bytes:
+                queue.append(item)
+                self._bytes_added += size
+                if len(queue) >= self._batch_size and not self._wake.is_set():
+                    self._wake.set()
+                return
+        self._status.dropped_spans += 1
+        self._dropped("queue_full", 1)
+        if not self._overflowing:
+            self._overflowing = True
+            if self._status.ok is not False:  # a failing export said so already
+                self._report("warn", "trace export cannot keep up: {count} spans wait; new spans are dropped "
+                             "(inference_spans_dropped_total) until it catches up", count=len(queue))
 
     # -- the export thread's side --------------------------------------------------------------------------------
 
@@ -220,6 +235,7 @@ class ExportQueue(SpanProcessor, Generic[Item]):
                     item = queue.popleft()
                     batch.append(item)
                     used += _size(item)
+                self._bytes_taken += used
                 self._send(batch)
             if self._overflowing and not queue:
                 self._overflowing = False
