@@ -139,7 +139,6 @@ MAX_EXPORT_BYTES = 4 * 1024 * 1024 - 64 * 1024
 limit, the OpenTelemetry Collector's ``max_recv_msg_size_mib``), and 512 spans that carry prompts and answers
 (``capture_content``) pass it easily; the whole batch would be lost. A span bigger than this goes on its own."""
 
-
 MAX_QUEUE_BYTES = 64 * 1024 * 1024
 """Encoded spans held for export at most, whatever their count: 2,048 spans that carry whole prompts
 (``capture_content``) could otherwise hold gigabytes while the collector is slow."""
