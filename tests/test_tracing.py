@@ -294,6 +294,23 @@ async def test_content_is_recorded_only_when_the_operator_opts_in(fake, traced, 
 
 
 @pytest_twisted.ensureDeferred
+async def test_calls_with_big_prompts_captured_all_reach_the_collector(fake, traced, collector):
+    """Eight calls of 600 kB prompts with content capture make more than 4.8 MB of spans: in one request the collector
+    (gRPC's default 4 MiB limit) would refuse them all. They arrive in several requests, every span."""
+    gateway = traced(observability_tracing_capture_content="true")
+    prompt = "word " * 120_000
+    for _ in range(8):
+        reply = await gateway.post_chat(chat(prompt))
+        assert reply.status == 200
+    tracing = gateway.site.gateway.telemetry.tracing
+    await tracing.flush()
+    assert (tracing.status.exported_spans, tracing.status.failed_spans) == (16, 0)
+    spans = await collector.wait_for(lambda spans: len(spans) >= 16)
+    assert len(spans) == 16 and collector.batches >= 2  # (4.8 MB of prompts alone)
+    assert all(len(s.attributes["gen_ai.input.messages"]) > 600_000 for s in collector.named(CLIENT_SPAN))
+
+
+@pytest_twisted.ensureDeferred
 async def test_api_keys_never_reach_a_span(fake, traced, collector):
     fake.require_key = "upstream-key-123"
     gateway = traced(server_api_keys="client-key-456", inference_provider="openai",

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from .otlp import EncodedBatch, LeanGrpcSpanExporter, encode_request, encode_span_field
+from .otlp import MAX_EXPORT_BYTES, EncodedBatch, LeanGrpcSpanExporter, encode_request, encode_span_field, pieces
 from .spans import LeanSpan
 
 Report = Callable[..., None]
@@ -134,11 +134,6 @@ gateway's spans."""
 SCHEDULE_DELAY_MS = 5000
 """Milliseconds between exports of a batch not yet full (the SDK's default, ``OTEL_BSP_SCHEDULE_DELAY``)."""
 
-MAX_EXPORT_BYTES = 4 * 1024 * 1024 - 64 * 1024
-"""Encoded spans sent in one export at most: collectors refuse a gRPC message over 4 MiB by default (grpc-go's
-limit, the OpenTelemetry Collector's ``max_recv_msg_size_mib``), and 512 spans that carry prompts and answers
-(``capture_content``) pass it easily; the whole batch would be lost. A span bigger than this goes on its own."""
-
 MAX_QUEUE_BYTES = 64 * 1024 * 1024
 """Encoded spans held for export at most, whatever their count: 2,048 spans that carry whole prompts
 (``capture_content``) could otherwise hold gigabytes while the collector is slow."""
@@ -228,14 +223,10 @@ class ExportQueue(SpanProcessor, Generic[Item]):
         queue, size, limit = self._queue, self._batch_size, self._max_bytes
         with self._exporting:
             while queue:
-                first = queue.popleft()
-                batch, used = [first], _size(first)
-                while queue and len(batch) < size and used + _size(queue[0]) <= limit:
-                    item = queue.popleft()
-                    batch.append(item)
-                    used += _size(item)
-                self._bytes_taken += used
-                self._send(batch)
+                batch = [queue.popleft() for _ in range(min(size, len(queue)))]
+                self._bytes_taken += sum(map(_size, batch))
+                for piece in pieces(batch, _size, limit):
+                    self._send(piece)
             if self._overflowing and not queue:
                 self._overflowing = False
                 if self._status.ok:

@@ -10,8 +10,8 @@ exactly the message the official encoder builds, for every kind of span, event, 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol, cast
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
@@ -232,17 +232,41 @@ def encode_span_field(span: EncodableSpan) -> bytes:
     return _field(b"\x12", encode_span(span))
 
 
-def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
-    """An ``ExportTraceServiceRequest``'s bytes: spans grouped by resource, then by instrumentation scope.
+def encode_spans(spans: Sequence[ReadableSpan], fields: Sequence[bytes] | None = None) -> bytes:
+    """An ``ExportTraceServiceRequest``'s bytes: spans grouped by resource, then by instrumentation scope (``fields``:
+    the spans' own :func:`encode_span_field`, when they were encoded already).
 
     Groups are told apart by identity: a tracer provider hands every span the same resource and scope objects.
     """
     resources: dict[int, tuple[Resource, dict[int, tuple[InstrumentationScope | None, list[bytes]]]]] = {}
-    for span in spans:
+    for n, span in enumerate(spans):
         resource, scope = span.resource, span.instrumentation_scope
         scopes = resources.setdefault(id(resource), (resource, {}))[1]
-        scopes.setdefault(id(scope), (scope, []))[1].append(encode_span_field(span))
+        scopes.setdefault(id(scope), (scope, []))[1].append(encode_span_field(span) if fields is None else fields[n])
     return b"".join(_resource_spans(resource, scopes.values()) for resource, scopes in resources.values())
+
+
+MAX_EXPORT_BYTES = 4 * 1024 * 1024 - 64 * 1024
+"""Encoded spans sent in one export at most: collectors refuse a gRPC message over 4 MiB by default (grpc-go's
+limit, the OpenTelemetry Collector's ``max_recv_msg_size_mib``), and 512 spans that carry prompts and answers
+(``capture_content``) pass it easily; the whole batch would be lost. A span bigger than this goes on its own."""
+
+T = TypeVar("T")
+
+
+def pieces(items: list[T], size_of: Callable[[T], int], limit: int = MAX_EXPORT_BYTES) -> Iterator[list[T]]:
+    """``items`` in order, cut where the next would take a piece's size past ``limit`` (each piece has one at least)."""
+    piece: list[T] = []
+    used = 0
+    for item in items:
+        size = size_of(item)
+        if piece and used + size > limit:
+            yield piece
+            piece, used = [], 0
+        piece.append(item)
+        used += size
+    if piece:
+        yield piece
 
 
 def encode_request(resource: Resource, scope: InstrumentationScope, fields: Sequence[bytes]) -> bytes:
@@ -312,6 +336,16 @@ class LeanGrpcSpanExporter(OTLPSpanExporter):
 
     def export_encoded(self, batch: EncodedBatch) -> SpanExportResult:
         result: SpanExportResult = self._export(batch)  # type: ignore[arg-type]
+        return result
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """The SDK's spans (``implementation: sdk``), in requests under :data:`MAX_EXPORT_BYTES` each."""
+        encoded = [(span, encode_span_field(span)) for span in spans]
+        result = SpanExportResult.SUCCESS
+        for piece in pieces(encoded, lambda pair: len(pair[1])):
+            request = encode_spans([span for span, _ in piece], [field for _, field in piece])
+            if self.export_encoded(EncodedBatch(request, len(piece))) is not SpanExportResult.SUCCESS:
+                result = SpanExportResult.FAILURE
         return result
 
     def _translate_data(self, data: Sequence[ReadableSpan] | EncodedBatch) -> bytes:  # type: ignore[override]
