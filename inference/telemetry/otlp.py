@@ -319,8 +319,9 @@ class EncodedBatch(NamedTuple):
 
 
 class LeanGrpcSpanExporter(OTLPSpanExporter):
-    """The OTLP/gRPC span exporter sending bytes :func:`encode_spans` wrote (or an :class:`EncodedBatch`), with the
-    official exporter's channel, credentials, headers, compression, retries and reconnection.
+    """The OTLP/gRPC span exporter sending requests already encoded (an :class:`EncodedBatch`; the SDK's spans are
+    encoded by :meth:`export`), with the official exporter's channel, credentials, headers, compression, retries
+    and reconnection.
 
     The official stub would serialize a message object; the exporter's client is swapped for one whose ``Export``
     takes bytes, whenever the exporter makes one (it makes a new one to reconnect).
@@ -348,8 +349,8 @@ class LeanGrpcSpanExporter(OTLPSpanExporter):
                 result = SpanExportResult.FAILURE
         return result
 
-    def _translate_data(self, data: Sequence[ReadableSpan] | EncodedBatch) -> bytes:  # type: ignore[override]
-        return data.request if isinstance(data, EncodedBatch) else encode_spans(data)
+    def _translate_data(self, data: EncodedBatch) -> bytes:  # type: ignore[override]
+        return data.request  # (every export reaches _export as an EncodedBatch: export() encodes the SDK's spans)
 
-    def _count_data(self, data: Sequence[ReadableSpan] | EncodedBatch) -> int:
-        return data.spans if isinstance(data, EncodedBatch) else len(data)
+    def _count_data(self, data: EncodedBatch) -> int:  # type: ignore[override]
+        return data.spans
