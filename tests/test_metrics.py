@@ -310,13 +310,15 @@ def test_the_gateways_histogram_observations_expose_as_prometheus_clients_own(mo
     from prometheus_client.openmetrics.exposition import generate_latest
 
     from inference.telemetry import metrics as metrics_module
-    from inference.telemetry.metrics import DURATION_BUCKETS, Observed
+    from inference.telemetry.metrics import DURATION_BUCKETS, Observed, TraceExemplar
 
     monkeypatch.setattr(metrics_module.time, "time", lambda: 1700000000.0)  # the exemplars' timestamps
     monkeypatch.setattr("prometheus_client.metrics.time.time", lambda: 1700000000.0)
-    trace = {"trace_id": "0af7651916cd43dd8448eb211c80319c"}
+    trace = TraceExemplar("0af7651916cd43dd8448eb211c80319c")  # stored as it is
+    plain = {"trace_id": "1af7651916cd43dd8448eb211c80319c"}  # validated first (and 1.0, refused below, counts)
     amounts = [(0.0, trace), (0.01, trace), (0.010001, None), (0.5, {"other": "x"}), (299.9, trace),
-               (300.0, None), (1e9, trace), (float("inf"), None), (-3.0, trace), (float("nan"), trace)]
+               (300.0, None), (1e9, trace), (float("inf"), None), (2.0, plain), (-3.0, trace),
+               (float("nan"), trace)]
     exposed = []
     for fast in (False, True):
         registry = CollectorRegistry()
@@ -332,3 +334,4 @@ def test_the_gateways_histogram_observations_expose_as_prometheus_clients_own(mo
     assert exposed[0] == exposed[1]
     assert 'h_seconds_bucket{a="x",le="0.01"} 3.0 # {trace_id="0af7651916cd43dd8448eb211c80319c"} -3.0' in exposed[1]
     assert 'h_seconds_bucket{a="x",le="0.02"} 4.0\n' in exposed[1]  # 0.010001: the next bucket, no exemplar
+    assert 'h_seconds_bucket{a="x",le="2.56"} 7.0 # {trace_id="1af7651916cd43dd8448eb211c80319c"} 2.0' in exposed[1]

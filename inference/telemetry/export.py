@@ -19,6 +19,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import TraceFlags
 
 from .otlp import MAX_EXPORT_BYTES, EncodedBatch, LeanGrpcSpanExporter, encode_request, encode_span_field, pieces
 from .spans import LeanSpan
@@ -79,6 +80,10 @@ AnySpan = ReadableSpan | LeanSpan
 class Sender(Protocol[Item]):
     """How queued spans reach the collector: what is kept of a span as it ends, and how a batch of those is sent."""
 
+    size: Callable[[Item], int]
+    """What an item adds to an export request, in bytes (0: not weighed). A plain function, as ``len`` is: the
+    queue calls it for every span, twice."""
+
     def prepare(self, span: AnySpan) -> Item:
         """On the reactor thread, as the span ends."""
         ...
@@ -95,6 +100,7 @@ class SpanSender:
 
     def __init__(self, exporter: SpanExporter) -> None:
         self._exporter = exporter
+        self.size: Callable[[ReadableSpan], int] = _unweighed
 
     def prepare(self, span: AnySpan) -> ReadableSpan:
         return span.readable() if isinstance(span, LeanSpan) else span
@@ -115,6 +121,7 @@ class EncodedSender:
         self._exporter = exporter
         self._resource = resource
         self._scope = scope
+        self.size: Callable[[bytes], int] = len
 
     def prepare(self, span: AnySpan) -> bytes:
         return encode_span_field(span)
@@ -139,9 +146,9 @@ MAX_QUEUE_BYTES = 64 * 1024 * 1024
 (``capture_content``) could otherwise hold gigabytes while the collector is slow."""
 
 
-def _size(item: object) -> int:
-    """What an item adds to an export request: an encoded span's length (the SDK's spans are not weighed)."""
-    return len(item) if isinstance(item, bytes) else 0
+def _unweighed(span: ReadableSpan) -> int:
+    """The SDK's spans are not weighed: they are encoded in the export thread, by the exporter."""
+    return 0
 
 
 class ExportQueue(SpanProcessor, Generic[Item]):
@@ -189,12 +196,12 @@ class ExportQueue(SpanProcessor, Generic[Item]):
 
     def on_end(self, span: AnySpan) -> None:
         context = span.get_span_context()
-        if context is None or not context.trace_flags.sampled or self._stopping:
+        if context is None or not context[3] & TraceFlags.SAMPLED or self._stopping:  # (the flags, not a property call)
             return
         queue = self._queue
         if len(queue) < self._max_queue:
             item = self._sender.prepare(span)
-            size = _size(item)
+            size = self._sender.size(item)
             if self._bytes_added + size - self._bytes_taken <= self._max_queue_bytes:
                 queue.append(item)
                 self._bytes_added += size
@@ -220,12 +227,13 @@ class ExportQueue(SpanProcessor, Generic[Item]):
                 return
 
     def _export_all(self) -> None:
-        queue, size, limit = self._queue, self._batch_size, self._max_bytes
+        queue, count, limit, size = self._queue, self._batch_size, self._max_bytes, self._sender.size
         with self._exporting:
             while queue:
-                batch = [queue.popleft() for _ in range(min(size, len(queue)))]
-                self._bytes_taken += sum(map(_size, batch))
-                for piece in pieces(batch, _size, limit):
+                batch = [queue.popleft() for _ in range(min(count, len(queue)))]
+                weight = sum(map(size, batch))
+                self._bytes_taken += weight
+                for piece in pieces(batch, size, limit) if weight > limit else (batch,):
                     self._send(piece)
             if self._overflowing and not queue:
                 self._overflowing = False

@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _FLAGS_HAS_IS_REMOTE, _FLAGS_IS_REMOTE = 0x100, 0x200  # SpanFlags: the parent's remoteness is known / remote
@@ -169,21 +170,26 @@ class EncodableSpan(Protocol):
     def get_span_context(self) -> SpanContext | None: ...
 
 
-_KINDS = {kind: b"\x30" + _varint(kind.value + 1) for kind in SpanKind}  # OTLP's kinds count from 1
+_KINDS = [b"\x30" + _varint(value + 1) for value in sorted(kind._value_ for kind in SpanKind)]  # OTLP's count from 1
 _UNSET = b"\x7a\x00"  # a Status message with neither code nor description
 _NAMES: dict[str, bytes] = {}  # a span's name field: the gateway's repeat (routes, "chat {model}")
 
 
 def encode_span(span: EncodableSpan) -> bytes:
-    """A ``Span`` message's bytes, fields in number order."""
+    """A ``Span`` message's bytes, fields in number order.
+
+    Read the cheap way: a span context unpacked as the tuple it is, enums by their ``_value_``, the empty trace state
+    by identity. Their properties, an enum's hash and ``TraceState.__len__`` are each a Python call, and a span read
+    them about ten times (a sixth of its encoding)."""
     context = span.get_span_context()
     assert context is not None  # a recorded span has one
+    trace_id, span_id, _, _, trace_state, _ = context
     parent = span.parent
-    out = [b"\x0a\x10" + context.trace_id.to_bytes(16, "big") + b"\x12\x08" + context.span_id.to_bytes(8, "big")]
-    if context.trace_state:
-        out.append(_text(b"\x1a", ",".join(f"{key}={value}" for key, value in context.trace_state.items())))
+    out = [b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08" + span_id.to_bytes(8, "big")]
+    if trace_state is not DEFAULT_TRACE_STATE and trace_state:
+        out.append(_text(b"\x1a", ",".join(f"{key}={value}" for key, value in trace_state.items())))
     if parent is not None:
-        out.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
+        out.append(b"\x22\x08" + parent[1].to_bytes(8, "big"))
     name = span.name
     if name:
         encoded = _NAMES.get(name)
@@ -192,7 +198,7 @@ def encode_span(span: EncodableSpan) -> bytes:
                 _NAMES.clear()
             encoded = _NAMES[name] = _text(b"\x2a", name)
         out.append(encoded)
-    out.append(_KINDS[span.kind])
+    out.append(_KINDS[span.kind._value_])
     if span.start_time:
         out.append(b"\x39" + _pack_fixed64(span.start_time))
     if span.end_time:
@@ -217,13 +223,13 @@ def encode_span(span: EncodableSpan) -> bytes:
     if span.dropped_links:
         out.append(_count(b"\x70", span.dropped_links))
     status = span.status
-    code = status.status_code.value
-    if code or status.description:
-        out.append(_field(b"\x7a", (_text(b"\x12", status.description) if status.description else b"")
+    code, description = status.status_code._value_, status.description
+    if code or description:
+        out.append(_field(b"\x7a", (_text(b"\x12", description) if description else b"")
                           + (b"\x18" + _varint(code) if code else b"")))
     else:
         out.append(_UNSET)
-    out.append(_REMOTE_PARENT if parent is not None and parent.is_remote else _LOCAL_PARENT)
+    out.append(_REMOTE_PARENT if parent is not None and parent[2] else _LOCAL_PARENT)
     return b"".join(out)
 
 

@@ -30,6 +30,7 @@ from .. import __version__
 from ..config import ConfigError, TracingConfig
 from ..reactor import IGatewayReactor
 from .export import MAX_QUEUE, SCHEDULE_DELAY_MS, Dropped, EncodedSender, ExportQueue, ExportStatus, Sender, SpanSender
+from .metrics import TraceExemplar
 from .otlp import LeanGrpcSpanExporter
 from .spans import SCOPE, SpanMaker, make_tracer, traceparent
 
@@ -203,7 +204,7 @@ class Tracing:
         if not context.is_valid:
             return None, None
         trace_id = format(context.trace_id, "032x")
-        return trace_id, {"trace_id": trace_id} if context.trace_flags.sampled else None
+        return trace_id, TraceExemplar(trace_id) if context.trace_flags.sampled else None
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
