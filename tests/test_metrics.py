@@ -314,7 +314,7 @@ def test_the_gateways_histogram_observations_expose_as_prometheus_clients_own(mo
 
     monkeypatch.setattr(metrics_module.time, "time", lambda: 1700000000.0)  # the exemplars' timestamps
     monkeypatch.setattr("prometheus_client.metrics.time.time", lambda: 1700000000.0)
-    trace = TraceExemplar("0af7651916cd43dd8448eb211c80319c")  # stored as it is
+    trace = TraceExemplar(trace_id="0af7651916cd43dd8448eb211c80319c")  # stored as it is
     plain = {"trace_id": "1af7651916cd43dd8448eb211c80319c"}  # validated first (and 1.0, refused below, counts)
     amounts = [(0.0, trace), (0.01, trace), (0.010001, None), (0.5, {"other": "x"}), (299.9, trace),
                (300.0, None), (1e9, trace), (float("inf"), None), (2.0, plain), (-3.0, trace),

@@ -185,11 +185,8 @@ def _routed_to(view: HostView) -> int:
 
 
 class TraceExemplar(dict[str, str]):
-    """The one exemplar the gateway attaches to its observations, ``{"trace_id": <32 hex digits>}``: valid as made,
-    so :class:`Observed` stores it without prometheus_client's checks of its label names and length."""
-
-    def __init__(self, trace_id: str) -> None:
-        super().__init__(trace_id=trace_id)
+    """The one exemplar the gateway attaches to its observations, ``TraceExemplar(trace_id=<32 hex digits>)``: valid
+    as made, so :class:`Observed` stores it without prometheus_client's checks of its label names and length."""
 
 
 _exemplar = partial(tuple.__new__, Exemplar)  # ``Exemplar(labels, value, time)`` without its Python ``__new__``

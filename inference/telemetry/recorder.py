@@ -38,6 +38,7 @@ _REQUEST_ATTRIBUTES = {"max_tokens": "gen_ai.request.max_tokens", "max_output_to
                        "frequency_penalty": "gen_ai.request.frequency_penalty",
                        "presence_penalty": "gen_ai.request.presence_penalty", "seed": "gen_ai.request.seed",
                        "n": "gen_ai.request.choice.count"}
+_NUMBERS = frozenset({int, float})
 
 
 class RequestState(Request):
@@ -217,22 +218,22 @@ class UpstreamCall:
             self.headers = tracing.trace_headers(self.span)
 
     def _span_attributes(self) -> dict[str, Any]:
-        body = self._body
-        attributes: dict[str, Any] = {"gen_ai.operation.name": self._operation.gen_ai_name,
+        body, operation = self._body, self._operation
+        attributes: dict[str, Any] = {"gen_ai.operation.name": operation.gen_ai_name,
                                       "gen_ai.provider.name": self._telemetry.provider,
-                                      "gen_ai.request.model": self._model, "gen_ai.request.stream": self._stream,
-                                      **self._telemetry.server_attributes, **dict(self._operation.span_attributes)}
-        for key, name in _REQUEST_ATTRIBUTES.items():
-            value = body.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                attributes[name] = value
+                                      "gen_ai.request.model": self._model, "gen_ai.request.stream": self._stream}
+        attributes.update(self._telemetry.server_attributes)
+        attributes.update(operation.span_attributes)
+        for key in body:  # (a body has a few keys; the parameters recorded are nine)
+            name = _REQUEST_ATTRIBUTES.get(key)
+            if name is not None and body[key].__class__ in _NUMBERS:  # JSON's numbers; not booleans
+                attributes[name] = body[key]
         stop = body.get("stop")
         if stop:
             attributes["gen_ai.request.stop_sequences"] = [stop] if isinstance(stop, str) else \
                 [s for s in stop if isinstance(s, str)]
         if self.capture_content:
-            attributes["gen_ai.input.messages"] = json.dumps(body.get(self._operation.input_field),
-                                                             ensure_ascii=False)
+            attributes["gen_ai.input.messages"] = json.dumps(body.get(operation.input_field), ensure_ascii=False)
         return attributes
 
     # -- endings -------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Mapping
+from functools import partial
 from time import time_ns
 from typing import Protocol, TypeGuard
 
@@ -44,6 +45,9 @@ _RANDOM_TRACE_ID = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)  # W3C level 2's fl
 _UNSET = Status(StatusCode.UNSET)
 _FLAGS = [TraceFlags(value) for value in range(256)]  # made once: a span's flags are one of these
 _TRACE_ID_LIMIT = TraceIdRatioBased.TRACE_ID_LIMIT
+_valid_context = partial(tuple.__new__, SpanContext)
+"""A ``SpanContext`` from its six fields, without its Python ``__new__`` checking ids the id generator made (a valid
+parent's trace id, a span id never 0); the last field says it is valid."""
 
 
 class SpanMaker(Protocol):
@@ -196,8 +200,9 @@ class LeanTracer:
         else:
             parent, trace_id, trace_state = None, ids.generate_trace_id(), None
             sampled, random_flag = trace_id & _TRACE_ID_LIMIT < self._bound, self._random_flag
-        context = SpanContext(trace_id, ids.generate_span_id(), False,
-                              _FLAGS[(TraceFlags.SAMPLED if sampled else 0) | random_flag], trace_state)
+        flags = _FLAGS[(TraceFlags.SAMPLED if sampled else 0) | random_flag]
+        context = _valid_context((trace_id, ids.generate_span_id(), False, flags, trace_state or DEFAULT_TRACE_STATE,
+                                  True))
         if not sampled:
             return NonRecordingSpan(context)
         return LeanSpan(self, name, context, parent, kind, _cleaned(attributes), start_time or time_ns())

@@ -204,7 +204,7 @@ class Tracing:
         if not context.is_valid:
             return None, None
         trace_id = format(context.trace_id, "032x")
-        return trace_id, TraceExemplar(trace_id) if context.trace_flags.sampled else None
+        return trace_id, TraceExemplar(trace_id=trace_id) if context.trace_flags.sampled else None
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
