@@ -306,6 +306,29 @@ async def test_calls_with_big_prompts_captured_all_reach_the_collector(fake, tra
     assert all(len(s.attributes["gen_ai.input.messages"]) > 600_000 for s in collector.named(CLIENT_SPAN))
 
 
+@pytest.mark.parametrize("implementation", ["lean", "sdk"])
+@pytest_twisted.ensureDeferred
+async def test_big_prompts_captured_reach_an_http_collector_too(fake, start_gateway, collector, implementation):
+    """Over OTLP/HTTP the SDK's exporter sent a batch (64 spans) as one request: past the collector's body limit
+    (``max_request_body_size``, here 4 MiB) it was refused whole. Batches are cut by size on this protocol too."""
+    collector.max_http_bytes = 4 * 1024 * 1024
+    gateway = start_gateway({"INFERENCE_INFERENCE_BASE_URL": fake.url,
+                             "INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "otlp",
+                             "INFERENCE_OBSERVABILITY_TRACING_IMPLEMENTATION": implementation,
+                             "INFERENCE_OBSERVABILITY_TRACING_PROTOCOL": "http/protobuf",
+                             "INFERENCE_OBSERVABILITY_TRACING_CAPTURE_CONTENT": "true",
+                             "INFERENCE_OBSERVABILITY_TRACING_ENDPOINT": collector.http_endpoint})
+    prompt = "word " * 120_000
+    for _ in range(8):
+        assert (await gateway.post_chat(chat(prompt))).status == 200
+    tracing = gateway.site.gateway.telemetry.tracing
+    await tracing.flush()
+    assert (tracing.status.exported_spans, tracing.status.failed_spans) == (16, 0)
+    spans = await collector.wait_for(lambda spans: len(spans) >= 16)
+    assert len(spans) == 16 and collector.batches >= 2 and collector.refused == 0
+    assert all(len(s.attributes["gen_ai.input.messages"]) > 600_000 for s in collector.named(CLIENT_SPAN))
+
+
 @pytest_twisted.ensureDeferred
 async def test_api_keys_never_reach_a_span(fake, traced, collector):
     fake.require_key = "upstream-key-123"

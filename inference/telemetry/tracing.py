@@ -117,8 +117,8 @@ def _otlp_exporter(protocol: str, endpoint: str, environ: Mapping[str, str]) -> 
         raise ConfigError(f"OTEL_EXPORTER_OTLP_TIMEOUT = {timeout!r}: expected a number of seconds") from None
     if protocol == "grpc":
         return LeanGrpcSpanExporter(endpoint=endpoint, timeout=seconds)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-    return HttpExporter(endpoint=endpoint, timeout=seconds)
+    from .otlp_http import SizedHttpSpanExporter
+    return SizedHttpSpanExporter(endpoint=endpoint, timeout=seconds)
 
 
 class Tracing:

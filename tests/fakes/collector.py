@@ -90,6 +90,8 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
         self._http: Any = None
         self.grpc_endpoint = ""
         self.http_endpoint = ""
+        self.max_http_bytes = 20 * 1024 * 1024  # the OpenTelemetry Collector's max_request_body_size by default
+        self.refused = 0  # HTTP requests over it, answered 413
 
     # -- what tests use ------------------------------------------------------------------------------------------
 
@@ -159,8 +161,13 @@ class _HttpReceiver(Resource):
         if request.path != b"/v1/traces":
             request.setResponseCode(404)
             return b""
+        body = request.content.read()
+        if len(body) > self._collector.max_http_bytes:
+            self._collector.refused += 1
+            request.setResponseCode(413)
+            return b""
         message = trace_service_pb2.ExportTraceServiceRequest()
-        message.ParseFromString(request.content.read())
+        message.ParseFromString(body)
         self._collector._received(decode(message))
         request.setHeader(b"Content-Type", b"application/x-protobuf")
         return trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
