@@ -170,7 +170,7 @@ class EncodableSpan(Protocol):
     def get_span_context(self) -> SpanContext | None: ...
 
 
-_KINDS = [b"\x30" + _varint(value + 1) for value in sorted(kind._value_ for kind in SpanKind)]  # OTLP's count from 1
+_KINDS = {kind._value_: b"\x30" + _varint(kind._value_ + 1) for kind in SpanKind}  # OTLP's kinds count from 1
 _UNSET = b"\x7a\x00"  # a Status message with neither code nor description
 _NAMES: dict[str, bytes] = {}  # a span's name field: the gateway's repeat (routes, "chat {model}")
 

@@ -201,8 +201,8 @@ class LeanTracer:
             parent, trace_id, trace_state = None, ids.generate_trace_id(), None
             sampled, random_flag = trace_id & _TRACE_ID_LIMIT < self._bound, self._random_flag
         flags = _FLAGS[(TraceFlags.SAMPLED if sampled else 0) | random_flag]
-        context = _valid_context((trace_id, ids.generate_span_id(), False, flags, trace_state or DEFAULT_TRACE_STATE,
-                                  True))
+        context = _valid_context((trace_id, ids.generate_span_id(), False, flags,
+                                  DEFAULT_TRACE_STATE if trace_state is None else trace_state, True))
         if not sampled:
             return NonRecordingSpan(context)
         return LeanSpan(self, name, context, parent, kind, _cleaned(attributes), start_time or time_ns())
