@@ -519,6 +519,45 @@ def test_a_full_export_queue_drops_spans_with_one_warning_and_no_log_record_per_
     assert [span.name for span in sent.batches[-1]] == ["after"]  # what was queued went out at shutdown
 
 
+def test_the_sdks_spans_are_weighed_for_the_queues_bound_too():
+    """With ``implementation: sdk`` or an exporter other than OTLP/gRPC, the queue holds the SDK's spans, not bytes:
+    they are weighed by their strings (whole prompts with capture_content), so the queue's bytes stay bounded."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+    from opentelemetry.trace import SpanKind
+
+    from inference.telemetry.export import ExportQueue, ExportStatus, SpanSender
+    from inference.telemetry.spans import make_tracer
+
+    class Kept(SpanExporter):
+        def __init__(self) -> None:
+            self.batches: list[list[str]] = []
+
+        def export(self, spans: Any) -> SpanExportResult:
+            self.batches.append([span.name for span in spans])
+            return SpanExportResult.SUCCESS
+
+    kept, status = Kept(), ExportStatus()
+    queue = ExportQueue(SpanSender(kept), "collector", batch_size=64, status=status, report=lambda *a, **k: None,
+                        dropped=lambda reason, count: None, delay=3600, max_queue_bytes=5 * 512 * 1024)
+    tracer = make_tracer("sdk", Resource.create({}), TraceIdRatioBased(1.0), RandomIdGenerator(), queue)
+    prompt = "word " * 200_000  # a megabyte
+    try:
+        for n in range(4):  # two fit in 2.5 MiB with their events; the others are dropped
+            span = tracer.start_span(f"{n}", SpanKind.CLIENT, {"gen_ai.input.messages": prompt}, None)
+            span.add_event("first_token", {"note": "x" * 1000})
+            span.end()
+        span = tracer.start_span("small", SpanKind.CLIENT, {"gen_ai.request.model": "m"}, None)
+        span.end()  # a small one still fits
+        assert status.dropped_spans == 2
+        queue.force_flush()
+        assert kept.batches == [["0", "1", "small"]]
+    finally:
+        queue.shutdown()
+
+
 class SentBytes:
     """An encoded-span sender that keeps each export's items (what EncodedSender joins into one request)."""
 

@@ -100,7 +100,7 @@ class SpanSender:
 
     def __init__(self, exporter: SpanExporter) -> None:
         self._exporter = exporter
-        self.size: Callable[[ReadableSpan], int] = _unweighed
+        self.size: Callable[[ReadableSpan], int] = _weighed
 
     def prepare(self, span: AnySpan) -> ReadableSpan:
         return span.readable() if isinstance(span, LeanSpan) else span
@@ -146,9 +146,20 @@ MAX_QUEUE_BYTES = 64 * 1024 * 1024
 (``capture_content``) could otherwise hold gigabytes while the collector is slow."""
 
 
-def _unweighed(span: ReadableSpan) -> int:
-    """The SDK's spans are not weighed: they are encoded in the export thread, by the exporter."""
-    return 0
+_SPAN_BYTES = 512  # a span without its strings, encoded or held
+
+
+def _weighed(span: ReadableSpan) -> int:
+    """About what one of the SDK's spans holds and adds to an export: the length of its strings (the prompts and
+    answers ``capture_content`` puts in attributes, an exception's stack in an event) and a fixed part for the rest.
+    Measured exactly it would be encoded twice; this is enough for the queue's bound and to cut batches near the
+    limit (the exporter cuts them exactly)."""
+    size = _SPAN_BYTES
+    for attributes in (span.attributes, *(event.attributes for event in span.events)):
+        for value in (attributes or {}).values():
+            if isinstance(value, str):
+                size += len(value)
+    return size
 
 
 class ExportQueue(SpanProcessor, Generic[Item]):
