@@ -153,7 +153,8 @@ def _weighed(span: ReadableSpan) -> int:
     """About what one of the SDK's spans holds and adds to an export: the length of its strings (the prompts and
     answers ``capture_content`` puts in attributes, an exception's stack in an event) and a fixed part for the rest.
     Measured exactly it would be encoded twice; this is enough for the queue's bound and to cut batches near the
-    limit (the exporter cuts them exactly)."""
+    limit (the exporter cuts them exactly). About 3 µs a span of the SDK's (its attributes are read through their
+    locked mapping), on a path that is not the default."""
     size = _SPAN_BYTES
     for attributes in (span.attributes, *(event.attributes for event in span.events)):
         for value in (attributes or {}).values():
