@@ -142,8 +142,9 @@ SCHEDULE_DELAY_MS = 5000
 """Milliseconds between exports of a batch not yet full (the SDK's default, ``OTEL_BSP_SCHEDULE_DELAY``)."""
 
 MAX_QUEUE_BYTES = 64 * 1024 * 1024
-"""Encoded spans held for export at most, whatever their count: 2,048 spans that carry whole prompts
-(``capture_content``) could otherwise hold gigabytes while the collector is slow."""
+"""Bytes of spans held for export at most (encoded spans by their length, the SDK's by :func:`_weighed`), whatever
+their count: 2,048 spans that carry whole prompts (``capture_content``) could otherwise hold gigabytes while the
+collector is slow."""
 
 
 _SPAN_BYTES = 512  # a span without its strings, encoded or held

@@ -275,6 +275,13 @@ def pieces(items: list[T], size_of: Callable[[T], int], limit: int = MAX_EXPORT_
         yield piece
 
 
+def export_in_pieces(items: list[T], size_of: Callable[[T], int],
+                     send: Callable[[list[T]], SpanExportResult]) -> SpanExportResult:
+    """Each of ``items``' :func:`pieces` sent in order: a failure if any piece failed (the others still go)."""
+    failed = [piece for piece in pieces(items, size_of) if send(piece) is not SpanExportResult.SUCCESS]
+    return SpanExportResult.FAILURE if failed else SpanExportResult.SUCCESS
+
+
 def encode_request(resource: Resource, scope: InstrumentationScope, fields: Sequence[bytes]) -> bytes:
     """An ``ExportTraceServiceRequest``'s bytes for spans of one resource and scope, each encoded already
     (:func:`encode_span_field`, on the reactor thread as each span ended): joining is all that is left."""
@@ -347,13 +354,11 @@ class LeanGrpcSpanExporter(OTLPSpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """The SDK's spans (``implementation: sdk``), in requests under :data:`MAX_EXPORT_BYTES` each."""
-        encoded = [(span, encode_span_field(span)) for span in spans]
-        result = SpanExportResult.SUCCESS
-        for piece in pieces(encoded, lambda pair: len(pair[1])):
+        def send(piece: list[tuple[ReadableSpan, bytes]]) -> SpanExportResult:
             request = encode_spans([span for span, _ in piece], [field for _, field in piece])
-            if self.export_encoded(EncodedBatch(request, len(piece))) is not SpanExportResult.SUCCESS:
-                result = SpanExportResult.FAILURE
-        return result
+            return self.export_encoded(EncodedBatch(request, len(piece)))
+
+        return export_in_pieces([(span, encode_span_field(span)) for span in spans], lambda pair: len(pair[1]), send)
 
     def _translate_data(self, data: EncodedBatch) -> bytes:  # type: ignore[override]
         return data.request  # (every export reaches _export as an EncodedBatch: export() encodes the SDK's spans)

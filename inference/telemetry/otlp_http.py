@@ -15,7 +15,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 
-from .otlp import encode_span_field, pieces
+from .otlp import encode_span_field, export_in_pieces
 
 
 class SizedHttpSpanExporter(OTLPSpanExporter):
@@ -24,8 +24,4 @@ class SizedHttpSpanExporter(OTLPSpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Each span is weighed by encoding it (what the SDK's encoder writes, byte for byte: ``test_otlp.py``), in
         the export thread, about 5 µs a span."""
-        result = SpanExportResult.SUCCESS
-        for piece in pieces(list(spans), lambda span: len(encode_span_field(span))):
-            if super().export(piece) is not SpanExportResult.SUCCESS:
-                result = SpanExportResult.FAILURE
-        return result
+        return export_in_pieces(list(spans), lambda span: len(encode_span_field(span)), super().export)
