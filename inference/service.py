@@ -225,16 +225,25 @@ class _Listener(StreamServerEndpointService):
             raise SystemExit(1) from None
 
 
-GC_GEN0_THRESHOLD = 10_000
+GC_GEN0_THRESHOLD = 50_000
+"""Young collections are set off when this many more tracked objects were made than freed since the last one.
+
+A call in flight holds about 220 of them (its request, deferreds, coroutines, headers, spans) while it waits on
+its upstream, and more while it is handled; the count only moves by what is made minus what is freed and never
+falls below zero, so calls starting and ending in waves push it up by the calls in flight. At 10,000, 64 clients
+did that 28 times in 8 seconds: each young collection walked the live calls (1.7 ms) and freed nothing, where 16
+clients set off one. At 50,000 none run at 64 clients; what a call leaves for the collector (Twisted's HTTP client
+leaves a chunked answer's parser in a cycle, about 30 small objects) waits a little longer, bounded by this count.
+"""
 
 
 def tune_gc() -> None:
     """Make the garbage collector cheap for a server that allocates many short-lived objects per request.
 
     ``gc.freeze()`` moves everything built at start (modules, config, the app) out of the collector's sight, so
-    the collections that follow need not walk it again and again; a first-generation threshold of 10,000 instead
-    of 700 runs them about fourteen times less often. Together they were worth a fifth more requests per second
-    and half the p99 in the benchmark, for a few hundred kilobytes of garbage held a little longer.
+    the collections that follow need not walk it again and again; a first-generation threshold of
+    GC_GEN0_THRESHOLD instead of 700 runs them only when garbage, not the calls in flight, adds up. The freeze and
+    a threshold of 10,000 were worth a fifth more requests per second and half the p99 in the benchmark.
     """
     gc.collect()
     gc.freeze()
