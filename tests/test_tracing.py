@@ -519,6 +519,78 @@ def test_a_full_export_queue_drops_spans_with_one_warning_and_no_log_record_per_
     assert [span.name for span in sent.batches[-1]] == ["after"]  # what was queued went out at shutdown
 
 
+class HeldSent(Sent):
+    """A sender whose first batch waits until the test lets it go, and which says when each batch arrived."""
+
+    def __init__(self) -> None:
+        import threading
+        super().__init__()
+        self.sending, self.go, self.arrived = threading.Event(), threading.Event(), threading.Semaphore(0)
+
+    def send(self, batch: list[Any]) -> Any:
+        if not self.batches:
+            self.sending.set()
+            assert self.go.wait(10)
+        result = super().send(batch)
+        self.arrived.release()
+        return result
+
+
+def waiting_for_spans(thread: Any) -> bool:
+    """Whether the export thread is back in its wait for a full batch or the delay (its loop's first line)."""
+    import sys
+    frame = sys._current_frames().get(thread.ident)
+    names = []
+    while frame is not None and len(names) < 3:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return names == ["wait", "wait", "_run"]  # Condition.wait, in Event.wait, in ExportQueue._run
+
+
+def test_spans_that_end_while_a_batch_is_sent_wait_for_the_next_whole_batch():
+    """Spans keep ending while a batch is on its way; the thread used to send them at once, as a batch of their own:
+    exports of a few dozen spans, 54 a second at one client where 5 of 512 carry the same spans, each a gRPC call
+    and wake-ups of gRPC's threads on the reactor's core. They now go out at the head of the next whole batch (or
+    when the delay passes, on a flush, at shutdown)."""
+    import time
+
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+    from opentelemetry.trace import SpanKind
+
+    from inference.telemetry.export import ExportQueue, ExportStatus
+    from inference.telemetry.spans import make_tracer
+
+    sent, status = HeldSent(), ExportStatus()
+    queue = ExportQueue(sent, "collector", batch_size=4, status=status, report=lambda *a, **k: None,
+                        dropped=lambda reason, count: None, delay=3600)
+    tracer = make_tracer("lean", Resource.create({}), TraceIdRatioBased(1.0), RandomIdGenerator(), queue)
+
+    def end(*numbers: int) -> None:
+        for n in numbers:
+            tracer.start_span(f"span {n}", SpanKind.SERVER, {}, None).end()
+
+    try:
+        end(0, 1, 2, 3)  # a whole batch wakes the thread
+        assert sent.sending.wait(10)
+        end(4, 5)  # ... and two more end while it is being sent
+        sent.go.set()
+        deadline = time.monotonic() + 10
+        while len(sent.batches) < 2 and not waiting_for_spans(queue._worker):  # (its next move, whichever it is)
+            assert time.monotonic() < deadline, "the export thread neither sent nor waited"
+            time.sleep(0.001)
+        end(6, 7)  # the next whole batch
+        assert sent.arrived.acquire(timeout=10) and sent.arrived.acquire(timeout=10)
+        assert [[span.name for span in batch] for batch in sent.batches] == [
+            [f"span {n}" for n in range(4)], [f"span {n}" for n in range(4, 8)]]
+        end(8)
+    finally:
+        queue.shutdown()
+    assert [span.name for span in sent.batches[-1]] == ["span 8"]  # the rest went out at shutdown
+    assert status.exported_spans == 9
+
+
 def test_the_sdks_spans_are_weighed_for_the_queues_bound_too():
     """With ``implementation: sdk`` or an exporter other than OTLP/gRPC, the queue holds the SDK's spans, not bytes:
     they are weighed by their strings (whole prompts with capture_content), so the queue's bytes stay bounded."""

@@ -233,22 +233,30 @@ class ExportQueue(SpanProcessor, Generic[Item]):
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(self._delay)
+            full = self._wake.wait(self._delay)  # woken by a full batch, or the delay passed
             self._wake.clear()
-            self._export_all()
-            if self._stopping:  # set by shutdown(), which woke this thread: what was queued went out above
+            stopping = self._stopping  # set by shutdown(), which woke this thread: what is queued goes out below
+            self._export_all(whole_batches=full and not stopping)
+            if stopping:
                 return
 
-    def _export_all(self) -> None:
+    def _export_all(self, whole_batches: bool = False) -> None:
+        """Send what is queued, ``batch_size`` at a time; with ``whole_batches``, only whole batches.
+
+        Woken by a full batch, the thread sends whole batches and leaves the rest for the next one: spans keep
+        ending while a batch is sent, and sending them at once made exports of a few dozen spans (54 a second at
+        one client instead of 5, each a gRPC call and wake-ups of gRPC's threads on the reactor's core). The rest
+        go out with the next batch, oldest first, or when the delay passes, on a flush, at shutdown."""
         queue, count, limit, size = self._queue, self._batch_size, self._max_bytes, self._sender.size
+        least = count if whole_batches else 1
         with self._exporting:
-            while queue:
+            while len(queue) >= least:
                 batch = [queue.popleft() for _ in range(min(count, len(queue)))]
                 weight = sum(map(size, batch))
                 self._bytes_taken += weight
                 for piece in pieces(batch, size, limit) if weight > limit else (batch,):
                     self._send(piece)
-            if self._overflowing and not queue:
+            if self._overflowing and len(queue) < least:
                 self._overflowing = False
                 if self._status.ok:
                     self._report("info", "trace export caught up; {count} spans were dropped in all",
