@@ -232,8 +232,9 @@ A call in flight holds about 220 of them (its request, deferreds, coroutines, he
 its upstream, and more while it is handled; the count only moves by what is made minus what is freed and never
 falls below zero, so calls starting and ending in waves push it up by the calls in flight. At 10,000, 64 clients
 did that 28 times in 8 seconds: each young collection walked the live calls (1.7 ms) and freed nothing, where 16
-clients set off one. At 50,000 none run at 64 clients; what a call leaves for the collector (Twisted's HTTP client
-leaves a chunked answer's parser in a cycle, about 30 small objects) waits a little longer, bounded by this count.
+clients set off one. At 50,000 none run at 64 clients. Garbage in cycles waits longer for its collection, bounded
+by this count: a call leaves none on its common paths (an upstream's streamed answer did, see
+``providers.upstream._ClientProtocol``), so that is a few small objects an error or a cut connection leaves.
 """
 
 
