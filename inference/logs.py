@@ -60,8 +60,9 @@ def request_id_for(header: bytes | None) -> str:
 
 
 # Twisted logs "Starting factory _HTTP11ClientFactory(...)" and "Stopping factory ..." at info level for every
-# upstream connection the pool opens or closes: below debug they would bury the access lines.
-_QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory",)
+# upstream connection the pool opens or closes (the factory is the gateway's subclass of Twisted's): below debug
+# they would bury the access lines.
+_QUIET_NAMESPACES = ("inference.providers.upstream._ClientFactory", "twisted.web.client._HTTP11ClientFactory")
 
 
 class TextSink(Protocol):
