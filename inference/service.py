@@ -234,7 +234,7 @@ falls below zero, so calls starting and ending in waves push it up by the calls 
 did that 28 times in 8 seconds: each young collection walked the live calls (1.7 ms) and freed nothing, where 16
 clients set off one. At 50,000 none run at 64 clients. Garbage in cycles waits longer for its collection, bounded
 by this count: a call leaves none on its common paths (an upstream's streamed answer did, see
-``providers.upstream._ClientProtocol``), so that is a few small objects an error or a cut connection leaves.
+``providers.upstream._ClientProtocol``); what waits is the few small objects an error or a cut connection leaves.
 """
 
 
