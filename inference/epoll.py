@@ -18,7 +18,12 @@ class GatewayReactor(EPollReactor):
     for each event, four events a request (3% of a short call's instructions under callgrind). The gateway logs
     through twisted.logger, which never reads that context. An exception escaping a handler is still logged, and
     the events after it in the same poll are still handled.
+
+    ``lone_turn`` is true while the reactor handles the only event of its turn: bytes a handler writes then have
+    nothing to go out with, so they may go at once rather than a turn later (``providers.upstream``'s requests).
     """
+
+    lone_turn = False
 
     def doPoll(self, timeout: float | None) -> None:
         try:
@@ -28,6 +33,7 @@ class GatewayReactor(EPollReactor):
                 return
             raise
         handle, selectables = self._doReadOrWrite, self._selectables
+        self.lone_turn = len(events) == 1
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is None:
@@ -36,5 +42,6 @@ class GatewayReactor(EPollReactor):
                 handle(selectable, fd, event)
             except Exception:
                 _log.failure("while handling an event of {selectable}", selectable=selectable)
+        self.lone_turn = False
 
     doIteration = doPoll

@@ -22,7 +22,7 @@ from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet import error as neterror
-from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -209,10 +209,23 @@ class UpstreamClient:
 
 
 class _ClientProtocol(_newclient.HTTP11ClientProtocol):
-    """Twisted's HTTP/1.1 client, leaving no garbage cycle behind a chunked answer (every stream): the parser
-    kept its chunked decoder, which keeps the parser's own ``_finished``, so each exchange (about 30 objects)
-    waited for a collection instead of going as it ended. At 1,000 streams a second that set off a young collection
-    every second or two, and each stalled every stream for milliseconds."""
+    """Twisted's HTTP/1.1 client, sending a request at once in a lone turn, and leaving no garbage cycle behind a
+    chunked answer.
+
+    A request written in a turn that handles one event (a lone client's call: ``GatewayReactor.lone_turn``) goes
+    to the kernel at once, not when the reactor next finds the socket writable: the upstream starts a turn sooner
+    (4% more calls a second at one client; in a busy turn the writes still go out together). The parser kept its
+    chunked decoder, which keeps the parser's own ``_finished``, so each streamed exchange (about 30 objects) waited
+    for a collection instead of going as it ended: at 1,000 streams a second that set off a young collection every
+    second or two, and each stalled every stream for milliseconds."""
+
+    def request(self, request: _newclient.Request) -> Deferred[IResponse]:
+        answer: Deferred[IResponse] = super().request(request)
+        transport: object = self.transport
+        if (isinstance(transport, FileDescriptor) and getattr(transport.reactor, "lone_turn", False)
+                and transport.connected and not transport.disconnecting and transport._tempDataLen):
+            transport.doWrite()  # as the reactor would; if the send fails, the bytes stay and its write reports it
+        return answer
 
     def _disconnectParser(self, reason: Failure) -> None:
         parser = self._parser
