@@ -76,7 +76,7 @@ class Trigger(FileDescriptor):
 
 def test_an_upstream_request_made_in_a_lone_turn_goes_out_in_that_turn():
     """A lone client's call: its upstream request leaves in the turn the call arrived, not a turn later when epoll
-    says the socket is writable (4% more calls a second at one client). In a turn with other events the request
+    says the socket is writable (4-8% more calls a second at one client). In a turn with other events the request
     waits for that next turn, where the turn's writes go out together."""
     from inference.config import HttpConfig
     from inference.providers.upstream import UpstreamClient
