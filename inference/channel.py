@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -29,6 +28,7 @@ from .errors import (
     URLTooLong,
     reason_phrase,
 )
+from .reactor import send_buffered
 
 log = Logger()
 
@@ -91,10 +91,7 @@ class GatewayChannel(HTTPChannel):
         the work that follows it in the same turn (its metrics, span and access line), and the client's next
         request arrives while that work is done. With other requests in hand, the reactor's next turn sends all
         the answers together, which costs less (writing each at once was 30% more CPU a request at 16 clients)."""
-        transport: object = self.transport
-        if (isinstance(transport, FileDescriptor) and transport.connected and not transport.disconnecting
-                and not transport.producerPaused and transport._tempDataLen):
-            transport.doWrite()  # as the reactor would; if the send fails, the bytes stay and its write reports it
+        send_buffered(self.transport)
 
     # -- the time to receive a request ---------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import (
     IReactorCore,
     IReactorPluggableNameResolver,
@@ -19,6 +20,15 @@ from twisted.internet.main import installReactor
 class IGatewayReactor(IReactorCore, IReactorTime, IReactorTCP, IReactorThreads, IReactorSocket,
                       IReactorPluggableNameResolver):
     """Start and stop, timers, TCP, threads (span export, signals), adopted sockets (``reuse_port``), DNS."""
+
+
+def send_buffered(transport: object) -> None:
+    """Hand what ``transport`` holds to the kernel now, as the reactor would when it next finds the socket writable
+    (a transport that is not a socket's, or has nothing to send, is left alone). If the send fails, the bytes stay
+    and the transport's next write reports it."""
+    if (isinstance(transport, FileDescriptor) and transport.connected and not transport.disconnecting
+            and not transport.producerPaused and transport._tempDataLen):
+        transport.doWrite()
 
 
 def install() -> None:

@@ -536,15 +536,18 @@ class HeldSent(Sent):
         return result
 
 
-def waiting_for_spans(thread: Any) -> bool:
-    """Whether the export thread is back in its wait for a full batch or the delay (its loop's first line)."""
-    import sys
-    frame = sys._current_frames().get(thread.ident)
-    names = []
-    while frame is not None and len(names) < 3:
-        names.append(frame.f_code.co_name)
-        frame = frame.f_back
-    return names == ["wait", "wait", "_run"]  # Condition.wait, in Event.wait, in ExportQueue._run
+def watched_wake() -> tuple[Any, Any]:
+    """An event class for the export thread's wake-up that also says each time the thread starts waiting on it
+    (back at its loop's first line), and that event."""
+    import threading
+    waiting = threading.Event()
+
+    class Wake(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waiting.set()
+            return super().wait(timeout)
+
+    return Wake, waiting
 
 
 def test_spans_that_end_while_a_batch_is_sent_wait_for_the_next_whole_batch():
@@ -552,19 +555,22 @@ def test_spans_that_end_while_a_batch_is_sent_wait_for_the_next_whole_batch():
     exports of a few dozen spans, 54 a second at one client where 5 of 512 carry the same spans, each a gRPC call
     and wake-ups of gRPC's threads on the reactor's core. They now go out at the head of the next whole batch (or
     when the delay passes, on a flush, at shutdown)."""
-    import time
+    from unittest import mock
 
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
     from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
     from opentelemetry.trace import SpanKind
 
+    from inference.telemetry import export
     from inference.telemetry.export import ExportQueue, ExportStatus
     from inference.telemetry.spans import make_tracer
 
     sent, status = HeldSent(), ExportStatus()
-    queue = ExportQueue(sent, "collector", batch_size=4, status=status, report=lambda *a, **k: None,
-                        dropped=lambda reason, count: None, delay=3600)
+    wake, waiting = watched_wake()
+    with mock.patch.object(export.threading, "Event", wake):  # (the queue's own wake-up only)
+        queue = ExportQueue(sent, "collector", batch_size=4, status=status, report=lambda *a, **k: None,
+                            dropped=lambda reason, count: None, delay=3600)
     tracer = make_tracer("lean", Resource.create({}), TraceIdRatioBased(1.0), RandomIdGenerator(), queue)
 
     def end(*numbers: int) -> None:
@@ -575,11 +581,9 @@ def test_spans_that_end_while_a_batch_is_sent_wait_for_the_next_whole_batch():
         end(0, 1, 2, 3)  # a whole batch wakes the thread
         assert sent.sending.wait(10)
         end(4, 5)  # ... and two more end while it is being sent
+        waiting.clear()
         sent.go.set()
-        deadline = time.monotonic() + 10
-        while len(sent.batches) < 2 and not waiting_for_spans(queue._worker):  # (its next move, whichever it is)
-            assert time.monotonic() < deadline, "the export thread neither sent nor waited"
-            time.sleep(0.001)
+        assert waiting.wait(10)  # the thread is back in its wait (having sent them first, had it drained the queue)
         end(6, 7)  # the next whole batch
         assert sent.arrived.acquire(timeout=10) and sent.arrived.acquire(timeout=10)
         assert [[span.name for span in batch] for batch in sent.batches] == [

@@ -22,7 +22,7 @@ from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet import error as neterror
-from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -47,7 +47,7 @@ from zope.interface import implementer
 
 from ..config import UNBOUNDED_IDLE_CONNECTIONS, HttpConfig
 from ..errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
-from ..reactor import IGatewayReactor
+from ..reactor import IGatewayReactor, send_buffered
 from ..sse import SSEParser
 from .base import ChatStream, EventConsumer
 
@@ -223,10 +223,8 @@ class _ClientProtocol(_newclient.HTTP11ClientProtocol):
 
     def request(self, request: _newclient.Request) -> Deferred[IResponse]:
         answer: Deferred[IResponse] = super().request(request)
-        transport: object = self.transport
-        if (isinstance(transport, FileDescriptor) and getattr(transport.reactor, "lone_turn", False)
-                and transport.connected and not transport.disconnecting and transport._tempDataLen):
-            transport.doWrite()  # as the reactor would; if the send fails, the bytes stay and its write reports it
+        if getattr(getattr(self.transport, "reactor", None), "lone_turn", False):
+            send_buffered(self.transport)
         return answer
 
     def _disconnectParser(self, reason: Failure) -> None:
