@@ -25,7 +25,7 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from inference.telemetry.otlp import _any_value, _attributes, encode_spans
+from inference.telemetry.otlp import _ENCODED, _any_value, _attributes, encode_spans
 
 
 class Keep(SpanExporter):
@@ -127,3 +127,15 @@ def test_attributes_encoded_once_are_told_apart_from_lookalikes() -> None:
             attributes = {"k": value, "gen_ai.response.finish_reasons": value}
             ours = KeyValueList.FromString(_attributes(b"\x0a", attributes))
             assert list(ours.values) == _encode_attributes(attributes), value
+
+
+def test_values_unique_to_a_call_are_encoded_each_time_not_kept() -> None:
+    """A response id differs on every call and a captured prompt can be megabytes: kept, the first emptied the cache
+    of the values that repeat every 4,096 calls, and the second pinned its text until then. Both still encode right."""
+    _ENCODED.clear()
+    for number in range(50):
+        attributes = {"gen_ai.response.id": f"chatcmpl-{number}", "gen_ai.input.messages": f"[{number}]" + "x" * 64,
+                      "any.text": f"{number}" + "y" * 10_000, "gen_ai.response.model": "m"}
+        ours = KeyValueList.FromString(_attributes(b"\x0a", attributes))
+        assert list(ours.values) == _encode_attributes(attributes)
+    assert [key[1:] for key in _ENCODED] == [("gen_ai.response.model", "m")]
