@@ -44,6 +44,7 @@ SCOPE = InstrumentationScope("inference", __version__)
 _RANDOM_TRACE_ID = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)  # W3C level 2's flag, set by SDKs from 1.39
 _UNSET = Status(StatusCode.UNSET)
 _FLAGS = [TraceFlags(value) for value in range(256)]  # made once: a span's flags are one of these
+_FLAGS_HEX = [f"{value:02x}" for value in range(256)]
 _TRACE_ID_LIMIT = TraceIdRatioBased.TRACE_ID_LIMIT
 _valid_context = partial(tuple.__new__, SpanContext)
 """A ``SpanContext`` from its six fields, without its Python ``__new__`` checking ids the id generator made (a valid
@@ -246,7 +247,8 @@ def traceparent(span: Span) -> dict[str, str]:
     trace_id, span_id, _, flags, trace_state, valid = span.get_span_context()
     if not valid:
         return {}
-    headers = {"traceparent": f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"}
+    headers = {"traceparent": f"00-{trace_id.to_bytes(16, 'big').hex()}-{span_id.to_bytes(8, 'big').hex()}-"
+                              f"{_FLAGS_HEX[flags]}"}  # (hex of bytes: a format spec is parsed on every use)
     if trace_state is not DEFAULT_TRACE_STATE and trace_state:
         headers["tracestate"] = trace_state.to_header()
     return headers

@@ -20,7 +20,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
-from opentelemetry.trace import Span, SpanKind, get_current_span
+from opentelemetry.trace import Span, SpanKind, TraceFlags, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -200,11 +200,11 @@ class Tracing:
     def ids(span: Span) -> tuple[str | None, dict[str, str] | None]:
         """The span's trace id (32 hex digits) and the ``trace_id`` exemplar for histograms, which only a sampled
         trace gets (else there is no trace to see); found once per request."""
-        context = span.get_span_context()
-        if not context.is_valid:
+        trace, _, _, flags, _, valid = span.get_span_context()  # (the tuple's fields: its properties are calls)
+        if not valid:
             return None, None
-        trace_id = format(context.trace_id, "032x")
-        return trace_id, TraceExemplar(trace_id=trace_id) if context.trace_flags.sampled else None
+        trace_id = trace.to_bytes(16, "big").hex()
+        return trace_id, TraceExemplar(trace_id=trace_id) if flags & TraceFlags.SAMPLED else None
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
