@@ -223,7 +223,8 @@ class Observed:
         bucket = self._buckets[bisect_left(self._bounds, amount)]  # the first bound >= amount (the last is +Inf)
         bucket.inc(1)
         if exemplar is not None:
+            marked = _exemplar((exemplar, amount, time.time()))
             if self._assign:
-                bucket._exemplar = _exemplar((exemplar, amount, time.time()))
+                bucket._exemplar = marked
             else:
-                bucket.set_exemplar(_exemplar((exemplar, amount, time.time())))
+                bucket.set_exemplar(marked)

@@ -241,14 +241,19 @@ def _takes_lean_spans(processor: SpanProcessor) -> TypeGuard[LeanSink]:
     return getattr(processor, "takes_lean_spans", False) is True
 
 
+def trace_hex(trace_id: int) -> str:
+    """A trace id as W3C and the logs write it, 32 hex digits (the hex of its bytes: a format spec such as ``032x``
+    is parsed on every use)."""
+    return trace_id.to_bytes(16, "big").hex()
+
+
 def traceparent(span: Span) -> dict[str, str]:
     """The W3C headers that make a call part of ``span``'s trace (what ``TraceContextTextMapPropagator.inject``
     writes, without building a context to find the span)."""
     trace_id, span_id, _, flags, trace_state, valid = span.get_span_context()
     if not valid:
         return {}
-    headers = {"traceparent": f"00-{trace_id.to_bytes(16, 'big').hex()}-{span_id.to_bytes(8, 'big').hex()}-"
-                              f"{_FLAGS_HEX[flags]}"}  # (hex of bytes: a format spec is parsed on every use)
+    headers = {"traceparent": f"00-{trace_hex(trace_id)}-{span_id.to_bytes(8, 'big').hex()}-{_FLAGS_HEX[flags]}"}
     if trace_state is not DEFAULT_TRACE_STATE and trace_state:
         headers["tracestate"] = trace_state.to_header()
     return headers

@@ -32,7 +32,7 @@ from ..reactor import IGatewayReactor
 from .export import MAX_QUEUE, SCHEDULE_DELAY_MS, Dropped, EncodedSender, ExportQueue, ExportStatus, Sender, SpanSender
 from .metrics import TraceExemplar
 from .otlp import LeanGrpcSpanExporter
-from .spans import SCOPE, SpanMaker, make_tracer, traceparent
+from .spans import SCOPE, SpanMaker, make_tracer, trace_hex, traceparent
 
 log = Logger()
 
@@ -203,7 +203,7 @@ class Tracing:
         trace, _, _, flags, _, valid = span.get_span_context()  # (the tuple's fields: its properties are calls)
         if not valid:
             return None, None
-        trace_id = trace.to_bytes(16, "big").hex()
+        trace_id = trace_hex(trace)
         return trace_id, TraceExemplar(trace_id=trace_id) if flags & TraceFlags.SAMPLED else None
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
