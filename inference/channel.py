@@ -40,7 +40,7 @@ class GatewayChannel(HTTPChannel):
     """One client connection. ``site`` (set by the site) carries ``config.server``."""
 
     site: Any
-    span_attributes: dict[str, Any] | None = None  # the SERVER span's per-connection attributes (telemetry's)
+    span_start: tuple[Any, ...] | None = None  # the last request's SERVER span start, for the next alike (telemetry's)
     _read_timer: IDelayedCall | None = None
     _linger: IDelayedCall | None = None
     _refused = False

@@ -24,7 +24,7 @@ from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.util.types import Attributes, AttributeValue
 
 from inference.telemetry.otlp import encode_request, encode_span_field
-from inference.telemetry.spans import SCOPE, LeanSpan, make_tracer, traceparent
+from inference.telemetry.spans import SCOPE, LeanSpan, StartAttributes, make_tracer, start_attributes, traceparent
 from inference.telemetry.tracing import Tracing
 from inference.tenants import key_hash
 
@@ -138,10 +138,11 @@ class Tee:
         self.sdk = make_tracer("sdk", tracing.resource, tracing.sampler, SeededIds(7), self.sdk_kept)
 
     def start_span(self, name: str, kind: SpanKind, attributes: dict[str, AttributeValue],
-                   parent: SpanContext | None, start_time: int | None = None) -> Span:
+                   parent: SpanContext | None, start_time: int | None = None,
+                   start: StartAttributes | None = None) -> Span:
         start_time = start_time or self.clock()
-        return TeeSpan(self.lean.start_span(name, kind, dict(attributes), parent, start_time),
-                       self.sdk.start_span(name, kind, dict(attributes), parent, start_time), self.clock)
+        return TeeSpan(self.lean.start_span(name, kind, dict(attributes), parent, start_time, start),
+                       self.sdk.start_span(name, kind, dict(attributes), parent, start_time, start), self.clock)
 
     def same_spans(self, *names: str) -> list[ReadableSpan]:
         """Assert that both exported the same spans (and that they are the ones expected); return the SDK's."""
@@ -243,3 +244,30 @@ def test_a_fleets_failover_a_translation_content_and_a_tenant(teed: Any, tmp_pat
     assert any(event.name == "failover" for span in spans for event in span.events)
     assert spans[-2].attributes["inference.api.translated"] is True
     assert spans[-1].attributes["inference.tenant"] == "team" and "gen_ai.input.messages" in spans[1].attributes
+
+
+def test_requests_alike_on_one_connection_start_from_one_shared_start(teed: Any, fake: FakeLMStudio) -> None:
+    gateway, tee = teed()
+    client, send = gateway.raw()
+    body = json.dumps(chat()).encode()
+    for agent in (b"agent/1", b"agent/1", b"agent/2"):  # keep-alive: one connection, the agent changes last
+        send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nUser-Agent: %s\r\n"
+             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (agent, len(body), body))
+        gateway.settle()
+    assert client.data.count(b"HTTP/1.1 200 OK") == 3
+    spans = tee.same_spans(*[f"chat {MODEL}", "POST /v1/chat/completions"] * 3)
+    assert [span.attributes["user_agent.original"] for span in spans[1::2]] == ["agent/1", "agent/1", "agent/2"]
+    servers, clients = tee.lean_kept.spans[1::2], tee.lean_kept.spans[0::2]
+    assert servers[0].start_attributes is servers[1].start_attributes is not servers[2].start_attributes
+    assert clients[0].start_attributes is clients[1].start_attributes is clients[2].start_attributes
+
+
+def test_a_shared_attribute_set_again_moves_to_the_end_as_in_the_sdk(teed: Any) -> None:
+    _, tee = teed()
+    start = start_attributes({"url.path": "/a", "server.port": 3000, "left.out": None})
+    span = tee.start_span("GET /a", SpanKind.SERVER, {**start.attributes, "own": 1}, None, start=start)
+    span.set_attribute("url.path", "/b")
+    span.end()
+    [sdk] = tee.same_spans("GET /a")
+    assert dict(sdk.attributes or {}) == {"server.port": 3000, "own": 1, "url.path": "/b"}
+    assert list(sdk.attributes or {}) == ["server.port", "own", "url.path"]

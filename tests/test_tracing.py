@@ -744,3 +744,19 @@ async def test_the_console_exporter_prints_both_spans(fake, start_gateway, capsy
     assert sorted(span["name"] for span in spans) == [SERVER_SPAN, CLIENT_SPAN]
     (client,) = [span for span in spans if span["name"] == CLIENT_SPAN]
     assert client["attributes"]["gen_ai.usage.output_tokens"] == 3 and client["kind"] == "SpanKind.CLIENT"
+
+
+def test_span_starts_kept_for_made_up_models_stay_bounded(in_memory, fake):
+    """What CLIENT spans start with is kept per model: models a client makes up must not pile up in memory."""
+    from inference.operations import CHAT
+
+    gateway = in_memory({"INFERENCE_OBSERVABILITY_TRACING_EXPORTER": "none"})
+    telemetry = gateway.gateway.telemetry
+    first = telemetry.client_start(CHAT, "qwen", False)
+    assert telemetry.client_start(CHAT, "qwen", False) is first  # made once
+    for n in range(2_000):
+        telemetry.client_start(CHAT, f"made-up-{n}", False)
+    assert len(telemetry._client_starts) <= 256
+    huge = "m" * 100_000
+    assert telemetry.client_start(CHAT, huge, False) is not telemetry.client_start(CHAT, huge, False)  # never kept
+    assert huge not in {model for _, model, _ in telemetry._client_starts}

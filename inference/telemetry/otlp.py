@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import islice
 from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -100,14 +101,15 @@ _CACHED_LENGTH = 256
 above must not pin its text (twice: the value and its encoding) until the cache is next emptied."""
 
 
-def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, strict: bool = False) -> bytes:
-    """``KeyValue`` fields under ``tag``. An attribute that cannot be encoded is left out, as the official encoder
-    does; inside a map value (``strict``) it fails the whole value instead, as there."""
-    if not attributes:
+def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, strict: bool = False, skip: int = 0) -> bytes:
+    """``KeyValue`` fields under ``tag`` (all but the first ``skip`` attributes). An attribute that cannot be encoded
+    is left out, as the official encoder does; inside a map value (``strict``) it fails the whole value instead, as
+    there."""
+    if not attributes or skip >= len(attributes):
         return b""
     out = []
     encoded = _ENCODED
-    for key, value in attributes.items():
+    for key, value in islice(attributes.items(), skip, None) if skip else attributes.items():
         kind = value.__class__  # the key, inline: a call per attribute would cost what the cache saves
         if kind is str:
             cache_key: tuple[Any, ...] | None = \
@@ -135,6 +137,11 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, strict: bool =
             encoded[cache_key] = field
         out.append(field)
     return b"".join(out)
+
+
+def encode_attributes(attributes: Mapping[str, Any]) -> bytes:
+    """A span's ``attributes`` fields, as :func:`encode_span` writes them."""
+    return _attributes(b"\x4a", attributes)
 
 
 def _flags(parent: SpanContext | None) -> bytes:
@@ -214,7 +221,11 @@ def encode_span(span: EncodableSpan) -> bytes:
         out.append(b"\x39" + _pack_fixed64(span.start_time))
     if span.end_time:
         out.append(b"\x41" + _pack_fixed64(span.end_time))
-    out.append(_attributes(b"\x4a", span.attributes))
+    start = getattr(span, "start_attributes", None)  # a lean span's shared first attributes, encoded already
+    if start is None:
+        out.append(_attributes(b"\x4a", span.attributes))
+    else:
+        out += (start.encoded, _attributes(b"\x4a", span.attributes, skip=len(start.attributes)))
     if span.dropped_attributes:
         out.append(_count(b"\x50", span.dropped_attributes))
     for event in span.events:

@@ -27,6 +27,7 @@ from ..record import CallRecord
 from ..tenants import Caller
 from ..usage import UsageLedger, UsageRow
 from .metrics import Metrics, method_label
+from .spans import StartAttributes, start_attributes
 from .tracing import Tracing
 
 log = Logger()
@@ -50,21 +51,41 @@ class RequestState(Request):
         self.record = CallRecord()
 
 
-def _connection_attributes(request: RequestState) -> dict[str, Any]:
-    """The SERVER span's attributes that hold for a whole connection (scheme, addresses), found at its first
-    request and kept on the channel (``GatewayChannel.span_attributes``) for the ones that follow."""
+_KEPT_BYTES = 512
+"""A path and user agent, or a model's name, longer than this are not kept to start later spans with: what is kept
+per connection and per model stays small whatever clients send."""
+
+_KEPT_MODELS = 256  # models whose CLIENT span start is kept at most; emptied when full
+
+
+def _server_start(request: RequestState, route: str) -> tuple[str, StartAttributes]:
+    """The SERVER span's name and first attributes: the same for a connection's requests to one path with one user
+    agent, so made at the first and kept on the channel (``GatewayChannel.span_start``) for the next alike."""
     channel = request.channel
-    found: dict[str, Any] | None = getattr(channel, "span_attributes", None)
-    if found is None:
-        host = request.getHost()
-        found = {"url.scheme": "https" if request.isSecure() else "http",
-                 "server.address": getattr(host, "host", ""), "server.port": getattr(host, "port", 0)}
-        client = request.getClientAddress()
-        if getattr(client, "host", None):
-            found["client.address"] = client.host
-        if hasattr(channel, "span_attributes"):
-            channel.span_attributes = found
-    return found
+    agent = request.getHeader(b"user-agent")
+    key = (request.method, request.path, request.clientproto, agent, route)
+    kept: tuple[tuple[Any, ...], str, StartAttributes] | None = getattr(channel, "span_start", None)
+    if kept is not None and kept[0] == key:
+        return kept[1], kept[2]
+    method = method_label(request.method.decode("latin-1"))
+    host = request.getHost()
+    attributes = {"http.request.method": method, "url.path": request.path.decode("latin-1"),
+                  "url.scheme": "https" if request.isSecure() else "http",
+                  "server.address": getattr(host, "host", ""), "server.port": getattr(host, "port", 0)}
+    client = request.getClientAddress()
+    if getattr(client, "host", None):
+        attributes["client.address"] = client.host
+    attributes["network.protocol.version"] = request.clientproto.decode("latin-1").partition("/")[2]
+    if agent:
+        attributes["user_agent.original"] = agent.decode("latin-1")
+    name = method
+    if route != "other":
+        attributes["http.route"] = route
+        name += " " + route
+    start = start_attributes(attributes)
+    if hasattr(channel, "span_start") and len(request.path) + len(agent or b"") <= _KEPT_BYTES:
+        channel.span_start = (key, name, start)
+    return name, start
 
 
 class Telemetry:
@@ -88,6 +109,7 @@ class Telemetry:
         if upstream.scheme in ("http", "https") and upstream.hostname:
             self.server_attributes = {"server.address": upstream.hostname,
                                        "server.port": upstream.port or (443 if upstream.scheme == "https" else 80)}
+        self._client_starts: dict[tuple[str, str, bool], StartAttributes] = {}
 
     # -- HTTP requests -------------------------------------------------------------------------------------------
 
@@ -97,18 +119,9 @@ class Telemetry:
         record.route = route
         if self.tracing.tracer is None or route in self._untraced:
             return
-        method = method_label(request.method.decode("latin-1"))
-        attributes = {"http.request.method": method, "url.path": request.path.decode("latin-1"),
-                      **_connection_attributes(request),
-                      "network.protocol.version": request.clientproto.decode("latin-1").partition("/")[2]}
-        agent = request.getHeader(b"user-agent")
-        if agent:
-            attributes["user_agent.original"] = agent.decode("latin-1")
-        name = method
-        if route != "other":
-            attributes["http.route"] = route
-            name += " " + route
-        span = record.span = self.tracing.start_server_span(name, request.requestHeaders, attributes)
+        name, start = _server_start(request, route)
+        span = record.span = self.tracing.start_server_span(name, request.requestHeaders, dict(start.attributes),
+                                                            start)
         if span is not None:
             record.trace_id, record.exemplar = self.tracing.ids(span)
 
@@ -178,6 +191,21 @@ class Telemetry:
                            timestamp=time_ns() - int(slot.waited * 1e9))
         return UpstreamCall(self, request, operation, body, stream, slot.waited)
 
+    def client_start(self, operation: Operation, model: str, stream: bool) -> StartAttributes:
+        """The CLIENT span's first attributes: the same for every call of an operation to a model, so made once."""
+        key = (operation.name, model, stream)
+        start = self._client_starts.get(key)
+        if start is None:
+            start = start_attributes({"gen_ai.operation.name": operation.gen_ai_name,
+                                      "gen_ai.provider.name": self.provider, "gen_ai.request.model": model,
+                                      "gen_ai.request.stream": stream, **self.server_attributes,
+                                      **dict(operation.span_attributes)})
+            if len(model) <= _KEPT_BYTES:
+                if len(self._client_starts) >= _KEPT_MODELS:
+                    self._client_starts.clear()
+                self._client_starts[key] = start
+        return start
+
     def set_upstream_up(self, up: bool) -> None:
         self.metrics.set_upstream_up(up)
 
@@ -213,17 +241,15 @@ class UpstreamCall:
         self.span: Span | None = None
         self.headers: dict[str, str] = {}
         if tracing.tracer is not None:
+            start = telemetry.client_start(operation, self._model, stream)
             self.span = tracing.start_client_span(f"{operation.gen_ai_name} {self._model}", request.record.span,
-                                                  self._span_attributes(), self._started_ns)
+                                                  self._span_attributes(start), self._started_ns, start)
             self.headers = tracing.trace_headers(self.span)
 
-    def _span_attributes(self) -> dict[str, Any]:
+    def _span_attributes(self, start: StartAttributes) -> dict[str, Any]:
+        """The call's own attributes after the ones it shares (``start``): its parameters, and its prompt if kept."""
         body, operation = self._body, self._operation
-        attributes: dict[str, Any] = {"gen_ai.operation.name": operation.gen_ai_name,
-                                      "gen_ai.provider.name": self._telemetry.provider,
-                                      "gen_ai.request.model": self._model, "gen_ai.request.stream": self._stream}
-        attributes.update(self._telemetry.server_attributes)
-        attributes.update(operation.span_attributes)
+        attributes: dict[str, Any] = dict(start.attributes)
         for key in body:  # (a body has a few keys; the parameters recorded are nine)
             name = _REQUEST_ATTRIBUTES.get(key)
             if name is not None and body[key].__class__ in _NUMBERS:  # JSON's numbers; not booleans

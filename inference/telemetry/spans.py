@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Mapping
 from functools import partial
 from time import time_ns
-from typing import Protocol, TypeGuard
+from typing import NamedTuple, Protocol, TypeGuard
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
@@ -39,6 +39,7 @@ from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util.types import Attributes, AttributeValue
 
 from .. import __version__
+from .otlp import encode_attributes
 
 SCOPE = InstrumentationScope("inference", __version__)
 _RANDOM_TRACE_ID = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)  # W3C level 2's flag, set by SDKs from 1.39
@@ -51,12 +52,33 @@ _valid_context = partial(tuple.__new__, SpanContext)
 parent's trace id, a span id never 0); the last field says it is valid."""
 
 
+class StartAttributes(NamedTuple):
+    """Attributes that many spans start with, and their OTLP encoding, made once for all of them: a route's on one
+    connection (method, path, addresses, user agent), a model's calls (operation, provider, model, upstream).
+
+    A span given one starts with a copy of ``attributes`` followed by its own, and the lean encoder writes
+    ``encoded`` for those first ones instead of encoding each again: a span's attributes were a third of the
+    instructions tracing adds to a call, and most of them are the same from call to call.
+    """
+
+    attributes: Mapping[str, AttributeValue]  # never changed: each span copies it
+    encoded: bytes
+
+
+def start_attributes(attributes: Mapping[str, AttributeValue]) -> StartAttributes:
+    """Attributes to start spans with (without the None values a span would leave out)."""
+    kept = {key: value for key, value in attributes.items() if value is not None}
+    return StartAttributes(kept, encode_attributes(kept))
+
+
 class SpanMaker(Protocol):
     """What the gateway asks of a tracer: a span, its parent given explicitly (never the "current" span). The span
-    may keep ``attributes`` as its own: each span gets a dict made for it."""
+    may keep ``attributes`` as its own: each span gets a dict made for it. With ``start``, ``attributes`` begins
+    with a copy of ``start.attributes`` (its own follow), which the tracer may use as encoded already."""
 
     def start_span(self, name: str, kind: SpanKind, attributes: dict[str, AttributeValue],
-                   parent: SpanContext | None, start_time: int | None = None) -> Span: ...
+                   parent: SpanContext | None, start_time: int | None = None,
+                   start: StartAttributes | None = None) -> Span: ...
 
 
 def _cleaned(attributes: Mapping[str, AttributeValue] | None) -> dict[str, AttributeValue]:
@@ -79,19 +101,21 @@ class LeanSpan(Span):
     an OK status is final, a second ``end()`` changes nothing.
     """
 
-    __slots__ = ("name", "start_time", "end_time", "parent", "kind", "attributes", "events", "status", "_tracer",
-                 "_context")
+    __slots__ = ("name", "start_time", "end_time", "parent", "kind", "attributes", "start_attributes", "events",
+                 "status", "_tracer", "_context")
     links: tuple[Link, ...] = ()
     dropped_attributes = dropped_events = dropped_links = 0  # the gateway's spans stay far below the SDK's limits
 
     def __init__(self, tracer: LeanTracer, name: str, context: SpanContext, parent: SpanContext | None,
-                 kind: SpanKind, attributes: dict[str, AttributeValue], start_time: int) -> None:
+                 kind: SpanKind, attributes: dict[str, AttributeValue], start_time: int,
+                 start: StartAttributes | None = None) -> None:
         self.name = name
         self.start_time = start_time
         self.end_time: int | None = None
         self.parent = parent
         self.kind = kind
         self.attributes = attributes
+        self.start_attributes = start  # what ``attributes`` begins with, encoded already (until one of them is set)
         self.events: list[Event] = []
         self.status = _UNSET
         self._tracer = tracer
@@ -109,6 +133,7 @@ class LeanSpan(Span):
         attributes = self.attributes
         if key in attributes:
             del attributes[key]
+            self.start_attributes = None  # (the shared start may have held it)
         attributes[key] = value
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
@@ -120,6 +145,7 @@ class LeanSpan(Span):
             if value is not None:
                 if key in own:
                     del own[key]
+                    self.start_attributes = None
                 own[key] = value
 
     def add_event(self, name: str, attributes: Attributes = None, timestamp: int | None = None) -> None:
@@ -192,7 +218,8 @@ class LeanTracer:
         self._random_flag = _RANDOM_TRACE_ID if id_generator.is_trace_id_random() else 0
 
     def start_span(self, name: str, kind: SpanKind, attributes: dict[str, AttributeValue],
-                   parent: SpanContext | None, start_time: int | None = None) -> Span:
+                   parent: SpanContext | None, start_time: int | None = None,
+                   start: StartAttributes | None = None) -> Span:
         ids = self._ids
         trace_state: TraceState | None
         if parent is not None and parent[5]:  # (contexts are read as the tuples they are: their properties are calls)
@@ -206,7 +233,7 @@ class LeanTracer:
                                   DEFAULT_TRACE_STATE if trace_state is None else trace_state, True))
         if not sampled:
             return NonRecordingSpan(context)
-        return LeanSpan(self, name, context, parent, kind, _cleaned(attributes), start_time or time_ns())
+        return LeanSpan(self, name, context, parent, kind, _cleaned(attributes), start_time or time_ns(), start)
 
 
 class SdkTracer:
@@ -217,7 +244,8 @@ class SdkTracer:
         self._tracer = provider.get_tracer(SCOPE.name, SCOPE.version)
 
     def start_span(self, name: str, kind: SpanKind, attributes: dict[str, AttributeValue],
-                   parent: SpanContext | None, start_time: int | None = None) -> Span:
+                   parent: SpanContext | None, start_time: int | None = None,
+                   start: StartAttributes | None = None) -> Span:
         context = set_span_in_context(NonRecordingSpan(parent)) if parent is not None else Context()
         return self._tracer.start_span(name, context=context, kind=kind, attributes=attributes,
                                        start_time=start_time)

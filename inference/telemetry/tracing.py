@@ -32,7 +32,7 @@ from ..reactor import IGatewayReactor
 from .export import MAX_QUEUE, SCHEDULE_DELAY_MS, Dropped, EncodedSender, ExportQueue, ExportStatus, Sender, SpanSender
 from .metrics import TraceExemplar
 from .otlp import LeanGrpcSpanExporter
-from .spans import SCOPE, SpanMaker, make_tracer, trace_hex, traceparent
+from .spans import SCOPE, SpanMaker, StartAttributes, make_tracer, trace_hex, traceparent
 
 log = Logger()
 
@@ -175,21 +175,23 @@ class Tracing:
 
     # -- spans ---------------------------------------------------------------------------------------------------
 
-    def start_server_span(self, name: str, headers: Headers, attributes: dict[str, Any]) -> Span | None:
-        """A SERVER span continuing the caller's ``traceparent`` when it sent one."""
+    def start_server_span(self, name: str, headers: Headers, attributes: dict[str, Any],
+                          start: StartAttributes | None = None) -> Span | None:
+        """A SERVER span continuing the caller's ``traceparent`` when it sent one (``attributes`` begin with a copy of
+        ``start``'s, when given: see :class:`~.spans.StartAttributes`)."""
         if self.tracer is None:
             return None
         parent = None
         if headers.hasHeader(b"traceparent"):
             parent = get_current_span(_PROPAGATOR.extract(headers, getter=_HEADERS)).get_span_context()
-        return self.tracer.start_span(name, SpanKind.SERVER, attributes, parent)
+        return self.tracer.start_span(name, SpanKind.SERVER, attributes, parent, None, start)
 
     def start_client_span(self, name: str, parent: Span | None, attributes: dict[str, Any],
-                          start_time: int | None = None) -> Span | None:
+                          start_time: int | None = None, start: StartAttributes | None = None) -> Span | None:
         if self.tracer is None:
             return None
         return self.tracer.start_span(name, SpanKind.CLIENT, attributes,
-                                      parent.get_span_context() if parent is not None else None, start_time)
+                                      parent.get_span_context() if parent is not None else None, start_time, start)
 
     @staticmethod
     def trace_headers(span: Span | None) -> dict[str, str]:
