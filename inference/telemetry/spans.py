@@ -137,10 +137,13 @@ class LeanSpan(Span):
         attributes[key] = value
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
-        """What ``set_attribute`` does for each, in one loop (a call each cost as much as the rest)."""
+        """What ``set_attribute`` does for each: at once when none is set already or None (the gateway's case)."""
         if self.end_time is not None:
             return
         own = self.attributes
+        if own.keys().isdisjoint(attributes) and None not in attributes.values():
+            own.update(attributes)
+            return
         for key, value in attributes.items():
             if value is not None:
                 if key in own:
