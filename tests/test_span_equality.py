@@ -267,7 +267,8 @@ def test_a_shared_attribute_set_again_moves_to_the_end_as_in_the_sdk(teed: Any) 
     start = start_attributes({"url.path": "/a", "server.port": 3000, "left.out": None})
     span = tee.start_span("GET /a", SpanKind.SERVER, {**start.attributes, "own": 1}, None, start=start)
     span.set_attribute("url.path", "/b")
+    span.set_attributes({"server.port": 3001, "more": 2})  # one set again, one new
     span.end()
     [sdk] = tee.same_spans("GET /a")
-    assert dict(sdk.attributes or {}) == {"server.port": 3000, "own": 1, "url.path": "/b"}
-    assert list(sdk.attributes or {}) == ["server.port", "own", "url.path"]
+    assert dict(sdk.attributes or {}) == {"own": 1, "url.path": "/b", "server.port": 3001, "more": 2}
+    assert list(sdk.attributes or {}) == ["own", "url.path", "server.port", "more"]
