@@ -116,7 +116,7 @@ def test_any_attribute_value_encodes_as_the_official_encoder_does(value: Any) ->
 
 # Values equal to one another (True == 1 == 1.0, a list and a tuple) that encode differently, or alike.
 LOOKALIKES: list[Any] = [True, 1, 1.0, False, 0, "1", "", ["1"], ("1",), [True], [1], [], (), ["a", "b"], ["a"],
-                         "a", ["1", 1], [["1"]], b"1", -1, 2**63 - 1]
+                         "a", ["1", 1], [["1"]], b"1", -1, 2**63 - 1, 0.0, -0.0, 0.7, 0]
 
 
 def test_attributes_encoded_once_are_told_apart_from_lookalikes() -> None:
@@ -127,6 +127,9 @@ def test_attributes_encoded_once_are_told_apart_from_lookalikes() -> None:
             attributes = {"k": value, "gen_ai.response.finish_reasons": value}
             ours = KeyValueList.FromString(_attributes(b"\x0a", attributes))
             assert list(ours.values) == _encode_attributes(attributes), value
+            # (byte for byte: messages compare 0.0 and -0.0 equal)
+            assert [kv.SerializeToString() for kv in ours.values] == \
+                [kv.SerializeToString() for kv in _encode_attributes(attributes)], value
 
 
 def test_values_unique_to_a_call_are_encoded_each_time_not_kept() -> None:
@@ -135,7 +138,8 @@ def test_values_unique_to_a_call_are_encoded_each_time_not_kept() -> None:
     _ENCODED.clear()
     for number in range(50):
         attributes = {"gen_ai.response.id": f"chatcmpl-{number}", "gen_ai.input.messages": f"[{number}]" + "x" * 64,
-                      "any.text": f"{number}" + "y" * 10_000, "gen_ai.response.model": "m"}
+                      "any.text": f"{number}" + "y" * 10_000, "gen_ai.response.model": "m",
+                      "gen_ai.response.time_to_first_chunk": number / 7, "gen_ai.request.temperature": 0.7}
         ours = KeyValueList.FromString(_attributes(b"\x0a", attributes))
         assert list(ours.values) == _encode_attributes(attributes)
-    assert [key[1:] for key in _ENCODED] == [("gen_ai.response.model", "m")]
+    assert sorted(key[1] for key in _ENCODED) == ["gen_ai.request.temperature", "gen_ai.response.model"]

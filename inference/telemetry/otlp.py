@@ -20,7 +20,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -82,7 +82,7 @@ def _any_value(value: Any) -> bytes:
 
 _ENCODED: dict[tuple[Any, ...], bytes] = {}
 """Attribute fields already encoded: a gateway's spans repeat most of theirs (the method, the route, the model, the
-host, token counts, finish reasons), so most are looked up rather than encoded. Strings, integers, booleans and
+host, token counts, finish reasons), so most are looked up rather than encoded. Strings, numbers, booleans and
 lists of strings only; types are part of the key where equal values encode differently (``True == 1``), and a list
 is keyed by its items (it encodes as an array whichever sequence holds it). Emptied when full, so unusual values
 cannot make it grow without bound. The reactor thread (lean spans as they end) and the export thread (a batch's
@@ -91,7 +91,8 @@ resource) share it: each lookup, insertion and clearing is one atomic dict opera
 _ENCODED_MAX = 4096
 
 _UNIQUE_KEYS = frozenset({"gen_ai.response.id", "gen_ai.input.messages", "gen_ai.output.messages",
-                          "exception.message", "exception.stacktrace"})
+                          "exception.message", "exception.stacktrace", "gen_ai.response.time_to_first_chunk",
+                          "inference.queue.wait_seconds", "inference.model.load_time_seconds"})
 """Attributes whose values differ from call to call: never kept. Kept, a response id per call filled the cache in
 4,096 calls and emptied it of the values that do repeat, over and over, churning a megabyte of objects through the
 core's cache (callgrind with a 1 MiB last level: 4,257 -> 4,106 misses a call)."""
@@ -112,10 +113,11 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, strict: bool =
     for key, value in islice(attributes.items(), skip, None) if skip else attributes.items():
         kind = value.__class__  # the key, inline: a call per attribute would cost what the cache saves
         if kind is str:
-            cache_key: tuple[Any, ...] | None = \
-                (tag, key, value) if len(value) <= _CACHED_LENGTH and key not in _UNIQUE_KEYS else None
+            cache_key: tuple[Any, ...] | None = (tag, key, value)
         elif kind is int or kind is bool:
             cache_key = (tag, key, kind, value)
+        elif kind is float:  # by its bytes: -0.0 == 0.0, and NaN equals nothing
+            cache_key = (tag, key, _pack_double(value))
         elif (kind is list or kind is tuple) and all(item.__class__ is str for item in value):
             cache_key = (tag, key, tuple, *value)
         else:
@@ -131,7 +133,7 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, strict: bool =
             if strict:
                 raise
             continue
-        if cache_key is not None:
+        if cache_key is not None and key not in _UNIQUE_KEYS and (kind is not str or len(value) <= _CACHED_LENGTH):
             if len(encoded) >= _ENCODED_MAX:
                 encoded.clear()
             encoded[cache_key] = field
@@ -189,6 +191,7 @@ class EncodableSpan(Protocol):
 
 
 _KINDS = {kind._value_: b"\x30" + _varint(kind._value_ + 1) for kind in SpanKind}  # OTLP's kinds count from 1
+UNSET_STATUS = Status(StatusCode.UNSET)  # lean spans' status until one is set: encoded without reading it
 _UNSET = b"\x7a\x00"  # a Status message with neither code nor description
 _NAMES: dict[str, bytes] = {}  # a span's name field: the gateway's repeat (routes, "chat {model}")
 
@@ -245,7 +248,7 @@ def encode_span(span: EncodableSpan) -> bytes:
     if span.dropped_links:
         out.append(_count(b"\x70", span.dropped_links))
     status = span.status
-    code, description = status.status_code._value_, status.description
+    code, description = (0, None) if status is UNSET_STATUS else (status.status_code._value_, status.description)
     if code or description:
         out.append(_field(b"\x7a", (_text(b"\x12", description) if description else b"")
                           + (b"\x18" + _varint(code) if code else b"")))
@@ -257,7 +260,8 @@ def encode_span(span: EncodableSpan) -> bytes:
 
 def encode_span_field(span: EncodableSpan) -> bytes:
     """The span as a field of ``ScopeSpans``: what :func:`encode_request` joins."""
-    return _field(b"\x12", encode_span(span))
+    body = encode_span(span)
+    return b"\x12" + _varint(len(body)) + body
 
 
 def encode_spans(spans: Sequence[ReadableSpan], fields: Sequence[bytes] | None = None) -> bytes:

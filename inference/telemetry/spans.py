@@ -39,11 +39,10 @@ from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util.types import Attributes, AttributeValue
 
 from .. import __version__
-from .otlp import encode_attributes
+from .otlp import UNSET_STATUS, encode_attributes
 
 SCOPE = InstrumentationScope("inference", __version__)
 _RANDOM_TRACE_ID = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)  # W3C level 2's flag, set by SDKs from 1.39
-_UNSET = Status(StatusCode.UNSET)
 _FLAGS = [TraceFlags(value) for value in range(256)]  # made once: a span's flags are one of these
 _FLAGS_HEX = [f"{value:02x}" for value in range(256)]
 _TRACE_ID_LIMIT = TraceIdRatioBased.TRACE_ID_LIMIT
@@ -117,7 +116,7 @@ class LeanSpan(Span):
         self.attributes = attributes
         self.start_attributes = start  # what ``attributes`` begins with, encoded already (until one of them is set)
         self.events: list[Event] = []
-        self.status = _UNSET
+        self.status = UNSET_STATUS
         self._tracer = tracer
         self._context = context
 
