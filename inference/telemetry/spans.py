@@ -136,7 +136,8 @@ class LeanSpan(Span):
         attributes[key] = value
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
-        """What ``set_attribute`` does for each: at once when none is set already or None (the gateway's case)."""
+        """What ``set_attribute`` does for each; in one update when no key is set already and no value is None (the
+        gateway's every call)."""
         if self.end_time is not None:
             return
         own = self.attributes
